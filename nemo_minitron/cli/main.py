@@ -1,0 +1,111 @@
+"""`minitron <stage> key=value ...`: one console script, one Hydra app per stage over conf/<stage>.yaml."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+STAGES: dict[str, tuple[str, str]] = {
+    "import": ("nemo_minitron.cli.import_model", "import a HF directory or a built-in model into a checkpoint"),
+    "export-hf": ("nemo_minitron.cli.export_hf", "write a checkpoint as a Hugging Face model directory"),
+    "eval": ("nemo_minitron.cli.evaluate", "held-out perplexity of a checkpoint"),
+    "pipeline": ("nemo_minitron.cli.pipeline", "the main job on the embedded default, end to end"),
+}
+
+log = logging.getLogger("nemo_minitron")
+
+
+def conf_dir() -> Path:
+    """conf/ of the source tree (editable install); MINITRON_CONF_DIR overrides it."""
+    override = os.environ.get("MINITRON_CONF_DIR")
+    path = Path(override) if override else Path(__file__).resolve().parents[2] / "conf"
+    if not path.is_dir():
+        raise SystemExit(f"error: config directory {path} not found: install with `pip install -e .` or set MINITRON_CONF_DIR")
+    return path
+
+
+def _usage() -> str:
+    lines = ["usage: minitron <stage> [key=value ...] [--cfg job] [--help]", "", "stages:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in STAGES.items()]
+    lines += ["", "Run under torchrun / srun for parallelism (tp=, pp= keys); MINITRON_DEBUG=1 shows tracebacks."]
+    return "\n".join(lines)
+
+
+def _quiet_libraries() -> None:
+    """Hydra configures the log format (conf/_base.yaml); only rank 0 logs progress."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    for noisy in ("megatron", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input: reported as one line, not a traceback."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    from nemo_minitron.data.corpus import CorpusError
+
+    return (ValueError, FileNotFoundError, NotADirectoryError, CorpusError, MissingMandatoryValue)
+
+
+def _format_error(err: BaseException) -> str:
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(err, MissingMandatoryValue):
+        return f"missing required key: set {err.full_key}=..."
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def run_stage(stage_fn: Callable[[Any], dict | None], cfg) -> None:
+    """Run a stage function; print its result as JSON on the last stdout line (rank 0)."""
+    from nemo_minitron import parallel
+
+    _quiet_libraries()
+    try:
+        result = stage_fn(cfg)
+    except user_errors() as err:
+        if os.environ.get("MINITRON_DEBUG"):
+            raise
+        print(f"error: {_format_error(err)}", file=sys.stderr)
+        parallel.destroy()
+        sys.exit(2)
+    parallel.destroy()
+    if result is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, default=str), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import warnings
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    stage, overrides = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"error: unknown stage {stage!r}\n\n{_usage()}", file=sys.stderr)
+        sys.exit(2)
+    # megatron and torch.distributed.checkpoint warn about missing TE/apex (expected on CPU) and
+    # their own deprecations; none of it is actionable for a user of this tool.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex|cuda_graph_scope).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import hydra
+
+    module = importlib.import_module(STAGES[stage][0])
+    sys.argv = [f"minitron {stage}", *overrides]
+    app = hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")(
+        lambda cfg: run_stage(module.run, cfg)
+    )
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The few CUDA-only spots of megatron-core, made to run on CPU.
+
+megatron-core assumes a GPU in a handful of places that have nothing to do with the maths. Every
+such spot is covered here, in one place, and only when CUDA is absent; on a GPU this module does
+nothing. Each shim names the megatron-core code it covers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+
+_applied = False
+
+
+class CpuRNGStatesTracker:
+    """Drop-in for megatron's `CudaRNGStatesTracker` that keeps named CPU generator states.
+
+    Covers `megatron.core.tensor_parallel.random`: `add` seeds a named state and `fork` runs a block
+    under it (used for TP-partitioned weight init and dropout), both via `torch.cuda` RNG calls.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def reset(self):
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._is_initialized = False
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise ValueError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"rng state {name} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise KeyError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+class _TorchWithCpuZeros(types.ModuleType):
+    """`torch` as seen by megatron's pipeline schedules, with `device="cuda"` tensors made on CPU.
+
+    Covers `megatron.core.pipeline_parallel.schedules`: the token counter
+    `torch.zeros([], dtype=torch.int, device="cuda")` in every forward-backward function.
+    """
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        if device == "cuda":
+            device = "cpu"
+        return torch.zeros(*args, device=device, **kwargs)
+
+
+def apply_cpu_shims() -> None:
+    """Patch megatron-core's CUDA-only spots when no GPU is present. Idempotent."""
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    # Rotary embedding (`RotaryEmbedding.__init__/forward`), parallel layers' weight allocation,
+    # p2p shape exchange and many others place tensors on `torch.cuda.current_device()`.
+    torch.cuda.current_device = lambda: "cpu"
+    # p2p_communication and the schedules synchronise the stream around sends and receives.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    schedules.torch = _TorchWithCpuZeros()
+    # `LanguageModule.setup_embeddings_and_output_layer` moves the tied embedding to the GPU with
+    # `weight.data.cuda()` before the first/last-stage all-reduce (PP > 1, tied embeddings).
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _applied = True

@@ -1,0 +1,237 @@
+"""The Hugging Face <-> Megatron weight bridge. The only code that knows HF parameter names.
+
+Weights travel in two layouts:
+- *global*: megatron names with global layer indices and TP=1 shapes (what a TP=1 x PP=1 model
+  holds; fc1 is [gate; up], qkv is group-major);
+- *local*: what one rank of a TP x PP model holds.
+`hf_to_global`/`global_to_hf` convert names and fuse/unfuse QKV and gate/up; `load_global`
+and `gather_global` move between the global layout and the local shards of a live model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron.models.config import ModelArch
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+# Fused-norm names of the TE layer spec, mapped to the local spec's separate norm modules.
+_TE_TO_LOCAL = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+# --- HF <-> global ---------------------------------------------------------------------------------
+
+def qkv_fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArch) -> torch.Tensor:
+    """HF q/k/v projections -> megatron's group-major linear_qkv: per group, its q heads, k, v."""
+    groups, d = arch.num_query_groups, arch.kv_channels
+    per_group = arch.num_attention_heads // groups
+    hidden = q.shape[-1]
+    q = q.view(groups, per_group * d, hidden)
+    k = k.view(groups, d, hidden)
+    v = v.view(groups, d, hidden)
+    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+
+
+def qkv_split(qkv: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups, d = arch.num_query_groups, arch.kv_channels
+    per_group = arch.num_attention_heads // groups
+    hidden = qkv.shape[-1]
+    q, k, v = qkv.view(groups, (per_group + 2) * d, hidden).split([per_group * d, d, d], dim=1)
+    return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
+
+
+def _layer_pairs(i: int) -> list[tuple[str, str]]:
+    """(megatron, HF) names of the tensors that map one-to-one in layer i."""
+    m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+    return [
+        (m + "input_layernorm.weight", h + "input_layernorm.weight"),
+        (m + "self_attention.linear_proj.weight", h + "self_attn.o_proj.weight"),
+        (m + "pre_mlp_layernorm.weight", h + "post_attention_layernorm.weight"),
+        (m + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight"),
+    ]
+
+
+def hf_to_global(arch: ModelArch, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF state dict -> global megatron state dict (local-spec names)."""
+    _require(hf, "model.embed_tokens.weight", arch)
+    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"]}
+    for i in range(arch.num_layers):
+        h = f"model.layers.{i}."
+        for mg, hf_name in _layer_pairs(i):
+            out[mg] = _require(hf, hf_name, arch)
+        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = qkv_fuse(
+            _require(hf, h + "self_attn.q_proj.weight", arch),
+            _require(hf, h + "self_attn.k_proj.weight", arch),
+            _require(hf, h + "self_attn.v_proj.weight", arch),
+            arch,
+        )
+        out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.cat(
+            [_require(hf, h + "mlp.gate_proj.weight", arch), _require(hf, h + "mlp.up_proj.weight", arch)]
+        )
+    out["decoder.final_layernorm.weight"] = _require(hf, "model.norm.weight", arch)
+    if not arch.tie_embeddings:
+        out["output_layer.weight"] = _require(hf, "lm_head.weight", arch)
+    _check_shapes(arch, out)
+    return out
+
+
+def global_to_hf(arch: ModelArch, mg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Global megatron state dict -> HF state dict."""
+    out = {"model.embed_tokens.weight": mg["embedding.word_embeddings.weight"]}
+    for i in range(arch.num_layers):
+        h = f"model.layers.{i}."
+        for mg_name, hf_name in _layer_pairs(i):
+            out[hf_name] = mg[mg_name]
+        q, k, vv = qkv_split(mg[f"decoder.layers.{i}.self_attention.linear_qkv.weight"], arch)
+        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"], out[h + "self_attn.v_proj.weight"] = q, k, vv
+        gate, up = mg[f"decoder.layers.{i}.mlp.linear_fc1.weight"].chunk(2)
+        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
+    out["model.norm.weight"] = mg["decoder.final_layernorm.weight"]
+    if not arch.tie_embeddings:
+        out["lm_head.weight"] = mg["output_layer.weight"]
+    return {k: t.contiguous() for k, t in out.items()}
+
+
+def _require(sd: dict[str, torch.Tensor], name: str, arch: ModelArch) -> torch.Tensor:
+    if name not in sd:
+        hint = " (lm_head missing: is tie_word_embeddings set correctly?)" if name == "lm_head.weight" else ""
+        raise ValueError(f"checkpoint has no tensor {name!r}{hint}; it does not match the config {arch.family}")
+    return sd[name]
+
+
+def expected_global_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
+    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
+    qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * d
+    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (arch.vocab_size, h)}
+    for i in range(arch.num_layers):
+        p = f"decoder.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "self_attention.linear_qkv.weight": (qkv_rows, h),
+            p + "self_attention.linear_proj.weight": (h, arch.num_attention_heads * d),
+            p + "pre_mlp_layernorm.weight": (h,),
+            p + "mlp.linear_fc1.weight": (2 * f, h),
+            p + "mlp.linear_fc2.weight": (h, f),
+        })
+    shapes["decoder.final_layernorm.weight"] = (h,)
+    if not arch.tie_embeddings:
+        shapes["output_layer.weight"] = (arch.vocab_size, h)
+    return shapes
+
+
+def _check_shapes(arch: ModelArch, sd: dict[str, torch.Tensor]) -> None:
+    for name, shape in expected_global_shapes(arch).items():
+        if tuple(sd[name].shape) != shape:
+            raise ValueError(
+                f"tensor {name} has shape {tuple(sd[name].shape)} but the config implies {shape}: "
+                f"the weights do not match the model config"
+            )
+
+
+# --- global <-> local shards -----------------------------------------------------------------------
+
+def _local_to_global_name(model, local_name: str) -> str:
+    """Local parameter name -> global name: global layer index, local-spec norm names."""
+    match = _LAYER.match(local_name)
+    if not match:
+        return local_name
+    layer = model.decoder.layers[int(match.group(1))]
+    rest = _TE_TO_LOCAL.get(match.group(2), match.group(2))
+    return f"decoder.layers.{layer.layer_number - 1}.{rest}"
+
+
+def local_parameters(model) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(global name, local name, tensor) for every weight this rank holds, including the tied
+    output layer copy on the last stage (which megatron keeps as a separate parameter)."""
+    for local_name, tensor in model.state_dict(keep_vars=True).items():
+        if local_name.endswith("_extra_state") or "inv_freq" in local_name:
+            continue
+        global_name = _local_to_global_name(model, local_name)
+        if global_name == "output_layer.weight" and model.arch.tie_embeddings:
+            global_name = "embedding.word_embeddings.weight"
+        yield global_name, local_name, tensor
+
+
+def _tp_axis(global_name: str) -> int | None:
+    """The dimension a weight is split on across TP ranks (None: replicated)."""
+    if global_name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_fc1.weight")):
+        return 0
+    if global_name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return 1
+    return None
+
+
+def shard(global_name: str, tensor: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    """The TP shard of a global tensor held by `tp_rank`."""
+    axis = _tp_axis(global_name)
+    if axis is None or tp == 1:
+        return tensor
+    if global_name.endswith("linear_fc1.weight"):
+        # partition_stride=2: each rank holds its slice of the gate and the same slice of up.
+        gate, up = tensor.chunk(2)
+        return torch.cat([gate.chunk(tp)[tp_rank], up.chunk(tp)[tp_rank]])
+    return tensor.chunk(tp, dim=axis)[tp_rank]
+
+
+def unshard(global_name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of `shard` over all TP ranks' shards."""
+    axis = _tp_axis(global_name)
+    if axis is None or len(shards) == 1:
+        return shards[0]
+    if global_name.endswith("linear_fc1.weight"):
+        halves = [s.chunk(2) for s in shards]
+        return torch.cat([torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])])
+    return torch.cat(shards, dim=axis)
+
+
+@torch.no_grad()
+def load_global(model, global_sd: dict[str, torch.Tensor]) -> None:
+    """Copy a global state dict into the local shards of `model` on this rank."""
+    from megatron.core import parallel_state as ps
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    for global_name, local_name, param in local_parameters(model):
+        if global_name not in global_sd:
+            raise ValueError(f"weights for {global_name} (local {local_name}) are missing")
+        local = shard(global_name, global_sd[global_name], tp_rank, tp)
+        if local.shape != param.shape:
+            raise ValueError(f"{global_name}: shard shape {tuple(local.shape)} != parameter {tuple(param.shape)}")
+        param.copy_(local.to(param.dtype))
+
+
+@torch.no_grad()
+def gather_global(model, grads: bool = False) -> dict[str, torch.Tensor]:
+    """The global state dict of a TP x PP model, assembled on every rank (small models: tests,
+    reports, single-node export). With `grads=True`, the parameters' `.grad` instead."""
+    from megatron.core import parallel_state as ps
+
+    tp_group = ps.get_tensor_model_parallel_group()
+    tp = ps.get_tensor_model_parallel_world_size()
+    stage: dict[str, torch.Tensor] = {}
+    for global_name, _, param in local_parameters(model):
+        if global_name in stage:
+            continue
+        local = param.grad if grads else param
+        if local is None:
+            raise ValueError(f"{global_name} has no gradient")
+        shards = [torch.empty_like(local) for _ in range(tp)]
+        dist.all_gather(shards, local.detach().contiguous(), group=tp_group)
+        stage[global_name] = unshard(global_name, shards).cpu().clone()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        return stage
+    stages: list[dict[str, torch.Tensor] | None] = [None] * pp
+    dist.all_gather_object(stages, stage, group=ps.get_pipeline_model_parallel_group())
+    merged: dict[str, torch.Tensor] = {}
+    for s in stages:
+        for name, tensor in s.items():
+            merged.setdefault(name, tensor)
+    return merged

@@ -1,0 +1,244 @@
+"""The architecture of a Llama-family decoder, as one small typed config.
+
+`ModelArch` is what a checkpoint records (`model_config.json`), what pruning edits and what the
+planner counts. It converts to a megatron `TransformerConfig` for a given parallel layout and to
+and from a Hugging Face `LlamaConfig`/`MistralConfig` (the bridge uses these).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+# megatron's RotaryEmbedding hard-codes these Llama-3.1 rope-scaling constants; only `factor` is
+# configurable, so checkpoints with other values are refused rather than silently changed.
+_MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@dataclass
+class ModelArch:
+    """A Llama-family decoder: RMSNorm, SwiGLU, rotary, GQA, optionally tied embeddings."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    family: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "kv_channels", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"model.num_query_groups={self.num_query_groups}"
+            )
+        if self.family not in HF_ARCHITECTURES:
+            raise ValueError(f"model.family={self.family!r} is not one of {sorted(HF_ARCHITECTURES)}")
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """Raise ValueError naming the key to fix when this model cannot be split tp x pp."""
+        if self.num_query_groups % tp:
+            raise ValueError(
+                f"tp={tp} does not divide num_query_groups={self.num_query_groups} "
+                f"(num_attention_heads={self.num_attention_heads}): choose tp= among "
+                f"{[d for d in range(1, self.num_query_groups + 1) if self.num_query_groups % d == 0]}"
+            )
+        if self.ffn_hidden_size % tp:
+            raise ValueError(f"tp={tp} does not divide ffn_hidden_size={self.ffn_hidden_size}: change tp=")
+        if self.vocab_size % tp:
+            # No vocab padding: padded logits would need masking in every loss; the published
+            # vocabularies (49152, 128256, 131072, 256000) all split over 8 ranks.
+            raise ValueError(f"tp={tp} does not divide vocab_size={self.vocab_size}: change tp=")
+        if self.num_layers % pp:
+            raise ValueError(f"pp={pp} does not divide num_layers={self.num_layers}: change pp=")
+
+    def num_parameters(self) -> dict[str, int]:
+        """Total and non-embedding parameter counts (tied embeddings counted once)."""
+        h, d = self.hidden_size, self.kv_channels
+        attention = (self.num_attention_heads + 2 * self.num_query_groups) * d * h + h * self.num_attention_heads * d
+        mlp = 3 * self.ffn_hidden_size * h
+        per_layer = attention + mlp + 2 * h
+        embedding = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        non_embedding = self.num_layers * per_layer + h
+        return {"total": non_embedding + embedding, "non_embedding": non_embedding}
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelArch":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelArch":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "ModelArch":
+        return dataclasses.replace(self, **changes)
+
+    # --- Hugging Face config -------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_config(cls, hf: Any) -> "ModelArch":
+        """From a transformers Llama/Mistral config object (or its dict)."""
+        cfg = hf if isinstance(hf, dict) else hf.to_dict()
+        model_type = cfg.get("model_type")
+        if model_type not in HF_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture model_type={model_type!r}: nemo-minitron imports "
+                f"{sorted(HF_ARCHITECTURES)} checkpoints"
+            )
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise ValueError("attention_bias / mlp_bias checkpoints are not supported (Llama has none)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={cfg.get('hidden_act')!r} is not supported (SwiGLU needs silu)")
+        heads = cfg["num_attention_heads"]
+        rope_factor = _llama3_rope_factor(cfg)
+        eos = cfg.get("eos_token_id")
+        return cls(
+            num_layers=cfg["num_hidden_layers"],
+            hidden_size=cfg["hidden_size"],
+            ffn_hidden_size=cfg["intermediate_size"],
+            num_attention_heads=heads,
+            num_query_groups=cfg.get("num_key_value_heads") or heads,
+            kv_channels=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab_size=cfg["vocab_size"],
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            rope_theta=float(_rope_theta(cfg)),
+            rope_scaling_factor=rope_factor,
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            family=model_type,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+    def to_hf_config(self):
+        """A transformers config object for this architecture."""
+        import transformers
+
+        config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[self.family]
+        kwargs: dict[str, Any] = dict(
+            num_hidden_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_query_groups,
+            head_dim=self.kv_channels,
+            vocab_size=self.vocab_size,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.norm_eps,
+            tie_word_embeddings=self.tie_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            hidden_act="silu",
+            torch_dtype="float32",
+        )
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling_factor is not None:
+            rope = {"rope_type": "llama3", "factor": self.rope_scaling_factor, "rope_theta": self.rope_theta,
+                    **_MEGATRON_LLAMA3_ROPE}
+        config = config_cls(**kwargs)
+        _set_hf_rope(config, rope)
+        config.architectures = [HF_ARCHITECTURES[self.family]]
+        return config
+
+    # --- megatron config -------------------------------------------------------------------------
+
+    def transformer_config(self, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32):
+        """The megatron `TransformerConfig` for this architecture at a parallel layout."""
+        from megatron.core.transformer import TransformerConfig
+
+        self.check_parallel(tp, pp)
+        on_gpu = torch.cuda.is_available()
+        return TransformerConfig(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels,
+            layernorm_epsilon=self.norm_eps,
+            normalization="RMSNorm",
+            gated_linear_unit=True,
+            activation_func=torch.nn.functional.silu,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            pipeline_dtype=params_dtype,
+            params_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16,
+            fp16=params_dtype == torch.float16,
+            use_cpu_initialization=not on_gpu,
+            # Fusions need CUDA kernels (apex/TE); the unfused paths are exact and work everywhere.
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            init_method_std=0.02,
+        )
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or {}
+    return params.get("rope_theta") or cfg.get("rope_theta") or 10000.0
+
+
+def _llama3_rope_factor(cfg: dict[str, Any]) -> float | None:
+    scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
+    for key, expected in _MEGATRON_LLAMA3_ROPE.items():
+        if float(scaling.get(key, expected)) != expected:
+            raise ValueError(
+                f"rope_scaling.{key}={scaling[key]} is not supported: megatron-core fixes it to {expected}"
+            )
+    return float(scaling["factor"])
+
+
+def _set_hf_rope(config: Any, rope: dict[str, Any]) -> None:
+    # transformers >= 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta/rope_scaling.
+    if hasattr(config, "rope_parameters"):
+        config.rope_parameters = rope
+    else:
+        config.rope_theta = rope["rope_theta"]
+        config.rope_scaling = None if rope["rope_type"] == "default" else rope

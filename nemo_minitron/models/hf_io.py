@@ -1,0 +1,65 @@
+"""Read and write Hugging Face model directories (config.json, safetensors, tokenizer files)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from nemo_minitron.checkpoint import replace_dir
+from nemo_minitron.models.config import ModelArch
+
+
+def read_hf_directory(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(arch, HF state dict, tokenizer) from a local HF checkpoint directory."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"hf_path={path} has no config.json: point hf_path= at a Hugging Face model directory")
+    arch = ModelArch.from_hf_config(json.loads((path / "config.json").read_text()))
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+    else:
+        bins = sorted(path.glob("pytorch_model*.bin"))
+        if not bins:
+            raise FileNotFoundError(f"hf_path={path} has no *.safetensors or pytorch_model*.bin weights")
+        state = {}
+        for f in bins:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+    state = {k: v.to(dtype) for k, v in state.items() if "rotary_emb" not in k}
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if len(tokenizer) > arch.vocab_size:
+        raise ValueError(
+            f"tokenizer at hf_path={path} has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{arch.vocab_size}: the tokenizer does not belong to this model"
+        )
+    return arch, state, tokenizer
+
+
+def write_hf_directory(arch: ModelArch, hf_state: dict[str, torch.Tensor], tokenizer, out_dir: str | Path) -> Path:
+    """Write a directory `AutoModelForCausalLM.from_pretrained` loads; atomic like checkpoints."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir).absolute()
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(arch.to_hf_config())
+    model.load_state_dict(hf_state, strict=False, assign=True)
+    if arch.tie_embeddings:
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"export is missing weights for {missing[:5]}")
+    model.save_pretrained(str(partial), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(partial))
+    replace_dir(partial, out_dir)
+    return out_dir

@@ -1,0 +1,76 @@
+"""Run a test body in N local processes that form a gloo world with megatron's parallel groups.
+
+`run_distributed(fn, world_size=4, tp=2, pp=2, args=(...))` spawns the processes, initialises
+`nemo_minitron.parallel` in each, calls `fn(*args)` and returns the per-rank results in rank
+order. A failure on any rank is re-raised in the test with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable, Sequence
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, tp: int, pp: int, fn: Callable, args: Sequence, results) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    import warnings
+
+    # megatron warns at import about missing TE/apex in every process; the parent shows what matters.
+    warnings.filterwarnings("ignore")
+    import torch
+
+    # Processes share two cores; more threads each only adds contention.
+    torch.set_num_threads(1)
+    from nemo_minitron import parallel
+
+    try:
+        parallel.initialize(tp=tp, pp=pp)
+        results.put((rank, True, fn(*args)))
+    except BaseException:  # noqa: BLE001 - everything is reported to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        parallel.destroy()
+
+
+def run_distributed(
+    fn: Callable, world_size: int, tp: int = 1, pp: int = 1, args: Sequence = (), timeout: float = 600
+) -> list[Any]:
+    # Not daemonic: megatron's checkpoint writer starts worker processes of its own.
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, world_size, port, tp, pp, fn, args, results))
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    collected: dict[int, Any] = {}
+    try:
+        while len(collected) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"distributed test timed out after {timeout}s; finished ranks: {sorted(collected)}")
+            if not ok:
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            collected[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [collected[r] for r in range(world_size)]

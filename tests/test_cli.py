@@ -1,0 +1,175 @@
+"""The `minitron` console script: import -> export-hf -> import round trip, eval at TP=1/TP=2
+against a transformers reference, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from tiny import SENTENCES, tiny_arch, write_hf_dir
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def minitron(*args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "nemo_minitron.cli.main", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "nemo_minitron.cli.main", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hf")
+    write_hf_dir(path, tiny_arch(tie=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def imported(hf_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "teacher"
+    result = last_json(minitron("import", f"hf_path={hf_dir}", f"output_dir={out}"))
+    assert result["total"] == tiny_arch(tie=False).num_parameters()["total"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "heldout.jsonl"
+    docs = [" ".join(SENTENCES[i % 4 :] + SENTENCES[: i % 4]) * 3 for i in range(12)]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def test_export_loads_in_transformers_and_reimports_exactly(hf_dir, imported, tmp_path):
+    exported = tmp_path / "export"
+    minitron("export-hf", f"checkpoint={imported}", f"output_dir={exported}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(exported)).eval()
+    original = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(tokens).logits, original(tokens).logits, rtol=0, atol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(str(exported))
+    assert tok("a single man").input_ids == transformers.AutoTokenizer.from_pretrained(str(hf_dir))("a single man").input_ids
+    first, second = load_file(str(hf_dir / "model.safetensors")), load_file(str(exported / "model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    # import -> export -> import: the re-imported checkpoint exports identical tensors again
+    again = tmp_path / "again"
+    minitron("import", f"hf_path={exported}", f"output_dir={again}")
+    minitron("export-hf", f"checkpoint={again}", f"output_dir={tmp_path / 'export2'}")
+    third = load_file(str(tmp_path / "export2" / "model.safetensors"))
+    assert all(torch.equal(first[k], third[k]) for k in first)
+
+
+def reference_perplexity(hf_dir: Path, text_file: Path, seq_len: int, max_windows: int | None = None) -> float:
+    """Independent reference: transformers' model, tokenizer and loss on the same windows."""
+    tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    stream = []
+    for line in text_file.read_text().splitlines():
+        stream += tok(json.loads(line)["text"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+    n = min((len(stream) - 1) // seq_len, max_windows or len(stream))
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n):
+            window = torch.tensor([stream[i * seq_len : i * seq_len + seq_len + 1]])
+            logits = model(window[:, :-1]).logits
+            total += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+    return math.exp(total / (n * seq_len))
+
+
+def test_eval_matches_transformers_at_tp1_and_tp2(hf_dir, imported, text_file):
+    args = ("eval", f"checkpoint={imported}", f"data={text_file}", "seq_len=32", "micro_batch_size=2")
+    tp1 = last_json(minitron(*args))
+    tp2 = last_json(minitron(*args, "tp=2", nproc=2))
+    pp2 = last_json(minitron(*args, "pp=2", nproc=2))
+    expected = reference_perplexity(hf_dir, text_file, 32)
+    assert tp1["tokens"] == tp2["tokens"] == pp2["tokens"] > 0
+    assert tp1["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert tp2["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert pp2["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("eval", "checkpoint=/nonexistent", "data=x.txt"), "checkpoint=/nonexistent does not exist"),
+        (("eval", "data=x.txt"), "missing required key: set checkpoint="),
+        (("import", "hf_path=/nonexistent", "output_dir=/tmp/x"), "hf_path=/nonexistent has no config.json"),
+        (("import", "model=nope", "output_dir=/tmp/x"), "model=nope is not a built-in model"),
+        (("import", "hf_path=HF", "output_dir=/tmp/x", "tp=2"), "tp=2 x pp=1 does not divide the world size 1"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message, hf_dir):
+    proc = minitron(*[a.replace("HF", str(hf_dir)) for a in args], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {proc.stderr.strip().splitlines()[-1][7:]}"
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_wrong_architecture_and_vocab_mismatch(tmp_path, hf_dir):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    proc = minitron("import", f"hf_path={gpt2}", f"output_dir={tmp_path / 'o'}", check=False)
+    assert proc.returncode == 2 and "unsupported architecture model_type='gpt2'" in proc.stderr
+    small_vocab = tmp_path / "small_vocab"
+    write_hf_dir(small_vocab, tiny_arch(vocab_size=300))
+    tiny_tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))  # 320 tokens > vocab 300
+    tiny_tok.save_pretrained(str(small_vocab))
+    proc = minitron("import", f"hf_path={small_vocab}", f"output_dir={tmp_path / 'o'}", check=False)
+    assert proc.returncode == 2 and "tokenizer" in proc.stderr and "vocab_size is 300" in proc.stderr
+
+
+def test_tp_must_divide_query_groups(hf_dir, imported, text_file):
+    # tiny_arch has 2 query groups; 4 processes at tp=4 cannot split them
+    proc = minitron("eval", f"checkpoint={imported}", f"data={text_file}", "tp=4", nproc=4, check=False)
+    assert proc.returncode != 0 and "error: tp=4 does not divide num_query_groups=2" in proc.stderr
+    # torchrun reports the failed children itself; our processes print one line, no traceback
+    assert "nemo_minitron/" not in proc.stderr
+
+
+def test_pipeline_on_the_embedded_default_resumes(tmp_path):
+    """The README's main job at reduced eval size: SmolLM2 from GGUF, the Debian corpus, held-out
+    perplexity equal to transformers' on the same GGUF weights; a re-run skips finished stages."""
+    from nemo_minitron.models.config import ModelArch
+    from nemo_minitron.models.gguf_import import embedded_gguf_path, load_gguf_llama
+    from nemo_minitron.models.hf_io import write_hf_directory
+
+    work = tmp_path / "run"
+    args = ("pipeline", f"work_dir={work}", "eval.seq_len=128", "eval.max_tokens=512")
+    first = minitron(*args)
+    summary = last_json(first)
+    assert set(summary["stage_seconds"]) == {"import", "corpus", "eval_teacher"}
+    assert summary["teacher_parameters"]["total"] == 134_515_008
+    assert "teacher held-out perplexity" in first.stdout
+    assert json.loads((work / "results.json").read_text()) == summary
+
+    gguf = load_gguf_llama(embedded_gguf_path())
+    hf_dir = write_hf_directory(ModelArch.from_hf_config(gguf.config), gguf.state_dict, gguf.tokenizer, tmp_path / "hf")
+    expected = reference_perplexity(hf_dir, work / "corpus" / "heldout.jsonl", 128, max_windows=4)
+    assert summary["teacher_heldout_perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert 5 < expected < 200  # a real language model on real English text
+
+    again = last_json(minitron(*args))
+    assert "import" not in again["stage_seconds"]
+    assert again["teacher_heldout_perplexity"] == summary["teacher_heldout_perplexity"]

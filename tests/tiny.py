@@ -1,0 +1,58 @@
+"""Tiny real models and tokenizers made on the spot, so no test needs a hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SENTENCES = [
+    "It is a truth universally acknowledged, that a single man in possession",
+    "of a good fortune, must be in want of a wife.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Pruning and distillation make small models from large ones.",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 320) -> transformers.PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE trained here (256 byte tokens + merges + EOS)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(SENTENCES * 5, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+
+def tiny_arch(tie: bool = True, rope_scaling: bool = False, family: str = "llama", **changes):
+    from nemo_minitron.models.config import ModelArch
+
+    # head_dim (24) differs from hidden/heads (16) on purpose; GQA with 2 groups of 2 heads.
+    arch = ModelArch(
+        num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
+        kv_channels=24, vocab_size=320, max_position_embeddings=256, rope_theta=50000.0,
+        rope_scaling_factor=8.0 if rope_scaling else None, norm_eps=1e-5, tie_embeddings=tie, family=family,
+        eos_token_id=0,
+    )
+    return arch.replace(**changes)
+
+
+def hf_model(arch, seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(arch.to_hf_config(), dtype=torch.float32)
+    with torch.no_grad():  # norms start as ones; perturb them so a mix-up of norms would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def write_hf_dir(path: Path, arch, seed: int = 0) -> transformers.PreTrainedModel:
+    model = hf_model(arch, seed)
+    model.save_pretrained(str(path))
+    tiny_tokenizer(arch.vocab_size).save_pretrained(str(path))
+    return model
