@@ -74,10 +74,22 @@ def _slurm_to_torch_env() -> None:
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in os.environ:
-        nodelist = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
-        # The launcher exports MASTER_ADDR; this fallback only handles a single-node list.
-        os.environ["MASTER_ADDR"] = nodelist.split(",")[0].split("[")[0]
+        os.environ["MASTER_ADDR"] = _first_slurm_host()
     os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def _first_slurm_host() -> str:
+    if os.environ.get("SLURM_NNODES", "1") == "1":
+        return "127.0.0.1"
+    import shutil
+    import subprocess
+
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+    if shutil.which("scontrol") and nodelist:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True).stdout.split()
+        if hosts:
+            return hosts[0]
+    raise ValueError("multi-node srun without MASTER_ADDR: export MASTER_ADDR (the first node's hostname) in the job script")
 
 
 def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 30) -> ParallelLayout:

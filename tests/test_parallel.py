@@ -48,3 +48,24 @@ def test_grads_match_single_rank(reference, tp, pp):
         for name, grad in ref_grads.items():
             assert grad.abs().sum() > 0, name
             torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_srun_without_torchrun_derives_rendezvous(monkeypatch):
+    from nemo_minitron import parallel
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NNODES", "1")
+    parallel._slurm_to_torch_env()
+    assert (parallel.os.environ["RANK"], parallel.os.environ["WORLD_SIZE"], parallel.os.environ["LOCAL_RANK"]) == ("3", "8", "1")
+    assert parallel.os.environ["MASTER_ADDR"] == "127.0.0.1"
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("MASTER_ADDR")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[01-02]")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the job script must export MASTER_ADDR
+    with pytest.raises(ValueError, match="export MASTER_ADDR"):
+        parallel._slurm_to_torch_env()
