@@ -1,0 +1,70 @@
+# Shared body of every launcher: parse arguments, check the parallel layout, run `minitron STAGE`
+# with srun in the container on all allocated GPUs, forward Slurm's pre-emption signal to the
+# tasks (which checkpoint and exit) and requeue the job so a re-run resumes.
+#
+#   sbatch [--nodes=N] launchers/STAGE.sh [--tp T] [--pp P] [--container IMAGE] [--mounts SRC:DST,...]
+#          [--dry-run] [key=value ...]
+#
+# --dry-run (also outside Slurm) prints the parallel layout and the resolved config, runs nothing.
+# Unrecognised arguments are Hydra overrides passed through to the stage.
+
+minitron_launch() {
+  local stage=$1; shift
+  local tp=${MINITRON_TP:-1} pp=${MINITRON_PP:-1} dry_run=0
+  local container=${MINITRON_CONTAINER:-nemo-minitron:latest}
+  local mounts=${MINITRON_MOUNTS:-}
+  local overrides=()
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --tp) tp=$2; shift 2 ;;
+      --pp) pp=$2; shift 2 ;;
+      --container) container=$2; shift 2 ;;
+      --mounts) mounts=$2; shift 2 ;;
+      --dry-run) dry_run=1; shift ;;
+      --) shift ;;
+      -h|--help) sed -n '1,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
+      *) overrides+=("$1"); shift ;;
+    esac
+  done
+  local nodes=${SLURM_JOB_NUM_NODES:-${MINITRON_NODES:-1}}
+  local gpus=${SLURM_GPUS_ON_NODE:-${MINITRON_GPUS_PER_NODE:-8}}
+  local world=$((nodes * gpus))
+  if [ $((world % (tp * pp))) -ne 0 ]; then
+    echo "error: tp=$tp x pp=$pp does not divide $nodes node(s) x $gpus GPU(s) = $world: change --tp/--pp or --nodes" >&2
+    return 2
+  fi
+  local dp=$((world / (tp * pp)))
+  echo "[launcher] stage=$stage nodes=$nodes gpus/node=$gpus world=$world tp=$tp pp=$pp dp=$dp container=$container"
+
+  if [ "$dry_run" = 1 ]; then
+    minitron "$stage" "tp=$tp" "pp=$pp" "${overrides[@]}" --cfg job
+    return $?
+  fi
+  if [ -z "${SLURM_JOB_ID:-}" ]; then
+    echo "error: not inside a Slurm allocation: submit with sbatch, or use --dry-run" >&2
+    return 2
+  fi
+
+  export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+  export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  export CUDA_DEVICE_MAX_CONNECTIONS=1
+  local container_args=(--container-image="$container" --container-workdir="$PWD")
+  [ -n "$mounts" ] && container_args+=(--container-mounts="$mounts")
+
+  local preempted=0
+  # sbatch --signal=B:USR1@... signals this shell; the tasks save a checkpoint on SIGUSR1.
+  trap 'preempted=1; echo "[launcher] pre-emption signal: checkpointing"; kill -USR1 "$srun_pid" 2>/dev/null' USR1 TERM
+  srun --ntasks-per-node="$gpus" --kill-on-bad-exit=1 "${container_args[@]}" \
+    minitron "$stage" "tp=$tp" "pp=$pp" "${overrides[@]}" &
+  local srun_pid=$!
+  local status=0
+  wait "$srun_pid" || status=$?
+  # `wait` returns early when a trapped signal arrives: wait again for the tasks to finish saving.
+  while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid" || status=$?; done
+  if [ "$preempted" = 1 ]; then
+    echo "[launcher] requeueing job $SLURM_JOB_ID; the stage resumes from its last checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+    return 0
+  fi
+  return "$status"
+}
