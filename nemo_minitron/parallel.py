@@ -50,22 +50,6 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def _set_env_for_single_process() -> None:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _slurm_to_torch_env() -> None:
     """Under `srun` without torchrun, derive torch's rendezvous variables from Slurm's."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
@@ -101,9 +85,8 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int 
 
     apply_cpu_shims()
     _slurm_to_torch_env()
-    if "RANK" not in os.environ:
-        _set_env_for_single_process()
-    world_size = int(os.environ["WORLD_SIZE"])
+    launched = "RANK" in os.environ
+    world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
     if tp < 1 or pp < 1 or world_size % (tp * pp) != 0:
         raise ValueError(
             f"tp={tp} x pp={pp} does not divide the world size {world_size}: set tp= and pp= so that "
@@ -113,7 +96,12 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        if launched:
+            dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        else:
+            # A plain `python` process is a world of one: an in-memory store, no port to race for.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timedelta(minutes=timeout_minutes))
     if parallel_state.model_parallel_is_initialized():
         if (
             parallel_state.get_tensor_model_parallel_world_size() != tp

@@ -18,7 +18,12 @@ from lm_eval.api.model import LM
 from tqdm import tqdm
 
 from nemo_minitron import parallel
-from nemo_minitron.models.runner import forward_microbatches, gather_vocab_parallel, vocab_parallel_token_nll
+from nemo_minitron.eval.generate import greedy_generate
+from nemo_minitron.models.runner import (
+    broadcast_from_last_stage,
+    forward_microbatches,
+    vocab_parallel_token_nll,
+)
 
 
 def _label_logit_is_max(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -36,18 +41,6 @@ def _label_logit_is_max(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
         dist.all_reduce(label_logit, group=group)
         dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=group)
     return label_logit >= max_logit
-
-
-def _broadcast_from_last_stage(values: list[Any]) -> list[Any]:
-    """Results exist on the last pipeline stage; every rank gets them."""
-    from megatron.core import parallel_state as ps
-
-    if ps.get_pipeline_model_parallel_world_size() == 1:
-        return values
-    box = [values if ps.is_pipeline_last_stage() else None]
-    src = ps.get_pipeline_model_parallel_last_rank()
-    dist.broadcast_object_list(box, src=src, group=ps.get_pipeline_model_parallel_group())
-    return box[0]
 
 
 class MegatronLM(LM):
@@ -103,7 +96,7 @@ class MegatronLM(LM):
             out = forward_microbatches(
                 self.model, [{"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "scored": scored}], per_microbatch
             )
-            out = _broadcast_from_last_stage([(lp.tolist(), g.tolist()) for lp, g in out])
+            out = broadcast_from_last_stage([(lp.tolist(), g.tolist()) for lp, g in out])
             (logprobs, greedy), = out
             for row, i in enumerate(chunk):
                 by_index[i] = (float(logprobs[row]), bool(greedy[row]))
@@ -137,8 +130,7 @@ class MegatronLM(LM):
         return out
 
     def generate_until(self, requests) -> list[str]:
-        """Greedy decoding until a stop string, EOS or max_gen_toks (no KV cache: each step
-        re-runs the full sequence; fine for evaluation-sized outputs)."""
+        """Greedy decoding until a stop string, EOS or max_gen_toks."""
         outputs = []
         for req in tqdm(requests, desc="generate_until", disable=not parallel.is_main_process()):
             context, gen_kwargs = req.args
@@ -147,23 +139,7 @@ class MegatronLM(LM):
             limit = gen_kwargs.get("max_gen_toks", self.max_gen_toks)
             # Like lm-eval's HF backend: keep room for the generated tokens in the window.
             tokens = self._encode(context)[-max(1, self.max_length - limit) :]
-            generated: list[int] = []
-            text = ""
-            for _ in range(limit):
-                window = (tokens + generated)[-self.max_length :]
-                batch = {"tokens": torch.tensor([window])}
-                out = forward_microbatches(
-                    self.model, [batch], lambda logits, _: int(gather_vocab_parallel(logits)[0, -1].argmax())
-                )
-                next_id = _broadcast_from_last_stage(out)[0]
-                if next_id == self.eos_id:
-                    break
-                generated.append(next_id)
-                text = self.tokenizer.decode(generated)
-                if any(s in text for s in stops):
-                    break
-            for s in stops:
-                text = text.split(s)[0]
+            _, text = greedy_generate(self.model, self.tokenizer, tokens, limit, self.max_length, stops)
             outputs.append(text)
         return outputs
 

@@ -70,8 +70,9 @@ def forward_microbatches(
             if forward_only:
                 results.append(value)
                 # The schedule wants (loss, reduced dict); the caller reads `results` instead.
-                return logits.new_zeros(()), {}
-            results.append(value.detach())
+                return torch.zeros((), device=device), {}
+            # A copy: the schedule divides the returned loss in place by the number of micro-batches.
+            results.append(value.detach().clone())
             return value, {}
 
         return output, collect
@@ -97,3 +98,15 @@ def forward_microbatches(
     finally:
         model.train(was_training)
     return results
+
+
+def broadcast_from_last_stage(values: list[Any]) -> list[Any]:
+    """`forward_microbatches` results exist on the last pipeline stage; give every rank a copy."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return values
+    box = [values if ps.is_pipeline_last_stage() else None]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return box[0]
