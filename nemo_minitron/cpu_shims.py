@@ -62,11 +62,14 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
-class _TorchWithCpuZeros(types.ModuleType):
-    """`torch` as seen by megatron's pipeline schedules, with `device="cuda"` tensors made on CPU.
+class _TorchWithCpuFactories(types.ModuleType):
+    """`torch` as seen by a megatron module, with `device="cuda"` factory tensors made on CPU.
 
-    Covers `megatron.core.pipeline_parallel.schedules`: the token counter
-    `torch.zeros([], dtype=torch.int, device="cuda")` in every forward-backward function.
+    Covers `megatron.core.pipeline_parallel.schedules` (the token counter
+    `torch.zeros([], dtype=torch.int, device="cuda")` in every forward-backward function) and the
+    optimizer's scalars: `FP32Optimizer._scale = torch.tensor([1.0], device='cuda')`
+    (`optimizer.optimizer`), `clip_grads.get_grad_norm_fp32`'s `torch.zeros(1, device='cuda')`
+    and `utils.local_multi_tensor_l2_norm`'s `torch.tensor([norm], device="cuda")`.
     """
 
     def __init__(self):
@@ -77,9 +80,26 @@ class _TorchWithCpuZeros(types.ModuleType):
 
     @staticmethod
     def zeros(*args, device=None, **kwargs):
-        if device == "cuda":
-            device = "cpu"
-        return torch.zeros(*args, device=device, **kwargs)
+        return torch.zeros(*args, device=_cpu_if_cuda(device), **kwargs)
+
+    @staticmethod
+    def tensor(*args, device=None, **kwargs):
+        return torch.tensor(*args, device=_cpu_if_cuda(device), **kwargs)
+
+
+def _cpu_if_cuda(device):
+    return "cpu" if device == "cuda" else device
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """`megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32` without its
+    `param.grad.type() == 'torch.cuda.FloatTensor'` assertion: the same scaling of every grad by
+    max_norm / (total_norm + 1e-6) when that is below 1."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
 
 
 def apply_cpu_shims() -> None:
@@ -87,6 +107,9 @@ def apply_cpu_shims() -> None:
     global _applied
     if _applied or torch.cuda.is_available():
         return
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -95,7 +118,10 @@ def apply_cpu_shims() -> None:
     torch.cuda.current_device = lambda: "cpu"
     # p2p_communication and the schedules synchronise the stream around sends and receives.
     torch.cuda.synchronize = lambda *args, **kwargs: None
-    schedules.torch = _TorchWithCpuZeros()
+    for module in (schedules, mcore_optimizer, clip_grads, mcore_utils):
+        module.torch = _TorchWithCpuFactories()
+    # The optimizer's gradient clipping asserts CUDA grads (`clip_grad_by_total_norm_fp32`).
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     # `LanguageModule.setup_embeddings_and_output_layer` moves the tied embedding to the GPU with
     # `weight.data.cuda()` before the first/last-stage all-reduce (PP > 1, tied embeddings).
     torch.Tensor.cuda = lambda self, *args, **kwargs: self

@@ -149,27 +149,41 @@ def test_tp_must_divide_query_groups(hf_dir, imported, text_file):
 
 
 def test_pipeline_on_the_embedded_default_resumes(tmp_path):
-    """The README's main job at reduced eval size: SmolLM2 from GGUF, the Debian corpus, held-out
-    perplexity equal to transformers' on the same GGUF weights; a re-run skips finished stages."""
+    """The README's main job at a tiny size: SmolLM2 from GGUF, the Debian corpus, prune, distill,
+    export, evaluate. Every stage leaves its output; the teacher's held-out perplexity equals
+    transformers' on the same GGUF weights; a re-run skips the finished stages."""
+    from nemo_minitron import checkpoint
     from nemo_minitron.models.config import ModelArch
     from nemo_minitron.models.gguf_import import embedded_gguf_path, load_gguf_llama
     from nemo_minitron.models.hf_io import write_hf_directory
 
     work = tmp_path / "run"
-    args = ("pipeline", f"work_dir={work}", "eval.seq_len=128", "eval.max_tokens=512")
+    args = ("pipeline", f"work_dir={work}", "eval.seq_len=128", "eval.max_tokens=512", "prune.calib.num_samples=8",
+            "prune.calib.seq_len=128", "prune.loss_samples=2", "distill.train.steps=2", "distill.train.seq_length=64",
+            "distill.optim.warmup_steps=1", "distill.train.save_interval=0")
     first = minitron(*args)
     summary = last_json(first)
-    assert set(summary["stage_seconds"]) == {"import", "corpus", "eval_teacher"}
-    assert summary["teacher_parameters"]["total"] == 134_515_008
-    assert "teacher held-out perplexity" in first.stdout
+    assert list(summary["stage_seconds"]) == ["import", "corpus", "prune", "distill", "export_hf", "eval_teacher",
+                                              "eval_pruned", "eval_student"]
+    assert summary["teacher"]["parameters"]["total"] == 134_515_008
+    # the default target is ~50% of the teacher's non-embedding parameters
+    ratio = summary["student"]["parameters"]["non_embedding"] / summary["teacher"]["parameters"]["non_embedding"]
+    assert 0.45 < ratio < 0.55
+    assert summary["distillation_tokens"] == 2 * 8 * 64
+    assert "held-out perplexity" in first.stdout and (work / "report.md").is_file() and (work / "perplexity.png").is_file()
     assert json.loads((work / "results.json").read_text()) == summary
+    for ckpt in ("teacher", "pruned", "distill/final"):
+        assert checkpoint.is_complete(work / ckpt), ckpt
+    assert (work / "pruned" / "report.json").is_file()
+    transformers.AutoModelForCausalLM.from_pretrained(str(work / "student_hf"))
 
     gguf = load_gguf_llama(embedded_gguf_path())
     hf_dir = write_hf_directory(ModelArch.from_hf_config(gguf.config), gguf.state_dict, gguf.tokenizer, tmp_path / "hf")
     expected = reference_perplexity(hf_dir, work / "corpus" / "heldout.jsonl", 128, max_windows=4)
-    assert summary["teacher_heldout_perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert summary["teacher"]["heldout_perplexity"] == pytest.approx(expected, rel=1e-4)
     assert 5 < expected < 200  # a real language model on real English text
+    assert summary["pruned"]["heldout_perplexity"] > summary["teacher"]["heldout_perplexity"]
 
     again = last_json(minitron(*args))
-    assert "import" not in again["stage_seconds"]
-    assert again["teacher_heldout_perplexity"] == summary["teacher_heldout_perplexity"]
+    assert again["stage_seconds"]["prune"] == summary["stage_seconds"]["prune"]  # not re-run: time kept
+    assert again["student"]["heldout_perplexity"] == summary["student"]["heldout_perplexity"]

@@ -1,7 +1,9 @@
 """minitron pipeline: the main job, stage by stage, resumable.
 
-Stages so far: import the teacher -> build the corpus -> held-out perplexity of the teacher.
-Each stage's output lives under `work_dir`; a complete output is reused, so re-running resumes.
+import -> corpus -> [teacher-correct] -> prune -> distill -> [align] -> export-hf -> evaluate.
+Every stage is the same code as its own command: the pipeline composes `conf/<stage>.yaml`, applies
+the pipeline's block for that stage and the paths under `work_dir`, and calls the stage's `run`.
+A stage whose output is complete is skipped, so re-running resumes where the last run stopped.
 """
 
 from __future__ import annotations
@@ -10,78 +12,30 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import OmegaConf
 
 from nemo_minitron import checkpoint, parallel
-from nemo_minitron.cli.common import torch_dtype
-from nemo_minitron.data.corpus import build_corpus
-from nemo_minitron.data.indexed import load_token_stream
-from nemo_minitron.eval.perplexity import evaluate_perplexity, windows_from_stream
 
 log = logging.getLogger("nemo_minitron")
 
 
-def _import_teacher(cfg, out: Path) -> None:
-    from nemo_minitron.cli.import_model import read_source
-    from nemo_minitron.models import bridge
-    from nemo_minitron.models.gpt import build_gpt_model
+def stage_config(name: str, block: Any, **fixed: Any):
+    """conf/<name>.yaml, then the pipeline's block for it, then the paths the pipeline sets."""
+    from hydra import compose
 
-    dtype = torch_dtype(cfg.dtype)
-    arch, hf_state, tokenizer, source = read_source(cfg.teacher.model, cfg.teacher.hf_path, dtype)
-    model = build_gpt_model(arch, params_dtype=dtype)
-    bridge.load_global(model, bridge.hf_to_global(arch, hf_state))
-    checkpoint.save_checkpoint(model, out, tokenizer, metadata={"stage": "import", "source": source})
+    cfg = compose(config_name=name)
+    block = {k: v for k, v in (OmegaConf.to_container(block) if block is not None else {}).items() if k != "enabled"}
+    return OmegaConf.merge(cfg, block, fixed)
 
 
-def _perplexity(cfg, ckpt: Path, heldout: Path) -> dict:
-    tokenizer = checkpoint.load_tokenizer(ckpt)
-    windows = windows_from_stream(load_token_stream(heldout, tokenizer), cfg.eval.seq_len, cfg.eval.max_tokens)
-    model = checkpoint.load_checkpoint(ckpt, params_dtype=torch_dtype(cfg.dtype))
-    return evaluate_perplexity(model, windows, cfg.eval.micro_batch_size).as_dict()
+def _module_run(name: str) -> Callable:
+    import importlib
 
+    from nemo_minitron.cli.main import STAGES
 
-def run(cfg) -> dict:
-    work = Path(cfg.work_dir).absolute()
-    parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
-    stage_seconds: dict[str, float] = {}
-
-    def stage(name: str, done: bool, fn) -> None:
-        if done:
-            log.info("stage %s: output exists, skipped", name)
-            return
-        log.info("stage %s ...", name)
-        start = time.perf_counter()
-        fn()
-        stage_seconds[name] = round(time.perf_counter() - start, 1)
-        log.info("stage %s done in %.1f s", name, stage_seconds[name])
-
-    teacher = work / "teacher"
-    stage("import", checkpoint.is_complete(teacher), lambda: _import_teacher(cfg, teacher))
-    splits: dict[str, Path] = {}
-    corpus_cfg = cfg.corpus
-    # build_corpus itself skips work when its manifest matches; only rank 0 writes files.
-    if parallel.is_main_process():
-        stage("corpus", False, lambda: splits.update(build_corpus(
-            work / "corpus", sources=list(corpus_cfg.sources), cache_dir=corpus_cfg.cache_dir,
-            seed=corpus_cfg.seed, heldout_fraction=corpus_cfg.heldout_fraction,
-            calib_fraction=corpus_cfg.calib_fraction, user_paths=list(corpus_cfg.user_paths),
-        )))
-    _barrier()
-    heldout = work / "corpus" / "heldout.jsonl"
-    results: dict = {}
-    stage("eval_teacher", False, lambda: results.update(teacher=_perplexity(cfg, teacher, heldout)))
-
-    arch = checkpoint.read_arch(teacher)
-    summary = {
-        "work_dir": str(work),
-        "teacher_parameters": arch.num_parameters(),
-        "teacher_heldout_perplexity": results["teacher"]["perplexity"],
-        "eval": {k: results["teacher"][k] for k in ("tokens", "seq_len", "tokens_per_s")},
-        "stage_seconds": stage_seconds,
-    }
-    if parallel.is_main_process():
-        (work / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _print_table(summary)
-    return summary
+    return importlib.import_module(STAGES[name][0]).run
 
 
 def _barrier() -> None:
@@ -91,14 +45,160 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _print_table(summary: dict) -> None:
-    params = summary["teacher_parameters"]
+class Stages:
+    """Runs stages in order, timing them and skipping finished ones. Stage times of an earlier,
+    interrupted run of the same work_dir are kept, so the final table covers the whole job."""
+
+    def __init__(self, work: Path):
+        previous = work / "results.json"
+        self.seconds: dict[str, float] = (
+            json.loads(previous.read_text()).get("stage_seconds", {}) if previous.is_file() else {}
+        )
+        self.results: dict[str, Any] = {}
+
+    def run(self, name: str, done: bool, fn: Callable[[], Any]) -> None:
+        if done:
+            log.info("stage %s: output complete, skipped", name)
+            return
+        log.info("=== stage %s ===", name)
+        start = time.perf_counter()
+        self.results[name] = fn()
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        log.info("stage %s done in %.1f s", name, self.seconds[name])
+
+
+def run(cfg) -> dict:
+    work = Path(cfg.work_dir).absolute()
+    common = {"tp": cfg.tp, "pp": cfg.pp, "seed": cfg.seed, "dtype": cfg.dtype}
+    parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    stages = Stages(work)
+
+    teacher = work / "teacher"
+    stages.run("import", checkpoint.is_complete(teacher), lambda: _module_run("import")(stage_config(
+        "import", None, model=cfg.teacher.model, hf_path=cfg.teacher.hf_path, output_dir=str(teacher), **common)))
+
+    corpus = work / "corpus"
+    c = cfg.corpus
+
+    def build() -> dict:
+        from nemo_minitron.data.corpus import build_corpus
+
+        if parallel.is_main_process():  # idempotent: a matching manifest makes it a no-op
+            build_corpus(corpus, sources=list(c.sources), cache_dir=c.cache_dir, seed=c.seed,
+                         heldout_fraction=c.heldout_fraction, calib_fraction=c.calib_fraction,
+                         user_paths=list(c.user_paths))
+        _barrier()
+        return {"dir": str(corpus)}
+
+    stages.run("corpus", False, build)
+    data = {"train": str(corpus / "train.jsonl"), "valid": str(corpus / "heldout.jsonl")}
+
+    if cfg.teacher_correct.enabled:
+        corrected = work / "teacher_corrected"
+        stages.run("teacher_correct", checkpoint.is_complete(corrected / "final"),
+                   lambda: _module_run("teacher-correct")(stage_config(
+                       "teacher-correct", cfg.teacher_correct, teacher=str(teacher), output_dir=str(corrected),
+                       data=data, **common)))
+        teacher = corrected / "final"
+
+    pruned = work / "pruned"
+    stages.run("prune", checkpoint.is_complete(pruned), lambda: _module_run("prune")(stage_config(
+        "prune", cfg.prune, checkpoint=str(teacher), output_dir=str(pruned),
+        calib={"data": str(corpus / "calib.jsonl")}, **common)))
+
+    distilled = work / "distill"
+    stages.run("distill", checkpoint.is_complete(distilled / "final"), lambda: _module_run("distill")(stage_config(
+        "distill", cfg.distill, teacher=str(teacher), student=str(pruned), output_dir=str(distilled), data=data,
+        **common)))
+    student = distilled / "final"
+
+    if cfg.align.enabled:
+        aligned = work / "align"
+        stages.run("align", checkpoint.is_complete(aligned / "final"), lambda: _module_run("align")(stage_config(
+            "align", cfg.align, checkpoint=str(student), output_dir=str(aligned),
+            builtin={"cache_dir": str(work / "align_data")}, **common)))
+        student = aligned / "final"
+
+    hf_dir = work / "student_hf"
+    stages.run("export_hf", (hf_dir / "config.json").is_file(), lambda: _module_run("export-hf")(stage_config(
+        "export-hf", None, checkpoint=str(student), output_dir=str(hf_dir), **common)))
+
+    perplexity: dict[str, dict] = {}
+    evaluate = _module_run("eval")
+    for label, ckpt in (("teacher", teacher), ("pruned", pruned), ("student", student)):
+        stages.run(f"eval_{label}", False, lambda ckpt=ckpt, label=label: perplexity.__setitem__(label, evaluate(
+            stage_config("eval", None, checkpoint=str(ckpt), data=data["valid"], seq_len=cfg.eval.seq_len,
+                         micro_batch_size=cfg.eval.micro_batch_size, max_tokens=cfg.eval.max_tokens, **common))))
+
+    summary = _summary(work, teacher, student, perplexity, stages)
+    if parallel.is_main_process():
+        (work / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_report(work, summary)
+        print(_table(summary), flush=True)
+    return summary
+
+
+def _tokens_used(path: Path) -> int:
+    meta = checkpoint.read_metadata(path) if checkpoint.is_complete(path) else {}
+    return int(meta.get("result", {}).get("tokens", 0))
+
+
+def _summary(work: Path, teacher: Path, student: Path, perplexity: dict, stages: Stages) -> dict:
+    teacher_arch, student_arch = checkpoint.read_arch(teacher), checkpoint.read_arch(student)
+    return {
+        "work_dir": str(work),
+        "teacher": {"checkpoint": str(teacher), "parameters": teacher_arch.num_parameters(),
+                    "heldout_perplexity": perplexity["teacher"]["perplexity"]},
+        "pruned": {"checkpoint": str(work / "pruned"), "heldout_perplexity": perplexity["pruned"]["perplexity"]},
+        "student": {"checkpoint": str(student), "hf_dir": str(work / "student_hf"),
+                    "parameters": student_arch.num_parameters(),
+                    "architecture": {k: getattr(student_arch, k) for k in (
+                        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")},
+                    "heldout_perplexity": perplexity["student"]["perplexity"]},
+        "eval": {k: perplexity["student"][k] for k in ("tokens", "seq_len")},
+        "distillation_tokens": _tokens_used(work / "distill" / "final"),
+        "stage_seconds": stages.seconds,
+    }
+
+
+def _table(summary: dict) -> str:
+    t, p, s = summary["teacher"], summary["pruned"], summary["student"]
     rows = [
-        ("teacher parameters (total)", f"{params['total']:,}"),
-        ("teacher parameters (non-embedding)", f"{params['non_embedding']:,}"),
-        ("teacher held-out perplexity", f"{summary['teacher_heldout_perplexity']:.3f}"),
-        ("eval tokens / window", f"{summary['eval']['tokens']:,} / {summary['eval']['seq_len']}"),
-        *[(f"stage {k} (s)", f"{v:.1f}") for k, v in summary["stage_seconds"].items()],
+        ("", "teacher", "student"),
+        ("parameters (total)", f"{t['parameters']['total']:,}", f"{s['parameters']['total']:,}"),
+        ("parameters (non-embedding)", f"{t['parameters']['non_embedding']:,}", f"{s['parameters']['non_embedding']:,}"),
+        ("held-out perplexity", f"{t['heldout_perplexity']:.2f}", f"{s['heldout_perplexity']:.2f}"),
+        ("  pruned, before distillation", "", f"{p['heldout_perplexity']:.2f}"),
+        ("distillation tokens", "", f"{summary['distillation_tokens']:,}"),
+        *[(f"stage {k} (s)", "", f"{v:.1f}") for k, v in summary["stage_seconds"].items()],
     ]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), flush=True)
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows)
+
+
+def _write_report(work: Path, summary: dict) -> None:
+    """report.md: the final table, perplexity by stage as a plot, and the stages' own reports."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["teacher", "pruned", "student"]
+    values = [summary[k]["heldout_perplexity"] for k in labels]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(labels, values, color=["#4c72b0", "#c44e52", "#55a868"])
+    ax.set_ylabel(f"held-out perplexity (window {summary['eval']['seq_len']})")
+    ax.set_yscale("log")
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom")
+    fig.tight_layout()
+    fig.savefig(work / "perplexity.png", dpi=100)
+    plt.close(fig)
+    lines = ["# nemo-minitron pipeline report", "", "```", _table(summary), "```", "",
+             "![held-out perplexity](perplexity.png)", ""]
+    if (work / "pruned" / "report.md").is_file():
+        lines += ["## Pruning", "", "See [pruned/report.md](pruned/report.md).", "",
+                  "![layer importance](pruned/layer_importance.png)", ""]
+    if (work / "distill" / "metrics.jsonl").is_file():
+        lines += ["## Distillation", "", "Per-step metrics: distill/metrics.jsonl (TensorBoard: distill/tensorboard).", ""]
+    (work / "report.md").write_text("\n".join(lines))

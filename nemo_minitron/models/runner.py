@@ -3,8 +3,8 @@
 The same call works at PP=1 (no pipelining) and PP>1 (1F1B): megatron picks the schedule, and
 on the last stage `per_microbatch` turns each micro-batch's TP-sharded logits into whatever the
 caller needs (a loss, token NLLs, gathered logits). Other stages return an empty list.
-A micro-batch is a dict with "tokens" ([b, s] input ids) and whatever else `per_microbatch` reads
-(labels, masks).
+A micro-batch is a dict with "tokens" ([b, s] input ids), optionally "attention_mask" ([b, 1, s, s],
+True where attention is blocked; default causal), and whatever else `per_microbatch` reads.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def forward_microbatches(
     def forward_step(data_iterator, step_model):
         batch = {k: v.to(device) for k, v in next(data_iterator).items()}
         tokens = batch["tokens"]
-        output = step_model(tokens, position_ids_for(tokens), mask)
+        # Packed samples bring their own block-diagonal mask (one causal block per document).
+        output = step_model(tokens, position_ids_for(tokens), batch.get("attention_mask", mask))
 
         def collect(logits):
             value = per_microbatch(logits, batch)

@@ -1,0 +1,282 @@
+"""Distillation benchmarks (issue 4): step-time overhead, logit-loss memory, recovery curves.
+
+    .venv/bin/python benchmarks/distill.py [--steps 60] [--seq 128] [--batch 4] [--eval-every 10]
+
+1. Step time of a distillation step against the teacher forward and a student LM training step
+   timed separately on the same batch (target: within 10% of their sum).
+2. Peak memory (RSS above the inputs, fresh process per case) of the chunked vocab-parallel logit
+   loss against the naive full-softmax definition, forward + backward, at vocab 49152 and 128256.
+3. Held-out perplexity against training tokens for distillation, LM-loss retraining and training
+   from random initialisation of the embedded teacher (SmolLM2-135M) depth-pruned to 15 of 30
+   layers; plot written to docs/distillation_curves.png.
+
+Prints a Markdown section for docs/distillation.md and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+KEEP = list(range(6)) + list(range(21, 30))  # drop the contiguous block 6..20 (15 of 30 layers)
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+# --- 2. memory of the logit loss (one case per fresh process) ----------------------------------------
+
+def memory_case(impl: str, vocab: int, tokens: int, chunk: int) -> dict:
+    from nemo_minitron import parallel
+    from nemo_minitron.distill.losses import LogitLoss, logit_losses, reference_logit_losses
+
+    parallel.initialize(1, 1)
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(1, tokens, vocab, generator=g).requires_grad_(True)
+    teacher = torch.randn(1, tokens, vocab, generator=g)
+    labels = torch.randint(0, vocab, (1, tokens), generator=g)
+    rss_kib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731 (peak, KiB)
+    before = rss_kib()
+    start = time.perf_counter()
+    spec = LogitLoss("fwd_kl")
+    if impl == "chunked":
+        out = logit_losses(student, teacher, labels, None, spec, chunk_tokens=chunk)
+    else:
+        out = reference_logit_losses(student, teacher, labels, None, spec)
+    out["objective"].backward()
+    seconds = time.perf_counter() - start
+    logits_mib = tokens * vocab * 4 / 2**20
+    return {"impl": impl, "vocab": vocab, "tokens": tokens, "chunk": chunk, "logits_mib": logits_mib,
+            "peak_above_inputs_mib": (rss_kib() - before) / 1024, "seconds": seconds}
+
+
+def memory_table(tokens: int) -> list[str]:
+    rows = ["| vocab | logits (fp32, one tensor) | naive full softmax | chunked, 1024-token chunks | chunked, 256-token chunks |",
+            "| --- | --- | --- | --- | --- |"]
+    for vocab in (49152, 128256):
+        cases = [("naive", 0), ("chunked", 1024), ("chunked", 256)]
+        found = []
+        for impl, chunk in cases:
+            out = subprocess.run([sys.executable, __file__, "--memory-case", impl, str(vocab), str(tokens), str(chunk)],
+                                 capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+            if out.returncode:
+                sys.exit(out.stderr[-3000:])
+            found.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        cells = [f"{c['peak_above_inputs_mib']:,.0f} MiB ({c['seconds']:.1f} s)" for c in found]
+        rows.append(f"| {vocab:,} | {found[0]['logits_mib']:,.0f} MiB | " + " | ".join(cells) + " |")
+    return rows
+
+
+# --- shared set-up: embedded teacher, pruned student, Austen text ----------------------------------
+
+def setup(seq: int, train_windows: int):
+    from nemo_minitron import parallel
+    from nemo_minitron.cli.import_model import read_source
+    from nemo_minitron.data.corpus import load_documents
+    from nemo_minitron.eval.perplexity import windows_from_stream
+    from nemo_minitron.models import bridge
+    from nemo_minitron.models.gpt import build_gpt_model
+    from nemo_minitron.prune.indices import PruneIndices
+    from nemo_minitron.prune.surgery import prune_global
+    from nemo_minitron.train import TokenWindows
+
+    parallel.initialize(1, 1)
+    arch, hf_state, tokenizer, _ = read_source("smollm2-135m", None, torch.float32)
+    teacher_sd = bridge.hf_to_global(arch, hf_state)
+    teacher = build_gpt_model(arch)
+    bridge.load_global(teacher, teacher_sd)
+    student_arch = arch.replace(num_layers=len(KEEP))
+    groups, per_group = arch.num_query_groups, arch.num_attention_heads // arch.num_query_groups
+    depth_only = PruneIndices(
+        hidden=torch.arange(arch.hidden_size), layers=KEEP,
+        heads={i: torch.arange(arch.num_attention_heads).view(groups, per_group) for i in KEEP},
+        neurons={i: torch.arange(arch.ffn_hidden_size) for i in KEEP},
+    )
+    pruned_sd = prune_global(teacher_sd, arch, student_arch, depth_only)
+    docs = load_documents("austen")
+
+    def stream(prefixes: tuple[str, ...], max_tokens: int) -> np.ndarray:
+        ids: list[int] = []
+        for doc in docs:
+            if doc.doc_id.startswith(prefixes) and len(ids) < max_tokens:
+                ids += tokenizer(doc.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return np.array(ids)
+
+    train = TokenWindows(stream(("austen/emma/", "austen/prideprejudice/"), (train_windows + 1) * seq + 1), seq, seed=0)
+    heldout = windows_from_stream(stream(("austen/persuasion/",), 64 * seq), seq, 32 * seq)
+    return teacher, student_arch, pruned_sd, train, heldout
+
+
+def student(arch, global_sd):
+    from nemo_minitron.models import bridge
+    from nemo_minitron.models.gpt import build_gpt_model
+
+    torch.manual_seed(0)
+    model = build_gpt_model(arch)
+    if global_sd is not None:
+        bridge.load_global(model, global_sd)
+    return model
+
+
+def trainer_for(kind: str, teacher, model, data, steps: int, seq: int, batch: int, lr: float, out: Path):
+    from nemo_minitron.distill import DistillationLoss, DistillationModel, LogitLoss
+    from nemo_minitron.train import LMLoss, OptimConfig, TrainConfig, Trainer
+
+    module, loss = (DistillationModel(model, teacher), DistillationLoss(LogitLoss("fwd_kl"))) if kind == "distill" \
+        else (model, LMLoss())
+    return Trainer(module, loss, data, TrainConfig(steps=steps, global_batch_size=batch, seq_length=seq, micro_batch_size=batch),
+                   OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 20), weight_decay=0.0), out,
+                   export_model=model)
+
+
+# --- 1. step time ------------------------------------------------------------------------------------
+
+def step_times(teacher, arch, pruned_sd, train, seq: int, batch: int, repeats: int, out: Path) -> dict:
+    from nemo_minitron.models.runner import forward_microbatches
+    from nemo_minitron.train import TrainingData
+    from nemo_minitron.train.data import micro_batches
+
+    data = TrainingData(train, None)
+    distill = trainer_for("distill", teacher, student(arch, pruned_sd), data, repeats + 1, seq, batch, 1e-4, out / "d")
+    lm = trainer_for("lm", teacher, student(arch, pruned_sd), data, repeats + 1, seq, batch, 1e-4, out / "l")
+    batches = micro_batches(train, 0, batch, batch, 1, 0)
+
+    def teacher_forward() -> float:
+        start = time.perf_counter()
+        forward_microbatches(teacher, batches, lambda logits, mb: logits.sum())
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {"teacher_forward": [], "student_lm_step": [], "distill_step": []}
+    for i in range(repeats + 1):  # the first round warms up; every round sees the same batch
+        distill.step = lm.step = 0
+        t = teacher_forward()
+        s = lm.train_step()["train/step_seconds"]
+        d = distill.train_step()["train/step_seconds"]
+        if i:
+            times["teacher_forward"].append(t)
+            times["student_lm_step"].append(s)
+            times["distill_step"].append(d)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    median["overhead"] = median["distill_step"] / (median["teacher_forward"] + median["student_lm_step"]) - 1
+    return median
+
+
+# --- 3. recovery curves ------------------------------------------------------------------------------
+
+def curves(teacher, arch, pruned_sd, train, heldout, steps: int, seq: int, batch: int, lr: float,
+           eval_every: int, out: Path) -> dict:
+    from nemo_minitron.eval.perplexity import evaluate_perplexity
+    from nemo_minitron.train import TrainingData
+
+    data = TrainingData(train, None)
+    ppl = lambda m: evaluate_perplexity(m, heldout, micro_batch_size=8, progress=False).perplexity  # noqa: E731
+    result = {"teacher": ppl(teacher), "runs": {}}
+    for kind in ("distill", "lm", "scratch"):
+        model = student(arch, None if kind == "scratch" else pruned_sd)
+        trainer = trainer_for("distill" if kind == "distill" else "lm", teacher, model, data, steps, seq, batch, lr,
+                              out / kind)
+        points = [(0, ppl(model))]
+        start = time.perf_counter()
+        for step in range(1, steps + 1):
+            trainer.train_step()
+            if step % eval_every == 0 or step == steps:
+                points.append((step * batch * seq, ppl(model)))
+                print(f"{kind} step {step}: perplexity {points[-1][1]:.1f}", file=sys.stderr, flush=True)
+        result["runs"][kind] = {"points": points, "train_seconds": time.perf_counter() - start}
+    return result
+
+
+def plot(result: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"distill": "distillation (forward KL, T=1)", "lm": "LM-loss retraining", "scratch": "random initialisation"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for kind, run in result["runs"].items():
+        tokens, values = zip(*run["points"])
+        ax.plot(tokens, values, marker="o", label=labels[kind])
+    ax.axhline(result["teacher"], color="gray", linestyle="--", label="teacher (30 layers)")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-tokens", type=int, default=1024)
+    parser.add_argument("--work", default="runs/bench-distill")
+    parser.add_argument("--memory-case", nargs=4, metavar=("IMPL", "VOCAB", "TOKENS", "CHUNK"))
+    args = parser.parse_args()
+    if args.memory_case:
+        impl, vocab, tokens, chunk = args.memory_case
+        print(json.dumps(memory_case(impl, int(vocab), int(tokens), int(chunk))))
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    work = Path(args.work).absolute()
+    memory = memory_table(args.memory_tokens)
+    teacher, arch, pruned_sd, train, heldout = setup(args.seq, args.steps * args.batch)
+    timing = step_times(teacher, arch, pruned_sd, train, args.seq, args.batch, args.repeats, work / "timing")
+    result = curves(teacher, arch, pruned_sd, train, heldout, args.steps, args.seq, args.batch, args.lr,
+                    args.eval_every, work / "curves")
+    png = DOCS / "distillation_curves.png"
+    plot(result, png, f"SmolLM2-135M, 15 of 30 layers kept; {args.batch}x{args.seq} tokens/step, lr {args.lr:g}")
+    (work / "result.json").write_text(json.dumps({"timing": timing, "curves": result}, indent=2))
+
+    runs = result["runs"]
+    lines = [
+        f"### Distillation (issue 4): {platform.processor() or platform.machine()}, {os.cpu_count()} cores, fp32",
+        "",
+        f"Command: `.venv/bin/python benchmarks/distill.py --steps {args.steps} --seq {args.seq} --batch {args.batch} "
+        f"--lr {args.lr:g}`",
+        "",
+        f"Step time on one batch of {args.batch}x{args.seq} tokens (median of {args.repeats}; student = teacher depth-pruned "
+        "to 15 layers):",
+        "",
+        "| measurement | seconds |",
+        "| --- | --- |",
+        f"| teacher forward | {timing['teacher_forward']:.2f} |",
+        f"| student LM training step (forward, backward, optimizer) | {timing['student_lm_step']:.2f} |",
+        f"| sum | {timing['teacher_forward'] + timing['student_lm_step']:.2f} |",
+        f"| distillation step (both models, KL loss, optimizer) | {timing['distill_step']:.2f} |",
+        f"| overhead of distillation over the sum | {100 * timing['overhead']:+.1f}% |",
+        "",
+        f"Peak memory of the logit loss, forward + backward, {args.memory_tokens} tokens, fp32, one rank "
+        "(RSS above the student and teacher logits; time in brackets):",
+        "",
+        *memory,
+        "",
+        f"Held-out perplexity (Persuasion, {len(heldout)} windows of {args.seq} tokens) after "
+        f"{args.steps * args.batch * args.seq:,} training tokens (Emma, Pride and Prejudice); teacher "
+        f"{result['teacher']:.1f}; plot: docs/distillation_curves.png:",
+        "",
+        "| run | start | end | training time |",
+        "| --- | --- | --- | --- |",
+        *[f"| {kind} | {run['points'][0][1]:,.1f} | {run['points'][-1][1]:,.1f} | {run['train_seconds']:.0f} s |"
+          for kind, run in runs.items()],
+    ]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

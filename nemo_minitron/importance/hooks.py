@@ -1,0 +1,177 @@
+"""Activation hooks on the megatron modules of a GPTModel stage, at any TP x PP x DP.
+
+Where each axis is read (activations are sequence-first [s, b, .]):
+- hidden channels: the outputs of the two layer norms of every layer. They are the inputs of
+  `linear_qkv` and `linear_fc1`, so one forward pre-hook on each covers both layer specs: in the
+  local spec the input already is the norm output; in the Transformer Engine spec the norm is
+  fused into the linear (`layer_norm_weight`) and the hook applies it to the input itself.
+- attention heads: the input of `linear_proj` (this rank's heads, columns head-major): per
+  channel, then L2 over head_dim (`aggregation.heads=input`), or per token the norm of what each
+  head adds to the residual stream, |W_o[:, head] x_head|, computed through the head's d x d Gram
+  matrix W_o[:, head]^T W_o[:, head] (`aggregation.heads=output`, the default).
+- MLP neurons: the input of `linear_fc2` (after the gated activation; this rank's neurons).
+- Block Importance: 1 - cos(input, output) of every `TransformerLayer`, averaged over tokens (the
+  layer is called with keyword arguments, hence `with_kwargs=True`).
+
+Every rank accumulates into global-size tensors (global layer index, global head / neuron offset);
+hidden and layer statistics, replicated across TP, count on TP rank 0 only. One all-reduce over
+all ranks then sums DP replicas, joins TP shards and PP stages, and leaves identical scores
+everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nemo_minitron.importance.aggregation import Aggregation, BatchStats
+from nemo_minitron.importance.scores import ImportanceScores
+
+
+def _fused_rms_norm(module, x: torch.Tensor) -> torch.Tensor:
+    """The norm output a TE `LayerNormColumnParallelLinear` computes internally (not returned)."""
+    config = module.config
+    if config.normalization != "RMSNorm":
+        raise ValueError(f"importance hooks support RMSNorm models, not normalization={config.normalization}")
+    weight = module.layer_norm_weight.float()
+    if config.layernorm_zero_centered_gamma:
+        weight = weight + 1
+    x = x.float()
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + config.layernorm_epsilon) * weight
+
+
+class ImportanceRecorder:
+    """Context manager: hooks on while inside, `scores()` afterwards (collective)."""
+
+    def __init__(self, model, aggregation: Aggregation | None = None):
+        from megatron.core import parallel_state as ps
+
+        if model.config.sequence_parallel:
+            raise ValueError("importance estimation does not support sequence parallelism; run without it")
+        self.model = model
+        self.arch = arch = model.arch
+        self.aggregation = aggregation or Aggregation()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        tp = ps.get_tensor_model_parallel_world_size()
+        L, h = arch.num_layers, arch.hidden_size
+        self.heads_local = arch.num_attention_heads // tp
+        self.ffn_local = arch.ffn_hidden_size // tp
+        # [layer, (input_layernorm, pre_mlp_layernorm), h]
+        self.hidden = BatchStats((L, 2, h))
+        per_head = arch.kv_channels if self.aggregation.heads == "input" else 1
+        self.attention = BatchStats((L, arch.num_attention_heads * per_head))
+        self._grams: dict[int, torch.Tensor] = {}
+        self.neurons = BatchStats((L, arch.ffn_hidden_size))
+        self.bi_sum = torch.zeros(L, dtype=torch.float64)
+        self.bi_tokens = torch.zeros(L, dtype=torch.float64)
+        self._handles: list = []
+
+    # --- hooks ----------------------------------------------------------------------------------
+
+    def _norm_hook(self, layer: int, which: int):
+        def hook(module, args):
+            x = args[0]
+            if getattr(module, "layer_norm_weight", None) is not None:
+                x = _fused_rms_norm(module, x)
+            if self.tp_rank == 0:
+                self.hidden.add(layer, self.aggregation.over_sequence(x), (which,))
+                if which == 0:
+                    self.hidden.count_samples(layer, x.shape[1])
+
+        return hook
+
+    def _sharded_hook(self, stats: BatchStats, layer: int, local_width: int):
+        offset = self.tp_rank * local_width
+
+        def hook(module, args):
+            x = args[0]
+            stats.add(layer, self.aggregation.over_sequence(x), slice(offset, offset + local_width))
+            if self.tp_rank == 0:
+                stats.count_samples(layer, x.shape[1])
+
+        return hook
+
+    def _gram(self, layer: int, linear_proj) -> torch.Tensor:
+        """[local heads, d, d] Gram matrices of this rank's heads' output projections (cached:
+        the weights do not change while recording)."""
+        if layer not in self._grams:
+            w = linear_proj.weight.detach().float().view(linear_proj.weight.shape[0], self.heads_local, -1)
+            self._grams[layer] = torch.einsum("ohd,ohe->hde", w, w)
+        return self._grams[layer]
+
+    def _head_hook(self, layer: int):
+        if self.aggregation.heads == "input":
+            return self._sharded_hook(self.attention, layer, self.heads_local * self.arch.kv_channels)
+        offset = self.tp_rank * self.heads_local
+
+        def hook(module, args):
+            x = args[0].float()
+            s, b, _ = x.shape
+            x = x.reshape(s, b, self.heads_local, -1)
+            # |W_h x_h|^2 = x_h^T (W_h^T W_h) x_h, without the [s, b, heads, hidden] intermediate
+            contribution = (torch.einsum("sbhd,hde->sbhe", x, self._gram(layer, module)) * x).sum(-1)
+            self.attention.add(layer, self.aggregation.over_sequence(contribution.clamp(min=0).sqrt()),
+                               slice(offset, offset + self.heads_local))
+            if self.tp_rank == 0:
+                self.attention.count_samples(layer, b)
+
+        return hook
+
+    def _block_hook(self, layer: int):
+        def hook(module, args, kwargs, output):
+            if self.tp_rank != 0:
+                return
+            inputs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            outputs = output[0] if isinstance(output, tuple) else output
+            cos = F.cosine_similarity(inputs.float(), outputs.float(), dim=-1)
+            self.bi_sum[layer] += (1 - cos).double().sum().cpu()
+            self.bi_tokens[layer] += cos.numel()
+
+        return hook
+
+    def __enter__(self) -> "ImportanceRecorder":
+        self._grams.clear()
+        for layer in self.model.decoder.layers:
+            i = layer.layer_number - 1
+            attention, mlp = layer.self_attention, layer.mlp
+            self._handles += [
+                attention.linear_qkv.register_forward_pre_hook(self._norm_hook(i, 0)),
+                mlp.linear_fc1.register_forward_pre_hook(self._norm_hook(i, 1)),
+                attention.linear_proj.register_forward_pre_hook(self._head_hook(i)),
+                mlp.linear_fc2.register_forward_pre_hook(self._sharded_hook(self.neurons, i, self.ffn_local)),
+                layer.register_forward_hook(self._block_hook(i), with_kwargs=True),
+            ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # --- result ---------------------------------------------------------------------------------
+
+    def scores(self, info: dict | None = None) -> ImportanceScores:
+        """Reduce over all ranks and finish the scores (every rank must call it)."""
+        parts = [*self.hidden.tensors(), *self.attention.tensors(), *self.neurons.tensors(),
+                 self.bi_sum, self.bi_tokens]
+        flat = torch.cat([p.flatten() for p in parts])
+        if dist.is_initialized():
+            dist.all_reduce(flat)
+        for p, chunk in zip(parts, flat.split([p.numel() for p in parts])):
+            p.copy_(chunk.view_as(p))
+        if (self.hidden.count == 0).any():
+            raise ValueError("no calibration data reached some layers: run forward passes inside the recorder")
+        arch, agg = self.arch, self.aggregation
+        hidden_per_layer = agg.over_batch(self.hidden).float()
+        heads = agg.over_batch(self.attention).float().view(arch.num_layers, arch.num_attention_heads, -1)
+        return ImportanceScores(
+            arch=arch,
+            method="activation",
+            hidden=hidden_per_layer.sum((0, 1)),
+            heads=heads.norm(dim=-1),  # "input": L2 over head_dim of the per-channel scores
+            neurons=agg.over_batch(self.neurons).float(),
+            layers={"block_importance": (self.bi_sum / self.bi_tokens).float()},
+            hidden_per_layer=hidden_per_layer,
+            info={"aggregation": agg.as_dict(), "samples": int(self.hidden.count[0]), **(info or {})},
+        )

@@ -1,0 +1,97 @@
+"""Parameter counting and the published Minitron architectures (DESIGN.md section 8).
+
+Three independent counts agree (tested): the closed form `ModelArch.num_parameters()`, the sum of
+the global tensor shapes the bridge expects, and a megatron `GPTModel` built on the meta device
+(no weights allocated, so Llama-3.1-8B or Mistral-NeMo-12B count in seconds on a laptop).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nemo_minitron.models import bridge
+from nemo_minitron.models.config import ModelArch
+from nemo_minitron.prune.spec import PruneSpec
+
+_EMBEDDING_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+PUBLISHED_TEACHERS: dict[str, ModelArch] = {
+    "llama-3.1-8b": ModelArch(
+        num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8,
+        kv_channels=128, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling_factor=8.0, norm_eps=1e-5, tie_embeddings=False, family="llama",
+    ),
+    "mistral-nemo-12b": ModelArch(
+        num_layers=40, hidden_size=5120, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8,
+        kv_channels=128, vocab_size=131072, max_position_embeddings=1024000, rope_theta=1000000.0,
+        norm_eps=1e-5, tie_embeddings=False, family="mistral",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A published pruned model: its teacher, the prune that makes it, its reported size."""
+
+    teacher: str
+    spec: PruneSpec
+    published_params: str  # as the model card / paper reports it
+
+
+PUBLISHED_RECIPES: dict[str, Recipe] = {
+    "llama-3.1-minitron-4b-width": Recipe("llama-3.1-8b", PruneSpec(hidden_size=3072, ffn_hidden_size=9216), "4.51B"),
+    "llama-3.1-minitron-4b-depth": Recipe("llama-3.1-8b", PruneSpec(num_layers=16), "4.54B"),
+    "mn-minitron-8b": Recipe("mistral-nemo-12b", PruneSpec(hidden_size=4096, ffn_hidden_size=11520), "8.41B"),
+}
+
+
+def count_from_shapes(arch: ModelArch) -> dict[str, int]:
+    """Total and non-embedding parameters from the global tensor shapes of `arch`."""
+    shapes = bridge.expected_global_shapes(arch)
+    total = sum(math.prod(s) for s in shapes.values())
+    embedding = sum(math.prod(s) for name, s in shapes.items() if name in _EMBEDDING_NAMES)
+    return {"total": total, "non_embedding": total - embedding}
+
+
+def count_on_meta(arch: ModelArch) -> int:
+    """Parameters of the megatron GPTModel for `arch`, built on the meta device.
+
+    Needs an initialised TP=1 x PP=1 layout (`parallel.initialize()`), where this rank's model is
+    the whole model, in a CPU-only process; tied embeddings are one shared parameter and count once.
+    """
+    from megatron.core import parallel_state as ps
+
+    from nemo_minitron.models.gpt import build_gpt_model
+
+    if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
+        raise ValueError("count_on_meta needs a tp=1 pp=1 layout (it counts the whole model on one rank)")
+    if torch.cuda.is_available():
+        # build_gpt_model initialises on the GPU there, which the meta device context does not cover.
+        raise RuntimeError("count_on_meta runs in CPU-only processes; use ModelArch.num_parameters() on a GPU")
+    with torch.device("meta"):
+        model = build_gpt_model(arch, use_te=False)
+    return sum(p.numel() for p in model.parameters())
+
+
+def plan(teacher: ModelArch, spec: PruneSpec, tp: int = 1, pp: int = 1) -> dict:
+    """Architectures and parameter counts before and after `spec`, without touching weights."""
+    target = spec.target_arch(teacher, tp, pp)
+    before, after = teacher.num_parameters(), target.num_parameters()
+    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels")
+    return {
+        "teacher": {k: getattr(teacher, k) for k in keys} | {"parameters": before},
+        "student": {k: getattr(target, k) for k in keys} | {"parameters": after},
+        "kept_fraction": {k: after[k] / before[k] for k in before},
+    }
+
+
+def published_student(name: str) -> tuple[ModelArch, ModelArch]:
+    """(teacher, student) architectures of a published recipe."""
+    if name not in PUBLISHED_RECIPES:
+        raise ValueError(f"unknown recipe {name!r}: one of {sorted(PUBLISHED_RECIPES)}")
+    recipe = PUBLISHED_RECIPES[name]
+    teacher = PUBLISHED_TEACHERS[recipe.teacher]
+    return teacher, recipe.spec.target_arch(teacher)

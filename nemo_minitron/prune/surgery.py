@@ -1,0 +1,102 @@
+"""Width and depth surgery on Megatron weights.
+
+`prune_global` is a pure function over the global layout (megatron names, TP=1 shapes, see
+`models/bridge.py`) and index sets:
+- one shared hidden-channel order for the embedding, every norm, every linear's hidden side, the
+  final norm and the output layer;
+- QKV is group-major [per group: q heads, k, v]: kept groups are selected, then the kept q heads
+  of each group, always with the group's k and v; `linear_proj` keeps the matching head columns;
+- `linear_fc1` is [gate; up]: a neuron keeps its gate row and its up row, plus its `linear_fc2`
+  column;
+- dropped layers disappear and the survivors are renumbered 0..L'-1.
+`prune_model` applies it to a live model at any TP x PP: gather the global state dict, prune it,
+build the pruned model for the current layout (megatron splits the new layer count evenly over
+the pipeline stages) and load the shards. Memory: every rank briefly holds the teacher's global
+state dict and the pruned one (fine for the models this runs on in one node; a per-stage variant
+would be needed for models that do not fit in host memory twice).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_minitron.models import bridge
+from nemo_minitron.models.config import ModelArch
+from nemo_minitron.prune.indices import PruneIndices
+
+
+def merge_pruned_heads(proj: torch.Tensor, kept: torch.Tensor, per_group: int) -> torch.Tensor:
+    """The head "residual" option: fold each pruned head's output projection into a kept head of
+    the same query group ([h, heads, d] -> same shape, new tensor).
+
+    Heads of a group share keys and values, so a pruned head's contribution is approximated by
+    routing it through a kept head's attention pattern. Pruned heads are paired with the kept
+    heads of their group round-robin, in index order; whole pruned groups have no partner.
+    """
+    proj = proj.clone()
+    for row in kept.tolist():
+        group = row[0] // per_group
+        pruned = [j for j in range(group * per_group, (group + 1) * per_group) if j not in row]
+        for n, j in enumerate(pruned):
+            proj[:, row[n % len(row)]] += proj[:, j]
+    return proj
+
+
+@torch.no_grad()
+def prune_global(
+    sd: dict[str, torch.Tensor],
+    teacher: ModelArch,
+    target: ModelArch,
+    indices: PruneIndices,
+    head_residual: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The global state dict of the pruned model."""
+    hid = indices.hidden
+    G, d, h = teacher.num_query_groups, teacher.kv_channels, teacher.hidden_size
+    per_group = teacher.num_attention_heads // G
+    out = {
+        "embedding.word_embeddings.weight": sd["embedding.word_embeddings.weight"][:, hid],
+        "decoder.final_layernorm.weight": sd["decoder.final_layernorm.weight"][hid],
+    }
+    if not teacher.tie_embeddings:
+        out["output_layer.weight"] = sd["output_layer.weight"][:, hid]
+    for new, old in enumerate(indices.layers):
+        src, dst = f"decoder.layers.{old}.", f"decoder.layers.{new}."
+        for norm in ("input_layernorm.weight", "pre_mlp_layernorm.weight"):
+            out[dst + norm] = sd[src + norm][hid]
+
+        heads = indices.heads[old]
+        groups = heads[:, 0] // per_group
+        # rows of each kept group: its kept q heads, then k (index per_group) and v (per_group + 1)
+        kv = torch.tensor([per_group, per_group + 1]).expand(len(groups), 2)
+        rows = torch.cat([heads % per_group, kv], dim=1)
+        qkv = sd[src + "self_attention.linear_qkv.weight"].view(G, per_group + 2, d, h)
+        out[dst + "self_attention.linear_qkv.weight"] = qkv[groups[:, None], rows][..., hid].reshape(-1, len(hid))
+        proj = sd[src + "self_attention.linear_proj.weight"].view(h, teacher.num_attention_heads, d)
+        if head_residual:
+            proj = merge_pruned_heads(proj, heads, per_group)
+        out[dst + "self_attention.linear_proj.weight"] = proj[hid][:, heads.flatten()].reshape(len(hid), -1)
+
+        neurons = indices.neurons[old]
+        gate, up = sd[src + "mlp.linear_fc1.weight"].chunk(2)
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([gate[neurons], up[neurons]])[:, hid]
+        out[dst + "mlp.linear_fc2.weight"] = sd[src + "mlp.linear_fc2.weight"][hid][:, neurons]
+
+    expected = bridge.expected_global_shapes(target)
+    if expected.keys() != out.keys():
+        differ = sorted(expected.keys() ^ out.keys())[:4]
+        raise ValueError(f"pruned state dict names differ from the target's: {differ}")
+    for name, shape in expected.items():
+        if tuple(out[name].shape) != shape:
+            raise ValueError(f"pruned {name} has shape {tuple(out[name].shape)}, the target architecture needs {shape}")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def prune_model(model, target: ModelArch, indices: PruneIndices, head_residual: bool = False):
+    """The pruned model for the current TP x PP layout (collective: every rank calls it)."""
+    from nemo_minitron.models.gpt import build_gpt_model
+
+    pruned_sd = prune_global(bridge.gather_global(model), model.arch, target, indices, head_residual)
+    pruned = build_gpt_model(target, params_dtype=next(model.parameters()).dtype)
+    bridge.load_global(pruned, pruned_sd)
+    return pruned

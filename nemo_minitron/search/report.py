@@ -1,0 +1,65 @@
+"""The search report: results table (JSON + Markdown) and a loss-vs-parameters plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| rank | candidate | layers | hidden | ffn | heads | groups | params | non-emb params | budget cost "
+             "| zero-shot loss | retrained loss |", "|" + " --- |" * 12]
+    for r in rows:
+        a = r["arch"]
+        lines.append(
+            f"| {r['rank']} | {r['name']} | {a['num_layers']} | {a['hidden_size']} | {a['ffn_hidden_size']} "
+            f"| {a['num_attention_heads']} | {a['num_query_groups']} | {r['parameters']['total']:,} "
+            f"| {r['parameters']['non_embedding']:,} | {r['cost']:.4g} | {_fmt(r.get('zero_shot_loss'))} "
+            f"| {_fmt(r.get('retrained_loss'))} |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, winner: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, marker in (("zero_shot_loss", "zero-shot (pruned)", "o"), ("retrained_loss", "retrained", "s")):
+        pts = [(r["parameters"]["total"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.scatter(*zip(*pts), label=label, marker=marker)
+    best = next(r for r in rows if r["name"] == winner)
+    y = best.get("retrained_loss", best.get("zero_shot_loss"))
+    if y is not None:
+        ax.annotate(winner, (best["parameters"]["total"], y), fontsize=7)
+    ax.set_xlabel("parameters (total)")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(output: Path, report: dict[str, Any]) -> dict[str, str]:
+    """report.json, report.md, loss_vs_params.png under `output`."""
+    rows, winner = report["candidates"], report["winner"]["name"]
+    (output / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    _plot(rows, output / "loss_vs_params.png", winner)
+    b = report["budget"]
+    md = ["# minitron search report", "",
+          f"Teacher: `{report['teacher']}` ({report['teacher_parameters']['total']:,} parameters). "
+          f"Budget: {b['kind']} = {b['value']:.4g} +- {b['tolerance']:.0%}. "
+          f"{report['enumerated']} architectures on the grid fit it; {len(rows)} scored zero-shot, "
+          f"{sum(r.get('retrained_loss') is not None for r in rows)} retrained "
+          f"({report['retrain_steps']} distillation steps each).", "",
+          f"Winner: **{winner}** -> `{report['winner']['checkpoint']}`", "",
+          markdown_table(rows), "", "![loss vs parameters](loss_vs_params.png)", ""]
+    (output / "report.md").write_text("\n".join(md))
+    return {k: str(output / k) for k in ("report.json", "report.md", "loss_vs_params.png")}

@@ -1,0 +1,208 @@
+"""One training loop for every stage that trains (teacher correction, distillation, alignment).
+
+`Trainer(module, loss, data, train_cfg, optim_cfg, output_dir).fit()` trains the parameters of
+`module` that require grad at any TP x PP x DP: megatron's DDP, Adam and LR schedule, gradient
+accumulation over micro-batches through the forward-backward pipeline schedule
+(`models.runner.forward_microbatches`), global-norm clipping, periodic validation, step
+checkpoints and exact resume (`train.state`), and a clean stop on SIGTERM / SIGUSR1.
+
+Re-running the same command resumes from the newest complete step checkpoint under output_dir;
+when the run completes, the trained model is written to `output_dir/final`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_minitron import checkpoint, parallel
+from nemo_minitron.models.runner import forward_microbatches
+from nemo_minitron.train import state
+from nemo_minitron.train.config import OptimConfig, TrainConfig
+from nemo_minitron.train.data import TrainingData, micro_batches
+from nemo_minitron.train.loss import TrainingLoss
+from nemo_minitron.train.monitor import Monitor, reduce_metrics
+from nemo_minitron.train.optim import build_optimizer, build_scheduler, wrap_data_parallel
+from nemo_minitron.train.signals import PreemptionHandler
+
+log = logging.getLogger("nemo_minitron")
+
+FINAL_DIR = "final"
+# Settings that do not change the trajectory of the weights, so a resumed run may change them.
+_CADENCE_KEYS = ("log_interval", "eval_interval", "eval_batches", "save_interval", "keep_checkpoints", "progress_bar")
+
+
+class Trainer:
+    """Trains `module` with `loss` on `data`; see the module docstring.
+
+    `export_model` is the `GPTModel` written to checkpoints (default: `module` itself; a
+    `DistillationModel` exports its student). Trained parameters outside it (e.g. distillation
+    projections) are kept in the training state only. `signature` adds caller settings (model
+    paths, loss) that must match for a run to resume.
+    """
+
+    def __init__(self, module, loss: TrainingLoss, data: TrainingData, train: TrainConfig, optim: OptimConfig,
+                 output_dir: str | Path, *, export_model=None, tokenizer=None, metadata: dict | None = None,
+                 signature: dict | None = None):
+        self.layout = parallel.layout()
+        train.validate(self.layout.dp)
+        optim.validate(train.steps)
+        self.module, self.loss, self.data = module, loss, data
+        self.train_cfg, self.optim_cfg = train, optim
+        self.output_dir = Path(output_dir).absolute()
+        self.export_model = export_model if export_model is not None else module
+        self.tokenizer = tokenizer
+        self.metadata = metadata or {}
+        trained = [p for p in module.parameters() if p.requires_grad]
+        if not trained:
+            raise ValueError("the module has no trainable parameters")
+        self.ddp = wrap_data_parallel(module)
+        self.optimizer = build_optimizer(self.ddp, optim, trained[0].dtype)
+        self.scheduler = build_scheduler(self.optimizer, optim, train.steps)
+        exported = {id(p) for p in self.export_model.parameters()}
+        self.extra = {n: p for n, p in module.named_parameters() if p.requires_grad and id(p) not in exported}
+        self.signature = {
+            **(signature or {}),
+            **{f"train.{k}": v for k, v in dataclasses.asdict(train).items() if k not in _CADENCE_KEYS},
+            **{f"optim.{k}": v for k, v in dataclasses.asdict(optim).items()},
+        }
+        self.step = 0
+
+    # --- one step -------------------------------------------------------------------------------
+
+    def _batches(self, dataset, first_sample: int) -> list[dict[str, torch.Tensor]]:
+        cfg = self.train_cfg
+        return micro_batches(dataset, first_sample, cfg.global_batch_size, cfg.micro_batch_size,
+                             self.layout.dp, self.layout.dp_rank)
+
+    def _run(self, batches, forward_only: bool) -> list[dict[str, torch.Tensor]]:
+        records: list[dict[str, torch.Tensor]] = []
+
+        def per_microbatch(output, batch):
+            loss, metrics = self.loss(output, batch)
+            # Copies: the schedule divides the returned loss in place by the number of micro-batches.
+            records.append({k: v.detach().clone() for k, v in {"loss": loss, **metrics}.items()})
+            return loss
+
+        forward_microbatches(self.ddp, batches, per_microbatch, forward_only=forward_only)
+        return records
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on the next global batch; returns the reduced metrics."""
+        start = time.perf_counter()
+        batches = self._batches(self.data.train, self.step * self.train_cfg.global_batch_size)
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        records = self._run(batches, forward_only=False)
+        self.scheduler.step(1)
+        _, grad_norm, _ = self.optimizer.step()
+        self.step += 1
+        seconds = time.perf_counter() - start
+        metrics = {f"train/{k}": v for k, v in reduce_metrics(records).items()}
+        metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        metrics["train/step_seconds"] = seconds
+        metrics["train/tokens_per_s"] = self.train_cfg.tokens_per_step / seconds
+        return metrics
+
+    def validate(self) -> dict[str, float]:
+        """Mean loss metrics over `eval_batches` global batches of the held-out data."""
+        records: list[dict[str, torch.Tensor]] = []
+        for b in range(self.train_cfg.eval_batches):
+            records += self._run(self._batches(self.data.valid, b * self.train_cfg.global_batch_size), forward_only=True)
+        return {f"val/{k}": v for k, v in reduce_metrics(records).items()}
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "consumed_samples": self.step * self.train_cfg.global_batch_size,
+            "tokens": self.step * self.train_cfg.tokens_per_step,
+            "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp},
+            "signature": self.signature,
+        }
+
+    def save(self) -> Path:
+        path = state.save(
+            state.step_dir(self.output_dir, self.step), model=self.export_model, tokenizer=self.tokenizer,
+            metadata={**self.metadata, "step": self.step}, optimizer=self.optimizer, scheduler=self.scheduler,
+            extra=self.extra, info=self._info(),
+        )
+        state.prune(self.output_dir, self.train_cfg.keep_checkpoints)
+        log.info("saved %s", path)
+        return path
+
+    def resume(self) -> bool:
+        """Continue from the newest complete step checkpoint, if there is one."""
+        found = state.complete_checkpoints(self.output_dir)
+        if not found:
+            return False
+        info = state.check_resumable(found[-1], self.layout, self.signature)
+        state.load(found[-1], model=self.export_model, optimizer=self.optimizer, scheduler=self.scheduler,
+                   extra=self.extra)
+        self.step = info["step"]
+        log.info("resumed from %s (step %d)", found[-1], self.step)
+        return True
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `train.steps` (resuming if possible), validate, write `final/`; returns a summary.
+
+        On SIGTERM / SIGUSR1 it saves a step checkpoint after the current step and returns early
+        with `interrupted: true`.
+        """
+        cfg = self.train_cfg
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        first_step = self.step
+        monitor = Monitor(self.output_dir, cfg.steps, first_step, cfg.progress_bar)
+        train_metrics: dict[str, float] = {}
+        val_metrics: dict[str, float] = {}
+        seconds = 0.0
+        interrupted = False
+        try:
+            with PreemptionHandler() as preemption:
+                while self.step < cfg.steps:
+                    train_metrics = self.train_step()
+                    seconds += train_metrics["train/step_seconds"]
+                    last = self.step == cfg.steps
+                    metrics = dict(train_metrics)
+                    validating = self.data.valid is not None and cfg.eval_batches > 0 and (
+                        last or (cfg.eval_interval > 0 and self.step % cfg.eval_interval == 0)
+                    )
+                    if validating:
+                        val_metrics = self.validate()
+                        metrics.update(val_metrics)
+                    monitor.step(self.step, metrics, console=last or validating or self.step % cfg.log_interval == 0)
+                    stop = preemption.requested() and not last
+                    if stop or (cfg.save_interval and self.step % cfg.save_interval == 0 and not last):
+                        self.save()
+                    if stop:
+                        interrupted = True
+                        log.info("pre-emption signal: checkpoint saved at step %d, stopping", self.step)
+                        break
+        finally:
+            monitor.close()
+        trained_steps = self.step - first_step
+        summary = {
+            **self._info(),
+            "interrupted": interrupted,
+            "train": train_metrics,
+            "valid": val_metrics,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": trained_steps * cfg.tokens_per_step / seconds if seconds else None,
+        }
+        summary.pop("signature")
+        if not interrupted:
+            summary["checkpoint"] = str(self.output_dir / FINAL_DIR)
+            checkpoint.save_checkpoint(self.export_model, self.output_dir / FINAL_DIR, self.tokenizer,
+                                       metadata={**self.metadata, "result": summary})
+        return summary

@@ -1,0 +1,193 @@
+"""Alignment stages: data readers (NeMo-Aligner formats, errors with line numbers), exact response
+masks, the built-in data set, and SFT / DPO on the embedded student end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nemo_minitron.align import datasets as ds
+from nemo_minitron.align.builtin_data import build_alignment_data
+from nemo_minitron.align.formatting import Turn, encode_conversation, encode_prompt_response
+from tiny import tiny_tokenizer
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_sft_formats_and_exact_response_mask(tmp_path):
+    tok = tiny_tokenizer()
+    path = write_jsonl(tmp_path / "sft.jsonl", [
+        {"system": "Be brief.", "mask": "User", "conversations": [
+            {"from": "User", "value": "a fox"}, {"from": "Assistant", "value": "jumps over"},
+            {"from": "User", "value": "then?"}, {"from": "Assistant", "value": "the lazy dog"}]},
+        {"input": "It is a truth", "output": "universally acknowledged"},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a wife"}]},
+    ])
+    conversations = ds.read_sft(path)
+    assert [t.role for t in conversations[0]] == ["system", "user", "assistant", "user", "assistant"]
+    encoded = encode_conversation(tok, conversations[0])
+    trained = tok.decode([t for t, m in zip(encoded.tokens, encoded.train_mask) if m])
+    # exactly the assistant turns and their end-of-turn marker, nothing of the user or system text
+    assert trained == "jumps over<|endoftext|>\nthe lazy dog<|endoftext|>\n"
+    sample = ds.SFTDataset(conversations, tok, seq_length=64)[1]
+    assert sample["tokens"].shape == sample["labels"].shape == sample["loss_mask"].shape == (64,)
+    assert tok.decode(sample["labels"][sample["loss_mask"] > 0]) == "universally acknowledged<|endoftext|>\n"
+
+
+def packed_vs_unpacked(conversations):
+    from nemo_minitron.align.evaluate import response_logprobs
+    from nemo_minitron.models.gpt import build_gpt_model
+    from tiny import tiny_arch
+
+    model = build_gpt_model(tiny_arch())
+    tok = tiny_tokenizer()
+    plain = ds.SFTDataset(conversations, tok, seq_length=256)
+    packed = ds.SFTDataset(conversations, tok, seq_length=256, pack=True)
+    (a, n_a), (b, n_b) = response_logprobs(model, plain, 2), response_logprobs(model, packed, 2)
+    return len(plain), len(packed), a.sum(), b.sum(), n_a.sum(), n_b.sum()
+
+
+def test_packed_sequences_score_like_separate_ones():
+    from distributed import run_distributed
+
+    conversations = [[Turn("user", f"question {i} about a fox"), Turn("assistant", "the lazy dog " * (1 + i % 3))]
+                     for i in range(9)]
+    [(n_plain, n_packed, plain, packed, tokens_plain, tokens_packed)] = run_distributed(
+        packed_vs_unpacked, world_size=1, args=(conversations,))
+    assert n_packed < n_plain == 9
+    assert tokens_plain == tokens_packed
+    assert abs(plain - packed) < 1e-3 * abs(plain)
+
+
+def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        {"input": "ok", "output": "fine"},
+        "{not json",
+        {"conversations": [{"from": "User", "value": "only a question"}]},
+        {"conversations": [{"from": "Robot", "value": "x"}]},
+        {"input": 3, "output": "x"},
+    ])
+    with pytest.raises(ds.AlignDataError) as err:
+        ds.read_sft(path)
+    message = str(err.value)
+    assert message.startswith("4 malformed line(s)")
+    for line, what in [(2, "Expecting property name"), (3, "no assistant turn"), (4, "unknown speaker 'Robot'"),
+                       (5, "field 'input' must be a string")]:
+        assert re.search(rf"bad.jsonl:{line}: [^;]*{what}", message), (line, message)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "p", "chosen_response": "a", "rejected_response": "b"},
+                                                   {"prompt": "p", "chosen_response": "a"}])
+    with pytest.raises(ds.AlignDataError, match=r"prefs.jsonl:2: missing field 'rejected_response'"):
+        ds.read_preferences(prefs)
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "chosen_response": "a", "rejected_response": "b"}])
+    with pytest.raises(ds.AlignDataError, match="RPO needs chosen_reward"):
+        ds.read_preferences(good, need_rewards=True)
+    steer = write_jsonl(tmp_path / "steer.jsonl", [{"conversations": [
+        {"from": "User", "value": "q"}, {"from": "Assistant", "value": "a"}]}])
+    with pytest.raises(ds.AlignDataError, match="steer.jsonl:1: SteerLM needs a 'label'"):
+        ds.read_steerlm(steer)
+
+
+def test_preference_pairs_are_consecutive_and_raw_prompts_verbatim():
+    tok = tiny_tokenizer()
+    pairs = [ds.PreferencePair("The quick brown fox", " jumps", " sleeps", 4.0, 1.0),
+             ds.PreferencePair([Turn("user", "a single man")], "in want", "of tea")]
+    data = ds.PreferenceDataset(pairs, tok, seq_length=48)
+    assert len(data) == 4
+    chosen, rejected = data[0], data[1]
+    assert tok.decode(chosen["labels"][chosen["loss_mask"] > 0]) == " jumps<|endoftext|>"
+    assert tok.decode(rejected["labels"][rejected["loss_mask"] > 0]) == " sleeps<|endoftext|>"
+    assert (chosen["reward"].item(), rejected["reward"].item()) == (4.0, 1.0)
+    assert data[3]["reward"].isnan()
+    raw = encode_prompt_response(tok, "The quick brown fox", " jumps")
+    assert tok.decode(raw.tokens) == "The quick brown fox jumps<|endoftext|>"
+
+
+def test_builtin_data_set_uses_nemo_aligner_formats(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, n in (("train", 6), ("heldout", 3)):
+        words = [f"{split}{i}" for i in range(400)]
+        write_jsonl(corpus / f"{split}.jsonl", [{"text": " ".join(words[j * 7:] + words[: j * 7])} for j in range(n)])
+    paths = build_alignment_data(corpus, tmp_path / "out", train_examples=5, heldout_examples=3)
+    assert len(ds.read_sft(paths["sft_train"])) == 5
+    assert len(ds.read_steerlm(paths["steerlm_train"])) == 10  # true + corrupted per example
+    pairs = ds.read_preferences(paths["dpo_heldout"], need_rewards=True)
+    assert len(pairs) == 3 and all(p.chosen != p.rejected and p.chosen_reward > p.rejected_reward for p in pairs)
+    # held-out examples come only from held-out documents, training examples only from training ones
+    passage = lambda p: p.prompt[0].content.split("\n\n", 1)[1].split()  # noqa: E731
+    assert all(w.startswith("heldout") for p in pairs for w in passage(p) + p.chosen.split())
+    assert all(w.startswith("train") for p in ds.read_preferences(paths["dpo_train"]) for w in passage(p))
+
+
+def test_nemo_aligner_backend_translates_the_config(tmp_path):
+    from test_cli import last_json, minitron
+
+    result = last_json(minitron("align", "stage=rpo", "backend=nemo_aligner", "nemo_aligner.dry_run=true",
+                                f"checkpoint={tmp_path}/ckpt", f"output_dir={tmp_path}/out", "data=/d/train.jsonl",
+                                "tp=2", "loss.beta=0.2", "train.steps=7"))
+    export, convert, train = result["commands"]
+    assert "export-hf" in export and "convert_llama_hf_to_nemo.py" in convert
+    assert "train_gpt_dpo.py" in train and "model.dpo.preference_loss=rpo_bwd_kl" in train
+    assert "model.dpo.ref_policy_kl_penalty=0.2" in train and "trainer.dpo.max_steps=7" in train
+    assert "model.tensor_model_parallel_size=2" in train
+
+
+# --- end to end on the embedded student -------------------------------------------------------
+
+def depth_pruned_student(teacher: Path, out: Path, keep: list[int]) -> None:
+    """A cheap student for alignment tests: a subset of the teacher's layers."""
+    from nemo_minitron import checkpoint
+    from nemo_minitron.models import bridge
+    from nemo_minitron.models.gpt import build_gpt_model
+
+    model = checkpoint.load_checkpoint(teacher)
+    layers = {}
+    for name, tensor in bridge.gather_global(model).items():
+        match = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
+        if not match:
+            layers[name] = tensor
+        elif int(match.group(1)) in keep:
+            layers[f"decoder.layers.{keep.index(int(match.group(1)))}.{match.group(2)}"] = tensor
+    student = build_gpt_model(model.arch.replace(num_layers=len(keep)))
+    bridge.load_global(student, layers)
+    checkpoint.save_checkpoint(student, out, checkpoint.load_tokenizer(teacher), metadata={"stage": "test"})
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    from distributed import run_distributed
+    from test_cli import minitron
+
+    root = tmp_path_factory.mktemp("embedded")
+    minitron("import", "model=smollm2-135m", f"output_dir={root / 'teacher'}")
+    run_distributed(depth_pruned_student, world_size=1, args=(root / "teacher", root / "student", [0, 1, 2, 3, 28, 29]))
+    return root
+
+
+ALIGN_ARGS = ("train.seq_length=176", "train.global_batch_size=8", "train.micro_batch_size=8", "train.log_interval=5",
+              "builtin.train_examples=128", "builtin.heldout_examples=32")
+
+
+def test_sft_lowers_heldout_response_loss(embedded):
+    from test_cli import last_json, minitron
+
+    result = last_json(minitron("align", "stage=sft", f"checkpoint={embedded / 'student'}",
+                                f"output_dir={embedded / 'sft'}", "train.steps=6", "optim.lr=1e-4", "optim.warmup_steps=1",
+                                f"builtin.cache_dir={embedded / 'cache'}", *ALIGN_ARGS))
+    assert result["heldout_response_loss_after"] < result["heldout_response_loss_before"] - 1.0
+
+
+def test_dpo_raises_heldout_preference_accuracy(embedded):
+    from test_cli import last_json, minitron
+
+    result = last_json(minitron("align", "stage=dpo", f"checkpoint={embedded / 'student'}",
+                                f"output_dir={embedded / 'dpo'}", "train.steps=8", "optim.lr=2e-5", "optim.warmup_steps=1",
+                                "loss.beta=0.1", f"builtin.cache_dir={embedded / 'cache'}", *ALIGN_ARGS))
+    assert result["heldout_preference_accuracy_after"] > result["heldout_preference_accuracy_before"]
+    assert "train/reward_margin" in result["train"] and "val/preference_accuracy" in result["valid"]

@@ -1,0 +1,239 @@
+"""Distillation with teacher and student on the same ranks: the same loss curve and weights at TP=2,
+PP=2 and TP=2 x PP=2 as at TP=1 (with intermediate losses carried between pipeline stages), exact
+resume after SIGTERM (in-process at PP=2, and a killed `minitron distill` re-run), and clear errors
+for a tokenizer mismatch or misplaced layer pairs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from nemo_minitron.distill.model import LayerPair, _check_pair, check_same_tokenizer
+from nemo_minitron.models import bridge
+from tiny import SENTENCES, hf_model, tiny_arch, tiny_tokenizer, write_hf_dir
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+STEPS = 4
+# Student layer 0 <-> teacher layer 1 live on pipeline stage 0 at PP=2, 1 <-> 3 on stage 1: the
+# first pair's loss travels to the last stage inside the pipeline tensor.
+PAIRS = (LayerPair(0, 1), LayerPair(1, 3))
+
+
+def _models():
+    teacher_arch = tiny_arch(tie=True)
+    teacher = bridge.hf_to_global(teacher_arch, hf_model(teacher_arch, seed=0).state_dict())
+    # Sharper teacher distributions, so the KL is far from zero.
+    teacher["decoder.final_layernorm.weight"] = teacher["decoder.final_layernorm.weight"] * 5
+    student_arch = tiny_arch(tie=True, num_layers=2, hidden_size=48, ffn_hidden_size=64)
+    student = bridge.hf_to_global(student_arch, hf_model(student_arch, seed=1).state_dict())
+    return teacher_arch, teacher, student_arch, student
+
+
+def _stream() -> torch.Tensor:
+    ids = tiny_tokenizer()(" ".join(SENTENCES * 8), add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids)
+
+
+def _trainer(out: str, loss_wrapper=None):
+    from nemo_minitron.distill import DistillationLoss, DistillationModel, LogitLoss
+    from nemo_minitron.models.gpt import build_gpt_model
+    from nemo_minitron.train import OptimConfig, TokenWindows, TrainConfig, Trainer, TrainingData
+
+    teacher_arch, teacher_sd, student_arch, student_sd = _models()
+    teacher, student = build_gpt_model(teacher_arch), build_gpt_model(student_arch)
+    bridge.load_global(teacher, teacher_sd)
+    bridge.load_global(student, student_sd)
+    loss = DistillationLoss(LogitLoss("fwd_kl", lm_weight=0.2))
+    data = TrainingData(TokenWindows(_stream(), 16, seed=0), TokenWindows(_stream()[7:], 16, seed=1))
+    return Trainer(
+        DistillationModel(student, teacher, PAIRS), loss_wrapper(loss) if loss_wrapper else loss, data,
+        TrainConfig(steps=STEPS, global_batch_size=4, seq_length=16, micro_batch_size=1, eval_batches=1),
+        OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1), out, export_model=student,
+    )
+
+
+def distill_run(out: str):
+    trainer = _trainer(out)
+    metrics = [trainer.train_step() for _ in range(STEPS)]
+    return metrics, trainer.validate(), _numpy(bridge.gather_global(trainer.export_model))
+
+
+def _numpy(tensors: dict[str, torch.Tensor]) -> dict:
+    """Results leave the worker as numpy: torch would pass tensors by file descriptor, which races
+    with the worker's exit."""
+    return {k: v.detach().numpy() for k, v in tensors.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    [result] = run_distributed(distill_run, world_size=1, args=(str(tmp_path_factory.mktemp("tp1")),))
+    return result
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_loss_curve_and_weights_match_tp1(reference, tmp_path, tp, pp):
+    ref_metrics, ref_valid, ref_weights = reference
+    # training moves: the student's hidden states turn towards the teacher's
+    assert ref_metrics[-1]["train/intermediate_loss"] < 0.85 * ref_metrics[0]["train/intermediate_loss"]
+    assert ref_metrics[0]["train/kd_loss"] > 0.1
+    for metrics, valid, weights in run_distributed(distill_run, world_size=tp * pp, tp=tp, pp=pp, args=(str(tmp_path),)):
+        for ours, ref in zip(metrics, ref_metrics):
+            for key in ("train/loss", "train/kd_loss", "train/lm_loss", "train/intermediate_loss", "train/grad_norm"):
+                assert ours[key] == pytest.approx(ref[key], rel=1e-4), key
+        assert valid == pytest.approx(ref_valid, rel=1e-4)
+        for name, array in ref_weights.items():
+            torch.testing.assert_close(torch.from_numpy(weights[name]), torch.from_numpy(array), rtol=0, atol=1e-4,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+
+
+class _SigtermDuringStep:
+    """Wraps the loss: the last pipeline stage sends itself SIGTERM during step 2 (as Slurm would,
+    to one rank); the loop must agree across ranks, checkpoint after that step and stop."""
+
+    def __init__(self, loss):
+        self.loss, self.trainer, self.sent = loss, None, False
+
+    def __call__(self, output, batch):
+        if self.trainer.step == 1 and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.loss(output, batch)
+
+
+def interrupted_then_resumed(out: str, reference_out: str):
+    wrapper = None
+
+    def wrap(loss):
+        nonlocal wrapper
+        wrapper = _SigtermDuringStep(loss)
+        return wrapper
+
+    first = _trainer(out, wrap)
+    wrapper.trainer = first
+    stopped = first.fit()
+    resumed = _trainer(out)  # a fresh process state would be the same: new model from the initial weights
+    finished = resumed.fit()
+    uninterrupted = _trainer(reference_out)
+    expected = uninterrupted.fit()
+    return (stopped, finished, expected,
+            _numpy(bridge.gather_global(resumed.export_model)), _numpy(bridge.gather_global(uninterrupted.export_model)),
+            _numpy(resumed.extra), _numpy(uninterrupted.extra))
+
+
+def test_sigterm_checkpoint_and_resume_are_bitwise_exact_at_pp2(tmp_path):
+    results = run_distributed(interrupted_then_resumed, world_size=2, pp=2,
+                              args=(str(tmp_path / "run"), str(tmp_path / "reference")))
+    for stopped, finished, expected, weights, ref_weights, extra, ref_extra in results:
+        assert stopped["interrupted"] and stopped["step"] == 2 and "checkpoint" not in stopped
+        assert not finished["interrupted"] and finished["step"] == STEPS
+        assert finished["train"]["train/loss"] == expected["train"]["train/loss"]
+        assert finished["valid"] == expected["valid"]
+        assert weights.keys() == ref_weights.keys()
+        assert all((weights[k] == ref_weights[k]).all() for k in weights)
+        assert extra.keys() == ref_extra.keys() and all((extra[k] == ref_extra[k]).all() for k in extra)
+    assert {len(extra) for *_, extra, _ in results} == {1}  # one projection per stage (48 -> 64 wide)
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "model" / "weights").is_dir()
+
+
+# --- the command: kill, re-run, compare ------------------------------------------------------------
+
+def _final_weights(*paths: str):
+    from nemo_minitron import checkpoint
+
+    return [_numpy(bridge.gather_global(checkpoint.load_checkpoint(path))) for path in paths]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Path:
+    """A tiny teacher checkpoint and a student made from it by depth pruning (layers 0 and 3)."""
+    root = tmp_path_factory.mktemp("distill_cli")
+    write_hf_dir(root / "hf", tiny_arch(tie=True))
+    subprocess.run([sys.executable, "-m", "nemo_minitron.cli.main", "import", f"hf_path={root / 'hf'}",
+                    f"output_dir={root / 'teacher'}"], check=True, capture_output=True, env=ENV)
+    run_distributed(depth_prune, world_size=1, args=(str(root / "teacher"), str(root / "student"), [0, 3]))
+    docs = [" ".join(SENTENCES[i % 4:] + SENTENCES[: i % 4]) * 3 for i in range(40)]
+    for name, part in (("train", docs[:32]), ("valid", docs[32:])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    return root
+
+
+def keep_layers(global_sd: dict[str, torch.Tensor], keep: list[int]) -> dict[str, torch.Tensor]:
+    """A depth prune in the global layout: the layers in `keep`, renumbered 0..len(keep)-1."""
+    kept = {}
+    for name, tensor in global_sd.items():
+        parts = name.split(".")
+        if name.startswith("decoder.layers."):
+            if int(parts[2]) in keep:
+                kept[".".join(["decoder", "layers", str(keep.index(int(parts[2]))), *parts[3:]])] = tensor
+        else:
+            kept[name] = tensor
+    return kept
+
+
+def depth_prune(teacher: str, student: str, keep: list[int]) -> None:
+    """A student checkpoint with the teacher's layers `keep` (needs no pruning package)."""
+    from nemo_minitron import checkpoint
+    from nemo_minitron.models.gpt import build_gpt_model
+
+    source = checkpoint.load_checkpoint(teacher)
+    model = build_gpt_model(source.arch.replace(num_layers=len(keep)))
+    bridge.load_global(model, keep_layers(bridge.gather_global(source), keep))
+    checkpoint.save_checkpoint(model, student, checkpoint.load_tokenizer(teacher), {"stage": "depth-prune"})
+
+
+def _distill_command(root: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "nemo_minitron.cli.main", "distill", f"teacher={root / 'teacher'}",
+            f"student={root / 'student'}", f"output_dir={out}", f"data.train={root / 'train.jsonl'}",
+            f"data.valid={root / 'valid.jsonl'}", f"data.cache_dir={root / 'cache'}", "train.steps=30",
+            "train.global_batch_size=4", "train.seq_length=32", "train.log_interval=1", "train.progress_bar=false",
+            "optim.warmup_steps=2", "loss.intermediate=[1:3]", "loss.kind=jsd"]
+
+
+def test_killed_distill_command_resumes_to_identical_weights(checkpoints, tmp_path):
+    command = _distill_command(checkpoints, tmp_path / "killed")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    for line in proc.stderr:
+        if "step 3:" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = json.loads(stdout.strip().splitlines()[-1])
+    assert stopped["interrupted"] and 3 <= stopped["step"] < 30
+    # resuming with other settings is refused, naming the key
+    other = subprocess.run(command + ["optim.lr=5e-4"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert other.returncode == 2 and "optim.lr=0.0001" in other.stderr and "optim.lr=0.0005" in other.stderr
+    resumed = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(step {stopped['step']})" in resumed.stderr
+    finished = json.loads(resumed.stdout.strip().splitlines()[-1])
+    uninterrupted = subprocess.run(_distill_command(checkpoints, tmp_path / "whole"), capture_output=True, text=True,
+                                   env=ENV, timeout=300)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    expected = json.loads(uninterrupted.stdout.strip().splitlines()[-1])
+    assert finished["step"] == expected["step"] == 30 and finished["valid"] == expected["valid"]
+    [(ours, ref)] = run_distributed(_final_weights, world_size=1,
+                                    args=(str(tmp_path / "killed" / "final"), str(tmp_path / "whole" / "final")))
+    assert ours.keys() == ref.keys() and all((ours[k] == ref[k]).all() for k in ours)
+
+
+def test_tokenizer_mismatch_is_a_clear_error():
+    check_same_tokenizer(tiny_tokenizer(320), tiny_tokenizer(320))
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        check_same_tokenizer(tiny_tokenizer(320), tiny_tokenizer(300))
+
+
+def test_layer_pairs_must_exist_and_share_a_stage():
+    _check_pair(LayerPair(1, 3), student_layers=2, teacher_layers=4, pp=2)
+    with pytest.raises(ValueError, match="out of range"):
+        _check_pair(LayerPair(2, 3), student_layers=2, teacher_layers=4, pp=1)
+    with pytest.raises(ValueError, match="stage 0 but teacher layer 3 on stage 1"):
+        _check_pair(LayerPair(0, 3), student_layers=2, teacher_layers=4, pp=2)

@@ -1,0 +1,114 @@
+"""`minitron prune`: pruned checkpoint + report + importance.pt, reuse of saved scores for another
+target, the same result at TP=2 x PP=2 under torchrun as at TP=1, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from nemo_minitron import checkpoint
+from nemo_minitron.importance import ImportanceScores
+from test_cli import last_json, minitron
+from tiny import SENTENCES, tiny_arch, write_hf_dir
+
+TARGET = ["target.num_layers=2", "target.hidden_size=48", "target.ffn_hidden_size=64", "target.num_attention_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prune_cli")
+    write_hf_dir(root / "hf", tiny_arch(tie=True))
+    minitron("import", f"hf_path={root / 'hf'}", f"output_dir={root / 'teacher'}")
+    return root / "teacher"
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    docs = [" ".join(SENTENCES[i % 4:] + SENTENCES[: i % 4]) * 3 for i in range(16)]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def prune_args(teacher: Path, calib: Path, out: Path, *extra: str) -> list[str]:
+    return ["prune", f"checkpoint={teacher}", f"output_dir={out}", f"calib.data={calib}", "calib.num_samples=16",
+            "calib.seq_len=16", "calib.micro_batch_size=2", "loss_samples=4", *extra]
+
+
+def test_prune_writes_checkpoint_report_and_reuses_scores(teacher, calib, tmp_path):
+    first = last_json(minitron(*prune_args(teacher, calib, tmp_path / "a", *TARGET)))
+    out = tmp_path / "a"
+    arch = checkpoint.read_arch(out)
+    assert (arch.num_layers, arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads) == (2, 48, 64, 2)
+    assert first["parameters"] == arch.num_parameters() and not first["importance"]["reused"]
+    assert first["importance"]["tokens"] == 16 * 16 and first["importance"]["tokens_per_s"] > 0
+    for name in ("importance.pt", "report.json", "report.md", "layer_importance.png", "head_importance.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["depth"]["method"] == "contiguous" and len(report["depth"]["dropped_layers"]) == 2
+    assert len(report["depth"]["block_losses"]["2"]) == 3
+    assert len(report["depth"]["layer_scores"]["block_importance"]) == 4
+    assert report["architecture"]["student"]["parameters"] == arch.num_parameters()
+    assert "| hidden_size | 64 | 48 |" in (out / "report.md").read_text()
+    assert checkpoint.read_metadata(out)["dropped_layers"] == first["dropped_layers"]
+
+    # the pruned checkpoint is a normal checkpoint: `minitron eval` runs on it
+    ppl = last_json(minitron("eval", f"checkpoint={out}", f"data={calib}", "seq_len=16"))
+    assert 1 < ppl["perplexity"] < 1e4
+
+    # another target from the saved scores: nothing recomputed, the same scores travel along
+    second = last_json(minitron(*prune_args(teacher, calib, tmp_path / "b", "target.ffn_hidden_size=32",
+                                            "depth.method=loss", "target.num_layers=3", f"importance_from={out}")))
+    assert second["importance"]["reused"] and second["dropped_layers"] != []
+    a, b = ImportanceScores.load(out), ImportanceScores.load(tmp_path / "b")
+    assert torch.equal(a.neurons, b.neurons) and "loss" in b.layers and 2 in b.blocks
+
+    # re-running into the same output with another target reuses its importance.pt; other
+    # aggregation settings recompute
+    again = last_json(minitron(*prune_args(teacher, calib, out, "target.num_query_groups=1")))
+    assert again["importance"]["reused"] and checkpoint.read_arch(out).num_query_groups == 1
+    other = last_json(minitron(*prune_args(teacher, calib, out, "target.num_query_groups=1", "aggregation.batch=mean")))
+    assert not other["importance"]["reused"]
+
+
+def load_both(first, second):
+    """Global weights of two checkpoints, loaded at TP=1 x PP=1."""
+    from nemo_minitron.models import bridge
+
+    return tuple(bridge.gather_global(checkpoint.load_checkpoint(path)) for path in (first, second))
+
+
+def test_prune_at_tp2_pp2_equals_tp1(teacher, calib, tmp_path):
+    args = [*TARGET, "depth.method=loss"]
+    minitron(*prune_args(teacher, calib, tmp_path / "tp1", *args))
+    minitron(*prune_args(teacher, calib, tmp_path / "tp2pp2", *args, "tp=2", "pp=2"), nproc=4)
+    tp1, tp2pp2 = (ImportanceScores.load(tmp_path / name) for name in ("tp1", "tp2pp2"))
+    for name in ("hidden", "heads", "neurons"):
+        torch.testing.assert_close(getattr(tp2pp2, name), getattr(tp1, name), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tp2pp2.layers["loss"], tp1.layers["loss"], rtol=1e-4, atol=1e-5)
+    [(a, b)] = run_distributed(load_both, world_size=1, args=(tmp_path / "tp1", tmp_path / "tp2pp2"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["target.num_attention_heads=3"], "target.num_attention_heads=3 is not a multiple of target.num_query_groups=2"),
+    (["target.num_layers=2", "importance=random", "depth.method=block_importance"],
+     "depth.method=block_importance needs activation scores"),
+    (["importance_from=/nonexistent"], "no importance scores at /nonexistent"),
+])
+def test_prune_errors_are_one_line(teacher, calib, tmp_path, extra, message):
+    proc = minitron(*prune_args(teacher, calib, tmp_path / "x", *extra), check=False)
+    assert proc.returncode == 2 and f"error: {message}" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_plan_only_counts_without_weights(teacher, tmp_path):
+    result = last_json(minitron("prune", f"checkpoint={teacher}", f"output_dir={tmp_path / 'none'}", "plan_only=true",
+                                "target.ffn_hidden_size=48"))
+    assert result["student"]["parameters"] == tiny_arch(tie=True, ffn_hidden_size=48).num_parameters()
+    assert not (tmp_path / "none").exists()

@@ -1,0 +1,55 @@
+"""The planner reproduces the published Minitron architectures and their parameter counts
+(DESIGN.md section 8), with three independent counts that agree: the closed form, the global
+tensor shapes, and megatron's GPTModel built on the meta device (no weights allocated)."""
+
+from __future__ import annotations
+
+import pytest
+
+from distributed import run_distributed
+from nemo_minitron.prune import PUBLISHED_RECIPES, PUBLISHED_TEACHERS, PruneSpec, count_from_shapes, plan
+from nemo_minitron.prune.planner import published_student
+from tiny import tiny_arch
+
+# (layers, hidden, ffn, heads, groups, vocab) of the published students
+PUBLISHED_SHAPES = {
+    "llama-3.1-minitron-4b-width": (32, 3072, 9216, 32, 8, 128256),
+    "llama-3.1-minitron-4b-depth": (16, 4096, 14336, 32, 8, 128256),
+    "mn-minitron-8b": (40, 4096, 11520, 32, 8, 131072),
+}
+
+
+def meta_counts(archs):
+    from nemo_minitron.prune import count_on_meta
+
+    return [count_on_meta(arch) for arch in archs]
+
+
+def test_published_students_and_their_parameter_counts():
+    assert PUBLISHED_TEACHERS["llama-3.1-8b"].num_parameters()["total"] == 8_030_261_248
+    assert f"{PUBLISHED_TEACHERS['mistral-nemo-12b'].num_parameters()['total'] / 1e9:.1f}B" == "12.2B"
+    for name, recipe in PUBLISHED_RECIPES.items():
+        teacher, student = published_student(name)
+        shape = (student.num_layers, student.hidden_size, student.ffn_hidden_size, student.num_attention_heads,
+                 student.num_query_groups, student.vocab_size)
+        assert shape == PUBLISHED_SHAPES[name]
+        assert student.kv_channels == teacher.kv_channels == 128
+        assert f"{student.num_parameters()['total'] / 1e9:.2f}B" == recipe.published_params, name
+
+
+def test_three_counts_agree():
+    archs = [*PUBLISHED_TEACHERS.values(), *(published_student(n)[1] for n in PUBLISHED_RECIPES),
+             tiny_arch(tie=True), tiny_arch(tie=False, num_query_groups=1)]
+    [on_meta] = run_distributed(meta_counts, world_size=1, args=(archs,))
+    for arch, meta in zip(archs, on_meta):
+        assert count_from_shapes(arch) == arch.num_parameters()
+        assert meta == arch.num_parameters()["total"]
+
+
+def test_plan_reports_both_architectures():
+    teacher = PUBLISHED_TEACHERS["llama-3.1-8b"]
+    result = plan(teacher, PruneSpec(num_layers=16), tp=8, pp=4)
+    assert result["teacher"]["num_layers"] == 32 and result["student"]["num_layers"] == 16
+    assert result["kept_fraction"]["non_embedding"] == pytest.approx(0.5, abs=1e-4)
+    with pytest.raises(ValueError, match=r"target\.num_layers=16 is not divisible by pp=3"):
+        plan(teacher, PruneSpec(num_layers=16), pp=3)

@@ -1,0 +1,137 @@
+"""The training loop on megatron-core (CPU, gloo): the LR schedule, gradient accumulation over
+micro-batches and data parallelism give the same update, the teacher-correct command, and bad
+settings fail with the key to fix."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from nemo_minitron.models import bridge
+from nemo_minitron.train import OptimConfig, TrainConfig
+from tiny import SENTENCES, hf_model, tiny_arch, tiny_tokenizer, write_hf_dir
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+STEPS, WARMUP, LR, MIN_LR = 5, 2, 1e-2, 1e-3
+
+
+def _stream() -> torch.Tensor:
+    tok = tiny_tokenizer()
+    ids = tok(" ".join(SENTENCES * 8), add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids)
+
+
+def lm_steps(arch, global_sd, micro_batch_size: int, tmp: str):
+    """STEPS optimizer steps of the LM loss; per-step metrics and the final global weights."""
+    from nemo_minitron.models.gpt import build_gpt_model
+    from nemo_minitron.train import LMLoss, TokenWindows, Trainer, TrainingData
+
+    model = build_gpt_model(arch)
+    bridge.load_global(model, global_sd)
+    data = TrainingData(TokenWindows(_stream(), 16, seed=0), None)
+    trainer = Trainer(model, LMLoss(), data,
+                      TrainConfig(steps=STEPS, global_batch_size=4, seq_length=16, micro_batch_size=micro_batch_size),
+                      OptimConfig(lr=LR, min_lr=MIN_LR, warmup_steps=WARMUP, clip_grad=1.0), tmp)
+    metrics = [trainer.train_step() for _ in range(STEPS)]
+    # numpy, not tensors: torch would pass tensors to the parent by file descriptor, which races
+    # with this process's exit
+    return metrics, {k: v.numpy() for k, v in bridge.gather_global(model).items()}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    arch = tiny_arch(tie=True)
+    return arch, bridge.hf_to_global(arch, hf_model(arch).state_dict())
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    """One process, four micro-batches of one sample per step."""
+    arch, sd = tiny
+    [result] = run_distributed(lm_steps, world_size=1, args=(arch, sd, 1, str(tmp_path_factory.mktemp("ref"))))
+    return result
+
+
+def test_lr_warms_up_then_decays_to_min_lr_with_cosine(reference):
+    metrics, _ = reference
+    lrs = [m["train/lr"] for m in metrics]
+    expected = [LR * k / WARMUP if k <= WARMUP else
+                MIN_LR + (LR - MIN_LR) * 0.5 * (1 + math.cos(math.pi * (k - WARMUP) / (STEPS - WARMUP)))
+                for k in range(1, STEPS + 1)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert lrs[-1] == pytest.approx(MIN_LR)
+    losses = [m["train/loss"] for m in metrics]
+    assert losses[-1] < losses[0] - 0.5  # the model learns the repeated sentences
+    assert all(0 < m["train/grad_norm"] for m in metrics) and all(m["train/tokens_per_s"] > 0 for m in metrics)
+
+
+@pytest.mark.parametrize("world,micro_batch_size", [(1, 4), (2, 1)], ids=["one-micro-batch", "dp2"])
+def test_accumulation_and_data_parallel_give_the_same_steps(tiny, reference, tmp_path, world, micro_batch_size):
+    arch, sd = tiny
+    ref_metrics, ref_weights = reference
+    metrics, weights = run_distributed(lm_steps, world_size=world, args=(arch, sd, micro_batch_size, str(tmp_path)))[0]
+    for ours, ref in zip(metrics, ref_metrics):
+        assert ours["train/loss"] == pytest.approx(ref["train/loss"], rel=1e-5)
+        assert ours["train/grad_norm"] == pytest.approx(ref["train/grad_norm"], rel=1e-4)
+    # The loss and gradient norm pin the accumulated gradient (Adam's update is scale-invariant);
+    # the weights agree to a small fraction of one update (lr 1e-2).
+    for name, array in ref_weights.items():
+        torch.testing.assert_close(torch.from_numpy(weights[name]), torch.from_numpy(array), rtol=0, atol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_bad_batch_geometry_names_the_key():
+    with pytest.raises(ValueError, match="train.global_batch_size"):
+        TrainConfig(steps=2, global_batch_size=6, seq_length=8, micro_batch_size=4).validate(dp=1)
+    with pytest.raises(ValueError, match="train.global_batch_size"):
+        TrainConfig(steps=2, global_batch_size=6, seq_length=8).validate(dp=4)
+    with pytest.raises(ValueError, match="optim.warmup_steps"):
+        OptimConfig(warmup_steps=5).validate(steps=5)
+    with pytest.raises(ValueError, match="optim.min_lr"):
+        OptimConfig(lr=1e-4, min_lr=1e-3).validate(steps=5)
+
+
+# --- teacher correction: the same loop, LM loss, through the CLI ---------------------------------
+
+def minitron(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "nemo_minitron.cli.main", *args], capture_output=True, text=True,
+                          env=ENV, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def test_teacher_correct_command(tmp_path):
+    write_hf_dir(tmp_path / "hf", tiny_arch(tie=True))
+    docs = [" ".join(SENTENCES[i % 4:] + SENTENCES[: i % 4]) * 3 for i in range(12)]
+    for name, part in (("train", docs[:10]), ("valid", docs[10:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    minitron("import", f"hf_path={tmp_path / 'hf'}", f"output_dir={tmp_path / 'teacher'}")
+    common = [f"teacher={tmp_path / 'teacher'}", f"output_dir={tmp_path / 'corrected'}",
+              f"data.train={tmp_path / 'train.jsonl'}", f"data.valid={tmp_path / 'valid.jsonl'}",
+              f"data.cache_dir={tmp_path / 'cache'}", "train.global_batch_size=2", "train.seq_length=32"]
+    # DESIGN.md's 120 warmup steps are the default: a shorter run must say which key to change.
+    bad = minitron("teacher-correct", *common, "train.steps=4", check=False)
+    assert bad.returncode == 2 and "optim.warmup_steps=120" in bad.stderr
+    result = json.loads(minitron("teacher-correct", *common, "train.steps=4", "optim.warmup_steps=1",
+                                 "original_peak_lr=5e-3").stdout.strip().splitlines()[-1])
+    assert result["step"] == 4 and result["tokens"] == 4 * 2 * 32 and not result["interrupted"]
+    assert math.isfinite(result["val_perplexity"]) and result["val_perplexity"] > 1
+    lrs = [json.loads(line)["train/lr"] for line in (tmp_path / "corrected" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] == pytest.approx(5e-3 / 5) and lrs[-1] == pytest.approx(5e-3 / 5 / 10)  # 1/5 of the peak, to 1/10
+    assert (tmp_path / "corrected" / "tensorboard").is_dir()
+    # the corrected teacher is a complete checkpoint that the other stages read
+    evaluated = json.loads(minitron("eval", f"checkpoint={tmp_path / 'corrected' / 'final'}",
+                                    f"data={tmp_path / 'valid.jsonl'}", "seq_len=16").stdout.strip().splitlines()[-1])
+    assert math.isfinite(evaluated["perplexity"])
+    again = json.loads(minitron("teacher-correct", *common, "train.steps=4", "optim.warmup_steps=1",
+                                "original_peak_lr=5e-3").stdout.strip().splitlines()[-1])
+    assert again["already_complete"] and again["step"] == 4
