@@ -60,10 +60,11 @@ def memory_case(impl: str, vocab: int, tokens: int, chunk: int) -> dict:
 
 
 def memory_table(tokens: int) -> list[str]:
-    rows = ["| vocab | logits (fp32, one tensor) | naive full softmax | chunked, 1024-token chunks | chunked, 256-token chunks |",
-            "| --- | --- | --- | --- | --- |"]
+    rows = [f"| vocab | logits (fp32, one tensor) | naive full softmax | ours, one chunk of {tokens} | ours, 512-token "
+            "chunks (default) | ours, 128-token chunks |",
+            "| --- | --- | --- | --- | --- | --- |"]
     for vocab in (49152, 128256):
-        cases = [("naive", 0), ("chunked", 1024), ("chunked", 256)]
+        cases = [("naive", 0), ("chunked", tokens), ("chunked", 512), ("chunked", 128)]
         found = []
         for impl, chunk in cases:
             out = subprocess.run([sys.executable, __file__, "--memory-case", impl, str(vocab), str(tokens), str(chunk)],

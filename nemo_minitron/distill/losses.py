@@ -98,6 +98,8 @@ def _picked(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def _top_k_mask(teacher: torch.Tensor, k: int) -> torch.Tensor:
     """Where the teacher's logit is among its k largest over the global vocabulary."""
     tp, _, group = _tp()
+    if k > teacher.shape[-1] * tp:
+        raise ValueError(f"loss.top_k={k} exceeds the vocabulary size {teacher.shape[-1] * tp}")
     local = teacher.topk(min(k, teacher.shape[-1]), dim=-1).values
     if tp > 1:
         shards = [torch.empty_like(local) for _ in range(tp)]
@@ -186,7 +188,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
 
 
 def logit_losses(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-                 loss_mask: torch.Tensor | None, spec: LogitLoss, chunk_tokens: int = 1024) -> dict[str, torch.Tensor]:
+                 loss_mask: torch.Tensor | None, spec: LogitLoss, chunk_tokens: int = 512) -> dict[str, torch.Tensor]:
     """Mean over the loss-mask tokens of the distillation objective and its parts.
 
     `student`, `teacher`: [b, s, v/tp] logit shards; `labels`, `loss_mask`: [b, s]. Returns

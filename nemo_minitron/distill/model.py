@@ -185,7 +185,13 @@ class DistillationLoss:
     logits: LogitLoss
     dynamic_balance: bool = True
     intermediate_weight: float = 1.0
-    chunk_tokens: int = 1024
+    chunk_tokens: int = 512
+
+    def __post_init__(self):
+        if self.chunk_tokens < 1:
+            raise ValueError(f"loss.chunk_tokens={self.chunk_tokens} must be at least 1")
+        if self.intermediate_weight < 0:
+            raise ValueError(f"loss.intermediate_weight={self.intermediate_weight} must not be negative")
 
     def __call__(self, output: DistillationOutput, batch: dict[str, torch.Tensor]) -> LossResult:
         parts = logit_losses(output.student_logits, output.teacher_logits, batch["labels"], batch.get("loss_mask"),
