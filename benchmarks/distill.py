@@ -61,7 +61,7 @@ def memory_case(impl: str, vocab: int, tokens: int, chunk: int) -> dict:
 
 def memory_table(tokens: int) -> list[str]:
     rows = [f"| vocab | logits (fp32, one tensor) | naive full softmax | ours, one chunk of {tokens} | ours, 512-token "
-            "chunks (default) | ours, 128-token chunks |",
+            "chunks | ours, 128-token chunks (default) |",
             "| --- | --- | --- | --- | --- | --- |"]
     for vocab in (49152, 128256):
         cases = [("naive", 0), ("chunked", tokens), ("chunked", 512), ("chunked", 128)]
@@ -134,7 +134,8 @@ def trainer_for(kind: str, teacher, model, data, steps: int, seq: int, batch: in
 
     module, loss = (DistillationModel(model, teacher), DistillationLoss(LogitLoss("fwd_kl"))) if kind == "distill" \
         else (model, LMLoss())
-    return Trainer(module, loss, data, TrainConfig(steps=steps, global_batch_size=batch, seq_length=seq, micro_batch_size=batch),
+    return Trainer(module, loss, data,
+                   TrainConfig(steps=steps, global_batch_size=batch, seq_length=seq, micro_batch_size=batch),
                    OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 20), weight_decay=0.0), out,
                    export_model=model)
 
@@ -202,7 +203,8 @@ def plot(result: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {"distill": "distillation (forward KL, T=1)", "lm": "LM-loss retraining", "scratch": "random initialisation"}
+    labels = {"distill": "distillation (forward KL, T=1)", "lm": "LM-loss retraining",
+              "scratch": "random initialisation"}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for kind, run in result["runs"].items():
         tokens, values = zip(*run["points"])
@@ -219,12 +221,13 @@ def plot(result: dict, path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", default="timing,memory,curves", help="comma-separated subset to run")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-tokens", type=int, default=1024)
     parser.add_argument("--work", default="runs/bench-distill")
     parser.add_argument("--memory-case", nargs=4, metavar=("IMPL", "VOCAB", "TOKENS", "CHUNK"))
@@ -233,49 +236,43 @@ def main() -> None:
         impl, vocab, tokens, chunk = args.memory_case
         print(json.dumps(memory_case(impl, int(vocab), int(tokens), int(chunk))))
         return
+    parts = set(args.parts.split(","))
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(args.work).absolute()
-    memory = memory_table(args.memory_tokens)
-    teacher, arch, pruned_sd, train, heldout = setup(args.seq, args.steps * args.batch)
-    timing = step_times(teacher, arch, pruned_sd, train, args.seq, args.batch, args.repeats, work / "timing")
-    result = curves(teacher, arch, pruned_sd, train, heldout, args.steps, args.seq, args.batch, args.lr,
-                    args.eval_every, work / "curves")
-    png = DOCS / "distillation_curves.png"
-    plot(result, png, f"SmolLM2-135M, 15 of 30 layers kept; {args.batch}x{args.seq} tokens/step, lr {args.lr:g}")
-    (work / "result.json").write_text(json.dumps({"timing": timing, "curves": result}, indent=2))
-
-    runs = result["runs"]
-    lines = [
-        f"### Distillation (issue 4): {platform.processor() or platform.machine()}, {os.cpu_count()} cores, fp32",
-        "",
-        f"Command: `.venv/bin/python benchmarks/distill.py --steps {args.steps} --seq {args.seq} --batch {args.batch} "
-        f"--lr {args.lr:g}`",
-        "",
-        f"Step time on one batch of {args.batch}x{args.seq} tokens (median of {args.repeats}; student = teacher depth-pruned "
-        "to 15 layers):",
-        "",
-        "| measurement | seconds |",
-        "| --- | --- |",
-        f"| teacher forward | {timing['teacher_forward']:.2f} |",
-        f"| student LM training step (forward, backward, optimizer) | {timing['student_lm_step']:.2f} |",
-        f"| sum | {timing['teacher_forward'] + timing['student_lm_step']:.2f} |",
-        f"| distillation step (both models, KL loss, optimizer) | {timing['distill_step']:.2f} |",
-        f"| overhead of distillation over the sum | {100 * timing['overhead']:+.1f}% |",
-        "",
-        f"Peak memory of the logit loss, forward + backward, {args.memory_tokens} tokens, fp32, one rank "
-        "(RSS above the student and teacher logits; time in brackets):",
-        "",
-        *memory,
-        "",
-        f"Held-out perplexity (Persuasion, {len(heldout)} windows of {args.seq} tokens) after "
-        f"{args.steps * args.batch * args.seq:,} training tokens (Emma, Pride and Prejudice); teacher "
-        f"{result['teacher']:.1f}; plot: docs/distillation_curves.png:",
-        "",
-        "| run | start | end | training time |",
-        "| --- | --- | --- | --- |",
-        *[f"| {kind} | {run['points'][0][1]:,.1f} | {run['points'][-1][1]:,.1f} | {run['train_seconds']:.0f} s |"
-          for kind, run in runs.items()],
-    ]
+    lines = [f"### Distillation (issue 4): {platform.processor() or platform.machine()}, {os.cpu_count()} cores, fp32",
+             "", f"Command: `.venv/bin/python benchmarks/distill.py --parts {args.parts} --steps {args.steps} "
+             f"--seq {args.seq} --batch {args.batch} --lr {args.lr:g}`", ""]
+    if "memory" in parts:
+        lines += [f"Peak memory of the logit loss, forward + backward, {args.memory_tokens} tokens, fp32, one rank "
+                  "(RSS above the student and teacher logits; time in brackets):", "",
+                  *memory_table(args.memory_tokens), ""]
+    if parts & {"timing", "curves"}:
+        teacher, arch, pruned_sd, train, heldout = setup(args.seq, args.steps * args.batch)
+    if "timing" in parts:
+        t = step_times(teacher, arch, pruned_sd, train, args.seq, args.batch, args.repeats, work / "timing")
+        (work / "timing.json").write_text(json.dumps(t, indent=2))
+        lines += [
+            f"Step time on one batch of {args.batch}x{args.seq} tokens (median of {args.repeats} interleaved rounds; "
+            "student = teacher depth-pruned to 15 layers):", "",
+            "| measurement | seconds |", "| --- | --- |",
+            f"| teacher forward | {t['teacher_forward']:.2f} |",
+            f"| student LM training step (forward, backward, optimizer) | {t['student_lm_step']:.2f} |",
+            f"| sum | {t['teacher_forward'] + t['student_lm_step']:.2f} |",
+            f"| distillation step (both models, KL loss, optimizer) | {t['distill_step']:.2f} |",
+            f"| overhead of distillation over the sum | {100 * t['overhead']:+.1f}% |", ""]
+    if "curves" in parts:
+        result = curves(teacher, arch, pruned_sd, train, heldout, args.steps, args.seq, args.batch, args.lr,
+                        args.eval_every, work / "curves")
+        (work / "curves.json").write_text(json.dumps(result, indent=2))
+        plot(result, DOCS / "distillation_curves.png",
+             f"SmolLM2-135M, 15 of 30 layers kept; {args.batch}x{args.seq} tokens/step, lr {args.lr:g}")
+        lines += [
+            f"Held-out perplexity (Persuasion, {len(heldout)} windows of {args.seq} tokens) after "
+            f"{args.steps * args.batch * args.seq:,} training tokens (Emma, Pride and Prejudice); teacher "
+            f"{result['teacher']:.1f}; plot: docs/distillation_curves.png:", "",
+            "| run | start | end | training time |", "| --- | --- | --- | --- |",
+            *[f"| {kind} | {run['points'][0][1]:,.1f} | {run['points'][-1][1]:,.1f} | {run['train_seconds']:.0f} s |"
+              for kind, run in result["runs"].items()]]
     print("\n".join(lines))
 
 

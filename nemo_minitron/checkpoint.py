@@ -44,16 +44,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(model, path: str | Path, tokenizer=None, metadata: dict[str, Any] | None = None) -> Path:
-    """Save `model` (collective: every rank calls it) with its config, tokenizer and metadata."""
-    from megatron.core import dist_checkpointing
-
+def start_partial(path: str | Path, subdir: str) -> tuple[Path, Path]:
+    """(absolute `path`, a fresh `path.partial/subdir` to write into) for an atomic save (collective);
+    `replace_dir(partial, path)` publishes it."""
     path = Path(path).absolute()
     partial = path.with_name(path.name + ".partial")
     if parallel.is_main_process():
         shutil.rmtree(partial, ignore_errors=True)
-        (partial / WEIGHTS_DIR).mkdir(parents=True)
+        (partial / subdir).mkdir(parents=True)
     _barrier()
+    return path, partial
+
+
+def save_checkpoint(model, path: str | Path, tokenizer=None, metadata: dict[str, Any] | None = None) -> Path:
+    """Save `model` (collective: every rank calls it) with its config, tokenizer and metadata."""
+    from megatron.core import dist_checkpointing
+
+    path, partial = start_partial(path, WEIGHTS_DIR)
     dist_checkpointing.save(model.sharded_state_dict(), str(partial / WEIGHTS_DIR))
     _barrier()
     if parallel.is_main_process():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -38,7 +39,9 @@ def _worker(rank: int, world_size: int, port: int, tp: int, pp: int, fn: Callabl
 
     try:
         parallel.initialize(tp=tp, pp=pp)
-        results.put((rank, True, fn(*args)))
+        # By value: the queue's torch pickler would pass tensors as file descriptors served by this
+        # process, which may have exited by the time the parent unpickles them.
+        results.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - everything is reported to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -67,7 +70,7 @@ def run_distributed(
                 raise TimeoutError(f"distributed test timed out after {timeout}s; finished ranks: {sorted(collected)}")
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            collected[rank] = value
+            collected[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=30)

@@ -12,7 +12,7 @@ from tiny import hf_model, tiny_arch
 TOKENS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def megatron_logits(arch: ModelArch, global_sd):
+def megatron_logits(arch, global_sd):
     from nemo_minitron.models.gpt import build_gpt_model
     from nemo_minitron.models.runner import forward_microbatches, gather_vocab_parallel
 

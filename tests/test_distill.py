@@ -63,13 +63,7 @@ def _trainer(out: str, loss_wrapper=None):
 def distill_run(out: str):
     trainer = _trainer(out)
     metrics = [trainer.train_step() for _ in range(STEPS)]
-    return metrics, trainer.validate(), _numpy(bridge.gather_global(trainer.export_model))
-
-
-def _numpy(tensors: dict[str, torch.Tensor]) -> dict:
-    """Results leave the worker as numpy: torch would pass tensors by file descriptor, which races
-    with the worker's exit."""
-    return {k: v.detach().numpy() for k, v in tensors.items()}
+    return metrics, trainer.validate(), bridge.gather_global(trainer.export_model)
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +78,14 @@ def test_loss_curve_and_weights_match_tp1(reference, tmp_path, tp, pp):
     # training moves: the student's hidden states turn towards the teacher's
     assert ref_metrics[-1]["train/intermediate_loss"] < 0.85 * ref_metrics[0]["train/intermediate_loss"]
     assert ref_metrics[0]["train/kd_loss"] > 0.1
-    for metrics, valid, weights in run_distributed(distill_run, world_size=tp * pp, tp=tp, pp=pp, args=(str(tmp_path),)):
+    results = run_distributed(distill_run, world_size=tp * pp, tp=tp, pp=pp, args=(str(tmp_path),))
+    for metrics, valid, weights in results:
         for ours, ref in zip(metrics, ref_metrics):
             for key in ("train/loss", "train/kd_loss", "train/lm_loss", "train/intermediate_loss", "train/grad_norm"):
                 assert ours[key] == pytest.approx(ref[key], rel=1e-4), key
         assert valid == pytest.approx(ref_valid, rel=1e-4)
-        for name, array in ref_weights.items():
-            torch.testing.assert_close(torch.from_numpy(weights[name]), torch.from_numpy(array), rtol=0, atol=1e-4,
+        for name, tensor in ref_weights.items():
+            torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-4,
                                        msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -124,8 +119,9 @@ def interrupted_then_resumed(out: str, reference_out: str):
     uninterrupted = _trainer(reference_out)
     expected = uninterrupted.fit()
     return (stopped, finished, expected,
-            _numpy(bridge.gather_global(resumed.export_model)), _numpy(bridge.gather_global(uninterrupted.export_model)),
-            _numpy(resumed.extra), _numpy(uninterrupted.extra))
+            bridge.gather_global(resumed.export_model), bridge.gather_global(uninterrupted.export_model),
+            {k: v.detach().clone() for k, v in resumed.extra.items()},
+            {k: v.detach().clone() for k, v in uninterrupted.extra.items()})
 
 
 def test_sigterm_checkpoint_and_resume_are_bitwise_exact_at_pp2(tmp_path):
@@ -137,8 +133,8 @@ def test_sigterm_checkpoint_and_resume_are_bitwise_exact_at_pp2(tmp_path):
         assert finished["train"]["train/loss"] == expected["train"]["train/loss"]
         assert finished["valid"] == expected["valid"]
         assert weights.keys() == ref_weights.keys()
-        assert all((weights[k] == ref_weights[k]).all() for k in weights)
-        assert extra.keys() == ref_extra.keys() and all((extra[k] == ref_extra[k]).all() for k in extra)
+        assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
+        assert extra.keys() == ref_extra.keys() and all(torch.equal(extra[k], ref_extra[k]) for k in extra)
     assert {len(extra) for *_, extra, _ in results} == {1}  # one projection per stage (48 -> 64 wide)
     assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "model" / "weights").is_dir()
 
@@ -148,7 +144,7 @@ def test_sigterm_checkpoint_and_resume_are_bitwise_exact_at_pp2(tmp_path):
 def _final_weights(*paths: str):
     from nemo_minitron import checkpoint
 
-    return [_numpy(bridge.gather_global(checkpoint.load_checkpoint(path))) for path in paths]
+    return [bridge.gather_global(checkpoint.load_checkpoint(path)) for path in paths]
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +218,7 @@ def test_killed_distill_command_resumes_to_identical_weights(checkpoints, tmp_pa
     assert finished["step"] == expected["step"] == 30 and finished["valid"] == expected["valid"]
     [(ours, ref)] = run_distributed(_final_weights, world_size=1,
                                     args=(str(tmp_path / "killed" / "final"), str(tmp_path / "whole" / "final")))
-    assert ours.keys() == ref.keys() and all((ours[k] == ref[k]).all() for k in ours)
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
 
 
 def test_tokenizer_mismatch_is_a_clear_error():

@@ -3,8 +3,9 @@ tokens, distillation reaches a lower held-out perplexity than LM-loss retraining
 student, and both beat the same architecture trained from random initialisation.
 
 Affordable on two CPU cores: 16 steps of 4 x 64 tokens (4096 tokens) per run, Austen novels for
-training and a different novel held out. Measured here: pruned ~1100 (at 128 tokens), distill ~220,
-LM ~320, scratch ~2800; the asserted margins are far inside those gaps.
+training and a different novel held out (about a minute). Measured here (held-out perplexity;
+teacher 76): pruned 1726, distill 248, LM 335, random init 2836; with another data order and
+seed 214 / 296 / 2853. The asserted margins (distill < 0.85 x LM, LM < random / 3) lie well inside.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -41,9 +40,7 @@ def lm_steps(arch, global_sd, micro_batch_size: int, tmp: str):
                       TrainConfig(steps=STEPS, global_batch_size=4, seq_length=16, micro_batch_size=micro_batch_size),
                       OptimConfig(lr=LR, min_lr=MIN_LR, warmup_steps=WARMUP, clip_grad=1.0), tmp)
     metrics = [trainer.train_step() for _ in range(STEPS)]
-    # numpy, not tensors: torch would pass tensors to the parent by file descriptor, which races
-    # with this process's exit
-    return metrics, {k: v.numpy() for k, v in bridge.gather_global(model).items()}
+    return metrics, bridge.gather_global(model)
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +80,8 @@ def test_accumulation_and_data_parallel_give_the_same_steps(tiny, reference, tmp
         assert ours["train/grad_norm"] == pytest.approx(ref["train/grad_norm"], rel=1e-4)
     # The loss and gradient norm pin the accumulated gradient (Adam's update is scale-invariant);
     # the weights agree to a small fraction of one update (lr 1e-2).
-    for name, array in ref_weights.items():
-        torch.testing.assert_close(torch.from_numpy(weights[name]), torch.from_numpy(array), rtol=0, atol=1e-4,
+    for name, tensor in ref_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-4,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 

@@ -47,7 +47,7 @@ def run(cfg) -> dict:
     pairs = layer_pairs(cfg.loss.intermediate)
     train_cfg, optim_cfg = stage.configs(cfg)
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
-    teacher_arch, student_arch = checkpoint.read_arch(cfg.teacher), checkpoint.read_arch(cfg.student)
+    teacher_arch, student_arch = stage.checkpoint_arch(cfg, "teacher"), stage.checkpoint_arch(cfg, "student")
     teacher_arch.check_parallel(layout.tp, layout.pp)
     student_arch.check_parallel(layout.tp, layout.pp)
     tokenizer = checkpoint.load_tokenizer(cfg.student)

@@ -25,7 +25,7 @@ def run(cfg) -> dict:
         cfg.optim.min_lr = cfg.optim.lr / 10
     train_cfg, optim_cfg = stage.configs(cfg)
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
-    checkpoint.read_arch(cfg.teacher).check_parallel(layout.tp, layout.pp)
+    stage.checkpoint_arch(cfg, "teacher").check_parallel(layout.tp, layout.pp)
     tokenizer = checkpoint.load_tokenizer(cfg.teacher)
     data = stage.training_data(cfg, tokenizer, train_cfg)
     model = checkpoint.load_checkpoint(cfg.teacher, params_dtype=torch_dtype(cfg.dtype))

@@ -43,7 +43,8 @@ _EXCLUDED = -1e30
 def _tp():
     from megatron.core import parallel_state as ps
 
-    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
+            ps.get_tensor_model_parallel_group())
 
 
 class _VocabParallelLogSoftmax(torch.autograd.Function):
@@ -130,7 +131,8 @@ class LogitLoss:
         if self.lm_weight < 0:
             raise ValueError(f"loss.lm_weight={self.lm_weight} must not be negative")
 
-    def per_token(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def per_token(self, student: torch.Tensor, teacher: torch.Tensor,
+                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logit loss, LM loss) per token for fp32 [n, v/tp] logit shards and [n] labels."""
         t = self.temperature
         log_q1 = vocab_parallel_log_softmax(student)
@@ -188,14 +190,14 @@ class _ChunkedLogitLoss(torch.autograd.Function):
 
 
 def logit_losses(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-                 loss_mask: torch.Tensor | None, spec: LogitLoss, chunk_tokens: int = 512) -> dict[str, torch.Tensor]:
+                 loss_mask: torch.Tensor | None, spec: LogitLoss, chunk_tokens: int = 128) -> dict[str, torch.Tensor]:
     """Mean over the loss-mask tokens of the distillation objective and its parts.
 
     `student`, `teacher`: [b, s, v/tp] logit shards; `labels`, `loss_mask`: [b, s]. Returns
     {"objective" (differentiable w.r.t. the student logits), "kd_loss", "lm_loss"} scalars.
     """
     if student.shape != teacher.shape:
-        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ in shape")
+        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
     v = student.shape[-1]
     mask = torch.ones(labels.shape, device=student.device) if loss_mask is None else loss_mask.float()
     weights = (mask / mask.sum().clamp(min=1.0)).reshape(-1)

@@ -185,7 +185,7 @@ class DistillationLoss:
     logits: LogitLoss
     dynamic_balance: bool = True
     intermediate_weight: float = 1.0
-    chunk_tokens: int = 512
+    chunk_tokens: int = 128
 
     def __post_init__(self):
         if self.chunk_tokens < 1:

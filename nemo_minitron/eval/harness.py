@@ -10,7 +10,6 @@ harness sees a world of one; only rank 0 reports.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -115,7 +115,8 @@ class Trainer:
         """Mean loss metrics over `eval_batches` global batches of the held-out data."""
         records: list[dict[str, torch.Tensor]] = []
         for b in range(self.train_cfg.eval_batches):
-            records += self._run(self._batches(self.data.valid, b * self.train_cfg.global_batch_size), forward_only=True)
+            batches = self._batches(self.data.valid, b * self.train_cfg.global_batch_size)
+            records += self._run(batches, forward_only=True)
         return {f"val/{k}": v for k, v in reduce_metrics(records).items()}
 
     # --- checkpoints ----------------------------------------------------------------------------

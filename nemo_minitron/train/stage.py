@@ -21,6 +21,15 @@ def configs(cfg) -> tuple[TrainConfig, OptimConfig]:
     return train, optim
 
 
+def checkpoint_arch(cfg, key: str):
+    """The architecture of the checkpoint named by config key `key`; errors name the key."""
+    path = Path(cfg[key])
+    if not checkpoint.is_complete(path):
+        problem = "does not exist" if not path.exists() else "is not a complete nemo-minitron checkpoint directory"
+        raise ValueError(f"{key}={path} {problem}")
+    return checkpoint.read_arch(path)
+
+
 def finished(output_dir: str | Path) -> dict[str, Any] | None:
     """The result of a run whose `final/` checkpoint is already complete (re-running is a no-op)."""
     final = Path(output_dir) / FINAL_DIR

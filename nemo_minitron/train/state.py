@@ -88,12 +88,7 @@ def save(path: Path, *, model, tokenizer, metadata: dict, optimizer, scheduler,
     """Write a training checkpoint to `path` (collective)."""
     from megatron.core import parallel_state as ps
 
-    path = Path(path).absolute()
-    partial = path.with_name(path.name + ".partial")
-    if parallel.is_main_process():
-        shutil.rmtree(partial, ignore_errors=True)
-        (partial / STATE_DIR).mkdir(parents=True)
-    _barrier()
+    path, partial = checkpoint.start_partial(path, STATE_DIR)
     checkpoint.save_checkpoint(model, partial / MODEL_DIR, tokenizer, metadata)
     state: dict[str, Any] = {"rng": rng_state()}
     if ps.get_data_parallel_rank() == 0:
@@ -132,6 +127,10 @@ def check_resumable(path: Path, layout: parallel.ParallelLayout, signature: dict
     return info
 
 
+def _load(path: Path, rank: int) -> dict[str, Any]:
+    return torch.load(_rank_file(path, rank), weights_only=True, map_location="cpu")
+
+
 def load(path: Path, *, model, optimizer, scheduler, extra: dict[str, torch.Tensor]) -> None:
     """Restore weights, optimizer, schedule, extra tensors and RNG states from `path` (collective)."""
     from megatron.core import dist_checkpointing
@@ -141,10 +140,10 @@ def load(path: Path, *, model, optimizer, scheduler, extra: dict[str, torch.Tens
     weights = dist_checkpointing.load(model.sharded_state_dict(), str(path / MODEL_DIR / checkpoint.WEIGHTS_DIR))
     model.load_state_dict(weights, strict=True)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    own = torch.load(_rank_file(path, rank), weights_only=True, map_location="cpu")
+    own = _load(path, rank)
     # Data-parallel replicas hold identical optimizer states; replica 0 of this shard saved them.
-    dp_ranks = dist.get_process_group_ranks(ps.get_data_parallel_group()) if dist.is_initialized() else [0]
-    shard = own if rank == dp_ranks[0] else torch.load(_rank_file(path, dp_ranks[0]), weights_only=True, map_location="cpu")
+    replica_0 = dist.get_process_group_ranks(ps.get_data_parallel_group())[0] if dist.is_initialized() else 0
+    shard = own if rank == replica_0 else _load(path, replica_0)
     optimizer.load_state_dict(shard["optimizer"])
     scheduler.load_state_dict(shard["scheduler"])
     with torch.no_grad():
