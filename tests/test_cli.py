@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from tiny import SENTENCES, tiny_arch, write_hf_dir
+from tiny import tiny_arch, write_hf_dir, write_sentence_docs
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -54,9 +54,7 @@ def imported(hf_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "heldout.jsonl"
-    docs = [" ".join(SENTENCES[i % 4 :] + SENTENCES[: i % 4]) * 3 for i in range(12)]
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return path
+    return write_sentence_docs(path, 12)
 
 
 def test_export_loads_in_transformers_and_reimports_exactly(hf_dir, imported, tmp_path):

@@ -13,7 +13,7 @@ from distributed import run_distributed
 from nemo_minitron import checkpoint
 from nemo_minitron.importance import ImportanceScores
 from test_cli import last_json, minitron
-from tiny import SENTENCES, tiny_arch, write_hf_dir
+from tiny import tiny_arch, write_hf_dir, write_sentence_docs
 
 TARGET = ["target.num_layers=2", "target.hidden_size=48", "target.ffn_hidden_size=64", "target.num_attention_heads=2"]
 
@@ -29,9 +29,7 @@ def teacher(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    docs = [" ".join(SENTENCES[i % 4:] + SENTENCES[: i % 4]) * 3 for i in range(16)]
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return path
+    return write_sentence_docs(path, 16)
 
 
 def prune_args(teacher: Path, calib: Path, out: Path, *extra: str) -> list[str]:

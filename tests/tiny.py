@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -56,3 +57,10 @@ def write_hf_dir(path: Path, arch, seed: int = 0) -> transformers.PreTrainedMode
     model.save_pretrained(str(path))
     tiny_tokenizer(arch.vocab_size).save_pretrained(str(path))
     return model
+
+
+def write_sentence_docs(path: Path, count: int) -> Path:
+    """A jsonl file of `count` documents, each a rotation of SENTENCES repeated three times."""
+    docs = [" ".join(SENTENCES[i % 4 :] + SENTENCES[: i % 4]) * 3 for i in range(count)]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
