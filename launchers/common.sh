@@ -7,6 +7,12 @@
 #
 # --dry-run (also outside Slurm) prints the parallel layout and the resolved config, runs nothing.
 # Unrecognised arguments are Hydra overrides passed through to the stage.
+#
+# Recipe launchers (distill_mn8b.sh, prune_mn8b.sh, distill_llama31_4b.sh, prune_llama31_4b.sh,
+# distill_nemotron4.sh) run one stage of a published recipe as its own job: `minitron STAGE
+# recipe=NAME` composes conf/STAGE.yaml, then the recipe's block for STAGE (conf/recipes/NAME.yaml),
+# then your overrides, which win. Their #SBATCH nodes and default --tp (MINITRON_TP) fit the recipe's
+# models; --dry-run shows the settings. Any stage launcher takes recipe=NAME the same way.
 
 minitron_launch() {
   local stage=$1; shift
@@ -22,7 +28,7 @@ minitron_launch() {
       --mounts) mounts=$2; shift 2 ;;
       --dry-run) dry_run=1; shift ;;
       --) shift ;;
-      -h|--help) sed -n '1,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
+      -h|--help) sed '/^$/,$d' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
       *) overrides+=("$1"); shift ;;
     esac
   done

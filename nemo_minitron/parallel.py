@@ -50,6 +50,12 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun's RANK, srun's SLURM_PROCID),
+    readable before torch.distributed starts."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def _slurm_to_torch_env() -> None:
     """Under `srun` without torchrun, derive torch's rendezvous variables from Slurm's."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:

@@ -1,4 +1,5 @@
-"""HF <-> Megatron bridge: logits equal transformers' at TP=1, TP=2, PP=2, TP=2xPP=2; round trips exact."""
+"""HF <-> Megatron bridge: logits equal transformers' at TP=1, TP=2, PP=2, TP=2xPP=2 for Llama, Mistral
+and Nemotron-4 (LayerNorm1P, squared ReLU, partial rotary); round trips exact."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def megatron_logits(arch, global_sd):
 
 
 @pytest.mark.parametrize(
-    "tie,rope_scaling,family", [(True, False, "llama"), (False, True, "llama"), (False, False, "mistral")]
+    "tie,rope_scaling,family",
+    [(True, False, "llama"), (False, True, "llama"), (False, False, "mistral"), (False, False, "nemotron")],
 )
 def test_logits_match_transformers_tp1(tie, rope_scaling, family):
     arch = tiny_arch(tie, rope_scaling, family)
@@ -39,9 +41,9 @@ def test_logits_match_transformers_tp1(tie, rope_scaling, family):
         assert torch.equal(regathered[name], tensor), name
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_logits_match_transformers_parallel(tp, pp):
-    arch = tiny_arch(tie=True)
+@pytest.mark.parametrize("tp,pp,family", [(2, 1, "llama"), (1, 2, "llama"), (2, 2, "llama"), (2, 2, "nemotron")])
+def test_logits_match_transformers_parallel(tp, pp, family):
+    arch = tiny_arch(tie=family == "llama", family=family)
     hf = hf_model(arch)
     global_sd = bridge.hf_to_global(arch, hf.state_dict())
     expected = hf(TOKENS).logits
@@ -56,13 +58,28 @@ def test_logits_match_transformers_parallel(tp, pp):
             assert torch.equal(regathered[name], tensor), name
 
 
-def test_hf_roundtrip_exact():
-    arch = tiny_arch(tie=False)
+@pytest.mark.parametrize("family", ["llama", "nemotron"])
+def test_hf_roundtrip_exact(family):
+    arch = tiny_arch(tie=False, family=family)
     hf_sd = hf_model(arch).state_dict()
     back = bridge.global_to_hf(arch, bridge.hf_to_global(arch, hf_sd))
     assert back.keys() == {k for k in hf_sd if "rotary" not in k}
     for name, tensor in back.items():
-        assert torch.equal(tensor, hf_sd[name]), name
+        if family == "nemotron" and name.endswith("norm.weight"):
+            # zero-centred gamma + 1 - 1 in fp32: exact up to one ulp of the + 1 (2^-23)
+            torch.testing.assert_close(tensor, hf_sd[name], rtol=0, atol=2.0**-23)
+        else:
+            assert torch.equal(tensor, hf_sd[name]), name
+
+
+def test_nemotron_norm_gamma_is_stored_as_applied():
+    """HF Nemotron stores LayerNorm1P gammas zero-centred; the megatron side holds weight + 1."""
+    arch = tiny_arch(tie=False, family="nemotron")
+    hf_sd = hf_model(arch).state_dict()
+    global_sd = bridge.hf_to_global(arch, hf_sd)
+    assert torch.equal(global_sd["decoder.layers.1.input_layernorm.weight"], hf_sd["model.layers.1.input_layernorm.weight"] + 1)
+    assert torch.equal(global_sd["decoder.final_layernorm.bias"], hf_sd["model.norm.bias"])
+    assert global_sd["decoder.layers.0.mlp.linear_fc1.weight"].shape == (arch.ffn_hidden_size, arch.hidden_size)
 
 
 def test_shape_mismatch_is_a_clear_error():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,9 @@ def test_eval_matches_transformers_at_tp1_and_tp2(hf_dir, imported, text_file):
         (("import", "hf_path=/nonexistent", "output_dir=/tmp/x"), "hf_path=/nonexistent has no config.json"),
         (("import", "model=nope", "output_dir=/tmp/x"), "model=nope is not a built-in model"),
         (("import", "hf_path=HF", "output_dir=/tmp/x", "tp=2"), "tp=2 x pp=1 does not divide the world size 1"),
+        (("pipeline", "--config-name", "recipes/mn_minitron_8b"), "no teacher: set teacher.hf_path=DIR"),
+        (("pipeline", "--config-name", "recipes/mn_minitron_8b", "teacher.hf_path=/m"),
+         "no distillation data: set corpus.user_paths="),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, hf_dir):
@@ -168,7 +172,10 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     ratio = summary["student"]["parameters"]["non_embedding"] / summary["teacher"]["parameters"]["non_embedding"]
     assert 0.45 < ratio < 0.55
     assert summary["distillation_tokens"] == 2 * 8 * 64
-    assert "held-out perplexity" in first.stdout and (work / "report.md").is_file() and (work / "perplexity.png").is_file()
+    assert "held-out perplexity" in first.stdout and (work / "report.md").is_file()
+    for plot in ("perplexity.png", "distillation.png"):
+        assert (work / plot).stat().st_size > 1000, plot
+        assert f"]({plot})" in (work / "report.md").read_text()
     assert json.loads((work / "results.json").read_text()) == summary
     for ckpt in ("teacher", "pruned", "distill/final"):
         assert checkpoint.is_complete(work / ckpt), ckpt
@@ -185,3 +192,19 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     again = last_json(minitron(*args))
     assert again["stage_seconds"]["prune"] == summary["stage_seconds"]["prune"]  # not re-run: time kept
     assert again["student"]["heldout_perplexity"] == summary["student"]["heldout_perplexity"]
+
+    # search instead of prune: the same teacher (copied, so import is skipped), a 50% budget
+    searched = tmp_path / "searched"
+    shutil.copytree(work / "teacher", searched / "teacher")
+    budget = summary["teacher"]["parameters"]["non_embedding"] / 2
+    result = last_json(minitron(*[a.replace(str(work), str(searched)) for a in args], "search.enabled=true",
+                                f"search.budget.non_embedding_params={budget}", "search.search.max_candidates=2",
+                                "search.search.top_k=1", "search.search.retrain_steps=1",
+                                "search.prune.calib.num_samples=8", "search.prune.calib.seq_len=128",
+                                "search.prune.loss_samples=2",
+                                "search.distill.train.seq_length=64"))
+    assert "search" in result["stage_seconds"] and "prune" not in result["stage_seconds"]
+    assert result["pruned"]["checkpoint"] == str(searched / "search" / "winner")
+    ratio = result["student"]["parameters"]["non_embedding"] / budget
+    assert 0.95 <= ratio <= 1.05  # search.budget.tolerance
+    assert "search/loss_vs_params.png" in (searched / "report.md").read_text()

@@ -106,7 +106,7 @@ def hf_reference_scores(hf, arch, tokens, agg: Aggregation) -> dict[str, torch.T
 
 def megatron_scores(arch, global_sd):
     from nemo_minitron.importance import estimate_importance, layer_loss_scores, loss_metric
-    from nemo_minitron.importance.hooks import _fused_rms_norm
+    from nemo_minitron.importance.hooks import _fused_norm
     from nemo_minitron.models.gpt import build_gpt_model
 
     model = build_gpt_model(arch)
@@ -114,17 +114,18 @@ def megatron_scores(arch, global_sd):
     scores = [estimate_importance(model, WINDOWS, agg, micro_batch_size=2, progress=False) for agg in AGGREGATIONS]
     layer_loss, base = layer_loss_scores(model, loss_metric(WINDOWS, micro_batch_size=3))
     # The TE spec fuses the norm into linear_qkv; the hook recomputes it from the module's
-    # `layer_norm_weight` and config. Same maths as the local RMSNorm module:
+    # `layer_norm_weight` (and `layer_norm_bias`) and config. Same maths as the local norm module:
     norm = model.decoder.layers[1].input_layernorm
     x = torch.randn(5, 2, arch.hidden_size)
-    fused_like = types.SimpleNamespace(config=model.config, layer_norm_weight=norm.weight)
+    fused_like = types.SimpleNamespace(config=model.config, layer_norm_weight=norm.weight,
+                                       layer_norm_bias=getattr(norm, "bias", None))
     with torch.no_grad():
-        return scores, layer_loss, base, (_fused_rms_norm(fused_like, x), norm(x))
+        return scores, layer_loss, base, (_fused_norm(fused_like, x), norm(x))
 
 
-@pytest.fixture(scope="module")
-def tiny_run():
-    arch = tiny_arch(tie=False)
+@pytest.fixture(scope="module", params=["llama", "nemotron"])
+def tiny_run(request):
+    arch = tiny_arch(tie=False, family=request.param)
     hf = hf_model(arch)
     [result] = run_distributed(megatron_scores, world_size=1, args=(arch, bridge.hf_to_global(arch, hf.state_dict())))
     return arch, hf, result
@@ -142,7 +143,7 @@ def test_hook_scores_equal_transformers_reference(tiny_run):
         assert scores.hidden_per_layer.shape == (arch.num_layers, 2, arch.hidden_size)
 
 
-def test_fused_norm_recomputation_equals_local_rmsnorm(tiny_run):
+def test_fused_norm_recomputation_equals_local_norm(tiny_run):
     fused, local = tiny_run[2][3]
     torch.testing.assert_close(fused, local, rtol=1e-6, atol=1e-6)
 

@@ -10,9 +10,23 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
+
+from nemo_minitron.cli.recipe import recipe_names
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["import", "prune", "search", "distill", "teacher_correct", "align", "export_hf", "eval", "pipeline"]
+# recipe launcher, its arguments selecting a recipe -> the stage and the recipe it runs
+RECIPE_LAUNCHERS = {
+    ("distill_mn8b", ()): ("distill", "mn_minitron_8b"),
+    ("prune_mn8b", ()): ("prune", "mn_minitron_8b"),
+    ("distill_llama31_4b", ()): ("distill", "llama31_minitron_4b_width"),
+    ("distill_llama31_4b", ("--depth",)): ("distill", "llama31_minitron_4b_depth"),
+    ("prune_llama31_4b", ()): ("prune", "llama31_minitron_4b_width"),
+    ("prune_llama31_4b", ("--depth",)): ("prune", "llama31_minitron_4b_depth"),
+    ("distill_nemotron4", ()): ("distill", "nemotron4_minitron_8b"),
+    ("distill_nemotron4", ("--4b",)): ("distill", "nemotron4_minitron_4b"),
+}
 
 
 @pytest.fixture
@@ -45,6 +59,18 @@ def stubs(tmp_path):
     return env, log
 
 
+def _srun_line(minitron_args: str) -> str:
+    """What the launcher's srun records for `--container img:1` and `minitron_args`."""
+    return (f"srun --ntasks-per-node=8 --kill-on-bad-exit=1 --container-image=img:1 "
+            f"--container-workdir={Path.cwd()} minitron {minitron_args}")
+
+
+def _login_node(env: dict) -> dict:
+    """`env` without the Slurm allocation, on a 1-node x 8-GPU layout: where --dry-run is used."""
+    return {**{k: v for k, v in env.items() if not k.startswith("SLURM_")},
+            "MINITRON_NODES": "1", "MINITRON_GPUS_PER_NODE": "8"}
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_runs_srun_with_layout_and_overrides(stubs, stage):
     env, log = stubs
@@ -55,8 +81,7 @@ def test_every_stage_runs_srun_with_layout_and_overrides(stubs, stage):
     calls = log.read_text().splitlines()
     cli_stage = stage.replace("_", "-")
     srun = [c for c in calls if c.startswith("srun ")]
-    assert srun == [f"srun --ntasks-per-node=8 --kill-on-bad-exit=1 --container-image=img:1 "
-                    f"--container-workdir={Path.cwd()} minitron {cli_stage} tp=4 pp=2 train.steps=10 output_dir=/ckpt/x"]
+    assert srun == [_srun_line(f"{cli_stage} tp=4 pp=2 train.steps=10 output_dir=/ckpt/x")]
     assert "tp=4 pp=2 dp=2" in proc.stdout  # 2 nodes x 8 GPUs / (4 x 2)
     assert "scontrol show hostnames gpu-[017-018]" in calls  # MASTER_ADDR from the first node
 
@@ -87,11 +112,44 @@ def test_preemption_forwards_signal_and_requeues(stubs):
 
 def test_dry_run_prints_layout_and_resolved_config(stubs):
     env, _ = stubs
-    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}  # on a login node
     proc = subprocess.run(["bash", str(ROOT / "launchers" / "eval.sh"), "--dry-run", "--tp", "2",
                            "checkpoint=/ckpt/teacher", "data=/data/heldout.jsonl"],
-                          env={**env, "MINITRON_NODES": "1", "MINITRON_GPUS_PER_NODE": "8"},
-                          capture_output=True, text=True, timeout=120)
+                          env=_login_node(env), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "world=8 tp=2 pp=1 dp=4" in proc.stdout
     assert "tp: 2" in proc.stdout and "checkpoint: /ckpt/teacher" in proc.stdout
+
+
+@pytest.mark.parametrize(("launcher", "selection"), sorted(RECIPE_LAUNCHERS))
+def test_recipe_launcher_runs_its_stage_with_the_recipe(stubs, launcher, selection):
+    env, log = stubs
+    stage, recipe = RECIPE_LAUNCHERS[launcher, selection]
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / f"{launcher}.sh"), *selection, "--tp", "4", "--pp", "2",
+                           "--container", "img:1", "output_dir=/ckpt/x"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    srun = [c for c in log.read_text().splitlines() if c.startswith("srun ")]
+    assert srun == [_srun_line(f"{stage} tp=4 pp=2 recipe={recipe} output_dir=/ckpt/x")]
+
+
+def test_recipe_launcher_dry_run_shows_the_recipe_under_the_command_line(stubs):
+    env, _ = stubs
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "distill_mn8b.sh"), "--dry-run", "train.steps=100",
+                           "teacher=/ckpt/teacher"],
+                          env=_login_node(env), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    layout, resolved = proc.stdout.split("\n", 1)
+    assert "world=8 tp=8 pp=1 dp=1" in layout  # the launcher's default --tp 8
+    cfg = OmegaConf.create(resolved)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps) == (1e-4, 4.5e-7, 60)
+    assert (cfg.train.global_batch_size, cfg.train.seq_length, cfg.dtype, cfg.tp) == (768, 8192, "bfloat16", 8)
+    assert cfg.train.steps == 100 and cfg.teacher == "/ckpt/teacher"  # the recipe says 60399 steps
+
+
+def test_unknown_recipe_is_one_error_line(stubs):
+    env, _ = stubs
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "distill.sh"), "--dry-run", "recipe=mn_minitron_9b"],
+                          env=_login_node(env), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: recipe=mn_minitron_9b is not one of {recipe_names()} (conf/recipes/)"
+    assert "Traceback" not in proc.stderr

@@ -110,3 +110,21 @@ def test_plan_only_counts_without_weights(teacher, tmp_path):
                                 "target.ffn_hidden_size=48"))
     assert result["student"]["parameters"] == tiny_arch(tie=True, ffn_hidden_size=48).num_parameters()
     assert not (tmp_path / "none").exists()
+
+
+def test_nemotron_import_prune_export_matches_transformers(calib, tmp_path):
+    """Nemotron-4 end to end at a tiny size: HF import -> prune (width, heads, depth) -> HF export,
+    and the exported model's perplexity in transformers equals `minitron eval` on the checkpoint."""
+    from test_cli import reference_perplexity
+
+    write_hf_dir(tmp_path / "hf", tiny_arch(tie=False, family="nemotron"))
+    minitron("import", f"hf_path={tmp_path / 'hf'}", f"output_dir={tmp_path / 'teacher'}")
+    minitron(*prune_args(tmp_path / "teacher", calib, tmp_path / "pruned", *TARGET))
+    arch = checkpoint.read_arch(tmp_path / "pruned")
+    assert (arch.family, arch.normalization, arch.activation, arch.rotary_percent) == (
+        "nemotron", "LayerNorm", "squared_relu", 0.5)
+    minitron("export-hf", f"checkpoint={tmp_path / 'pruned'}", f"output_dir={tmp_path / 'pruned_hf'}")
+    config = json.loads((tmp_path / "pruned_hf" / "config.json").read_text())
+    assert config["model_type"] == "nemotron" and config["hidden_size"] == 48 and config["num_hidden_layers"] == 2
+    ppl = last_json(minitron("eval", f"checkpoint={tmp_path / 'pruned'}", f"data={calib}", "seq_len=16"))
+    assert ppl["perplexity"] == pytest.approx(reference_perplexity(tmp_path / "pruned_hf", calib, 16), rel=1e-5)

@@ -16,6 +16,8 @@ PUBLISHED_SHAPES = {
     "llama-3.1-minitron-4b-width": (32, 3072, 9216, 32, 8, 128256),
     "llama-3.1-minitron-4b-depth": (16, 4096, 14336, 32, 8, 128256),
     "mn-minitron-8b": (40, 4096, 11520, 32, 8, 131072),
+    "minitron-8b": (32, 4096, 16384, 48, 8, 256000),
+    "minitron-4b": (32, 3072, 9216, 32, 8, 256000),
 }
 
 
@@ -28,18 +30,22 @@ def meta_counts(archs):
 def test_published_students_and_their_parameter_counts():
     assert PUBLISHED_TEACHERS["llama-3.1-8b"].num_parameters()["total"] == 8_030_261_248
     assert f"{PUBLISHED_TEACHERS['mistral-nemo-12b'].num_parameters()['total'] / 1e9:.1f}B" == "12.2B"
+    # Nemotron-4-15B: 3.15B embedding + 12.48B non-embedding (the Nemotron-4 report rounds: 3.2B + 12.5B)
+    nemotron = PUBLISHED_TEACHERS["nemotron-4-15b"].num_parameters()
+    assert (nemotron["total"], nemotron["non_embedding"]) == (15_628_775_424, 12_483_047_424)
     for name, recipe in PUBLISHED_RECIPES.items():
         teacher, student = published_student(name)
         shape = (student.num_layers, student.hidden_size, student.ffn_hidden_size, student.num_attention_heads,
                  student.num_query_groups, student.vocab_size)
         assert shape == PUBLISHED_SHAPES[name]
         assert student.kv_channels == teacher.kv_channels == 128
-        assert f"{student.num_parameters()['total'] / 1e9:.2f}B" == recipe.published_params, name
+        digits = 2 if "." in recipe.published_params else 0  # the Minitron cards round to whole billions
+        assert f"{student.num_parameters()['total'] / 1e9:.{digits}f}B" == recipe.published_params, name
 
 
 def test_three_counts_agree():
     archs = [*PUBLISHED_TEACHERS.values(), *(published_student(n)[1] for n in PUBLISHED_RECIPES),
-             tiny_arch(tie=True), tiny_arch(tie=False, num_query_groups=1)]
+             tiny_arch(tie=True), tiny_arch(tie=False, num_query_groups=1), tiny_arch(tie=False, family="nemotron")]
     [on_meta] = run_distributed(meta_counts, world_size=1, args=(archs,))
     for arch, meta in zip(archs, on_meta):
         assert count_from_shapes(arch) == arch.num_parameters()

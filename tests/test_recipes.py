@@ -15,19 +15,30 @@ from nemo_minitron.prune.planner import PUBLISHED_TEACHERS
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # recipe -> (teacher, expected student (layers, hidden, ffn, heads, groups), total params in billions,
-#            distillation (lr, min_lr, warmup, global batch), distillation tokens in billions)
+#            distillation (lr, min_lr, warmup, global batch, sequence), distillation tokens in billions,
+#            teacher correction)
 RECIPES = {
-    "llama31_minitron_4b_width": ("llama-3.1-8b", (32, 3072, 9216, 32, 8), 4.51, (1e-4, 1e-5, 40, 1152), 94),
-    "llama31_minitron_4b_depth": ("llama-3.1-8b", (16, 4096, 14336, 32, 8), 4.54, (1e-4, 1e-5, 40, 1152), 94),
-    "mn_minitron_8b": ("mistral-nemo-12b", (40, 4096, 11520, 32, 8), 8.41, (1e-4, 4.5e-7, 60, 768), 380),
+    "llama31_minitron_4b_width": ("llama-3.1-8b", (32, 3072, 9216, 32, 8), 4.51, (1e-4, 1e-5, 40, 1152, 8192), 94, True),
+    "llama31_minitron_4b_depth": ("llama-3.1-8b", (16, 4096, 14336, 32, 8), 4.54, (1e-4, 1e-5, 40, 1152, 8192), 94, True),
+    "mn_minitron_8b": ("mistral-nemo-12b", (40, 4096, 11520, 32, 8), 8.41, (1e-4, 4.5e-7, 60, 768, 8192), 380, True),
+    "nemotron4_minitron_8b": ("nemotron-4-15b", (32, 4096, 16384, 48, 8), 8.27, (1e-4, 1e-5, 40, 1152, 4096), 94, False),
+    "nemotron4_minitron_4b": ("minitron-8b", (32, 3072, 9216, 32, 8), 4.39, (1e-4, 1e-5, 40, 1152, 4096), 94, False),
 }
+
+
+def compose_recipe(name: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=f"recipes/{name}", overrides=["teacher.hf_path=/m", "corpus.user_paths=[/d]"])
+
+
+def test_every_recipe_file_is_tested():
+    assert {p.stem for p in (CONF / "recipes").glob("*.yaml")} == set(RECIPES)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_reproduces_the_published_model(name):
-    teacher_name, shape, billions, (lr, min_lr, warmup, batch), tokens_b = RECIPES[name]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=f"recipes/{name}", overrides=["teacher.hf_path=/m", "corpus.user_paths=[/d]"])
+    teacher_name, shape, billions, (lr, min_lr, warmup, batch, seq), tokens_b, corrected = RECIPES[name]
+    cfg = compose_recipe(name)
     teacher = PUBLISHED_TEACHERS[teacher_name]
     target = {k: v for k, v in OmegaConf.to_container(cfg.prune.target).items()}
     student = PruneSpec.from_dict(target).target_arch(teacher, 8, 1)
@@ -36,8 +47,18 @@ def test_recipe_reproduces_the_published_model(name):
     assert student.num_parameters()["total"] / 1e9 == pytest.approx(billions, abs=0.01)
     d = cfg.distill
     assert (d.optim.lr, d.optim.min_lr, d.optim.warmup_steps, d.train.global_batch_size) == (lr, min_lr, warmup, batch)
-    assert d.train.seq_length == 8192 and d.loss.kind == "fwd_kl" and d.loss.lm_weight == 0
-    assert d.train.steps * batch * 8192 / 1e9 == pytest.approx(tokens_b, rel=0.001)
+    assert d.train.seq_length == seq and d.loss.kind == "fwd_kl" and d.loss.lm_weight == 0
+    assert d.train.steps * batch * seq / 1e9 == pytest.approx(tokens_b, rel=0.001)
     tc = cfg.teacher_correct
-    assert tc.enabled and tc.optim.warmup_steps == 120
-    assert tc.train.steps * tc.train.global_batch_size * 8192 / 1e9 == pytest.approx(100, rel=0.01)
+    assert tc.enabled == corrected
+    if corrected:  # ~100B tokens at 1/5 of the original peak LR, 120 warmup steps
+        assert tc.optim.warmup_steps == 120
+        assert tc.train.steps * tc.train.global_batch_size * tc.train.seq_length / 1e9 == pytest.approx(100, rel=0.01)
+
+
+def test_nemotron_4b_step_starts_from_the_8b_step():
+    """15B -> 8B -> 4B: step 2's teacher is step 1's exported student unless overridden."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        step2 = compose(config_name="recipes/nemotron4_minitron_4b", overrides=["corpus.user_paths=[/d]"])
+    step1 = compose_recipe("nemotron4_minitron_8b")
+    assert step2.teacher.hf_path == f"{step1.work_dir}/student_hf"

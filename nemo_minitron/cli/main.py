@@ -36,15 +36,18 @@ def conf_dir() -> Path:
 
 
 def _usage() -> str:
-    lines = ["usage: minitron <stage> [key=value ...] [--cfg job] [--help]", "", "stages:"]
+    lines = ["usage: minitron <stage> [recipe=NAME] [key=value ...] [--cfg job] [--help]", "", "stages:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in STAGES.items()]
-    lines += ["", "Run under torchrun / srun for parallelism (tp=, pp= keys); MINITRON_DEBUG=1 shows tracebacks."]
+    lines += ["", "recipe=NAME: the stage's settings from conf/recipes/NAME.yaml (key=value arguments win).",
+              "Run under torchrun / srun for parallelism (tp=, pp= keys); MINITRON_DEBUG=1 shows tracebacks."]
     return "\n".join(lines)
 
 
 def _quiet_libraries() -> None:
     """Hydra configures the log format (conf/_base.yaml); only rank 0 logs progress."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    from nemo_minitron.parallel import launch_rank
+
+    if launch_rank() != 0:
         logging.getLogger().setLevel(logging.WARNING)
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -60,6 +63,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from nemo_minitron.data.corpus import CorpusError
 
     return (ValueError, FileNotFoundError, NotADirectoryError, CorpusError, MissingMandatoryValue)
+
+
+def _print_user_error(err: BaseException) -> None:
+    """Bad input as one `error: ...` line on stderr; MINITRON_DEBUG=1 re-raises it for the traceback."""
+    if os.environ.get("MINITRON_DEBUG"):
+        raise err
+    print(f"error: {_format_error(err)}", file=sys.stderr)
 
 
 def _format_error(err: BaseException) -> str:
@@ -78,14 +88,28 @@ def run_stage(stage_fn: Callable[[Any], dict | None], cfg) -> None:
     try:
         result = stage_fn(cfg)
     except user_errors() as err:
-        if os.environ.get("MINITRON_DEBUG"):
-            raise
-        print(f"error: {_format_error(err)}", file=sys.stderr)
+        _print_user_error(err)
         parallel.destroy()
         sys.exit(2)
     parallel.destroy()
-    if result is not None and int(os.environ.get("RANK", "0")) == 0:
+    if result is not None and parallel.launch_rank() == 0:
         print(json.dumps(result, default=str), flush=True)
+
+
+def _config_options_first(args: list[str]) -> list[str]:
+    """Hydra's parser takes key=value overrides only on one side of --config-name (-cn) and
+    --config-dir (-cd); the launchers put tp=/pp= first. Move those options (with their values) to
+    the front so any order works."""
+    front, rest = [], []
+    i = 0
+    while i < len(args):
+        if args[i] in ("--config-name", "-cn", "--config-dir", "-cd") and i + 1 < len(args):
+            front += args[i:i + 2]
+            i += 2
+            continue
+        (front if args[i].startswith(("--config-name=", "--config-dir=")) else rest).append(args[i])
+        i += 1
+    return front + rest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,9 +129,16 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     import hydra
 
+    from nemo_minitron.cli.recipe import stage_config_name
+
     module = importlib.import_module(STAGES[stage][0])
-    sys.argv = [f"minitron {stage}", *overrides]
-    app = hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")(
+    try:
+        config_name, overrides = stage_config_name(stage, overrides)
+    except user_errors() as err:
+        _print_user_error(err)
+        sys.exit(2)
+    sys.argv = [f"minitron {stage}", *_config_options_first(overrides)]
+    app = hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(
         lambda cfg: run_stage(module.run, cfg)
     )
     app()

@@ -1,6 +1,6 @@
 """minitron pipeline: the main job, stage by stage, resumable.
 
-import -> corpus -> [teacher-correct] -> prune -> distill -> [align] -> export-hf -> evaluate.
+import -> corpus -> [teacher-correct] -> prune (or search) -> distill -> [align] -> export-hf -> evaluate.
 Every stage is the same code as its own command: the pipeline composes `conf/<stage>.yaml`, applies
 the pipeline's block for that stage and the paths under `work_dir`, and calls the stage's `run`.
 A stage whose output is complete is skipped, so re-running resumes where the last run stopped.
@@ -21,13 +21,17 @@ from nemo_minitron import checkpoint, parallel
 log = logging.getLogger("nemo_minitron")
 
 
+def block_overrides(block: Any) -> dict:
+    """A pipeline block as overrides of its stage's config: the block without its `enabled` switch."""
+    settings = OmegaConf.to_container(block) if block is not None else {}
+    return {k: v for k, v in settings.items() if k != "enabled"}
+
+
 def stage_config(name: str, block: Any, **fixed: Any):
     """conf/<name>.yaml, then the pipeline's block for it, then the paths the pipeline sets."""
     from hydra import compose
 
-    cfg = compose(config_name=name)
-    block = {k: v for k, v in (OmegaConf.to_container(block) if block is not None else {}).items() if k != "enabled"}
-    return OmegaConf.merge(cfg, block, fixed)
+    return OmegaConf.merge(compose(config_name=name), block_overrides(block), fixed)
 
 
 def _module_run(name: str) -> Callable:
@@ -43,6 +47,10 @@ def _barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+class StageInterrupted(Exception):
+    """A training stage saved a checkpoint on a pre-emption signal and returned before finishing."""
 
 
 class Stages:
@@ -63,11 +71,31 @@ class Stages:
         log.info("=== stage %s ===", name)
         start = time.perf_counter()
         self.results[name] = fn()
+        if isinstance(self.results[name], dict) and self.results[name].get("interrupted"):
+            raise StageInterrupted(name)
         self.seconds[name] = round(time.perf_counter() - start, 1)
         log.info("stage %s done in %.1f s", name, self.seconds[name])
 
 
+def _check_inputs(cfg) -> None:
+    """The recipes leave the teacher and the data to the user; say which key is missing."""
+    if not cfg.teacher.model and not cfg.teacher.hf_path:
+        raise ValueError("no teacher: set teacher.hf_path=DIR (a Hugging Face model directory) or teacher.model=smollm2-135m")
+    if not cfg.corpus.sources and not cfg.corpus.user_paths:
+        raise ValueError("no distillation data: set corpus.user_paths=[FILE_OR_DIR,...] (.jsonl/.txt) or corpus.sources=[...]")
+
+
 def run(cfg) -> dict:
+    _check_inputs(cfg)
+    try:
+        return _run_stages(cfg)
+    except StageInterrupted as stop:
+        # The launcher requeues the job; the re-run resumes this stage from its checkpoint.
+        log.info("stage %s stopped on a pre-emption signal after saving a checkpoint: re-run to resume", stop)
+        return {"status": "interrupted", "stage": str(stop), "work_dir": str(Path(cfg.work_dir).absolute())}
+
+
+def _run_stages(cfg) -> dict:
     work = Path(cfg.work_dir).absolute()
     common = {"tp": cfg.tp, "pp": cfg.pp, "seed": cfg.seed, "dtype": cfg.dtype}
     parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
@@ -101,10 +129,16 @@ def run(cfg) -> dict:
                        data=data, **common)))
         teacher = corrected / "final"
 
-    pruned = work / "pruned"
-    stages.run("prune", checkpoint.is_complete(pruned), lambda: _module_run("prune")(stage_config(
-        "prune", cfg.prune, checkpoint=str(teacher), output_dir=str(pruned),
-        calib={"data": str(corpus / "calib.jsonl")}, **common)))
+    calib = {"calib": {"data": str(corpus / "calib.jsonl")}}
+    if cfg.search.enabled:  # the best architecture under search.budget replaces prune.target
+        pruned = work / "search" / "winner"
+        stages.run("search", checkpoint.is_complete(pruned), lambda: _module_run("search")(stage_config(
+            "search", cfg.search, checkpoint=str(teacher), output_dir=str(pruned.parent), prune=calib,
+            distill={"data": data}, **common)))
+    else:
+        pruned = work / "pruned"
+        stages.run("prune", checkpoint.is_complete(pruned), lambda: _module_run("prune")(stage_config(
+            "prune", cfg.prune, checkpoint=str(teacher), output_dir=str(pruned), **calib, **common)))
 
     distilled = work / "distill"
     stages.run("distill", checkpoint.is_complete(distilled / "final"), lambda: _module_run("distill")(stage_config(
@@ -130,7 +164,7 @@ def run(cfg) -> dict:
             stage_config("eval", None, checkpoint=str(ckpt), data=data["valid"], seq_len=cfg.eval.seq_len,
                          micro_batch_size=cfg.eval.micro_batch_size, max_tokens=cfg.eval.max_tokens, **common))))
 
-    summary = _summary(work, teacher, student, perplexity, stages)
+    summary = _summary(work, teacher, pruned, student, perplexity, stages)
     if parallel.is_main_process():
         (work / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         _write_report(work, summary)
@@ -143,13 +177,13 @@ def _tokens_used(path: Path) -> int:
     return int(meta.get("result", {}).get("tokens", 0))
 
 
-def _summary(work: Path, teacher: Path, student: Path, perplexity: dict, stages: Stages) -> dict:
+def _summary(work: Path, teacher: Path, pruned: Path, student: Path, perplexity: dict, stages: Stages) -> dict:
     teacher_arch, student_arch = checkpoint.read_arch(teacher), checkpoint.read_arch(student)
     return {
         "work_dir": str(work),
         "teacher": {"checkpoint": str(teacher), "parameters": teacher_arch.num_parameters(),
                     "heldout_perplexity": perplexity["teacher"]["perplexity"]},
-        "pruned": {"checkpoint": str(work / "pruned"), "heldout_perplexity": perplexity["pruned"]["perplexity"]},
+        "pruned": {"checkpoint": str(pruned), "heldout_perplexity": perplexity["pruned"]["perplexity"]},
         "student": {"checkpoint": str(student), "hf_dir": str(work / "student_hf"),
                     "parameters": student_arch.num_parameters(),
                     "architecture": {k: getattr(student_arch, k) for k in (
@@ -176,6 +210,27 @@ def _table(summary: dict) -> str:
     return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows)
 
 
+def _plot_distillation(metrics: Path, out: Path) -> bool:
+    """Training loss (and validation loss where logged) per step from the distill stage's metrics.jsonl."""
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    valid = [(r["step"], r["val/lm_loss"]) for r in rows if "val/lm_loss" in r]
+    if not train:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(*zip(*train), label="distillation loss (train)")
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="held-out LM loss")
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def _write_report(work: Path, summary: dict) -> None:
     """report.md: the final table, perplexity by stage as a plot, and the stages' own reports."""
     import matplotlib
@@ -199,6 +254,12 @@ def _write_report(work: Path, summary: dict) -> None:
     if (work / "pruned" / "report.md").is_file():
         lines += ["## Pruning", "", "See [pruned/report.md](pruned/report.md).", "",
                   "![layer importance](pruned/layer_importance.png)", ""]
-    if (work / "distill" / "metrics.jsonl").is_file():
+    if (work / "search" / "report.md").is_file():
+        lines += ["## Architecture search", "", "See [search/report.md](search/report.md).", "",
+                  "![loss vs parameters](search/loss_vs_params.png)", ""]
+    metrics = work / "distill" / "metrics.jsonl"
+    if metrics.is_file():
         lines += ["## Distillation", "", "Per-step metrics: distill/metrics.jsonl (TensorBoard: distill/tensorboard).", ""]
+        if _plot_distillation(metrics, work / "distillation.png"):
+            lines += ["![distillation loss](distillation.png)", ""]
     (work / "report.md").write_text("\n".join(lines))

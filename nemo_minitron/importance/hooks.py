@@ -9,7 +9,8 @@ Where each axis is read (activations are sequence-first [s, b, .]):
   channel, then L2 over head_dim (`aggregation.heads=input`), or per token the norm of what each
   head adds to the residual stream, |W_o[:, head] x_head|, computed through the head's d x d Gram
   matrix W_o[:, head]^T W_o[:, head] (`aggregation.heads=output`, the default).
-- MLP neurons: the input of `linear_fc2` (after the gated activation; this rank's neurons).
+- MLP neurons: the input of `linear_fc2` (after the activation, gated or squared ReLU; this rank's
+  neurons).
 - Block Importance: 1 - cos(input, output) of every `TransformerLayer`, averaged over tokens (the
   layer is called with keyword arguments, hence `with_kwargs=True`).
 
@@ -29,15 +30,18 @@ from nemo_minitron.importance.aggregation import Aggregation, BatchStats
 from nemo_minitron.importance.scores import ImportanceScores
 
 
-def _fused_rms_norm(module, x: torch.Tensor) -> torch.Tensor:
+def _fused_norm(module, x: torch.Tensor) -> torch.Tensor:
     """The norm output a TE `LayerNormColumnParallelLinear` computes internally (not returned)."""
     config = module.config
-    if config.normalization != "RMSNorm":
-        raise ValueError(f"importance hooks support RMSNorm models, not normalization={config.normalization}")
     weight = module.layer_norm_weight.float()
     if config.layernorm_zero_centered_gamma:
         weight = weight + 1
     x = x.float()
+    if config.normalization == "LayerNorm":
+        bias = module.layer_norm_bias.float()
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, config.layernorm_epsilon)
+    if config.normalization != "RMSNorm":
+        raise ValueError(f"importance hooks support RMSNorm and LayerNorm, not normalization={config.normalization}")
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + config.layernorm_epsilon) * weight
 
 
@@ -73,7 +77,7 @@ class ImportanceRecorder:
         def hook(module, args):
             x = args[0]
             if getattr(module, "layer_norm_weight", None) is not None:
-                x = _fused_rms_norm(module, x)
+                x = _fused_norm(module, x)
             if self.tp_rank == 0:
                 self.hidden.add(layer, self.aggregation.over_sequence(x), (which,))
                 if which == 0:

@@ -112,8 +112,9 @@ def magnitude_scores(arch: ModelArch, global_sd: dict[str, torch.Tensor]) -> Imp
         hidden_sq += qkv.square().sum(0) + fc1.square().sum(0) + proj.square().sum(1) + fc2.square().sum(1)
         q = qkv.view(G, per_group + 2, d, h)[:, :per_group].reshape(arch.num_attention_heads, -1)
         heads.append((q.square().sum(1) + proj.view(h, -1, d).square().sum((0, 2))).sqrt())
-        gate, up = fc1.chunk(2)
-        neurons.append((gate.square().sum(1) + up.square().sum(1) + fc2.square().sum(0)).sqrt())
+        # a SwiGLU neuron's gate and up rows, or a squared-ReLU neuron's one row, and its fc2 column
+        fc1_rows = sum(part.square().sum(1) for part in fc1.chunk(2)) if arch.gated else fc1.square().sum(1)
+        neurons.append((fc1_rows + fc2.square().sum(0)).sqrt())
         layers.append(sum(t.square().sum() for t in w.values()).sqrt())
     return ImportanceScores(
         arch=arch, method="magnitude", hidden=hidden_sq.sqrt(), heads=torch.stack(heads),

@@ -2,10 +2,16 @@
 
 Weights travel in two layouts:
 - *global*: megatron names with global layer indices and TP=1 shapes (what a TP=1 x PP=1 model
-  holds; fc1 is [gate; up], qkv is group-major);
+  holds; fc1 is [gate; up] for SwiGLU, up alone for squared ReLU; qkv is group-major; LayerNorm
+  models add a `.bias` beside every norm `.weight`);
 - *local*: what one rank of a TP x PP model holds.
 `hf_to_global`/`global_to_hf` convert names and fuse/unfuse QKV and gate/up; `load_global`
 and `gather_global` move between the global layout and the local shards of a live model.
+
+Nemotron's HF files store LayerNorm1P gammas zero-centred (the model computes weight + 1). Megatron's
+local (torch) norm has no zero-centred mode, so the global layout holds the gamma the model applies:
++1 on import, -1 on export. The two are the same model; training is unaffected because norms get
+no weight decay.
 """
 
 from __future__ import annotations
@@ -23,8 +29,12 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # Fused-norm names of the TE layer spec, mapped to the local spec's separate norm modules.
 _TE_TO_LOCAL = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
+# What HF files store for a norm weight, subtracted from the gamma the model applies.
+_HF_NORM_WEIGHT_OFFSET = {"nemotron": 1.0}
 
 
 # --- HF <-> global ---------------------------------------------------------------------------------
@@ -48,35 +58,54 @@ def qkv_split(qkv: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, torch.T
     return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
 
 
-def _layer_pairs(i: int) -> list[tuple[str, str]]:
-    """(megatron, HF) names of the tensors that map one-to-one in layer i."""
-    m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-    return [
-        (m + "input_layernorm.weight", h + "input_layernorm.weight"),
-        (m + "self_attention.linear_proj.weight", h + "self_attn.o_proj.weight"),
-        (m + "pre_mlp_layernorm.weight", h + "post_attention_layernorm.weight"),
-        (m + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight"),
-    ]
+def _norm_pairs(arch: ModelArch) -> list[tuple[str, str]]:
+    """(megatron, HF) names of every norm tensor (weights, and biases for LayerNorm)."""
+    pairs = [("decoder.final_layernorm.", "model.norm.")]
+    for i in range(arch.num_layers):
+        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        pairs += [(m + "input_layernorm.", h + "input_layernorm."),
+                  (m + "pre_mlp_layernorm.", h + "post_attention_layernorm.")]
+    params = ("weight", "bias") if arch.norm_has_bias else ("weight",)
+    return [(m + p, h + p) for m, h in pairs for p in params]
+
+
+def _linear_pairs(arch: ModelArch) -> list[tuple[str, str]]:
+    """(megatron, HF) names of the linear weights that map one-to-one."""
+    pairs = []
+    for i in range(arch.num_layers):
+        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        pairs += [(m + "self_attention.linear_proj.weight", h + "self_attn.o_proj.weight"),
+                  (m + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight")]
+        if not arch.gated:
+            pairs.append((m + "mlp.linear_fc1.weight", h + "mlp.up_proj.weight"))
+    return pairs
+
+
+def _shift(tensor: torch.Tensor, offset: float) -> torch.Tensor:
+    """tensor + offset computed in fp32 (what transformers computes), in the tensor's dtype."""
+    return tensor if offset == 0 else (tensor.float() + offset).to(tensor.dtype)
 
 
 def hf_to_global(arch: ModelArch, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF state dict -> global megatron state dict (local-spec names)."""
-    _require(hf, "model.embed_tokens.weight", arch)
-    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"]}
+    offset = _HF_NORM_WEIGHT_OFFSET.get(arch.family, 0.0)
+    out = {"embedding.word_embeddings.weight": _require(hf, "model.embed_tokens.weight", arch)}
+    for mg, hf_name in _norm_pairs(arch):
+        out[mg] = _shift(_require(hf, hf_name, arch), offset if mg.endswith("weight") else 0.0)
+    for mg, hf_name in _linear_pairs(arch):
+        out[mg] = _require(hf, hf_name, arch)
     for i in range(arch.num_layers):
         h = f"model.layers.{i}."
-        for mg, hf_name in _layer_pairs(i):
-            out[mg] = _require(hf, hf_name, arch)
         out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = qkv_fuse(
             _require(hf, h + "self_attn.q_proj.weight", arch),
             _require(hf, h + "self_attn.k_proj.weight", arch),
             _require(hf, h + "self_attn.v_proj.weight", arch),
             arch,
         )
-        out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.cat(
-            [_require(hf, h + "mlp.gate_proj.weight", arch), _require(hf, h + "mlp.up_proj.weight", arch)]
-        )
-    out["decoder.final_layernorm.weight"] = _require(hf, "model.norm.weight", arch)
+        if arch.gated:
+            out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.cat(
+                [_require(hf, h + "mlp.gate_proj.weight", arch), _require(hf, h + "mlp.up_proj.weight", arch)]
+            )
     if not arch.tie_embeddings:
         out["output_layer.weight"] = _require(hf, "lm_head.weight", arch)
     _check_shapes(arch, out)
@@ -85,16 +114,19 @@ def hf_to_global(arch: ModelArch, hf: dict[str, torch.Tensor]) -> dict[str, torc
 
 def global_to_hf(arch: ModelArch, mg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Global megatron state dict -> HF state dict."""
+    offset = _HF_NORM_WEIGHT_OFFSET.get(arch.family, 0.0)
     out = {"model.embed_tokens.weight": mg["embedding.word_embeddings.weight"]}
+    for mg_name, hf_name in _norm_pairs(arch):
+        out[hf_name] = _shift(mg[mg_name], -offset if mg_name.endswith("weight") else 0.0)
+    for mg_name, hf_name in _linear_pairs(arch):
+        out[hf_name] = mg[mg_name]
     for i in range(arch.num_layers):
         h = f"model.layers.{i}."
-        for mg_name, hf_name in _layer_pairs(i):
-            out[hf_name] = mg[mg_name]
         q, k, vv = qkv_split(mg[f"decoder.layers.{i}.self_attention.linear_qkv.weight"], arch)
         out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"], out[h + "self_attn.v_proj.weight"] = q, k, vv
-        gate, up = mg[f"decoder.layers.{i}.mlp.linear_fc1.weight"].chunk(2)
-        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
-    out["model.norm.weight"] = mg["decoder.final_layernorm.weight"]
+        if arch.gated:
+            gate, up = mg[f"decoder.layers.{i}.mlp.linear_fc1.weight"].chunk(2)
+            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
     if not arch.tie_embeddings:
         out["lm_head.weight"] = mg["output_layer.weight"]
     return {k: t.contiguous() for k, t in out.items()}
@@ -111,17 +143,15 @@ def expected_global_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
     qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * d
     shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (arch.vocab_size, h)}
+    shapes.update({name: (h,) for name, _ in _norm_pairs(arch)})
     for i in range(arch.num_layers):
         p = f"decoder.layers.{i}."
         shapes.update({
-            p + "input_layernorm.weight": (h,),
             p + "self_attention.linear_qkv.weight": (qkv_rows, h),
             p + "self_attention.linear_proj.weight": (h, arch.num_attention_heads * d),
-            p + "pre_mlp_layernorm.weight": (h,),
-            p + "mlp.linear_fc1.weight": (2 * f, h),
+            p + "mlp.linear_fc1.weight": ((2 if arch.gated else 1) * f, h),
             p + "mlp.linear_fc2.weight": (h, f),
         })
-    shapes["decoder.final_layernorm.weight"] = (h,)
     if not arch.tie_embeddings:
         shapes["output_layer.weight"] = (arch.vocab_size, h)
     return shapes
@@ -169,24 +199,24 @@ def _tp_axis(global_name: str) -> int | None:
     return None
 
 
-def shard(global_name: str, tensor: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
-    """The TP shard of a global tensor held by `tp_rank`."""
+def shard(global_name: str, tensor: torch.Tensor, tp_rank: int, tp: int, gated: bool = True) -> torch.Tensor:
+    """The TP shard of a global tensor held by `tp_rank` (`gated`: fc1 is [gate; up])."""
     axis = _tp_axis(global_name)
     if axis is None or tp == 1:
         return tensor
-    if global_name.endswith("linear_fc1.weight"):
+    if gated and global_name.endswith("linear_fc1.weight"):
         # partition_stride=2: each rank holds its slice of the gate and the same slice of up.
         gate, up = tensor.chunk(2)
         return torch.cat([gate.chunk(tp)[tp_rank], up.chunk(tp)[tp_rank]])
     return tensor.chunk(tp, dim=axis)[tp_rank]
 
 
-def unshard(global_name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+def unshard(global_name: str, shards: list[torch.Tensor], gated: bool = True) -> torch.Tensor:
     """Inverse of `shard` over all TP ranks' shards."""
     axis = _tp_axis(global_name)
     if axis is None or len(shards) == 1:
         return shards[0]
-    if global_name.endswith("linear_fc1.weight"):
+    if gated and global_name.endswith("linear_fc1.weight"):
         halves = [s.chunk(2) for s in shards]
         return torch.cat([torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])])
     return torch.cat(shards, dim=axis)
@@ -201,7 +231,7 @@ def load_global(model, global_sd: dict[str, torch.Tensor]) -> None:
     for global_name, local_name, param in local_parameters(model):
         if global_name not in global_sd:
             raise ValueError(f"weights for {global_name} (local {local_name}) are missing")
-        local = shard(global_name, global_sd[global_name], tp_rank, tp)
+        local = shard(global_name, global_sd[global_name], tp_rank, tp, model.arch.gated)
         if local.shape != param.shape:
             raise ValueError(f"{global_name}: shard shape {tuple(local.shape)} != parameter {tuple(param.shape)}")
         param.copy_(local.to(param.dtype))
@@ -224,7 +254,7 @@ def gather_global(model, grads: bool = False) -> dict[str, torch.Tensor]:
             raise ValueError(f"{global_name} has no gradient")
         shards = [torch.empty_like(local) for _ in range(tp)]
         dist.all_gather(shards, local.detach().contiguous(), group=tp_group)
-        stage[global_name] = unshard(global_name, shards).cpu().clone()
+        stage[global_name] = unshard(global_name, shards, model.arch.gated).cpu().clone()
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp == 1:
         return stage

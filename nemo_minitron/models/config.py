@@ -1,8 +1,8 @@
-"""The architecture of a Llama-family decoder, as one small typed config.
+"""The architecture of a Llama- or Nemotron-family decoder, as one small typed config.
 
 `ModelArch` is what a checkpoint records (`model_config.json`), what pruning edits and what the
 planner counts. It converts to a megatron `TransformerConfig` for a given parallel layout and to
-and from a Hugging Face `LlamaConfig`/`MistralConfig` (the bridge uses these).
+and from a Hugging Face `LlamaConfig`/`MistralConfig`/`NemotronConfig` (the bridge uses these).
 """
 
 from __future__ import annotations
@@ -15,7 +15,17 @@ from typing import Any
 
 import torch
 
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "nemotron": "NemotronForCausalLM"}
+# What each family computes: Llama and Mistral are RMSNorm + SwiGLU + full rotary; Nemotron-4 is
+# LayerNorm (with bias, "1p" zero-centred gamma in HF files) + squared-ReLU MLP + rotary on half of
+# each head. (normalization, activation, HF `hidden_act`)
+FAMILY_LAYERS = {
+    "llama": ("RMSNorm", "swiglu", "silu"),
+    "mistral": ("RMSNorm", "swiglu", "silu"),
+    "nemotron": ("LayerNorm", "squared_relu", "relu2"),
+}
+ACTIVATIONS = ("swiglu", "squared_relu")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 
 # megatron's RotaryEmbedding hard-codes these Llama-3.1 rope-scaling constants; only `factor` is
 # configurable, so checkpoints with other values are refused rather than silently changed.
@@ -24,7 +34,8 @@ _MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "origi
 
 @dataclass
 class ModelArch:
-    """A Llama-family decoder: RMSNorm, SwiGLU, rotary, GQA, optionally tied embeddings."""
+    """A decoder with rotary GQA attention: RMSNorm + SwiGLU (Llama, Mistral) or LayerNorm +
+    squared ReLU with partial rotary (Nemotron-4); optionally tied embeddings."""
 
     num_layers: int
     hidden_size: int
@@ -41,6 +52,9 @@ class ModelArch:
     family: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    normalization: str = "RMSNorm"  # RMSNorm (weight) | LayerNorm (weight and bias)
+    activation: str = "swiglu"      # swiglu (fc1 = [gate; up]) | squared_relu (fc1 = up)
+    rotary_percent: float = 1.0     # fraction of each head's channels that rotary rotates
 
     def __post_init__(self):
         self.validate()
@@ -57,6 +71,29 @@ class ModelArch:
             )
         if self.family not in HF_ARCHITECTURES:
             raise ValueError(f"model.family={self.family!r} is not one of {sorted(HF_ARCHITECTURES)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation={self.activation!r} is not one of {list(ACTIVATIONS)}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"model.normalization={self.normalization!r} is not one of {list(NORMALIZATIONS)}")
+        if (self.normalization, self.activation) != FAMILY_LAYERS[self.family][:2]:
+            norm, act, _ = FAMILY_LAYERS[self.family]
+            raise ValueError(f"model.family={self.family} has normalization={norm} and activation={act}, "
+                             f"not {self.normalization} and {self.activation}")
+        if self.rotary_percent != 1.0 and self.family != "nemotron":
+            raise ValueError(f"model.rotary_percent={self.rotary_percent}: partial rotary is a Nemotron feature; "
+                             f"{self.family} rotates whole heads (1.0)")
+        if not 0 < self.rotary_percent <= 1 or (self.kv_channels * self.rotary_percent) % 2:
+            raise ValueError(f"model.rotary_percent={self.rotary_percent} must be in (0, 1] and rotate an even "
+                             f"number of the {self.kv_channels} head channels")
+
+    @property
+    def gated(self) -> bool:
+        """SwiGLU: linear_fc1 holds a gate and an up projection per neuron."""
+        return self.activation == "swiglu"
+
+    @property
+    def norm_has_bias(self) -> bool:
+        return self.normalization == "LayerNorm"
 
     def check_parallel(self, tp: int, pp: int) -> None:
         """Raise ValueError naming the key to fix when this model cannot be split tp x pp."""
@@ -79,10 +116,11 @@ class ModelArch:
         """Total and non-embedding parameter counts (tied embeddings counted once)."""
         h, d = self.hidden_size, self.kv_channels
         attention = (self.num_attention_heads + 2 * self.num_query_groups) * d * h + h * self.num_attention_heads * d
-        mlp = 3 * self.ffn_hidden_size * h
-        per_layer = attention + mlp + 2 * h
+        mlp = (3 if self.gated else 2) * self.ffn_hidden_size * h
+        norm = h * (2 if self.norm_has_bias else 1)
+        per_layer = attention + mlp + 2 * norm
         embedding = self.vocab_size * h * (1 if self.tie_embeddings else 2)
-        non_embedding = self.num_layers * per_layer + h
+        non_embedding = self.num_layers * per_layer + norm
         return {"total": non_embedding + embedding, "non_embedding": non_embedding}
 
     def to_json(self) -> str:
@@ -110,7 +148,7 @@ class ModelArch:
 
     @classmethod
     def from_hf_config(cls, hf: Any) -> "ModelArch":
-        """From a transformers Llama/Mistral config object (or its dict)."""
+        """From a transformers Llama/Mistral/Nemotron config object (or its dict)."""
         cfg = hf if isinstance(hf, dict) else hf.to_dict()
         model_type = cfg.get("model_type")
         if model_type not in HF_ARCHITECTURES:
@@ -120,8 +158,10 @@ class ModelArch:
             )
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise ValueError("attention_bias / mlp_bias checkpoints are not supported (Llama has none)")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act={cfg.get('hidden_act')!r} is not supported (SwiGLU needs silu)")
+        normalization, activation, hidden_act = FAMILY_LAYERS[model_type]
+        if cfg.get("hidden_act", hidden_act) != hidden_act:
+            raise ValueError(f"hidden_act={cfg.get('hidden_act')!r} is not supported for {model_type} "
+                             f"(nemo-minitron builds {activation} from hidden_act={hidden_act!r})")
         heads = cfg["num_attention_heads"]
         rope_factor = _llama3_rope_factor(cfg)
         eos = cfg.get("eos_token_id")
@@ -136,18 +176,23 @@ class ModelArch:
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             rope_theta=float(_rope_theta(cfg)),
             rope_scaling_factor=rope_factor,
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            norm_eps=cfg.get("rms_norm_eps", cfg.get("norm_eps", 1e-5)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             family=model_type,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            normalization=normalization,
+            activation=activation,
+            # transformers' NemotronConfig defaults to rotating half of each head
+            rotary_percent=float(_partial_rotary_factor(cfg, 0.5 if model_type == "nemotron" else 1.0)),
         )
 
     def to_hf_config(self):
         """A transformers config object for this architecture."""
         import transformers
 
-        config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[self.family]
+        config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                      "nemotron": transformers.NemotronConfig}[self.family]
         kwargs: dict[str, Any] = dict(
             num_hidden_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -157,14 +202,16 @@ class ModelArch:
             head_dim=self.kv_channels,
             vocab_size=self.vocab_size,
             max_position_embeddings=self.max_position_embeddings,
-            rms_norm_eps=self.norm_eps,
             tie_word_embeddings=self.tie_embeddings,
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
-            hidden_act="silu",
+            hidden_act=FAMILY_LAYERS[self.family][2],
             torch_dtype="float32",
         )
+        kwargs["norm_eps" if self.family == "nemotron" else "rms_norm_eps"] = self.norm_eps
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.family == "nemotron":  # transformers' Nemotron reads it unconditionally
+            rope["partial_rotary_factor"] = self.rotary_percent
         if self.rope_scaling_factor is not None:
             rope = {"rope_type": "llama3", "factor": self.rope_scaling_factor, "rope_theta": self.rope_theta,
                     **_MEGATRON_LLAMA3_ROPE}
@@ -177,6 +224,7 @@ class ModelArch:
 
     def transformer_config(self, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32):
         """The megatron `TransformerConfig` for this architecture at a parallel layout."""
+        from megatron.core.activations import squared_relu
         from megatron.core.transformer import TransformerConfig
 
         self.check_parallel(tp, pp)
@@ -189,9 +237,9 @@ class ModelArch:
             num_query_groups=self.num_query_groups,
             kv_channels=self.kv_channels,
             layernorm_epsilon=self.norm_eps,
-            normalization="RMSNorm",
-            gated_linear_unit=True,
-            activation_func=torch.nn.functional.silu,
+            normalization=self.normalization,
+            gated_linear_unit=self.gated,
+            activation_func=torch.nn.functional.silu if self.gated else squared_relu,
             add_bias_linear=False,
             add_qkv_bias=False,
             hidden_dropout=0.0,
@@ -219,6 +267,11 @@ def _rope_theta(cfg: dict[str, Any]) -> float:
     return params.get("rope_theta") or cfg.get("rope_theta") or 10000.0
 
 
+def _partial_rotary_factor(cfg: dict[str, Any], default: float) -> float:
+    params = cfg.get("rope_parameters") or {}
+    return params.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or default
+
+
 def _llama3_rope_factor(cfg: dict[str, Any]) -> float | None:
     scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
@@ -241,3 +294,5 @@ def _set_hf_rope(config: Any, rope: dict[str, Any]) -> None:
     else:
         config.rope_theta = rope["rope_theta"]
         config.rope_scaling = None if rope["rope_type"] == "default" else rope
+        if "partial_rotary_factor" in rope:
+            config.partial_rotary_factor = rope["partial_rotary_factor"]

@@ -13,15 +13,16 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
 
 
-def layer_spec(use_te: bool | None = None):
-    """TE layer spec in the GPU container (fused norm+linear), the local spec everywhere else."""
+def layer_spec(normalization: str, use_te: bool | None = None):
+    """TE layer spec in the GPU container (fused norm+linear), the local spec everywhere else.
+    (The TE spec takes the norm kind from the TransformerConfig; the local spec needs it here.)"""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te is None:
         use_te = transformer_engine_available()
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization)
 
 
 def build_gpt_model(
@@ -38,7 +39,7 @@ def build_gpt_model(
     config = arch.transformer_config(tp=tp, pp=pp, params_dtype=params_dtype)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=layer_spec(arch.normalization, use_te),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -46,6 +47,7 @@ def build_gpt_model(
         parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_embeddings,
         position_embedding_type="rope",
+        rotary_percent=arch.rotary_percent,
         rotary_base=int(arch.rope_theta),
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,

@@ -29,7 +29,16 @@ PUBLISHED_TEACHERS: dict[str, ModelArch] = {
         kv_channels=128, vocab_size=131072, max_position_embeddings=1024000, rope_theta=1000000.0,
         norm_eps=1e-5, tie_embeddings=False, family="mistral",
     ),
+    # Nemotron-4: LayerNorm with bias, squared-ReLU MLP (no gate), rotary on half of each head.
+    "nemotron-4-15b": ModelArch(
+        num_layers=32, hidden_size=6144, ffn_hidden_size=24576, num_attention_heads=48, num_query_groups=8,
+        kv_channels=128, vocab_size=256000, max_position_embeddings=4096, rope_theta=10000.0, norm_eps=1e-5,
+        tie_embeddings=False, family="nemotron", normalization="LayerNorm", activation="squared_relu",
+        rotary_percent=0.5,
+    ),
 }
+# Minitron-4B is pruned from Minitron-8B, not from the 15B (the paper's iterative prune + distill).
+PUBLISHED_TEACHERS["minitron-8b"] = PUBLISHED_TEACHERS["nemotron-4-15b"].replace(hidden_size=4096, ffn_hidden_size=16384)
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,10 @@ PUBLISHED_RECIPES: dict[str, Recipe] = {
     "llama-3.1-minitron-4b-width": Recipe("llama-3.1-8b", PruneSpec(hidden_size=3072, ffn_hidden_size=9216), "4.51B"),
     "llama-3.1-minitron-4b-depth": Recipe("llama-3.1-8b", PruneSpec(num_layers=16), "4.54B"),
     "mn-minitron-8b": Recipe("mistral-nemo-12b", PruneSpec(hidden_size=4096, ffn_hidden_size=11520), "8.41B"),
+    # Model cards: Minitron-8B-Base hidden 4096 / 48 heads / FFN 16384; Minitron-4B-Base hidden 3072 /
+    # 32 heads / FFN 9216; both 32 layers, 8 KV groups, head_dim 128. The cards say only "8B" and "4B".
+    "minitron-8b": Recipe("nemotron-4-15b", PruneSpec(hidden_size=4096, ffn_hidden_size=16384), "8B"),
+    "minitron-4b": Recipe("minitron-8b", PruneSpec(hidden_size=3072, ffn_hidden_size=9216, num_attention_heads=32), "4B"),
 }
 
 

@@ -2,12 +2,12 @@
 
 `prune_global` is a pure function over the global layout (megatron names, TP=1 shapes, see
 `models/bridge.py`) and index sets:
-- one shared hidden-channel order for the embedding, every norm, every linear's hidden side, the
-  final norm and the output layer;
+- one shared hidden-channel order for the embedding, every norm (weight, and bias for LayerNorm),
+  every linear's hidden side, the final norm and the output layer;
 - QKV is group-major [per group: q heads, k, v]: kept groups are selected, then the kept q heads
   of each group, always with the group's k and v; `linear_proj` keeps the matching head columns;
-- `linear_fc1` is [gate; up]: a neuron keeps its gate row and its up row, plus its `linear_fc2`
-  column;
+- SwiGLU `linear_fc1` is [gate; up]: a neuron keeps its gate row and its up row (squared ReLU:
+  its one row), plus its `linear_fc2` column;
 - dropped layers disappear and the survivors are renumbered 0..L'-1.
 `prune_model` applies it to a live model at any TP x PP: gather the global state dict, prune it,
 build the pruned model for the current layout (megatron splits the new layer count evenly over
@@ -54,16 +54,17 @@ def prune_global(
     hid = indices.hidden
     G, d, h = teacher.num_query_groups, teacher.kv_channels, teacher.hidden_size
     per_group = teacher.num_attention_heads // G
-    out = {
-        "embedding.word_embeddings.weight": sd["embedding.word_embeddings.weight"][:, hid],
-        "decoder.final_layernorm.weight": sd["decoder.final_layernorm.weight"][hid],
-    }
+    norm_params = ("weight", "bias") if teacher.norm_has_bias else ("weight",)
+    out = {"embedding.word_embeddings.weight": sd["embedding.word_embeddings.weight"][:, hid]}
+    for param in norm_params:
+        out[f"decoder.final_layernorm.{param}"] = sd[f"decoder.final_layernorm.{param}"][hid]
     if not teacher.tie_embeddings:
         out["output_layer.weight"] = sd["output_layer.weight"][:, hid]
     for new, old in enumerate(indices.layers):
         src, dst = f"decoder.layers.{old}.", f"decoder.layers.{new}."
-        for norm in ("input_layernorm.weight", "pre_mlp_layernorm.weight"):
-            out[dst + norm] = sd[src + norm][hid]
+        for norm in ("input_layernorm", "pre_mlp_layernorm"):
+            for param in norm_params:
+                out[f"{dst}{norm}.{param}"] = sd[f"{src}{norm}.{param}"][hid]
 
         heads = indices.heads[old]
         groups = heads[:, 0] // per_group
@@ -78,8 +79,9 @@ def prune_global(
         out[dst + "self_attention.linear_proj.weight"] = proj[hid][:, heads.flatten()].reshape(len(hid), -1)
 
         neurons = indices.neurons[old]
-        gate, up = sd[src + "mlp.linear_fc1.weight"].chunk(2)
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat([gate[neurons], up[neurons]])[:, hid]
+        fc1 = sd[src + "mlp.linear_fc1.weight"]
+        fc1 = torch.cat([part[neurons] for part in fc1.chunk(2)]) if teacher.gated else fc1[neurons]
+        out[dst + "mlp.linear_fc1.weight"] = fc1[:, hid]
         out[dst + "mlp.linear_fc2.weight"] = sd[src + "mlp.linear_fc2.weight"][hid][:, neurons]
 
     expected = bridge.expected_global_shapes(target)

@@ -16,8 +16,9 @@ from nemo_minitron.train.loop import FINAL_DIR
 
 
 def configs(cfg) -> tuple[TrainConfig, OptimConfig]:
-    train = from_mapping(TrainConfig, OmegaConf.to_container(cfg.train, resolve=True), "train")
-    optim = from_mapping(OptimConfig, OmegaConf.to_container(cfg.optim, resolve=True), "optim")
+    # throw_on_missing: a required key left at ??? (train.steps) is a one-line "missing required key" error
+    train = from_mapping(TrainConfig, OmegaConf.to_container(cfg.train, resolve=True, throw_on_missing=True), "train")
+    optim = from_mapping(OptimConfig, OmegaConf.to_container(cfg.optim, resolve=True, throw_on_missing=True), "optim")
     return train, optim
 
 
