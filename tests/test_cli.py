@@ -208,3 +208,16 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     ratio = result["student"]["parameters"]["non_embedding"] / budget
     assert 0.95 <= ratio <= 1.05  # search.budget.tolerance
     assert "search/loss_vs_params.png" in (searched / "report.md").read_text()
+
+
+def test_pipeline_stops_at_a_stage_interrupted_by_preemption(tmp_path):
+    """A training stage that checkpointed on SIGUSR1 and returned early ends the pipeline run
+    (the requeued job resumes it) instead of running the next stage on a missing final/."""
+    from nemo_minitron.cli.pipeline import StageInterrupted, Stages
+
+    stages = Stages(tmp_path)
+    later = []
+    with pytest.raises(StageInterrupted, match="distill"):
+        stages.run("distill", False, lambda: {"interrupted": True, "step": 3})
+        later.append("export_hf")
+    assert later == [] and "distill" not in stages.seconds  # no time recorded for an unfinished stage

@@ -153,3 +153,16 @@ def test_unknown_recipe_is_one_error_line(stubs):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: recipe=mn_minitron_9b is not one of {recipe_names()} (conf/recipes/)"
     assert "Traceback" not in proc.stderr
+
+
+def test_pipeline_launcher_takes_a_recipe_between_overrides(stubs):
+    """The launcher puts tp=/pp= first; --config-name may still come between key=value overrides."""
+    env, _ = stubs
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "pipeline.sh"), "--dry-run", "--tp", "8",
+                           "teacher.hf_path=/models/Nemotron-4-15B", "--config-name", "recipes/nemotron4_minitron_8b",
+                           "corpus.user_paths=[/data/distill]"],
+                          env=_login_node(env), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cfg = OmegaConf.create(proc.stdout.split("\n", 1)[1])
+    assert (cfg.tp, cfg.teacher.hf_path, list(cfg.corpus.user_paths)) == (8, "/models/Nemotron-4-15B", ["/data/distill"])
+    assert (cfg.prune.target.hidden_size, cfg.distill.train.seq_length) == (4096, 4096)  # the recipe's
