@@ -211,19 +211,22 @@ def _table(summary: dict) -> str:
 
 
 def _plot_distillation(metrics: Path, out: Path) -> bool:
-    """Training loss (and validation loss where logged) per step from the distill stage's metrics.jsonl."""
+    """The distill stage's metrics.jsonl per step: the objective, the student's LM loss on the
+    training batches and, where validated, on held-out data (the last two are comparable)."""
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    valid = [(r["step"], r["val/lm_loss"]) for r in rows if "val/lm_loss" in r]
-    if not train:
+    series = [("train/loss", "-", "objective (distillation loss)"), ("train/lm_loss", "-", "student LM loss, train"),
+              ("val/lm_loss", "o", "student LM loss, held-out")]
+    points = {key: [(r["step"], r[key]) for r in rows if key in r] for key, _, _ in series}
+    if not points["train/loss"]:
         return False
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(*zip(*train), label="distillation loss (train)")
-    if valid:
-        ax.plot(*zip(*valid), "o-", label="held-out LM loss")
+    for key, style, label in series:
+        if points[key]:
+            ax.plot(*zip(*points[key]), style, label=label)
     ax.set_xlabel("step")
+    ax.set_ylabel("nats per token")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
