@@ -202,7 +202,7 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
                                 "search.search.top_k=1", "search.search.retrain_steps=1",
                                 "search.prune.calib.num_samples=8", "search.prune.calib.seq_len=128",
                                 "search.prune.loss_samples=2",
-                                "search.distill.train.seq_length=64"))
+                                "search.distill.train.seq_length=64", "search.distill.optim.warmup_steps=0"))
     assert "search" in result["stage_seconds"] and "prune" not in result["stage_seconds"]
     assert result["pruned"]["checkpoint"] == str(searched / "search" / "winner")
     ratio = result["student"]["parameters"]["non_embedding"] / budget

@@ -8,13 +8,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nemo_minitron.cli.pipeline import block_overrides, stage_config
+from nemo_minitron.cli.pipeline import stage_config
 from nemo_minitron.cli.recipe import recipe_names, stage_config_name
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # stage command -> its block in a recipe
-RECIPE_BLOCKS = {"teacher-correct": "teacher_correct", "prune": "prune", "distill": "distill", "align": "align",
-                 "eval": "eval"}
+RECIPE_BLOCKS = {"teacher-correct": "teacher_correct", "prune": "prune", "search": "search", "distill": "distill",
+                 "align": "align", "eval": "eval"}
 
 
 @pytest.mark.parametrize("name", recipe_names())
@@ -27,18 +27,6 @@ def test_recipe_option_composes_what_the_pipeline_gives_the_stage(stage, name):
         recipe = compose(config_name=f"recipes/{name}")
         in_pipeline = stage_config(stage, recipe[RECIPE_BLOCKS[stage]], dtype=recipe.dtype, seed=7)
     assert OmegaConf.to_container(with_option) == OmegaConf.to_container(in_pipeline)
-
-
-@pytest.mark.parametrize("name", recipe_names())
-def test_search_takes_the_recipes_search_block(name):
-    # Not compared with stage_config: the pipeline's search block sets prune.calib, a key that
-    # conf/search.yaml's prune block lacks, and stage_config's merge into a struct config refuses it.
-    config_name, overrides = stage_config_name("search", [f"recipe={name}"])
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        with_option = compose(config_name=config_name, overrides=overrides)
-        recipe = compose(config_name=f"recipes/{name}")
-    assert OmegaConf.merge(with_option, block_overrides(recipe.search)) == with_option
-    assert with_option.dtype == recipe.dtype
 
 
 def test_without_recipe_the_stage_config_is_unchanged():

@@ -82,11 +82,15 @@ def _distill_overrides(cfg, name: str, cache: CandidateCache, common: dict) -> d
             "output_dir": str(cache.dir(name) / "distill"), "train": {"steps": cfg.search.retrain_steps}, **common}
 
 
-def _retrain_local(cfg, name: str, cache: CandidateCache, common: dict) -> None:
+def _retrain_local(cfg, name: str, cache: CandidateCache, common: dict) -> bool:
+    """Retrain in this process; False when a pre-emption signal stopped it at a checkpoint."""
     from nemo_minitron.cli.distill import run as distill
 
     result = distill(stage_config("distill", cfg.distill, **_distill_overrides(cfg, name, cache, common)))
+    if result.get("interrupted"):
+        return False
     _record_retrained(cache, name, result)
+    return True
 
 
 def _record_retrained(cache: CandidateCache, name: str, result: dict) -> None:
@@ -197,7 +201,8 @@ def run(cfg) -> dict:
             return partial
         log.info("retraining %s for %d steps (%s)", name, cfg.search.retrain_steps, cfg.search.launcher)
         if cfg.search.launcher == "local":
-            _retrain_local(cfg, name, cache, common)
+            if not _retrain_local(cfg, name, cache, common):  # re-running resumes its distillation
+                return {**partial, "status": "interrupted", "interrupted": True, "candidate": name}
         else:
             states[name] = _retrain_slurm(cfg, name, cache, common)
         progress.done += 1
