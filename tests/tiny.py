@@ -30,17 +30,15 @@ def tiny_tokenizer(vocab_size: int = 320) -> transformers.PreTrainedTokenizerFas
 
 
 def tiny_arch(tie: bool = True, rope_scaling: bool = False, family: str = "llama", **changes):
-    from nemo_minitron.models.config import FAMILY_LAYERS, ModelArch
+    from nemo_minitron.models.config import ModelArch
 
     # head_dim (24) differs from hidden/heads (16) on purpose; GQA with 2 groups of 2 heads.
-    # Nemotron: LayerNorm + squared ReLU, rotary on half of each head (as Nemotron-4).
-    normalization, activation, _ = FAMILY_LAYERS[family]
+    # Nemotron: the family brings LayerNorm + squared ReLU; rotary on half of each head as Nemotron-4.
     arch = ModelArch(
-        normalization=normalization, activation=activation, rotary_percent=0.5 if family == "nemotron" else 1.0,
         num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
         kv_channels=24, vocab_size=320, max_position_embeddings=256, rope_theta=50000.0,
         rope_scaling_factor=8.0 if rope_scaling else None, norm_eps=1e-5, tie_embeddings=tie, family=family,
-        eos_token_id=0,
+        eos_token_id=0, rotary_percent=0.5 if family == "nemotron" else 1.0,
     )
     return arch.replace(**changes)
 

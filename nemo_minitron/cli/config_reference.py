@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from nemo_minitron.cli.main import STAGES, conf_dir
+from nemo_minitron.cli.recipe import recipe_names
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 REGENERATE = "python -m nemo_minitron.cli.config_reference"
@@ -193,7 +194,7 @@ class ConfigTree:
         from hydra import compose, initialize_config_dir
         from omegaconf import OmegaConf
 
-        self.recipes = sorted(f"recipes/{p.stem}" for p in (conf / "recipes").glob("*.yaml"))
+        self.recipes = [f"recipes/{name}" for name in recipe_names(conf)]
         self.files: dict[str, ConfFile] = {}
         for path in sorted(conf.rglob("*.yaml")):
             name = path.relative_to(conf).with_suffix("").as_posix()

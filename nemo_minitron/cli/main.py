@@ -45,9 +45,9 @@ def _usage() -> str:
 
 def _quiet_libraries() -> None:
     """Hydra configures the log format (conf/_base.yaml); only rank 0 logs progress."""
-    from nemo_minitron.parallel import launch_rank
+    from nemo_minitron import parallel
 
-    if launch_rank() != 0:
+    if parallel.launch_rank() != 0:
         logging.getLogger().setLevel(logging.WARNING)
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -9,11 +9,14 @@ line's overrides, which win over the recipe. `--cfg job` shows the result.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from nemo_minitron.cli.main import STAGES, conf_dir
 
 
-def recipe_names() -> list[str]:
-    return sorted(path.stem for path in (conf_dir() / "recipes").glob("*.yaml"))
+def recipe_names(conf: Path | None = None) -> list[str]:
+    """The published recipes: conf/recipes/*.yaml without the suffix (of `conf`, default the package's)."""
+    return sorted(path.stem for path in ((conf or conf_dir()) / "recipes").glob("*.yaml"))
 
 
 def stage_config_name(stage: str, overrides: list[str]) -> tuple[str, list[str]]:

@@ -65,8 +65,7 @@ def _norm_pairs(arch: ModelArch) -> list[tuple[str, str]]:
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
         pairs += [(m + "input_layernorm.", h + "input_layernorm."),
                   (m + "pre_mlp_layernorm.", h + "post_attention_layernorm.")]
-    params = ("weight", "bias") if arch.norm_has_bias else ("weight",)
-    return [(m + p, h + p) for m, h in pairs for p in params]
+    return [(m + p, h + p) for m, h in pairs for p in arch.norm_params]
 
 
 def _linear_pairs(arch: ModelArch) -> list[tuple[str, str]]:

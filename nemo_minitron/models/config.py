@@ -24,8 +24,6 @@ FAMILY_LAYERS = {
     "mistral": ("RMSNorm", "swiglu", "silu"),
     "nemotron": ("LayerNorm", "squared_relu", "relu2"),
 }
-ACTIVATIONS = ("swiglu", "squared_relu")
-NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 
 # megatron's RotaryEmbedding hard-codes these Llama-3.1 rope-scaling constants; only `factor` is
 # configurable, so checkpoints with other values are refused rather than silently changed.
@@ -52,8 +50,6 @@ class ModelArch:
     family: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
-    normalization: str = "RMSNorm"  # RMSNorm (weight) | LayerNorm (weight and bias)
-    activation: str = "swiglu"      # swiglu (fc1 = [gate; up]) | squared_relu (fc1 = up)
     rotary_percent: float = 1.0     # fraction of each head's channels that rotary rotates
 
     def __post_init__(self):
@@ -71,14 +67,6 @@ class ModelArch:
             )
         if self.family not in HF_ARCHITECTURES:
             raise ValueError(f"model.family={self.family!r} is not one of {sorted(HF_ARCHITECTURES)}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation={self.activation!r} is not one of {list(ACTIVATIONS)}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"model.normalization={self.normalization!r} is not one of {list(NORMALIZATIONS)}")
-        if (self.normalization, self.activation) != FAMILY_LAYERS[self.family][:2]:
-            norm, act, _ = FAMILY_LAYERS[self.family]
-            raise ValueError(f"model.family={self.family} has normalization={norm} and activation={act}, "
-                             f"not {self.normalization} and {self.activation}")
         if self.rotary_percent != 1.0 and self.family != "nemotron":
             raise ValueError(f"model.rotary_percent={self.rotary_percent}: partial rotary is a Nemotron feature; "
                              f"{self.family} rotates whole heads (1.0)")
@@ -87,13 +75,24 @@ class ModelArch:
                              f"number of the {self.kv_channels} head channels")
 
     @property
+    def normalization(self) -> str:
+        """RMSNorm (a weight per norm) or LayerNorm (a weight and a bias), fixed by the family."""
+        return FAMILY_LAYERS[self.family][0]
+
+    @property
+    def activation(self) -> str:
+        """swiglu (linear_fc1 = [gate; up]) or squared_relu (linear_fc1 = up), fixed by the family."""
+        return FAMILY_LAYERS[self.family][1]
+
+    @property
     def gated(self) -> bool:
         """SwiGLU: linear_fc1 holds a gate and an up projection per neuron."""
         return self.activation == "swiglu"
 
     @property
-    def norm_has_bias(self) -> bool:
-        return self.normalization == "LayerNorm"
+    def norm_params(self) -> tuple[str, ...]:
+        """The parameters of every norm, each of hidden size."""
+        return ("weight", "bias") if self.normalization == "LayerNorm" else ("weight",)
 
     def check_parallel(self, tp: int, pp: int) -> None:
         """Raise ValueError naming the key to fix when this model cannot be split tp x pp."""
@@ -117,7 +116,7 @@ class ModelArch:
         h, d = self.hidden_size, self.kv_channels
         attention = (self.num_attention_heads + 2 * self.num_query_groups) * d * h + h * self.num_attention_heads * d
         mlp = (3 if self.gated else 2) * self.ffn_hidden_size * h
-        norm = h * (2 if self.norm_has_bias else 1)
+        norm = h * len(self.norm_params)
         per_layer = attention + mlp + 2 * norm
         embedding = self.vocab_size * h * (1 if self.tie_embeddings else 2)
         non_embedding = self.num_layers * per_layer + norm
@@ -158,7 +157,7 @@ class ModelArch:
             )
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise ValueError("attention_bias / mlp_bias checkpoints are not supported (Llama has none)")
-        normalization, activation, hidden_act = FAMILY_LAYERS[model_type]
+        _, activation, hidden_act = FAMILY_LAYERS[model_type]
         if cfg.get("hidden_act", hidden_act) != hidden_act:
             raise ValueError(f"hidden_act={cfg.get('hidden_act')!r} is not supported for {model_type} "
                              f"(nemo-minitron builds {activation} from hidden_act={hidden_act!r})")
@@ -181,8 +180,6 @@ class ModelArch:
             family=model_type,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            normalization=normalization,
-            activation=activation,
             # transformers' NemotronConfig defaults to rotating half of each head
             rotary_percent=float(_partial_rotary_factor(cfg, 0.5 if model_type == "nemotron" else 1.0)),
         )

@@ -33,8 +33,7 @@ PUBLISHED_TEACHERS: dict[str, ModelArch] = {
     "nemotron-4-15b": ModelArch(
         num_layers=32, hidden_size=6144, ffn_hidden_size=24576, num_attention_heads=48, num_query_groups=8,
         kv_channels=128, vocab_size=256000, max_position_embeddings=4096, rope_theta=10000.0, norm_eps=1e-5,
-        tie_embeddings=False, family="nemotron", normalization="LayerNorm", activation="squared_relu",
-        rotary_percent=0.5,
+        tie_embeddings=False, family="nemotron", rotary_percent=0.5,
     ),
 }
 # Minitron-4B is pruned from Minitron-8B, not from the 15B (the paper's iterative prune + distill).

@@ -54,16 +54,15 @@ def prune_global(
     hid = indices.hidden
     G, d, h = teacher.num_query_groups, teacher.kv_channels, teacher.hidden_size
     per_group = teacher.num_attention_heads // G
-    norm_params = ("weight", "bias") if teacher.norm_has_bias else ("weight",)
     out = {"embedding.word_embeddings.weight": sd["embedding.word_embeddings.weight"][:, hid]}
-    for param in norm_params:
+    for param in teacher.norm_params:
         out[f"decoder.final_layernorm.{param}"] = sd[f"decoder.final_layernorm.{param}"][hid]
     if not teacher.tie_embeddings:
         out["output_layer.weight"] = sd["output_layer.weight"][:, hid]
     for new, old in enumerate(indices.layers):
         src, dst = f"decoder.layers.{old}.", f"decoder.layers.{new}."
         for norm in ("input_layernorm", "pre_mlp_layernorm"):
-            for param in norm_params:
+            for param in teacher.norm_params:
                 out[f"{dst}{norm}.{param}"] = sd[f"{src}{norm}.{param}"][hid]
 
         heads = indices.heads[old]
