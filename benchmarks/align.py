@@ -21,14 +21,14 @@ SETTINGS = {  # stage -> learning rate (DPO/RPO need far smaller steps than SFT)
 
 
 def align(stage: str, student: str, work: Path, steps: int) -> dict:
-    args = [sys.executable, "-m", "nemo_minitron.cli.main", "align", f"stage={stage}", f"checkpoint={student}",
+    args = [sys.executable, "-m", "nemo_minitron.cli.main", "align", f"method={stage}", f"checkpoint={student}",
             f"output_dir={work / stage}", f"train.steps={steps}", f"optim.lr={SETTINGS[stage]}", "optim.warmup_steps=1",
             "train.seq_length=176", "train.global_batch_size=8", "train.micro_batch_size=8",
             "builtin.train_examples=256", "builtin.heldout_examples=64", f"builtin.cache_dir={work / 'data'}"]
     start = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode:
-        sys.exit(f"align stage={stage} failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"align method={stage} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - start
     return result

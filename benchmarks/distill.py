@@ -81,7 +81,7 @@ def memory_table(tokens: int) -> list[str]:
 
 def setup(seq: int, train_windows: int):
     from nemo_minitron import parallel
-    from nemo_minitron.cli.import_model import read_source
+    from nemo_minitron.convert import read_source
     from nemo_minitron.data.corpus import load_documents
     from nemo_minitron.eval.perplexity import windows_from_stream
     from nemo_minitron.models import bridge

@@ -27,10 +27,11 @@ from nemo_minitron import checkpoint, parallel
 from nemo_minitron.data.indexed import load_token_stream
 from nemo_minitron.eval.perplexity import evaluate_perplexity
 from nemo_minitron.importance import (
-    Aggregation, contiguous_block_scores, estimate_importance, layer_loss_scores, loss_metric, magnitude_scores,
+    Aggregation, contiguous_block_scores, estimate_importance, layer_loss_scores, loss_metric, magnitude_scores, perplexity_loop,
     random_scores, sample_windows,
 )
 from nemo_minitron.models import bridge
+from nemo_minitron.models.gpt import arch_of
 from nemo_minitron.prune import PruneSpec, best_block, lowest_layers, prune_model, select_indices
 
 # ~50% of SmolLM2-135M's 106.2M non-embedding parameters
@@ -52,7 +53,7 @@ def overhead(model, windows, repeats: int) -> dict:
     plain, hooked = [], []
     for _ in range(repeats):  # alternate so that background load hits both alike
         plain.append(evaluate_perplexity(model, windows, 4, progress=False).tokens_per_s)
-        hooked.append(estimate_importance(model, windows, progress=False).info["tokens_per_s"])
+        hooked.append(estimate_importance(model, perplexity_loop(windows, progress=False)).info["tokens_per_s"])
     return {"plain": max(plain), "hooks": max(hooked), "overhead": 1 - max(hooked) / max(plain),
             "tokens": windows.shape[0] * (windows.shape[1] - 1)}
 
@@ -74,7 +75,7 @@ def main() -> None:
     teacher_dir = work / "teacher"
     tokenizer = checkpoint.load_tokenizer(teacher_dir)
     model = checkpoint.load_checkpoint(teacher_dir)
-    arch = model.arch
+    arch = arch_of(model)
     calib_stream = load_token_stream(work / "corpus" / "calib.jsonl", tokenizer)
     calib = sample_windows(calib_stream, args.seq_len, args.calib_samples, seed=0)
     heldout = sample_windows(load_token_stream(work / "corpus" / "heldout.jsonl", tokenizer), args.eval_seq_len,
@@ -88,8 +89,8 @@ def main() -> None:
     print(f"overhead: {cost}", flush=True)
     start = time.perf_counter()
     scores = {
-        "activation": estimate_importance(model, calib, Aggregation(), progress=False),
-        "activation (heads=input)": estimate_importance(model, calib, Aggregation(heads="input"), progress=False),
+        "activation": estimate_importance(model, perplexity_loop(calib, progress=False), Aggregation()),
+        "activation (heads=input)": estimate_importance(model, perplexity_loop(calib, progress=False), Aggregation(heads="input")),
         "magnitude": magnitude_scores(arch, bridge.gather_global(model)),
         "random": random_scores(arch, seed=0),
     }

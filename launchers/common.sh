@@ -10,7 +10,7 @@
 #
 # Recipe launchers (distill_mn8b.sh, prune_mn8b.sh, distill_llama31_4b.sh, prune_llama31_4b.sh,
 # distill_nemotron4.sh) run one stage of a published recipe as its own job: `minitron STAGE
-# recipe=NAME` composes conf/STAGE.yaml, then the recipe's block for STAGE (conf/recipes/NAME.yaml),
+# recipe=NAME` composes nemo_minitron/conf/STAGE.yaml, then the recipe's block for STAGE (nemo_minitron/conf/recipes/NAME.yaml),
 # then your overrides, which win. Their #SBATCH nodes and default --tp (MINITRON_TP) fit the recipe's
 # models; --dry-run shows the settings. Any stage launcher takes recipe=NAME the same way.
 

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Distillation stage of the Llama-3.1-Minitron-4B recipes on a Slurm cluster: the 4B-Width student
-# (conf/recipes/llama31_minitron_4b_width.yaml), or with --depth (the first argument) the 4B-Depth one
+# (nemo_minitron/conf/recipes/llama31_minitron_4b_width.yaml), or with --depth (the first argument) the 4B-Depth one
 # (llama31_minitron_4b_depth.yaml), from Llama-3.1-8B: forward KL, peak LR 1e-4 -> 1e-5 cosine, 40
 # warmup steps, global batch 1152 x 8192 tokens, 94B tokens. 16 nodes x 8 GPUs, --tp 8 by default;
 # the run spans several jobs: each checkpoints before its time limit and requeues itself.

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Distillation stage of the MN-Minitron-8B recipe (conf/recipes/mn_minitron_8b.yaml) on a Slurm cluster:
+# Distillation stage of the MN-Minitron-8B recipe (nemo_minitron/conf/recipes/mn_minitron_8b.yaml) on a Slurm cluster:
 # the width-pruned student from its Mistral-NeMo-12B teacher, forward KL, peak LR 1e-4 -> 4.5e-7 cosine,
 # 60 warmup steps, global batch 768 x 8192 tokens, 380B tokens. 32 nodes x 8 GPUs, --tp 8 by default;
 # the run spans many jobs: each checkpoints before its time limit and requeues itself.

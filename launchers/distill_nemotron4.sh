@@ -1,6 +1,6 @@
 #!/bin/bash
 # Distillation stage of the Nemotron-4 Minitron recipes on a Slurm cluster (15B -> 8B -> 4B, the paper
-# prunes iteratively): Minitron-8B from Nemotron-4-15B (conf/recipes/nemotron4_minitron_8b.yaml), or
+# prunes iteratively): Minitron-8B from Nemotron-4-15B (nemo_minitron/conf/recipes/nemotron4_minitron_8b.yaml), or
 # with --4b (the first argument) Minitron-4B from the distilled 8B (nemotron4_minitron_4b.yaml):
 # forward KL, peak LR 1e-4 -> 1e-5 cosine, 40 warmup steps, global batch 1152 x 4096 tokens, 94B
 # tokens. 16 nodes x 8 GPUs, --tp 8 by default; the run spans several jobs: each checkpoints before

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Prune stage of the Llama-3.1-Minitron-4B recipes on a Slurm cluster: importance of the (corrected)
 # Llama-3.1-8B teacher on 1024 calibration samples of 4096 tokens, then width pruning to hidden 3072 /
-# FFN 9216 (conf/recipes/llama31_minitron_4b_width.yaml), or with --depth (the first argument) depth
+# FFN 9216 (nemo_minitron/conf/recipes/llama31_minitron_4b_width.yaml), or with --depth (the first argument) depth
 # pruning to 16 layers, the contiguous block whose removal costs least (llama31_minitron_4b_depth.yaml).
 # One node x 8 GPUs, --tp 8 by default.
 #   sbatch launchers/prune_llama31_4b.sh [--depth] [--tp T] [--pp P] [--dry-run] checkpoint=DIR output_dir=DIR calib.data=DATA

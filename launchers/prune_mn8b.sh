@@ -1,5 +1,5 @@
 #!/bin/bash
-# Prune stage of the MN-Minitron-8B recipe (conf/recipes/mn_minitron_8b.yaml) on a Slurm cluster:
+# Prune stage of the MN-Minitron-8B recipe (nemo_minitron/conf/recipes/mn_minitron_8b.yaml) on a Slurm cluster:
 # importance of the (corrected) Mistral-NeMo-12B teacher on 1024 calibration samples of 4096 tokens,
 # width pruning to hidden 4096 / FFN 11520. One node x 8 GPUs, --tp 8 by default.
 #   sbatch launchers/prune_mn8b.sh [--tp T] [--pp P] [--dry-run] checkpoint=DIR output_dir=DIR calib.data=DATA

@@ -8,6 +8,10 @@
 
 A save is written into `DIR.partial` and renamed to `DIR` only when complete, so a killed save
 never leaves a directory that looks finished; `is_complete(DIR)` is what resumable stages check.
+
+`save_checkpoint` and `load_weights` work on any megatron-core GPTModel (ours or a caller's own,
+local or Transformer Engine spec: megatron maps the fused-norm names of both specs to the same
+checkpoint keys); `load_checkpoint` builds our model and loads it.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from nemo_minitron import parallel
+from nemo_minitron.atomic import replace_dir
+from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelArch
+from nemo_minitron.models.gpt import arch_of, remember_identity, unwrap_model
 
 CONFIG_FILE = "model_config.json"
 METADATA_FILE = "metadata.json"
@@ -30,18 +36,13 @@ WEIGHTS_DIR = "weights"
 TOKENIZER_DIR = "tokenizer"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory is missing, incomplete or inconsistent."""
 
 
 def is_complete(path: str | Path) -> bool:
     path = Path(path)
     return (path / METADATA_FILE).is_file() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_DIR).is_dir()
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def start_partial(path: str | Path, subdir: str) -> tuple[Path, Path]:
@@ -52,7 +53,7 @@ def start_partial(path: str | Path, subdir: str) -> tuple[Path, Path]:
     if parallel.is_main_process():
         shutil.rmtree(partial, ignore_errors=True)
         (partial / subdir).mkdir(parents=True)
-    _barrier()
+    parallel.barrier()
     return path, partial
 
 
@@ -60,11 +61,13 @@ def save_checkpoint(model, path: str | Path, tokenizer=None, metadata: dict[str,
     """Save `model` (collective: every rank calls it) with its config, tokenizer and metadata."""
     from megatron.core import dist_checkpointing
 
+    arch = arch_of(model)
+    model = unwrap_model(model)
     path, partial = start_partial(path, WEIGHTS_DIR)
     dist_checkpointing.save(model.sharded_state_dict(), str(partial / WEIGHTS_DIR))
-    _barrier()
+    parallel.barrier()
     if parallel.is_main_process():
-        model.arch.save(partial / CONFIG_FILE)
+        arch.save(partial / CONFIG_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial / TOKENIZER_DIR)
         layout = parallel.layout()
@@ -77,18 +80,8 @@ def save_checkpoint(model, path: str | Path, tokenizer=None, metadata: dict[str,
         }
         (partial / METADATA_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         replace_dir(partial, path)
-    _barrier()
+    parallel.barrier()
     return path
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Swap `new` into place as `target`; an old `target` is only removed after the swap."""
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_arch(path: str | Path) -> ModelArch:
@@ -114,18 +107,48 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
-def load_checkpoint(path: str | Path, params_dtype: torch.dtype = torch.float32, arch: ModelArch | None = None):
-    """Build the model for the current TP/PP layout and load the weights (collective).
-
-    `arch` overrides the saved config (used when the caller edits the architecture itself).
-    """
+def _load_dist_weights(model, path: Path) -> None:
     from megatron.core import dist_checkpointing
 
+    model = unwrap_model(model)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(path / WEIGHTS_DIR))
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(path: str | Path, params_dtype: torch.dtype = torch.float32):
+    """Build the model for the current TP/PP layout and load the weights (collective)."""
     from nemo_minitron.models.gpt import build_gpt_model
 
     path = Path(path)
-    arch = arch or read_arch(path)
-    model = build_gpt_model(arch, params_dtype=params_dtype)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(path / WEIGHTS_DIR))
-    model.load_state_dict(state, strict=True)
+    model = build_gpt_model(read_arch(path), params_dtype=params_dtype)
+    _load_dist_weights(model, path)
     return model
+
+
+def load_weights(model, path: str | Path) -> ModelArch:
+    """Fill a caller-built GPTModel (this rank's TP/PP shard) from a nemo-minitron checkpoint or a
+    Hugging Face model directory (collective). The model must have the architecture the weights
+    were saved with; returns that architecture. A Hugging Face directory is read whole on every
+    rank and split into this rank's shards (global -> local, `models/bridge.py`)."""
+    from nemo_minitron.models import bridge
+
+    path = Path(path)
+    have = arch_of(model)
+    if is_complete(path):
+        saved = read_arch(path)
+    elif (path / "config.json").is_file():
+        from nemo_minitron.models.hf_io import read_hf_directory
+
+        saved, hf_state, _ = read_hf_directory(path, next(model.parameters()).dtype)
+    else:
+        raise CheckpointError(f"{path} is neither a nemo-minitron checkpoint nor a Hugging Face model directory")
+    differences = have.differences(saved)
+    if differences:
+        raise CheckpointError(f"the model does not match the weights in {path}: {', '.join(differences)} "
+                              f"(model vs weights)")
+    if is_complete(path):
+        _load_dist_weights(model, path)
+    else:
+        bridge.load_global(model, bridge.hf_to_global(saved, hf_state))
+    remember_identity(model, saved)
+    return saved

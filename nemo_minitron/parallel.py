@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.cpu_shims import apply_cpu_shims
+from nemo_minitron.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def _first_slurm_host() -> str:
         hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True).stdout.split()
         if hosts:
             return hosts[0]
-    raise ValueError("multi-node srun without MASTER_ADDR: export MASTER_ADDR (the first node's hostname) in the job script")
+    raise UserError("multi-node srun without MASTER_ADDR: export MASTER_ADDR (the first node's hostname) in the job script")
 
 
 def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 30) -> ParallelLayout:
@@ -94,7 +95,7 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int 
     launched = "RANK" in os.environ
     world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
     if tp < 1 or pp < 1 or world_size % (tp * pp) != 0:
-        raise ValueError(
+        raise UserError(
             f"tp={tp} x pp={pp} does not divide the world size {world_size}: set tp= and pp= so that "
             f"tp*pp divides the number of processes (launch with torchrun --nproc-per-node=N or srun)"
         )
@@ -158,3 +159,9 @@ def destroy() -> None:
 
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a process without torch.distributed)."""
+    if dist.is_initialized():
+        dist.barrier()

@@ -12,7 +12,7 @@ import pytest
 from nemo_minitron.align import datasets as ds
 from nemo_minitron.align.builtin_data import build_alignment_data
 from nemo_minitron.align.formatting import Turn, encode_conversation, encode_prompt_response
-from tiny import tiny_tokenizer
+from tiny import keep_layers, tiny_tokenizer
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
@@ -126,9 +126,9 @@ def test_builtin_data_set_uses_nemo_aligner_formats(tmp_path):
 
 
 def test_nemo_aligner_backend_translates_the_config(tmp_path):
-    from test_cli import last_json, minitron
+    from commands import last_json, minitron
 
-    result = last_json(minitron("align", "stage=rpo", "backend=nemo_aligner", "nemo_aligner.dry_run=true",
+    result = last_json(minitron("align", "method=rpo", "backend=nemo_aligner", "nemo_aligner.dry_run=true",
                                 f"checkpoint={tmp_path}/ckpt", f"output_dir={tmp_path}/out", "data=/d/train.jsonl",
                                 "tp=2", "loss.beta=0.2", "train.steps=7"))
     export, convert, train = result["commands"]
@@ -144,25 +144,18 @@ def depth_pruned_student(teacher: Path, out: Path, keep: list[int]) -> None:
     """A cheap student for alignment tests: a subset of the teacher's layers."""
     from nemo_minitron import checkpoint
     from nemo_minitron.models import bridge
-    from nemo_minitron.models.gpt import build_gpt_model
+    from nemo_minitron.models.gpt import arch_of, build_gpt_model
 
     model = checkpoint.load_checkpoint(teacher)
-    layers = {}
-    for name, tensor in bridge.gather_global(model).items():
-        match = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
-        if not match:
-            layers[name] = tensor
-        elif int(match.group(1)) in keep:
-            layers[f"decoder.layers.{keep.index(int(match.group(1)))}.{match.group(2)}"] = tensor
-    student = build_gpt_model(model.arch.replace(num_layers=len(keep)))
-    bridge.load_global(student, layers)
+    student = build_gpt_model(arch_of(model).replace(num_layers=len(keep)))
+    bridge.load_global(student, keep_layers(bridge.gather_global(model), keep))
     checkpoint.save_checkpoint(student, out, checkpoint.load_tokenizer(teacher), metadata={"stage": "test"})
 
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     from distributed import run_distributed
-    from test_cli import minitron
+    from commands import minitron
 
     root = tmp_path_factory.mktemp("embedded")
     minitron("import", "model=smollm2-135m", f"output_dir={root / 'teacher'}")
@@ -175,18 +168,18 @@ ALIGN_ARGS = ("train.seq_length=176", "train.global_batch_size=8", "train.micro_
 
 
 def test_sft_lowers_heldout_response_loss(embedded):
-    from test_cli import last_json, minitron
+    from commands import last_json, minitron
 
-    result = last_json(minitron("align", "stage=sft", f"checkpoint={embedded / 'student'}",
+    result = last_json(minitron("align", "method=sft", f"checkpoint={embedded / 'student'}",
                                 f"output_dir={embedded / 'sft'}", "train.steps=6", "optim.lr=1e-4", "optim.warmup_steps=1",
                                 f"builtin.cache_dir={embedded / 'cache'}", *ALIGN_ARGS))
     assert result["heldout_response_loss_after"] < result["heldout_response_loss_before"] - 1.0
 
 
 def test_dpo_raises_heldout_preference_accuracy(embedded):
-    from test_cli import last_json, minitron
+    from commands import last_json, minitron
 
-    result = last_json(minitron("align", "stage=dpo", f"checkpoint={embedded / 'student'}",
+    result = last_json(minitron("align", "method=dpo", f"checkpoint={embedded / 'student'}",
                                 f"output_dir={embedded / 'dpo'}", "train.steps=8", "optim.lr=2e-5", "optim.warmup_steps=1",
                                 "loss.beta=0.1", f"builtin.cache_dir={embedded / 'cache'}", *ALIGN_ARGS))
     assert result["heldout_preference_accuracy_after"] > result["heldout_preference_accuracy_before"]

@@ -4,11 +4,7 @@ against a transformers reference, and one-line errors for bad input."""
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,26 +12,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from tiny import tiny_arch, write_hf_dir, write_sentence_docs
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def minitron(*args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "nemo_minitron.cli.main", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "nemo_minitron.cli.main", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def last_json(proc: subprocess.CompletedProcess) -> dict:
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
+from commands import last_json, minitron
+from tiny import reference_perplexity, tiny_arch, write_hf_dir, write_sentence_docs
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
@@ -76,23 +54,6 @@ def test_export_loads_in_transformers_and_reimports_exactly(hf_dir, imported, tm
     minitron("export-hf", f"checkpoint={again}", f"output_dir={tmp_path / 'export2'}")
     third = load_file(str(tmp_path / "export2" / "model.safetensors"))
     assert all(torch.equal(first[k], third[k]) for k in first)
-
-
-def reference_perplexity(hf_dir: Path, text_file: Path, seq_len: int, max_windows: int | None = None) -> float:
-    """Independent reference: transformers' model, tokenizer and loss on the same windows."""
-    tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
-    stream = []
-    for line in text_file.read_text().splitlines():
-        stream += tok(json.loads(line)["text"], add_special_tokens=False).input_ids + [tok.eos_token_id]
-    n = min((len(stream) - 1) // seq_len, max_windows or len(stream))
-    total = 0.0
-    with torch.no_grad():
-        for i in range(n):
-            window = torch.tensor([stream[i * seq_len : i * seq_len + seq_len + 1]])
-            logits = model(window[:, :-1]).logits
-            total += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
-    return math.exp(total / (n * seq_len))
 
 
 def test_eval_matches_transformers_at_tp1_and_tp2(hf_dir, imported, text_file):
@@ -210,14 +171,23 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     assert "search/loss_vs_params.png" in (searched / "report.md").read_text()
 
 
-def test_pipeline_stops_at_a_stage_interrupted_by_preemption(tmp_path):
-    """A training stage that checkpointed on SIGUSR1 and returned early ends the pipeline run
-    (the requeued job resumes it) instead of running the next stage on a missing final/."""
-    from nemo_minitron.cli.pipeline import StageInterrupted, Stages
+def test_pipeline_stops_at_a_stage_interrupted_by_preemption(imported, text_file, tmp_path, monkeypatch):
+    """A training stage that checkpointed on SIGUSR1 and returned early ends the pipeline run (the
+    requeued job resumes it) instead of running the next stage on a missing final/. The distill
+    stage returns what it returns after a pre-emption checkpoint (tests/test_distill.py covers the
+    signal itself); import and prune are complete, so they are skipped."""
+    import nemo_minitron.pipeline.run as pipeline_run
+    from nemo_minitron.pipeline import PipelineConfig, run_pipeline
+    from nemo_minitron.stage import CorpusConfig
 
-    stages = Stages(tmp_path)
-    later = []
-    with pytest.raises(StageInterrupted, match="distill"):
-        stages.run("distill", False, lambda: {"interrupted": True, "step": 3})
-        later.append("export_hf")
-    assert later == [] and "distill" not in stages.seconds  # no time recorded for an unfinished stage
+    work = tmp_path / "run"
+    for done in ("teacher", "pruned"):
+        shutil.copytree(imported, work / done)
+    called = []
+    monkeypatch.setattr(pipeline_run, "distill_checkpoint",
+                        lambda cfg: called.append("distill") or {"interrupted": True, "step": 3})
+    monkeypatch.setattr(pipeline_run, "export_hf", lambda cfg: called.append("export_hf") or {})
+    monkeypatch.setattr(pipeline_run, "evaluate_checkpoint", lambda cfg: called.append("eval") or {})
+    result = run_pipeline(PipelineConfig(work_dir=str(work), corpus=CorpusConfig(sources=[], user_paths=[str(text_file)])))
+    assert result == {"status": "interrupted", "stage": "distill", "work_dir": str(work)}
+    assert called == ["distill"] and not (work / "results.json").exists()

@@ -1,4 +1,4 @@
-"""docs/configuration.md is generated from conf/ and stays so: it matches a fresh generation, every key
+"""docs/configuration.md is generated from nemo_minitron/conf/ and stays so: it matches a fresh generation, every key
 has a description, and a key or typed-config field that slips through undocumented is reported."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from nemo_minitron.cli import config_reference
-from nemo_minitron.cli.config_reference import REGENERATE, ConfigTree, read_conf_file, render
-from nemo_minitron.cli.main import STAGES
+import config_reference  # scripts/, on sys.path by conftest
+from config_reference import REGENERATE, ConfigTree, read_conf_file, render
+from nemo_minitron.cli.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = ROOT / "nemo_minitron" / "conf"
 DOC = ROOT / "docs" / "configuration.md"
 
 

@@ -25,6 +25,7 @@ from nemo_minitron.data.corpus import (
     build_corpus,
     clean_gcide_entry,
     default_cache_dir,
+    ensure_corpus,
     fetch_package,
     fetch_source,
     load_documents,
@@ -33,6 +34,7 @@ from nemo_minitron.data.corpus import (
     read_lazyload_db,
     split_documents,
 )
+from nemo_minitron.errors import UserError
 
 # --- a minimal R XDR writer, enough to hand-build test streams -------------------------
 
@@ -270,6 +272,16 @@ def test_malformed_jsonl_line_reports_its_number(tmp_path: Path) -> None:
         load_user_documents(tmp_path / "missing.jsonl")
 
 
+def test_non_utf8_user_file_names_file_and_line(tmp_path: Path) -> None:
+    readable = {"data.txt": "first\n\nsecond\n", "data.jsonl": '{"text": "ok"}\n\n{"text": "2"}\n'}
+    for name, good in readable.items():
+        path = tmp_path / name
+        path.write_bytes(good.encode() + b"caf\xe9 au lait\n")  # latin-1, not UTF-8
+        with pytest.raises(CorpusError, match=rf"{name.replace('.', '[.]')}:4: not UTF-8") as info:
+            load_user_documents(path)
+        assert isinstance(info.value, UserError)
+
+
 # --- splitting and building --------------------------------------------------------------
 
 
@@ -331,3 +343,24 @@ def test_build_corpus_writes_splits_and_manifest(tmp_path: Path, cache_dir: Path
     assert paths["train"].stat().st_mtime_ns == stamp
     build_corpus(out, sources=["austen"], cache_dir=cache_dir, seed=4, user_paths=[user])
     assert json.loads((out / "manifest.json").read_text())["request"]["seed"] == 4
+
+
+def test_ensure_corpus_one_folder_per_settings(tmp_path: Path) -> None:
+    user = tmp_path / "mine.jsonl"
+    user.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(100)))
+    cache = tmp_path / "cache"
+    paths = ensure_corpus(sources=(), cache_dir=cache, user_paths=[user])
+    assert set(paths) == set(SPLITS) and all(p.is_file() for p in paths.values())
+    folder = paths["train"].parent
+    assert folder.parent == cache / "corpus"
+
+    stamp = paths["train"].stat().st_mtime_ns
+    # The same settings find the same, finished folder; other settings get their own.
+    assert ensure_corpus(sources=[], cache_dir=cache, user_paths=[str(user)]) == paths
+    assert paths["train"].stat().st_mtime_ns == stamp
+    other = ensure_corpus(sources=(), cache_dir=cache, user_paths=[user], seed=1)
+    assert other["train"].parent.parent == cache / "corpus" and other["train"].parent != folder
+    assert paths["train"].stat().st_mtime_ns == stamp
+
+    explicit = ensure_corpus(tmp_path / "here", sources=(), user_paths=[user])
+    assert explicit["calib"] == tmp_path / "here" / "calib.jsonl" and explicit["calib"].is_file()

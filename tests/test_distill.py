@@ -18,7 +18,7 @@ import torch
 from distributed import run_distributed
 from nemo_minitron.distill.model import LayerPair, _check_pair, check_same_tokenizer
 from nemo_minitron.models import bridge
-from tiny import SENTENCES, hf_model, tiny_arch, tiny_tokenizer, write_hf_dir
+from tiny import SENTENCES, hf_model, keep_layers, tiny_arch, tiny_tokenizer, write_hf_dir
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 STEPS = 4
@@ -161,26 +161,13 @@ def checkpoints(tmp_path_factory) -> Path:
     return root
 
 
-def keep_layers(global_sd: dict[str, torch.Tensor], keep: list[int]) -> dict[str, torch.Tensor]:
-    """A depth prune in the global layout: the layers in `keep`, renumbered 0..len(keep)-1."""
-    kept = {}
-    for name, tensor in global_sd.items():
-        parts = name.split(".")
-        if name.startswith("decoder.layers."):
-            if int(parts[2]) in keep:
-                kept[".".join(["decoder", "layers", str(keep.index(int(parts[2]))), *parts[3:]])] = tensor
-        else:
-            kept[name] = tensor
-    return kept
-
-
 def depth_prune(teacher: str, student: str, keep: list[int]) -> None:
     """A student checkpoint with the teacher's layers `keep` (needs no pruning package)."""
     from nemo_minitron import checkpoint
-    from nemo_minitron.models.gpt import build_gpt_model
+    from nemo_minitron.models.gpt import arch_of, build_gpt_model
 
     source = checkpoint.load_checkpoint(teacher)
-    model = build_gpt_model(source.arch.replace(num_layers=len(keep)))
+    model = build_gpt_model(arch_of(source).replace(num_layers=len(keep)))
     bridge.load_global(model, keep_layers(bridge.gather_global(source), keep))
     checkpoint.save_checkpoint(model, student, checkpoint.load_tokenizer(teacher), {"stage": "depth-prune"})
 

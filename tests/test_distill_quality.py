@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from test_distill import keep_layers
+from tiny import keep_layers
 
 KEEP = list(range(6)) + list(range(21, 30))  # drop the contiguous block 6..20: 15 of 30 layers
 SEQ, BATCH, STEPS, LR = 64, 4, 16, 1e-3
 
 
 def recovery(out: str) -> dict[str, float]:
-    from nemo_minitron.cli.import_model import read_source
+    from nemo_minitron.convert import read_source
     from nemo_minitron.data.corpus import load_documents
     from nemo_minitron.distill import DistillationLoss, DistillationModel, LogitLoss
     from nemo_minitron.eval.perplexity import evaluate_perplexity, windows_from_stream

@@ -95,7 +95,7 @@ def test_unknown_task_is_a_clear_error(setup):
 
 def test_eval_cli_runs_harness_tasks(setup, tmp_path):
     """`minitron eval harness.tasks=[...]` on a checkpoint, next to perplexity, JSON on the last line."""
-    from test_cli import last_json, minitron
+    from commands import last_json, minitron
     from tiny import write_hf_dir
 
     arch, _, task_dir, _ = setup

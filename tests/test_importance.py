@@ -105,13 +105,13 @@ def hf_reference_scores(hf, arch, tokens, agg: Aggregation) -> dict[str, torch.T
 
 
 def megatron_scores(arch, global_sd):
-    from nemo_minitron.importance import estimate_importance, layer_loss_scores, loss_metric
+    from nemo_minitron.importance import estimate_importance, layer_loss_scores, loss_metric, perplexity_loop
     from nemo_minitron.importance.hooks import _fused_norm
     from nemo_minitron.models.gpt import build_gpt_model
 
     model = build_gpt_model(arch)
     bridge.load_global(model, global_sd)
-    scores = [estimate_importance(model, WINDOWS, agg, micro_batch_size=2, progress=False) for agg in AGGREGATIONS]
+    scores = [estimate_importance(model, perplexity_loop(WINDOWS, 2, progress=False), agg) for agg in AGGREGATIONS]
     layer_loss, base = layer_loss_scores(model, loss_metric(WINDOWS, micro_batch_size=3))
     # The TE spec fuses the norm into linear_qkv; the hook recomputes it from the module's
     # `layer_norm_weight` (and `layer_norm_bias`) and config. Same maths as the local norm module:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from nemo_minitron.cli.recipe import recipe_names
+from nemo_minitron.cli.compose import recipe_names
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["import", "prune", "search", "distill", "teacher_correct", "align", "export_hf", "eval", "pipeline"]

@@ -12,7 +12,7 @@ import torch
 from distributed import run_distributed
 from nemo_minitron import checkpoint
 from nemo_minitron.importance import ImportanceScores
-from test_cli import last_json, minitron
+from commands import last_json, minitron
 from tiny import tiny_arch, write_hf_dir, write_sentence_docs
 
 TARGET = ["target.num_layers=2", "target.hidden_size=48", "target.ffn_hidden_size=64", "target.num_attention_heads=2"]
@@ -115,7 +115,7 @@ def test_plan_only_counts_without_weights(teacher, tmp_path):
 def test_nemotron_import_prune_export_matches_transformers(calib, tmp_path):
     """Nemotron-4 end to end at a tiny size: HF import -> prune (width, heads, depth) -> HF export,
     and the exported model's perplexity in transformers equals `minitron eval` on the checkpoint."""
-    from test_cli import reference_perplexity
+    from tiny import reference_perplexity
 
     write_hf_dir(tmp_path / "hf", tiny_arch(tie=False, family="nemotron"))
     minitron("import", f"hf_path={tmp_path / 'hf'}", f"output_dir={tmp_path / 'teacher'}")

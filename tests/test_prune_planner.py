@@ -1,5 +1,5 @@
 """The planner reproduces the published Minitron architectures and their parameter counts
-(DESIGN.md section 8), with three independent counts that agree: the closed form, the global
+(docs/design.md section 7), with three independent counts that agree: the closed form, the global
 tensor shapes, and megatron's GPTModel built on the meta device (no weights allocated)."""
 
 from __future__ import annotations

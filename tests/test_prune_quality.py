@@ -15,11 +15,11 @@ DROP = 6  # of 30 layers
 
 
 def prune_and_evaluate(calib_path, heldout_path):
-    from nemo_minitron.cli.import_model import read_source
+    from nemo_minitron.convert import read_source
     from nemo_minitron.data.indexed import load_token_stream
     from nemo_minitron.eval.perplexity import evaluate_perplexity
     from nemo_minitron.importance import (
-        contiguous_block_scores, estimate_importance, loss_metric, magnitude_scores, random_scores, sample_windows,
+        contiguous_block_scores, estimate_importance, loss_metric, perplexity_loop, magnitude_scores, random_scores, sample_windows,
     )
     from nemo_minitron.models import bridge
     from nemo_minitron.models.gpt import build_gpt_model
@@ -34,7 +34,7 @@ def prune_and_evaluate(calib_path, heldout_path):
     heldout = sample_windows(load_token_stream(heldout_path, tokenizer), 256, 12, seed=0)
 
     scores = {
-        "activation": estimate_importance(model, calib, progress=False),
+        "activation": estimate_importance(model, perplexity_loop(calib, progress=False)),
         "magnitude": magnitude_scores(arch, bridge.gather_global(model)),
         "random": random_scores(arch, seed=0),
     }

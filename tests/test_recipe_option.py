@@ -8,10 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nemo_minitron.cli.pipeline import stage_config
-from nemo_minitron.cli.recipe import recipe_names, stage_config_name
+from nemo_minitron.cli.compose import recipe_names, stage_config, stage_config_name
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "nemo_minitron" / "conf"
 # stage command -> its block in a recipe
 RECIPE_BLOCKS = {"teacher-correct": "teacher_correct", "prune": "prune", "search": "search", "distill": "distill",
                  "align": "align", "eval": "eval"}

@@ -1,5 +1,5 @@
 """The published recipes compose, carry the papers' hyperparameters, and prune the published teachers
-to the published architectures and sizes (DESIGN.md sections 1, 7, 8; no weights allocated)."""
+to the published architectures and sizes (docs/design.md sections 7, 14; no weights allocated)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from nemo_minitron.prune import PruneSpec
 from nemo_minitron.prune.planner import PUBLISHED_TEACHERS
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "nemo_minitron" / "conf"
 
 # recipe -> (teacher, expected student (layers, hidden, ffn, heads, groups), total params in billions,
 #            distillation (lr, min_lr, warmup, global batch, sequence), distillation tokens in billions,

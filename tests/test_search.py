@@ -11,7 +11,7 @@ import pytest
 from nemo_minitron import checkpoint
 from nemo_minitron.prune import PUBLISHED_TEACHERS, count_from_shapes
 from nemo_minitron.search import Budget, SearchSpace, candidate_name, enumerate_candidates
-from test_cli import last_json, minitron
+from commands import last_json, minitron
 from tiny import SENTENCES, tiny_arch, write_hf_dir
 
 LLAMA = PUBLISHED_TEACHERS["llama-3.1-8b"]
@@ -43,7 +43,7 @@ def test_parallel_divisibility_and_other_budgets():
     assert memory.memory(width) == 2 * (width.num_parameters()["total"] + 2 * 32 * 8 * 128 * 8 * 8192)
     assert all(abs(memory.memory(a) - 12e9) <= 0.6e9 for a in enumerate_candidates(LLAMA, space, memory))
     with pytest.raises(ValueError, match="exactly one of budget"):
-        Budget(params=1e9, memory_bytes=1e9)
+        Budget(params=1e9, memory_bytes=1e9).validate()
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from commands import minitron
 from distributed import run_distributed
 from nemo_minitron.models import bridge
 from nemo_minitron.train import OptimConfig, TrainConfig
 from tiny import SENTENCES, hf_model, tiny_arch, tiny_tokenizer, write_hf_dir
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 STEPS, WARMUP, LR, MIN_LR = 5, 2, 1e-2, 1e-3
 
 
@@ -98,14 +95,6 @@ def test_bad_batch_geometry_names_the_key():
 
 # --- teacher correction: the same loop, LM loss, through the CLI ---------------------------------
 
-def minitron(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "nemo_minitron.cli.main", *args], capture_output=True, text=True,
-                          env=ENV, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
 def test_teacher_correct_command(tmp_path):
     write_hf_dir(tmp_path / "hf", tiny_arch(tie=True))
     docs = [" ".join(SENTENCES[i % 4:] + SENTENCES[: i % 4]) * 3 for i in range(12)]
@@ -115,7 +104,7 @@ def test_teacher_correct_command(tmp_path):
     common = [f"teacher={tmp_path / 'teacher'}", f"output_dir={tmp_path / 'corrected'}",
               f"data.train={tmp_path / 'train.jsonl'}", f"data.valid={tmp_path / 'valid.jsonl'}",
               f"data.cache_dir={tmp_path / 'cache'}", "train.global_batch_size=2", "train.seq_length=32"]
-    # DESIGN.md's 120 warmup steps are the default: a shorter run must say which key to change.
+    # docs/design.md section 10's 120 warmup steps are the default: a shorter run must say which key to change.
     bad = minitron("teacher-correct", *common, "train.steps=4", check=False)
     assert bad.returncode == 2 and "optim.warmup_steps=120" in bad.stderr
     result = json.loads(minitron("teacher-correct", *common, "train.steps=4", "optim.warmup_steps=1",

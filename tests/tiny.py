@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -65,3 +66,33 @@ def write_sentence_docs(path: Path, count: int) -> Path:
     docs = [" ".join(SENTENCES[i % 4 :] + SENTENCES[: i % 4]) * 3 for i in range(count)]
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
+
+
+def keep_layers(global_sd: dict[str, torch.Tensor], keep: list[int]) -> dict[str, torch.Tensor]:
+    """A depth prune in the global layout: the layers in `keep`, renumbered 0..len(keep)-1."""
+    kept = {}
+    for name, tensor in global_sd.items():
+        parts = name.split(".")
+        if name.startswith("decoder.layers."):
+            if int(parts[2]) in keep:
+                kept[".".join(["decoder", "layers", str(keep.index(int(parts[2]))), *parts[3:]])] = tensor
+        else:
+            kept[name] = tensor
+    return kept
+
+
+def reference_perplexity(hf_dir: Path, text_file: Path, seq_len: int, max_windows: int | None = None) -> float:
+    """Independent reference: transformers' model, tokenizer and loss on the same windows."""
+    tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    stream = []
+    for line in text_file.read_text().splitlines():
+        stream += tok(json.loads(line)["text"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+    n = min((len(stream) - 1) // seq_len, max_windows or len(stream))
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n):
+            window = torch.tensor([stream[i * seq_len : i * seq_len + seq_len + 1]])
+            logits = model(window[:, :-1]).logits
+            total += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+    return math.exp(total / (n * seq_len))

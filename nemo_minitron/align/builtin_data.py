@@ -14,6 +14,7 @@ import json
 import random
 from pathlib import Path
 
+from nemo_minitron.errors import UserError
 CONTEXT_WORDS = 32
 CONTINUATION_WORDS = 12
 INSTRUCTION = "Continue this passage:\n\n"
@@ -64,7 +65,7 @@ def build_alignment_data(corpus_dir: str | Path, output_dir: str | Path, train_e
     for split, source, count in (("train", "train", train_examples), ("heldout", "heldout", heldout_examples)):
         passages = _passages(corpus_dir / f"{source}.jsonl", count, seed)
         if len(passages) < 2:
-            raise ValueError(f"the corpus {source} split has too few long documents for alignment examples")
+            raise UserError(f"the corpus {source} split has too few long documents for alignment examples")
         rows = _variants(passages, seed)
         rng = random.Random(seed + 1)
         sft, dpo, steer = [], [], []

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from nemo_minitron.align.formatting import Encoded, Turn, encode_conversation, encode_prompt_response
+from nemo_minitron.errors import UserError
 
 _MAX_LISTED_ERRORS = 10
 _ROLE_NAMES = {"user": "user", "assistant": "assistant", "system": "system", "human": "user", "gpt": "assistant"}
@@ -55,7 +56,7 @@ def _read_lines(path: str | Path, parse) -> list[Any]:
             try:
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
-                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                    raise UserError(f"expected a JSON object, got {type(obj).__name__}")
                 records.append(parse(obj))
             except (ValueError, KeyError, TypeError) as err:
                 what = f"missing field {err}" if isinstance(err, KeyError) else str(err)
@@ -71,20 +72,20 @@ def _read_lines(path: str | Path, parse) -> list[Any]:
 
 def _text(value: Any, name: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
+        raise UserError(f"field {name!r} must be a string, got {type(value).__name__}")
     return value
 
 
 def _role(name: Any) -> str:
     role = _ROLE_NAMES.get(str(name).lower())
     if role is None:
-        raise ValueError(f"unknown speaker {name!r} (expected User/Assistant/System)")
+        raise UserError(f"unknown speaker {name!r} (expected User/Assistant/System)")
     return role
 
 
 def _turns(messages: Any, role_key: str, content_key: str) -> list[Turn]:
     if not isinstance(messages, list) or not messages:
-        raise ValueError("the conversation must be a non-empty list of turns")
+        raise UserError("the conversation must be a non-empty list of turns")
     return [Turn(_role(m[role_key]), _text(m[content_key], content_key)) for m in messages]
 
 
@@ -97,21 +98,21 @@ def _conversation(obj: dict, steerlm: bool = False) -> list[Turn]:
             if role == "assistant" and steerlm:
                 label = message.get("label")
                 if not label:
-                    raise ValueError(f"SteerLM needs a 'label' (attribute values) on assistant turn {i}")
+                    raise UserError(f"SteerLM needs a 'label' (attribute values) on assistant turn {i}")
                 turns.append(Turn("system", attribute_instruction(parse_attributes(label))))
             turns.append(Turn(role, _text(message["value"], "value")))
         if len(turns) == len(system):
-            raise ValueError("'conversations' is empty")
+            raise UserError("'conversations' is empty")
     elif steerlm:
-        raise ValueError("SteerLM records use the NeMo chat format ('conversations' with 'label')")
+        raise UserError("SteerLM records use the NeMo chat format ('conversations' with 'label')")
     elif "messages" in obj:
         turns = system + _turns(obj["messages"], "role", "content")
     elif "input" in obj and "output" in obj:
         turns = system + [Turn("user", _text(obj["input"], "input")), Turn("assistant", _text(obj["output"], "output"))]
     else:
-        raise ValueError("expected 'conversations', 'messages' or 'input'/'output'")
+        raise UserError("expected 'conversations', 'messages' or 'input'/'output'")
     if not any(t.role == "assistant" for t in turns):
-        raise ValueError("the conversation has no assistant turn to train on")
+        raise UserError("the conversation has no assistant turn to train on")
     return turns
 
 
@@ -121,7 +122,7 @@ def parse_attributes(label: str) -> dict[str, float]:
     for part in label.split(","):
         name, sep, value = part.partition(":")
         if not sep or not name.strip():
-            raise ValueError(f"attribute {part!r} is not name:value")
+            raise UserError(f"attribute {part!r} is not name:value")
         attributes[name.strip()] = float(value)
     return attributes
 
@@ -150,7 +151,7 @@ def _pair(obj: dict) -> PreferencePair:
     rewards = [obj.get("chosen_reward"), obj.get("rejected_reward")]
     for name, value in zip(("chosen_reward", "rejected_reward"), rewards):
         if value is not None and not isinstance(value, (int, float)):
-            raise ValueError(f"field {name!r} must be a number")
+            raise UserError(f"field {name!r} must be a number")
     return PreferencePair(prompt, _text(obj["chosen_response"], "chosen_response"),
                           _text(obj["rejected_response"], "rejected_response"), *rewards)
 
@@ -185,7 +186,7 @@ def _check_lengths(encoded: list[Encoded], seq_length: int, what: str) -> int:
     an error (raising seq_length fixes it). Returns how many records were truncated."""
     empty = [i for i, e in enumerate(encoded) if not any(e.train_mask[1 : seq_length + 1])]
     if empty:
-        raise ValueError(
+        raise UserError(
             f"{what}: record(s) {empty[:10]} have no response tokens within train.seq_length={seq_length}: "
             f"raise train.seq_length"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nemo_minitron.errors import UserError
 # A plain template for tokenizers without one; the end-of-turn marker is the EOS token.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -58,7 +59,7 @@ def encode_conversation(tokenizer, turns: list[Turn]) -> Encoded:
         prompt = _render(tokenizer, turns[:i], generation_prompt=True)
         full = _render(tokenizer, turns[: i + 1], generation_prompt=False)
         if full[: len(prompt)] != prompt or prompt[: len(tokens)] != tokens:
-            raise ValueError(
+            raise UserError(
                 "the tokenizer's chat template is not prefix-stable (rendering a later turn changes "
                 "earlier tokens), so response tokens cannot be masked exactly"
             )
@@ -66,7 +67,7 @@ def encode_conversation(tokenizer, turns: list[Turn]) -> Encoded:
         tokens = full
     rest = _render(tokenizer, turns, generation_prompt=False)
     if rest[: len(tokens)] != tokens:
-        raise ValueError("the tokenizer's chat template is not prefix-stable")
+        raise UserError("the tokenizer's chat template is not prefix-stable")
     mask += [False] * (len(rest) - len(tokens))
     return Encoded(rest, mask)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nemo_minitron.errors import UserError
 from nemo_minitron.models.runner import vocab_parallel_token_nll
 from nemo_minitron.train.loss import LossResult
 
@@ -40,7 +41,7 @@ def preference_objective(kind: str, margin: torch.Tensor, beta: float, eta: floa
     if kind == "ipo":
         return (margin - 1.0 / (2.0 * beta)) ** 2
     if reward_gap is None or torch.isnan(reward_gap).any():
-        raise ValueError(f"loss.kind={kind} needs chosen_reward and rejected_reward in every record")
+        raise UserError(f"loss.kind={kind} needs chosen_reward and rejected_reward in every record")
     target = eta * reward_gap
     if kind == "rpo_sq":
         return (beta * margin - target) ** 2
@@ -62,14 +63,14 @@ class PreferenceLoss:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"loss.kind={self.kind!r} is not one of {', '.join(KINDS)}")
+            raise UserError(f"loss.kind={self.kind!r} is not one of {', '.join(KINDS)}")
         if self.beta <= 0:
-            raise ValueError(f"loss.beta={self.beta} must be positive")
+            raise UserError(f"loss.beta={self.beta} must be positive")
 
     def __call__(self, output, batch: dict[str, torch.Tensor]) -> LossResult:
         labels, mask = batch["labels"], batch["loss_mask"]
         if labels.shape[0] % 2:
-            raise ValueError("preference micro-batches must hold whole (chosen, rejected) pairs: use an even micro batch")
+            raise UserError("preference micro-batches must hold whole (chosen, rejected) pairs: use an even micro batch")
         policy = sequence_logprobs(output.student_logits, labels, mask).view(-1, 2)
         reference = sequence_logprobs(output.teacher_logits.detach(), labels, mask).view(-1, 2)
         ratio = policy - reference

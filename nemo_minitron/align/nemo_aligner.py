@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nemo_minitron.errors import UserError
 log = logging.getLogger("nemo_minitron")
 
 # Our loss kinds -> NeMo-Aligner's `model.dpo.preference_loss`.
@@ -30,7 +31,7 @@ def commands(cfg, nemo_root: str = "/opt/NeMo") -> list[list[str]]:
     root = Path(cfg.nemo_aligner.root)
     t, o = cfg.train, cfg.optim
     if cfg.data is None:
-        raise ValueError("backend=nemo_aligner needs data= (and valid_data=) jsonl files in NeMo-Aligner's format")
+        raise UserError("backend=nemo_aligner needs data= (and valid_data=) jsonl files in NeMo-Aligner's format")
     valid = cfg.valid_data or cfg.data
     common = [
         "trainer.num_nodes=1", f"trainer.devices={cfg.tp * cfg.pp}",
@@ -40,8 +41,8 @@ def commands(cfg, nemo_root: str = "/opt/NeMo") -> list[list[str]]:
         f"model.optim.sched.min_lr={o.min_lr}", f"model.optim.sched.warmup_steps={o.warmup_steps}",
         f"model.optim.weight_decay={o.weight_decay}", f"exp_manager.explicit_log_dir={out / 'nemo_aligner' / 'logs'}",
     ]
-    if cfg.stage in ("dpo", "rpo"):
-        kind = cfg.loss.kind or cfg.stage
+    if cfg.preference:
+        kind = cfg.loss.kind or cfg.method
         script = root / "examples/nlp/gpt/train_gpt_dpo.py"
         stage_args = [
             f"pretrained_checkpoint.restore_from_path={nemo_file}",
@@ -72,7 +73,7 @@ def run_nemo_aligner(cfg) -> dict:
     if cfg.nemo_aligner.dry_run:
         return {"backend": "nemo_aligner", "commands": [shlex.join(c) for c in cmds]}
     if importlib.util.find_spec("nemo_aligner") is None:
-        raise ValueError(
+        raise UserError(
             "backend=nemo_aligner needs NeMo-Aligner (the NGC NeMo container); use backend=native here, "
             "or nemo_aligner.dry_run=true to see the commands"
         )

@@ -7,32 +7,13 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
-STAGES: dict[str, tuple[str, str]] = {
-    "import": ("nemo_minitron.cli.import_model", "import a HF directory or a built-in model into a checkpoint"),
-    "export-hf": ("nemo_minitron.cli.export_hf", "write a checkpoint as a Hugging Face model directory"),
-    "eval": ("nemo_minitron.cli.evaluate", "held-out perplexity and lm-evaluation-harness tasks of a checkpoint"),
-    "prune": ("nemo_minitron.cli.prune", "importance estimation and width/depth pruning of a checkpoint"),
-    "teacher-correct": ("nemo_minitron.cli.teacher_correct", "fine-tune the teacher on the distillation data (LM loss)"),
-    "distill": ("nemo_minitron.cli.distill", "train a student on a frozen teacher's logits (resumable)"),
-    "align": ("nemo_minitron.cli.align", "SFT, DPO, RPO or SteerLM alignment of a checkpoint (resumable)"),
-    "generate": ("nemo_minitron.cli.generate", "greedy generation, optionally with SteerLM attribute values"),
-    "search": ("nemo_minitron.cli.search", "architecture search under a parameter or memory budget (resumable)"),
-    "pipeline": ("nemo_minitron.cli.pipeline", "the main job on the embedded default, end to end"),
-}
+from nemo_minitron.cli.compose import conf_dir, stage_config_name
+from nemo_minitron.cli.stages import STAGES
+from nemo_minitron.errors import UserError
 
 log = logging.getLogger("nemo_minitron")
-
-
-def conf_dir() -> Path:
-    """conf/ of the source tree (editable install); MINITRON_CONF_DIR overrides it."""
-    override = os.environ.get("MINITRON_CONF_DIR")
-    path = Path(override) if override else Path(__file__).resolve().parents[2] / "conf"
-    if not path.is_dir():
-        raise SystemExit(f"error: config directory {path} not found: install with `pip install -e .` or set MINITRON_CONF_DIR")
-    return path
 
 
 def _usage() -> str:
@@ -57,12 +38,11 @@ def _quiet_libraries() -> None:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input: reported as one line, not a traceback."""
+    """Exceptions that mean bad input: reported as one line, not a traceback. Anything else is a
+    bug and keeps its traceback."""
     from omegaconf.errors import MissingMandatoryValue
 
-    from nemo_minitron.data.corpus import CorpusError
-
-    return (ValueError, FileNotFoundError, NotADirectoryError, CorpusError, MissingMandatoryValue)
+    return (UserError, FileNotFoundError, NotADirectoryError, MissingMandatoryValue)
 
 
 def _print_user_error(err: BaseException) -> None:
@@ -81,7 +61,7 @@ def _format_error(err: BaseException) -> str:
 
 
 def run_stage(stage_fn: Callable[[Any], dict | None], cfg) -> None:
-    """Run a stage function; print its result as JSON on the last stdout line (rank 0)."""
+    """Run a stage command; print its result as JSON on the last stdout line (rank 0)."""
     from nemo_minitron import parallel
 
     _quiet_libraries()
@@ -129,16 +109,15 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     import hydra
 
-    from nemo_minitron.cli.recipe import stage_config_name
-
     module = importlib.import_module(STAGES[stage][0])
     try:
+        config_dir = conf_dir()
         config_name, overrides = stage_config_name(stage, overrides)
     except user_errors() as err:
         _print_user_error(err)
         sys.exit(2)
     sys.argv = [f"minitron {stage}", *_config_options_first(overrides)]
-    app = hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(
+    app = hydra.main(config_path=str(config_dir), config_name=config_name, version_base="1.3")(
         lambda cfg: run_stage(module.run, cfg)
     )
     app()

@@ -23,6 +23,7 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, Indexe
 from tqdm.auto import tqdm
 
 from nemo_minitron.data.corpus import iter_file_texts, user_files
+from nemo_minitron.errors import UserError
 
 PathLike = str | os.PathLike[str]
 Encoder = Callable[[list[str]], list[list[int]]]
@@ -67,7 +68,7 @@ def _vocab_size(tokenizer: Any) -> int | None:
 def _eos_id(tokenizer: Any) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id, which document boundaries need")
+        raise UserError("the tokenizer has no eos_token_id, which document boundaries need")
     return int(eos)
 
 

@@ -19,7 +19,7 @@ all-reduces the sum of incoming gradients -- the full Jacobian of log-softmax ov
 vocabulary. Everything after it is elementwise on the local shard, and the per-token sum over the
 vocabulary is megatron's `reduce_from_tensor_model_parallel_region`, whose identity backward is
 right *there*: the summed value is the (replicated) loss, and each rank's partial sum gets gradient
-one. (An identity-backward all-reduce inside the normaliser would be wrong: DESIGN.md section 4.)
+one. (An identity-backward all-reduce inside the normaliser would be wrong: docs/design.md section 4.)
 
 How memory stays bounded: `_ChunkedLogitLoss` walks the tokens in chunks, computes each chunk's
 loss in fp32 and immediately its gradient with respect to that chunk of student logits, and keeps
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nemo_minitron.errors import UserError
 LOGIT_LOSSES = ("fwd_kl", "rev_kl", "jsd", "topk_kl")
 # Logits outside the top-k set: exp() underflows to exactly 0, log-probabilities stay finite.
 _EXCLUDED = -1e30
@@ -100,7 +101,7 @@ def _top_k_mask(teacher: torch.Tensor, k: int) -> torch.Tensor:
     """Where the teacher's logit is among its k largest over the global vocabulary."""
     tp, _, group = _tp()
     if k > teacher.shape[-1] * tp:
-        raise ValueError(f"loss.top_k={k} exceeds the vocabulary size {teacher.shape[-1] * tp}")
+        raise UserError(f"loss.top_k={k} exceeds the vocabulary size {teacher.shape[-1] * tp}")
     local = teacher.topk(min(k, teacher.shape[-1]), dim=-1).values
     if tp > 1:
         shards = [torch.empty_like(local) for _ in range(tp)]
@@ -121,15 +122,15 @@ class LogitLoss:
 
     def __post_init__(self):
         if self.kind not in LOGIT_LOSSES:
-            raise ValueError(f"loss.kind={self.kind!r} is not one of {', '.join(LOGIT_LOSSES)}")
+            raise UserError(f"loss.kind={self.kind!r} is not one of {', '.join(LOGIT_LOSSES)}")
         if self.temperature <= 0:
-            raise ValueError(f"loss.temperature={self.temperature} must be positive")
+            raise UserError(f"loss.temperature={self.temperature} must be positive")
         if (self.kind == "topk_kl") != (self.top_k is not None):
-            raise ValueError("loss.top_k is required by loss.kind=topk_kl and only used by it")
+            raise UserError("loss.top_k is required by loss.kind=topk_kl and only used by it")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"loss.top_k={self.top_k} must be at least 1")
+            raise UserError(f"loss.top_k={self.top_k} must be at least 1")
         if self.lm_weight < 0:
-            raise ValueError(f"loss.lm_weight={self.lm_weight} must not be negative")
+            raise UserError(f"loss.lm_weight={self.lm_weight} must not be negative")
 
     def per_token(self, student: torch.Tensor, teacher: torch.Tensor,
                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

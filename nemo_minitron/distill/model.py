@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from nemo_minitron.distill.losses import LogitLoss, cosine_loss, logit_losses
+from nemo_minitron.errors import UserError
+from nemo_minitron.models.gpt import arch_of, unwrap_model
 from nemo_minitron.train.loss import LossResult
 
 
@@ -50,7 +52,7 @@ def _stage_of(layer: int, num_layers: int, pp: int) -> int:
 
 def _local_layers(model) -> dict[int, torch.nn.Module]:
     """Global 0-based layer index -> this stage's layer module."""
-    return {layer.layer_number - 1: layer for layer in model.decoder.layers}
+    return {layer.layer_number - 1: layer for layer in unwrap_model(model).decoder.layers}
 
 
 class DistillationModel(torch.nn.Module):
@@ -64,12 +66,12 @@ class DistillationModel(torch.nn.Module):
         from megatron.core import parallel_state as ps
 
         super().__init__()
-        s_arch, t_arch = student.arch, teacher.arch
+        s_arch, t_arch = arch_of(student), arch_of(teacher)
         if s_arch.vocab_size != t_arch.vocab_size:
-            raise ValueError(f"student vocab_size {s_arch.vocab_size} != teacher vocab_size {t_arch.vocab_size}")
+            raise UserError(f"student vocab_size {s_arch.vocab_size} != teacher vocab_size {t_arch.vocab_size}")
         s_dtype, t_dtype = next(student.parameters()).dtype, next(teacher.parameters()).dtype
         if s_dtype != t_dtype:
-            raise ValueError(f"student ({s_dtype}) and teacher ({t_dtype}) must share the parameter dtype")
+            raise UserError(f"student ({s_dtype}) and teacher ({t_dtype}) must share the parameter dtype")
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.pairs = tuple(pairs)
@@ -160,13 +162,13 @@ class DistillationModel(torch.nn.Module):
 
 def _check_pair(pair: LayerPair, student_layers: int, teacher_layers: int, pp: int) -> None:
     if not 0 <= pair.student < student_layers or not 0 <= pair.teacher < teacher_layers:
-        raise ValueError(
+        raise UserError(
             f"loss.intermediate pair {pair.student}:{pair.teacher} is out of range: the student has "
             f"{student_layers} layers, the teacher {teacher_layers} (0-based indices)"
         )
     s_stage, t_stage = _stage_of(pair.student, student_layers, pp), _stage_of(pair.teacher, teacher_layers, pp)
     if s_stage != t_stage:
-        raise ValueError(
+        raise UserError(
             f"loss.intermediate pair {pair.student}:{pair.teacher}: student layer {pair.student} is on pipeline "
             f"stage {s_stage} but teacher layer {pair.teacher} on stage {t_stage} at pp={pp}: pair layers that "
             f"live on the same stage"
@@ -189,9 +191,9 @@ class DistillationLoss:
 
     def __post_init__(self):
         if self.chunk_tokens < 1:
-            raise ValueError(f"loss.chunk_tokens={self.chunk_tokens} must be at least 1")
+            raise UserError(f"loss.chunk_tokens={self.chunk_tokens} must be at least 1")
         if self.intermediate_weight < 0:
-            raise ValueError(f"loss.intermediate_weight={self.intermediate_weight} must not be negative")
+            raise UserError(f"loss.intermediate_weight={self.intermediate_weight} must not be negative")
 
     def __call__(self, output: DistillationOutput, batch: dict[str, torch.Tensor]) -> LossResult:
         parts = logit_losses(output.student_logits, output.teacher_logits, batch["labels"], batch.get("loss_mask"),
@@ -216,12 +218,12 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
     if t_vocab != s_vocab:
         differing = sorted(set(t_vocab.items()) ^ set(s_vocab.items()), key=lambda kv: kv[1])
         token, index = differing[0]
-        raise ValueError(
+        raise UserError(
             f"teacher and student tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} tokens; e.g. {token!r} -> "
             f"{index} in only one of them): distillation needs the student to keep the teacher's tokenizer"
         )
     if teacher_tokenizer.eos_token_id != student_tokenizer.eos_token_id:
-        raise ValueError(
+        raise UserError(
             f"teacher and student tokenizers differ in eos_token_id ({teacher_tokenizer.eos_token_id} vs "
             f"{student_tokenizer.eos_token_id}): distillation needs the student to keep the teacher's tokenizer"
         )

@@ -17,6 +17,7 @@ from lm_eval.api.model import LM
 from tqdm import tqdm
 
 from nemo_minitron import parallel
+from nemo_minitron.errors import UserError
 from nemo_minitron.eval.generate import greedy_generate
 from nemo_minitron.models.runner import (
     broadcast_from_last_stage,
@@ -153,7 +154,7 @@ def run_harness(model, tokenizer, tasks: list[str], include_path: str | None = N
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"harness.tasks: unknown task(s) {unknown}; set harness.include_path= to a directory of task YAMLs")
+        raise UserError(f"harness.tasks: unknown task(s) {unknown}; set harness.include_path= to a directory of task YAMLs")
     lm = MegatronLM(model, tokenizer, max_length=max_length, batch_size=batch_size)
     results = lm_eval.simple_evaluate(
         model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,

@@ -1,6 +1,6 @@
 """Held-out perplexity of a Megatron model at any TP x PP x DP.
 
-Protocol (DESIGN.md section 10): documents are joined with EOS and tokenized once; the stream is
+Protocol (docs/design.md section 12): documents are joined with EOS and tokenized once; the stream is
 cut into non-overlapping windows of `seq_len` predicted tokens (each window's inputs start at the
 previous window's last label, so every token after the first is predicted exactly once); the
 incomplete tail is dropped. Perplexity = exp(mean token NLL) over all predicted tokens.
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nemo_minitron import parallel
+from nemo_minitron.errors import UserError
 from nemo_minitron.models.runner import forward_microbatches, vocab_parallel_token_nll
 
 
@@ -38,12 +39,12 @@ class PerplexityResult:
 def windows_from_stream(stream: np.ndarray, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """[n, seq_len + 1] windows: inputs are [:, :-1], labels [:, 1:]."""
     if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len} must be at least 2")
+        raise UserError(f"seq_len={seq_len} must be at least 2")
     n = (len(stream) - 1) // seq_len
     if max_tokens is not None:
         n = min(n, max(1, max_tokens // seq_len))
     if n < 1:
-        raise ValueError(f"the evaluation text has {len(stream)} tokens, fewer than seq_len={seq_len} + 1")
+        raise UserError(f"the evaluation text has {len(stream)} tokens, fewer than seq_len={seq_len} + 1")
     index = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     return torch.from_numpy(np.asarray(stream)[index].astype(np.int64))
 

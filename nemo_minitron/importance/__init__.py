@@ -1,12 +1,13 @@
 """Importance estimation: activation hooks per axis, aggregation, depth scores, weight ablations."""
 
 from nemo_minitron.importance.aggregation import Aggregation
-from nemo_minitron.importance.calibration import estimate_importance, sample_windows
+from nemo_minitron.importance.calibration import ForwardLoop, estimate_importance, perplexity_loop, sample_windows
 from nemo_minitron.importance.depth import contiguous_block_scores, layer_loss_scores, loss_metric, skip_layers
 from nemo_minitron.importance.hooks import ImportanceRecorder
 from nemo_minitron.importance.scores import ImportanceScores, magnitude_scores, random_scores
 
 __all__ = [
-    "Aggregation", "ImportanceRecorder", "ImportanceScores", "contiguous_block_scores", "estimate_importance",
-    "layer_loss_scores", "loss_metric", "magnitude_scores", "random_scores", "sample_windows", "skip_layers",
+    "Aggregation", "ForwardLoop", "ImportanceRecorder", "ImportanceScores", "contiguous_block_scores",
+    "estimate_importance", "layer_loss_scores", "loss_metric", "magnitude_scores", "perplexity_loop", "random_scores",
+    "sample_windows", "skip_layers",
 ]

@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from nemo_minitron.errors import UserError
 REDUCTIONS = ("mean", "l2", "var")
 HEAD_SIGNALS = ("output", "input")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Aggregation:
     """seq / batch reduction: "mean" (of |x| over the sequence), "l2" or "var"; and what a head's
     activation is: "input" = its slice of the `linear_proj` input (the attention output, as in the
@@ -31,9 +32,9 @@ class Aggregation:
     def __post_init__(self):
         for key in ("seq", "batch"):
             if getattr(self, key) not in REDUCTIONS:
-                raise ValueError(f"aggregation.{key}={getattr(self, key)!r} is not one of {list(REDUCTIONS)}")
+                raise UserError(f"aggregation.{key}={getattr(self, key)!r} is not one of {list(REDUCTIONS)}")
         if self.heads not in HEAD_SIGNALS:
-            raise ValueError(f"aggregation.heads={self.heads!r} is not one of {list(HEAD_SIGNALS)}")
+            raise UserError(f"aggregation.heads={self.heads!r} is not one of {list(HEAD_SIGNALS)}")
 
     def over_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """[s, b, c] activations -> [b, c] per-sample scores (computed in fp32)."""

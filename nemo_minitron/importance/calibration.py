@@ -1,19 +1,23 @@
 """Calibration: forward passes with the importance hooks on, at any TP x PP x DP.
 
-The forward passes are the held-out perplexity loop (`eval.perplexity.evaluate_perplexity`), which
-already runs megatron's schedule at any PP, splits windows over data-parallel replicas and shows a
-progress bar with tokens/s; with the hooks registered it fires them on every stage, and its loss
-is the calibration loss of the unpruned model.
+`estimate_importance(model, forward_loop)` registers the hooks, calls `forward_loop(model)` (any
+code that runs forward passes: the caller's own data loop, or `perplexity_loop(windows)`) and
+reduces the statistics over all ranks. `perplexity_loop` is the held-out perplexity loop
+(`eval.perplexity.evaluate_perplexity`), which runs megatron's schedule at any PP, splits windows
+over data-parallel replicas and shows a progress bar with tokens/s; its loss is the calibration
+loss of the unpruned model.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from nemo_minitron.errors import UserError
 from nemo_minitron.eval.perplexity import evaluate_perplexity
 from nemo_minitron.importance.aggregation import Aggregation
 from nemo_minitron.importance.hooks import ImportanceRecorder
@@ -30,10 +34,10 @@ def sample_windows(stream: np.ndarray, seq_len: int, num_samples: int, seed: int
     returned, with a warning, when the stream is too short.
     """
     if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len} must be at least 2")
+        raise UserError(f"seq_len={seq_len} must be at least 2")
     available = (len(stream) - 1) // seq_len
     if available < 1:
-        raise ValueError(f"the calibration text has {len(stream)} tokens, fewer than seq_len={seq_len} + 1")
+        raise UserError(f"the calibration text has {len(stream)} tokens, fewer than seq_len={seq_len} + 1")
     if num_samples > available:
         log.warning("the calibration text holds only %d windows of %d tokens (asked for %d)",
                     available, seq_len, num_samples)
@@ -42,28 +46,28 @@ def sample_windows(stream: np.ndarray, seq_len: int, num_samples: int, seed: int
     return torch.from_numpy(np.asarray(stream)[index].astype(np.int64))
 
 
-def estimate_importance(
-    model,
-    windows: torch.Tensor,
-    aggregation: Aggregation | None = None,
-    micro_batch_size: int = 4,
-    progress: bool = True,
-) -> ImportanceScores:
-    """Activation importance of every axis from forward passes over `windows` ([n, s + 1])."""
-    log.info("importance: calibration forward over %d windows of %d tokens", len(windows), windows.shape[1] - 1)
+ForwardLoop = Callable[[object], "dict | None"]  # forward_loop(model) -> optional info for the scores
+
+
+def perplexity_loop(windows: torch.Tensor, micro_batch_size: int = 4, progress: bool = True) -> ForwardLoop:
+    """A forward loop over token windows ([n, s + 1]) that reports tokens, speed and LM loss."""
+
+    def forward_loop(model) -> dict:
+        log.info("importance: calibration forward over %d windows of %d tokens", len(windows), windows.shape[1] - 1)
+        result = evaluate_perplexity(model, windows, micro_batch_size, progress=progress)
+        log.info("importance: %d tokens in %.1f s (%.0f tokens/s), calibration loss %.4f",
+                 result.tokens, result.seconds, result.tokens_per_s, result.nll)
+        return {"windows": len(windows), "seq_len": windows.shape[1] - 1, "tokens": result.tokens,
+                "tokens_per_s": round(result.tokens_per_s, 1), "calibration_loss": result.nll}
+
+    return forward_loop
+
+
+def estimate_importance(model, forward_loop: ForwardLoop, aggregation: Aggregation | None = None) -> ImportanceScores:
+    """Activation importance of every axis (hidden channels, heads, neurons, Block Importance of
+    layers) from the forward passes that `forward_loop(model)` runs (collective: every rank runs
+    its part of the same loop). What the loop returns (a dict) is kept in `scores.info`."""
     start = time.perf_counter()
     with ImportanceRecorder(model, aggregation) as recorder:
-        result = evaluate_perplexity(model, windows, micro_batch_size, progress=progress)
-    seconds = time.perf_counter() - start
-    info = {
-        "windows": len(windows),
-        "seq_len": windows.shape[1] - 1,
-        "tokens": result.tokens,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(result.tokens / seconds, 1),
-        "calibration_loss": result.nll,
-    }
-    scores = recorder.scores(info)
-    log.info("importance: %d tokens in %.1f s (%.0f tokens/s), calibration loss %.4f",
-             result.tokens, seconds, result.tokens / seconds, result.nll)
-    return scores
+        info = forward_loop(model) or {}
+    return recorder.scores({**info, "seconds": round(time.perf_counter() - start, 3)})

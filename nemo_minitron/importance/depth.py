@@ -14,7 +14,9 @@ from contextlib import contextmanager
 
 import torch
 
+from nemo_minitron.errors import UserError
 from nemo_minitron.eval.perplexity import evaluate_perplexity
+from nemo_minitron.models.gpt import arch_of, unwrap_model
 
 log = logging.getLogger("nemo_minitron")
 
@@ -32,7 +34,7 @@ def skip_layers(model, layers: Iterable[int]) -> Iterator[None]:
     skipped = set(layers)
     touched = []
     try:
-        for layer in model.decoder.layers:
+        for layer in unwrap_model(model).decoder.layers:
             if layer.layer_number - 1 in skipped:
                 layer.forward = _passthrough  # instance attribute shadows the method
                 touched.append(layer)
@@ -51,7 +53,7 @@ def layer_loss_scores(model, metric: Metric) -> tuple[torch.Tensor, float]:
     """(metric increase when each layer alone is dropped [L], metric of the full model)."""
     base = metric(model)
     increases = []
-    for i in range(model.arch.num_layers):
+    for i in range(arch_of(model).num_layers):
         with skip_layers(model, [i]):
             increases.append(metric(model) - base)
         log.info("depth: without layer %d the loss rises by %.4f", i, increases[-1])
@@ -60,9 +62,9 @@ def layer_loss_scores(model, metric: Metric) -> tuple[torch.Tensor, float]:
 
 def contiguous_block_scores(model, num_drop: int, metric: Metric) -> torch.Tensor:
     """Metric of the model without layers [i, i + num_drop) for every start i ([L - num_drop + 1])."""
-    L = model.arch.num_layers
+    L = arch_of(model).num_layers
     if not 0 < num_drop < L:
-        raise ValueError(f"cannot drop {num_drop} contiguous layers of {L}")
+        raise UserError(f"cannot drop {num_drop} contiguous layers of {L}")
     values = []
     for start in range(L - num_drop + 1):
         with skip_layers(model, range(start, start + num_drop)):

@@ -26,8 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from nemo_minitron.errors import UserError
 from nemo_minitron.importance.aggregation import Aggregation, BatchStats
 from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.models.gpt import arch_of, unwrap_model
 
 
 def _fused_norm(module, x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +43,7 @@ def _fused_norm(module, x: torch.Tensor) -> torch.Tensor:
         bias = module.layer_norm_bias.float()
         return F.layer_norm(x, (x.shape[-1],), weight, bias, config.layernorm_epsilon)
     if config.normalization != "RMSNorm":
-        raise ValueError(f"importance hooks support RMSNorm and LayerNorm, not normalization={config.normalization}")
+        raise UserError(f"importance hooks support RMSNorm and LayerNorm, not normalization={config.normalization}")
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + config.layernorm_epsilon) * weight
 
 
@@ -51,10 +53,11 @@ class ImportanceRecorder:
     def __init__(self, model, aggregation: Aggregation | None = None):
         from megatron.core import parallel_state as ps
 
+        model = unwrap_model(model)
         if model.config.sequence_parallel:
-            raise ValueError("importance estimation does not support sequence parallelism; run without it")
+            raise UserError("importance estimation does not support sequence parallelism; run without it")
         self.model = model
-        self.arch = arch = model.arch
+        self.arch = arch = arch_of(model)
         self.aggregation = aggregation or Aggregation()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         tp = ps.get_tensor_model_parallel_world_size()
@@ -165,7 +168,7 @@ class ImportanceRecorder:
         for p, chunk in zip(parts, flat.split([p.numel() for p in parts])):
             p.copy_(chunk.view_as(p))
         if (self.hidden.count == 0).any():
-            raise ValueError("no calibration data reached some layers: run forward passes inside the recorder")
+            raise UserError("no calibration data reached some layers: run forward passes inside the recorder")
         arch, agg = self.arch, self.aggregation
         hidden_per_layer = agg.over_batch(self.hidden).float()
         heads = agg.over_batch(self.attention).float().view(arch.num_layers, arch.num_attention_heads, -1)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from nemo_minitron.atomic import atomic_file
+from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelArch
 
 METHODS = ("activation", "magnitude", "random")
@@ -60,9 +62,8 @@ class ImportanceScores:
             path = path / FILE_NAME
         state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         state["arch"] = dataclasses.asdict(self.arch)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.rename(path)
+        with atomic_file(path, "wb") as handle:
+            torch.save(state, handle)
         return path
 
     @classmethod
@@ -78,7 +79,7 @@ class ImportanceScores:
         state["arch"] = ModelArch.from_dict(state["arch"])
         scores = cls(**state)
         if arch is not None and scores.arch != arch:
-            raise ValueError(
+            raise UserError(
                 f"the importance scores in {path} were computed for a different model "
                 f"({scores.arch.num_layers} layers, hidden {scores.arch.hidden_size}) than this checkpoint"
             )

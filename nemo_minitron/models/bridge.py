@@ -22,7 +22,9 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelArch
+from nemo_minitron.models.gpt import arch_of, unwrap_model
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -134,7 +136,7 @@ def global_to_hf(arch: ModelArch, mg: dict[str, torch.Tensor]) -> dict[str, torc
 def _require(sd: dict[str, torch.Tensor], name: str, arch: ModelArch) -> torch.Tensor:
     if name not in sd:
         hint = " (lm_head missing: is tie_word_embeddings set correctly?)" if name == "lm_head.weight" else ""
-        raise ValueError(f"checkpoint has no tensor {name!r}{hint}; it does not match the config {arch.family}")
+        raise UserError(f"checkpoint has no tensor {name!r}{hint}; it does not match the config {arch.family}")
     return sd[name]
 
 
@@ -159,7 +161,7 @@ def expected_global_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
 def _check_shapes(arch: ModelArch, sd: dict[str, torch.Tensor]) -> None:
     for name, shape in expected_global_shapes(arch).items():
         if tuple(sd[name].shape) != shape:
-            raise ValueError(
+            raise UserError(
                 f"tensor {name} has shape {tuple(sd[name].shape)} but the config implies {shape}: "
                 f"the weights do not match the model config"
             )
@@ -180,11 +182,13 @@ def _local_to_global_name(model, local_name: str) -> str:
 def local_parameters(model) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(global name, local name, tensor) for every weight this rank holds, including the tied
     output layer copy on the last stage (which megatron keeps as a separate parameter)."""
+    model = unwrap_model(model)
+    tied = model.share_embeddings_and_output_weights
     for local_name, tensor in model.state_dict(keep_vars=True).items():
         if local_name.endswith("_extra_state") or "inv_freq" in local_name:
             continue
         global_name = _local_to_global_name(model, local_name)
-        if global_name == "output_layer.weight" and model.arch.tie_embeddings:
+        if global_name == "output_layer.weight" and tied:
             global_name = "embedding.word_embeddings.weight"
         yield global_name, local_name, tensor
 
@@ -227,12 +231,13 @@ def load_global(model, global_sd: dict[str, torch.Tensor]) -> None:
     from megatron.core import parallel_state as ps
 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    gated = arch_of(model).gated
     for global_name, local_name, param in local_parameters(model):
         if global_name not in global_sd:
-            raise ValueError(f"weights for {global_name} (local {local_name}) are missing")
-        local = shard(global_name, global_sd[global_name], tp_rank, tp, model.arch.gated)
+            raise UserError(f"weights for {global_name} (local {local_name}) are missing")
+        local = shard(global_name, global_sd[global_name], tp_rank, tp, gated)
         if local.shape != param.shape:
-            raise ValueError(f"{global_name}: shard shape {tuple(local.shape)} != parameter {tuple(param.shape)}")
+            raise UserError(f"{global_name}: shard shape {tuple(local.shape)} != parameter {tuple(param.shape)}")
         param.copy_(local.to(param.dtype))
 
 
@@ -244,6 +249,7 @@ def gather_global(model, grads: bool = False) -> dict[str, torch.Tensor]:
 
     tp_group = ps.get_tensor_model_parallel_group()
     tp = ps.get_tensor_model_parallel_world_size()
+    gated = arch_of(model).gated
     stage: dict[str, torch.Tensor] = {}
     for global_name, _, param in local_parameters(model):
         if global_name in stage:
@@ -253,7 +259,7 @@ def gather_global(model, grads: bool = False) -> dict[str, torch.Tensor]:
             raise ValueError(f"{global_name} has no gradient")
         shards = [torch.empty_like(local) for _ in range(tp)]
         dist.all_gather(shards, local.detach().contiguous(), group=tp_group)
-        stage[global_name] = unshard(global_name, shards, model.arch.gated).cpu().clone()
+        stage[global_name] = unshard(global_name, shards, gated).cpu().clone()
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp == 1:
         return stage

@@ -15,6 +15,13 @@ from typing import Any
 
 import torch
 
+from nemo_minitron.errors import UserError
+# The keys that give a decoder its shape: what pruning changes, reports and plans compare.
+SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels")
+# What a checkpoint records beside the computation: the family name (Llama and Mistral compute
+# alike) and the special token ids that HF configs carry.
+IDENTITY_KEYS = ("family", "bos_token_id", "eos_token_id")
+
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "nemotron": "NemotronForCausalLM"}
 # What each family computes: Llama and Mistral are RMSNorm + SwiGLU + full rotary; Nemotron-4 is
 # LayerNorm (with bias, "1p" zero-centred gamma in HF files) + squared-ReLU MLP + rotary on half of
@@ -56,22 +63,21 @@ class ModelArch:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                     "num_query_groups", "kv_channels", "vocab_size"):
+        for name in (*SHAPE_KEYS, "vocab_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
+            raise UserError(
                 f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"model.num_query_groups={self.num_query_groups}"
             )
         if self.family not in HF_ARCHITECTURES:
-            raise ValueError(f"model.family={self.family!r} is not one of {sorted(HF_ARCHITECTURES)}")
+            raise UserError(f"model.family={self.family!r} is not one of {sorted(HF_ARCHITECTURES)}")
         if self.rotary_percent != 1.0 and self.family != "nemotron":
-            raise ValueError(f"model.rotary_percent={self.rotary_percent}: partial rotary is a Nemotron feature; "
+            raise UserError(f"model.rotary_percent={self.rotary_percent}: partial rotary is a Nemotron feature; "
                              f"{self.family} rotates whole heads (1.0)")
         if not 0 < self.rotary_percent <= 1 or (self.kv_channels * self.rotary_percent) % 2:
-            raise ValueError(f"model.rotary_percent={self.rotary_percent} must be in (0, 1] and rotate an even "
+            raise UserError(f"model.rotary_percent={self.rotary_percent} must be in (0, 1] and rotate an even "
                              f"number of the {self.kv_channels} head channels")
 
     @property
@@ -97,19 +103,19 @@ class ModelArch:
     def check_parallel(self, tp: int, pp: int) -> None:
         """Raise ValueError naming the key to fix when this model cannot be split tp x pp."""
         if self.num_query_groups % tp:
-            raise ValueError(
+            raise UserError(
                 f"tp={tp} does not divide num_query_groups={self.num_query_groups} "
                 f"(num_attention_heads={self.num_attention_heads}): choose tp= among "
                 f"{[d for d in range(1, self.num_query_groups + 1) if self.num_query_groups % d == 0]}"
             )
         if self.ffn_hidden_size % tp:
-            raise ValueError(f"tp={tp} does not divide ffn_hidden_size={self.ffn_hidden_size}: change tp=")
+            raise UserError(f"tp={tp} does not divide ffn_hidden_size={self.ffn_hidden_size}: change tp=")
         if self.vocab_size % tp:
             # No vocab padding: padded logits would need masking in every loss; the published
             # vocabularies (49152, 128256, 131072, 256000) all split over 8 ranks.
-            raise ValueError(f"tp={tp} does not divide vocab_size={self.vocab_size}: change tp=")
+            raise UserError(f"tp={tp} does not divide vocab_size={self.vocab_size}: change tp=")
         if self.num_layers % pp:
-            raise ValueError(f"pp={pp} does not divide num_layers={self.num_layers}: change pp=")
+            raise UserError(f"pp={pp} does not divide num_layers={self.num_layers}: change pp=")
 
     def num_parameters(self) -> dict[str, int]:
         """Total and non-embedding parameter counts (tied embeddings counted once)."""
@@ -121,6 +127,14 @@ class ModelArch:
         embedding = self.vocab_size * h * (1 if self.tie_embeddings else 2)
         non_embedding = self.num_layers * per_layer + norm
         return {"total": non_embedding + embedding, "non_embedding": non_embedding}
+
+    def differences(self, other: "ModelArch") -> list[str]:
+        """`key=mine vs other` for every field that changes what the two models compute."""
+        return [f"{f.name}={getattr(self, f.name)} vs {getattr(other, f.name)}" for f in dataclasses.fields(self)
+                if f.name not in IDENTITY_KEYS and getattr(self, f.name) != getattr(other, f.name)]
+
+    def shape(self) -> dict[str, int]:
+        return {key: getattr(self, key) for key in SHAPE_KEYS}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -137,7 +151,7 @@ class ModelArch:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+            raise UserError(f"unknown model config keys: {sorted(unknown)}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> "ModelArch":
@@ -151,15 +165,15 @@ class ModelArch:
         cfg = hf if isinstance(hf, dict) else hf.to_dict()
         model_type = cfg.get("model_type")
         if model_type not in HF_ARCHITECTURES:
-            raise ValueError(
+            raise UserError(
                 f"unsupported architecture model_type={model_type!r}: nemo-minitron imports "
                 f"{sorted(HF_ARCHITECTURES)} checkpoints"
             )
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ValueError("attention_bias / mlp_bias checkpoints are not supported (Llama has none)")
+            raise UserError("attention_bias / mlp_bias checkpoints are not supported (Llama has none)")
         _, activation, hidden_act = FAMILY_LAYERS[model_type]
         if cfg.get("hidden_act", hidden_act) != hidden_act:
-            raise ValueError(f"hidden_act={cfg.get('hidden_act')!r} is not supported for {model_type} "
+            raise UserError(f"hidden_act={cfg.get('hidden_act')!r} is not supported for {model_type} "
                              f"(nemo-minitron builds {activation} from hidden_act={hidden_act!r})")
         heads = cfg["num_attention_heads"]
         rope_factor = _llama3_rope_factor(cfg)
@@ -275,10 +289,10 @@ def _llama3_rope_factor(cfg: dict[str, Any]) -> float | None:
     if kind == "default":
         return None
     if kind != "llama3":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
+        raise UserError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
     for key, expected in _MEGATRON_LLAMA3_ROPE.items():
         if float(scaling.get(key, expected)) != expected:
-            raise ValueError(
+            raise UserError(
                 f"rope_scaling.{key}={scaling[key]} is not supported: megatron-core fixes it to {expected}"
             )
     return float(scaling["factor"])

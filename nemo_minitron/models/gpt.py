@@ -1,12 +1,28 @@
-"""Build the megatron-core `GPTModel` for a `ModelArch` on the current parallel layout."""
+"""megatron-core `GPTModel`s: build one for a `ModelArch`, and read the `ModelArch` of any one.
+
+`build_gpt_model(arch)` builds this rank's stage under the initialised TP/PP layout. `arch_of(model)`
+is its inverse for a model anybody built (ours, or a caller's own `GPTModel` on the local or the
+Transformer Engine spec, also inside megatron's `Float16Module`): the shapes come from the model's
+`TransformerConfig`, the vocabulary, rotary and embedding-tying settings from the `GPTModel`
+itself. What a model cannot tell (which of the families that compute alike it belongs to, e.g.
+Llama or Mistral, and its BOS/EOS token ids) is remembered when weights are loaded from a
+checkpoint or a Hugging Face directory; otherwise the family follows from the layers.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import weakref
+from typing import Any
 
 import torch
 
-from nemo_minitron.models.config import ModelArch
+from nemo_minitron.errors import UserError
+from nemo_minitron.models.config import FAMILY_LAYERS, IDENTITY_KEYS, ModelArch
+
+# model -> {family, bos_token_id, eos_token_id} of the weights it holds (see `remember_identity`).
+_IDENTITY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def transformer_engine_available() -> bool:
@@ -52,10 +68,150 @@ def build_gpt_model(
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
-    model.arch = arch
+    remember_identity(model, arch)
     if torch.cuda.is_available():
         model.cuda()
     return model
+
+
+def rebuild_gpt_model(model, arch: ModelArch):
+    """A new, freshly initialised model of `model`'s own class and layer spec for the architecture
+    `arch` on this rank (same stage flags, output and rotary settings; `TransformerConfig` =
+    `model`'s with the shape keys of `arch`). Used to prune a caller's model keeping its spec."""
+    model = unwrap_model(model)
+    config = dataclasses.replace(
+        model.config, num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+    )
+    new = type(model)(
+        config=config,
+        transformer_layer_spec=model.transformer_layer_spec,
+        vocab_size=arch.vocab_size,
+        max_sequence_length=model.max_sequence_length,
+        pre_process=model.pre_process,
+        post_process=model.post_process,
+        fp16_lm_cross_entropy=model.fp16_lm_cross_entropy,
+        parallel_output=model.parallel_output,
+        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        rotary_percent=model.rotary_percent,
+        rotary_base=model.rotary_base,
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+    )
+    remember_identity(new, arch)
+    like = next(model.parameters())  # Float16Module casts after construction: follow the weights
+    return new.to(device=like.device, dtype=like.dtype)
+
+
+def remember_identity(model, arch: ModelArch) -> None:
+    """Record what `model`'s layers cannot tell: the family name and the BOS/EOS token ids of `arch`."""
+    _IDENTITY[unwrap_model(model)] = {key: getattr(arch, key) for key in IDENTITY_KEYS}
+
+
+def unwrap_model(model):
+    """The `GPTModel` inside megatron's `Float16Module` / `DistributedDataParallel` wrappers (one
+    model chunk per pipeline stage: a list of several chunks is virtual pipelining, unsupported)."""
+    from megatron.core.models.gpt import GPTModel
+
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise UserError(f"got {len(model)} model chunks: virtual pipeline parallelism is not supported, "
+                            f"pass one GPTModel per pipeline stage")
+        model = model[0]
+    while not isinstance(model, GPTModel):
+        inner = getattr(model, "module", None)
+        if inner is None:
+            raise UserError(f"{type(model).__name__} is not a megatron-core GPTModel (nor a wrapper of one)")
+        model = inner
+    return model
+
+
+def _family(config) -> str:
+    """The family whose layers `config` describes (Llama for RMSNorm + SwiGLU)."""
+    from megatron.core.activations import squared_relu
+
+    activation = config.activation_func
+    if config.gated_linear_unit and activation is torch.nn.functional.silu:
+        kind = "swiglu"
+    elif not config.gated_linear_unit and activation is squared_relu:
+        kind = "squared_relu"
+    else:
+        name = getattr(activation, "__name__", str(activation))
+        raise UserError(f"unsupported MLP: activation {name} with gated_linear_unit={config.gated_linear_unit} "
+                        f"(nemo-minitron prunes SwiGLU and squared-ReLU MLPs)")
+    for family, (normalization, activation_kind, _) in FAMILY_LAYERS.items():
+        if (normalization, activation_kind) == (config.normalization, kind):
+            return family
+    raise UserError(f"unsupported layers: normalization={config.normalization} with a {kind} MLP")
+
+
+def _check_supported(model) -> None:
+    """UserError naming every feature of `model` that nemo-minitron cannot prune or convert."""
+    config = model.config
+    problems = []
+    if getattr(config, "num_moe_experts", None):
+        problems.append(f"mixture-of-experts layers (num_moe_experts={config.num_moe_experts})")
+    if getattr(config, "multi_latent_attention", False):
+        problems.append("multi-latent attention (MLA)")
+    if config.add_bias_linear:
+        problems.append("linear biases (add_bias_linear=True)")
+    if config.add_qkv_bias:
+        problems.append("QKV biases (add_qkv_bias=True)")
+    if getattr(config, "qk_layernorm", False):
+        problems.append("query/key layer norms (qk_layernorm=True)")
+    if config.layernorm_zero_centered_gamma:
+        problems.append("zero-centred norm gammas (layernorm_zero_centered_gamma=True)")
+    if model.position_embedding_type != "rope":
+        problems.append(f"position_embedding_type={model.position_embedding_type!r} (rope only)")
+    if getattr(config, "rotary_interleaved", False):
+        problems.append("interleaved rotary embeddings")
+    if getattr(model, "mtp_process", False):
+        problems.append("multi-token prediction layers")
+    if problems:
+        raise UserError("unsupported model: " + "; ".join(problems))
+
+
+def _rope_scaling_factor(model) -> float | None:
+    """The Llama-3.1 rope-scaling factor megatron applied to the rotary frequencies (None: off).
+    GPTModel keeps only the on/off switch; the lowest frequency is divided by exactly the factor."""
+    if not model.rotary_scaling:
+        return None
+    inv_freq = model.rotary_pos_emb.inv_freq.double()
+    dim = inv_freq.numel() * 2
+    unscaled = 1.0 / (model.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    return round(float(unscaled[-1] / inv_freq[-1].cpu()), 3)  # the float32 frequencies blur the 7th digit
+
+
+def arch_of(model) -> ModelArch:
+    """The `ModelArch` of a megatron-core GPTModel (any TP/PP stage; wrappers are looked through)."""
+    model = unwrap_model(model)
+    _check_supported(model)
+    config = model.config
+    identity: dict[str, Any] = dict(_IDENTITY.get(model, {}))
+    family = _family(config)
+    if identity.get("family") and FAMILY_LAYERS[identity["family"]][:2] == FAMILY_LAYERS[family][:2]:
+        family = identity["family"]  # e.g. Mistral, which computes like Llama
+    heads = config.num_attention_heads
+    return ModelArch(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=config.num_query_groups or heads,
+        kv_channels=config.kv_channels or config.hidden_size // heads,
+        vocab_size=model.vocab_size,
+        max_position_embeddings=model.max_sequence_length,
+        rope_theta=float(model.rotary_base),
+        rope_scaling_factor=_rope_scaling_factor(model),
+        norm_eps=config.layernorm_epsilon,
+        tie_embeddings=bool(model.share_embeddings_and_output_weights),
+        family=family,
+        bos_token_id=identity.get("bos_token_id"),
+        eos_token_id=identity.get("eos_token_id"),
+        rotary_percent=float(model.rotary_percent),
+    )
 
 
 def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:

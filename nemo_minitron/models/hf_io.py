@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from nemo_minitron.checkpoint import replace_dir
+from nemo_minitron.atomic import replace_dir
+from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelArch
 
 
@@ -36,7 +37,7 @@ def read_hf_directory(path: str | Path, dtype: torch.dtype = torch.float32):
     state = {k: v.to(dtype) for k, v in state.items() if "rotary_emb" not in k}
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if len(tokenizer) > arch.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"tokenizer at hf_path={path} has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{arch.vocab_size}: the tokenizer does not belong to this model"
         )

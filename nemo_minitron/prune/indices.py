@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelArch
 
 DEPTH_METHODS = ("contiguous", "loss", "block_importance", "magnitude", "random")
@@ -61,6 +62,25 @@ def select_indices(
         heads={i: select_heads(scores.heads[i], teacher, target) for i in layers},
         neurons={i: top_k(scores.neurons[i], target.ffn_hidden_size) for i in layers},
     )
+
+
+def choose_dropped_layers(scores: ImportanceScores, teacher: ModelArch, num_drop: int, method: str) -> list[int]:
+    """The `num_drop` layers a depth method drops, from the depth scores already in `scores`:
+    the best contiguous block (`scores.blocks[num_drop]`) or the lowest per-layer scores
+    (`scores.layers[method]`)."""
+    if num_drop == 0:
+        return []
+    if method not in DEPTH_METHODS:
+        raise UserError(f"depth method {method!r} is not one of {list(DEPTH_METHODS)}")
+    if method == "contiguous":
+        if num_drop not in scores.blocks:
+            raise UserError(f"the scores hold no contiguous-block losses for dropping {num_drop} layers: compute "
+                            f"scores.blocks[{num_drop}] = contiguous_block_scores(model, {num_drop}, metric) first")
+        return best_block(scores.blocks[num_drop], num_drop)
+    if method not in scores.layers:
+        raise UserError(f"the scores hold no {method!r} layer scores (they have {sorted(scores.layers)}): "
+                        f"compute them or choose another depth method")
+    return lowest_layers(scores.layers[method], num_drop)
 
 
 def lowest_layers(layer_scores: torch.Tensor, num_drop: int) -> list[int]:

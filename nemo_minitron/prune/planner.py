@@ -1,4 +1,4 @@
-"""Parameter counting and the published Minitron architectures (DESIGN.md section 8).
+"""Parameter counting and the published Minitron architectures (docs/design.md section 7).
 
 Three independent counts agree (tested): the closed form `ModelArch.num_parameters()`, the sum of
 the global tensor shapes the bridge expects, and a megatron `GPTModel` built on the meta device
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.prune.spec import PruneSpec
@@ -92,10 +93,9 @@ def plan(teacher: ModelArch, spec: PruneSpec, tp: int = 1, pp: int = 1) -> dict:
     """Architectures and parameter counts before and after `spec`, without touching weights."""
     target = spec.target_arch(teacher, tp, pp)
     before, after = teacher.num_parameters(), target.num_parameters()
-    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels")
     return {
-        "teacher": {k: getattr(teacher, k) for k in keys} | {"parameters": before},
-        "student": {k: getattr(target, k) for k in keys} | {"parameters": after},
+        "teacher": teacher.shape() | {"parameters": before},
+        "student": target.shape() | {"parameters": after},
         "kept_fraction": {k: after[k] / before[k] for k in before},
     }
 
@@ -103,7 +103,7 @@ def plan(teacher: ModelArch, spec: PruneSpec, tp: int = 1, pp: int = 1) -> dict:
 def published_student(name: str) -> tuple[ModelArch, ModelArch]:
     """(teacher, student) architectures of a published recipe."""
     if name not in PUBLISHED_RECIPES:
-        raise ValueError(f"unknown recipe {name!r}: one of {sorted(PUBLISHED_RECIPES)}")
+        raise UserError(f"unknown recipe {name!r}: one of {sorted(PUBLISHED_RECIPES)}")
     recipe = PUBLISHED_RECIPES[name]
     teacher = PUBLISHED_TEACHERS[recipe.teacher]
     return teacher, recipe.spec.target_arch(teacher)

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.models.config import SHAPE_KEYS
 from nemo_minitron.prune.indices import PruneIndices
 
-ARCH_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels")
 
 
 def _plot_layers(path: Path, scores: ImportanceScores, dropped: list[int]) -> None:
@@ -71,7 +71,7 @@ def _markdown(report: dict[str, Any]) -> str:
              f"- importance: {report['importance']['method']}", f"- depth method: {report['depth']['method']}",
              f"- dropped layers: {report['depth']['dropped_layers'] or 'none'}", "",
              "| | teacher | pruned |", "| --- | ---: | ---: |"]
-    lines += [f"| {k} | {t[k]} | {s[k]} |" for k in ARCH_KEYS]
+    lines += [f"| {k} | {t[k]} | {s[k]} |" for k in SHAPE_KEYS]
     for kind in ("total", "non_embedding"):
         lines.append(f"| parameters ({kind}) | {t['parameters'][kind]:,} | {s['parameters'][kind]:,} |")
     if "loss" in report:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from nemo_minitron.models.config import ModelArch
+from nemo_minitron.errors import UserError
+from nemo_minitron.models.config import SHAPE_KEYS, ModelArch
 
-_WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+# The shape keys a width prune sets (head_dim never changes; depth has its own keys).
+_WIDTH_KEYS = tuple(key for key in SHAPE_KEYS if key not in ("num_layers", "kv_channels"))
 
 
 def _divisors(n: int) -> list[int]:
@@ -35,7 +37,7 @@ class PruneSpec:
         known = {"num_layers", "drop_layers", *_WIDTH_KEYS}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown target keys {sorted(unknown)}: use target.{{{','.join(sorted(known))}}}")
+            raise UserError(f"unknown target keys {sorted(unknown)}: use target.{{{','.join(sorted(known))}}}")
         drop = data.get("drop_layers")
         return cls(**{k: v for k, v in data.items() if k != "drop_layers"},
                    drop_layers=None if drop is None else [int(i) for i in drop])
@@ -58,19 +60,19 @@ class PruneSpec:
         for key in _WIDTH_KEYS:
             value = getattr(self, key)
             if value is not None and not 1 <= value <= getattr(teacher, key):
-                raise ValueError(f"target.{key}={value} must be between 1 and the teacher's {getattr(teacher, key)}")
+                raise UserError(f"target.{key}={value} must be between 1 and the teacher's {getattr(teacher, key)}")
         per_group = teacher.num_attention_heads // teacher.num_query_groups
         groups = self.num_query_groups or teacher.num_query_groups
         heads = self.num_attention_heads or (
             teacher.num_attention_heads if self.num_query_groups is None else groups * per_group
         )
         if heads % groups:
-            raise ValueError(
+            raise UserError(
                 f"target.num_attention_heads={heads} is not a multiple of target.num_query_groups={groups}: "
                 f"every query group keeps the same number of heads"
             )
         if heads // groups > per_group:
-            raise ValueError(
+            raise UserError(
                 f"target.num_attention_heads={heads} with {groups} query groups needs {heads // groups} heads per "
                 f"group, but the teacher's groups have {per_group}: prune heads within groups (at most "
                 f"{groups * per_group} heads for {groups} groups) or keep more groups"
@@ -88,18 +90,18 @@ class PruneSpec:
     def _check_layers(self, teacher: ModelArch) -> None:
         L = teacher.num_layers
         if self.num_layers is not None and not 1 <= self.num_layers <= L:
-            raise ValueError(f"target.num_layers={self.num_layers} must be between 1 and the teacher's {L}")
+            raise UserError(f"target.num_layers={self.num_layers} must be between 1 and the teacher's {L}")
         if self.drop_layers is None:
             return
         bad = [i for i in self.drop_layers if not 0 <= i < L]
         if bad:
-            raise ValueError(f"target.drop_layers has layers {bad} outside 0..{L - 1}")
+            raise UserError(f"target.drop_layers has layers {bad} outside 0..{L - 1}")
         if len(set(self.drop_layers)) != len(self.drop_layers):
-            raise ValueError(f"target.drop_layers={self.drop_layers} lists a layer twice")
+            raise UserError(f"target.drop_layers={self.drop_layers} lists a layer twice")
         if len(self.drop_layers) >= L:
-            raise ValueError(f"target.drop_layers drops all {L} layers")
+            raise UserError(f"target.drop_layers drops all {L} layers")
         if self.num_layers is not None and self.num_layers != L - len(self.drop_layers):
-            raise ValueError(
+            raise UserError(
                 f"target.num_layers={self.num_layers} disagrees with target.drop_layers "
                 f"({len(self.drop_layers)} of {L} layers dropped leaves {L - len(self.drop_layers)})"
             )
@@ -107,15 +109,15 @@ class PruneSpec:
     @staticmethod
     def _check_parallel(target: ModelArch, tp: int, pp: int) -> None:
         if target.num_layers % pp:
-            raise ValueError(
+            raise UserError(
                 f"target.num_layers={target.num_layers} is not divisible by pp={pp}: choose a multiple of {pp} "
                 f"or another pp="
             )
         if target.num_query_groups % tp:
-            raise ValueError(
+            raise UserError(
                 f"target.num_query_groups={target.num_query_groups} is not divisible by tp={tp}: choose a multiple "
                 f"of {tp} or tp= among {_divisors(target.num_query_groups)}"
             )
         if target.ffn_hidden_size % tp:
-            raise ValueError(f"target.ffn_hidden_size={target.ffn_hidden_size} is not divisible by tp={tp}")
+            raise UserError(f"target.ffn_hidden_size={target.ffn_hidden_size} is not divisible by tp={tp}")
         target.check_parallel(tp, pp)

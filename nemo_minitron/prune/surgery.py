@@ -10,8 +10,8 @@
   its one row), plus its `linear_fc2` column;
 - dropped layers disappear and the survivors are renumbered 0..L'-1.
 `prune_model` applies it to a live model at any TP x PP: gather the global state dict, prune it,
-build the pruned model for the current layout (megatron splits the new layer count evenly over
-the pipeline stages) and load the shards. Memory: every rank briefly holds the teacher's global
+build the pruned model of the same class and layer spec for the current layout (megatron splits
+the new layer count evenly over the pipeline stages) and load the shards. Memory: every rank briefly holds the teacher's global
 state dict and the pruned one (fine for the models this runs on in one node; a per-stage variant
 would be needed for models that do not fit in host memory twice).
 """
@@ -95,9 +95,9 @@ def prune_global(
 
 def prune_model(model, target: ModelArch, indices: PruneIndices, head_residual: bool = False):
     """The pruned model for the current TP x PP layout (collective: every rank calls it)."""
-    from nemo_minitron.models.gpt import build_gpt_model
+    from nemo_minitron.models.gpt import arch_of, rebuild_gpt_model
 
-    pruned_sd = prune_global(bridge.gather_global(model), model.arch, target, indices, head_residual)
-    pruned = build_gpt_model(target, params_dtype=next(model.parameters()).dtype)
+    pruned_sd = prune_global(bridge.gather_global(model), arch_of(model), target, indices, head_residual)
+    pruned = rebuild_gpt_model(model, target)
     bridge.load_global(pruned, pruned_sd)
     return pruned

@@ -4,10 +4,11 @@ resumes without redoing finished work."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from nemo_minitron.atomic import write_text
 
 
 class CandidateCache:
@@ -30,7 +31,5 @@ class CandidateCache:
         record.update({f"{key}_at": now for key in fields})
         path = self.dir(name) / "result.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-        os.replace(tmp, path)  # atomic: a crash leaves the old record or the new one
+        write_text(path, json.dumps(record, indent=2, default=str) + "\n")
         return record

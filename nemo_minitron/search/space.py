@@ -6,14 +6,16 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from nemo_minitron.models.config import ModelArch
+from nemo_minitron.errors import UserError
+from nemo_minitron.models.config import SHAPE_KEYS, ModelArch
 from nemo_minitron.prune import PruneSpec
 
-AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+# Every shape key but the head dimension, which pruning never changes.
+AXES = tuple(key for key in SHAPE_KEYS if key != "kv_channels")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Budget:
     """What a candidate may cost: exactly one of `params` (total), `non_embedding_params` or
     `memory_bytes`, met within +-`tolerance` (a fraction of the budget).
@@ -32,17 +34,19 @@ class Budget:
     memory_batch_size: int = 1
     memory_seq_length: int = 4096
 
-    def __post_init__(self):
+    def validate(self) -> None:
+        """Raise UserError naming the budget key to fix (a config may carry an unset budget until a
+        search runs with it)."""
         given = [k for k in ("params", "non_embedding_params", "memory_bytes") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"set exactly one of budget.params, budget.non_embedding_params, budget.memory_bytes "
+            raise UserError(f"set exactly one of budget.params, budget.non_embedding_params, budget.memory_bytes "
                              f"(got {given or 'none'})")
         if getattr(self, given[0]) <= 0:
-            raise ValueError(f"budget.{given[0]}={getattr(self, given[0])} must be positive")
+            raise UserError(f"budget.{given[0]}={getattr(self, given[0])} must be positive")
         if not 0 <= self.tolerance < 1:
-            raise ValueError(f"budget.tolerance={self.tolerance} must be in [0, 1)")
+            raise UserError(f"budget.tolerance={self.tolerance} must be in [0, 1)")
         if self.memory_dtype not in _DTYPE_BYTES:
-            raise ValueError(f"budget.memory_dtype={self.memory_dtype} is not one of {list(_DTYPE_BYTES)}")
+            raise UserError(f"budget.memory_dtype={self.memory_dtype} is not one of {list(_DTYPE_BYTES)}")
 
     @property
     def kind(self) -> str:
@@ -67,7 +71,7 @@ class Budget:
         return abs(self.cost(arch) - self.value) <= self.tolerance * self.value
 
 
-@dataclass(frozen=True)
+@dataclass
 class SearchSpace:
     """Per-axis grids: multiples of the `*_multiple` keys between `min_fraction` of the teacher's
     value and the teacher's value (which is always allowed). Attention keeps whole query groups
@@ -83,12 +87,12 @@ class SearchSpace:
     def __post_init__(self):
         for key in ("layer_multiple", "hidden_multiple", "ffn_multiple"):
             if getattr(self, key) < 1:
-                raise ValueError(f"search.space.{key}={getattr(self, key)} must be positive")
+                raise UserError(f"search.space.{key}={getattr(self, key)} must be positive")
         if not 0 < self.min_fraction <= 1:
-            raise ValueError(f"search.space.min_fraction={self.min_fraction} must be in (0, 1]")
+            raise UserError(f"search.space.min_fraction={self.min_fraction} must be in (0, 1]")
         unknown = {k for k, v in self.choices.items() if v is not None} - set(AXES)
         if unknown:
-            raise ValueError(f"unknown search.space.choices keys {sorted(unknown)}: use {list(AXES)}")
+            raise UserError(f"unknown search.space.choices keys {sorted(unknown)}: use {list(AXES)}")
 
     def _grid(self, teacher_value: int, multiple: int) -> list[int]:
         low = max(1, int(self.min_fraction * teacher_value + 0.999999))

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
+
+from nemo_minitron.errors import UserError
 
 
 @dataclass
 class TrainConfig:
     """Steps, batch geometry, and the cadence of logging, validation and checkpoints."""
 
-    steps: int
-    global_batch_size: int
-    seq_length: int
+    steps: int = 0              # required (at least 1)
+    global_batch_size: int = 8
+    seq_length: int = 512
     micro_batch_size: int = 1
     log_interval: int = 1
     eval_interval: int = 0      # validate every N steps (0: only after the last step)
@@ -26,12 +26,12 @@ class TrainConfig:
         """Raise ValueError naming the key to fix when the batch does not split over `dp` replicas."""
         for key in ("steps", "global_batch_size", "seq_length", "micro_batch_size", "log_interval", "keep_checkpoints"):
             if getattr(self, key) < 1:
-                raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+                raise UserError(f"train.{key} must be at least 1, got {getattr(self, key)}")
         for key in ("eval_interval", "eval_batches", "save_interval"):
             if getattr(self, key) < 0:
-                raise ValueError(f"train.{key} must not be negative, got {getattr(self, key)}")
+                raise UserError(f"train.{key} must not be negative, got {getattr(self, key)}")
         if self.global_batch_size % (self.micro_batch_size * dp):
-            raise ValueError(
+            raise UserError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size} x data-parallel size {dp}"
             )
@@ -48,8 +48,8 @@ class TrainConfig:
 class OptimConfig:
     """Adam with decoupled weight decay, linear warmup, then cosine (or constant/linear) decay to min_lr."""
 
-    lr: float = 1e-4
-    min_lr: float = 1e-5
+    lr: float | None = 1e-4     # None only where a stage derives it (teacher correction)
+    min_lr: float | None = 1e-5
     warmup_steps: int = 0
     decay_style: str = "cosine"   # cosine | linear | constant
     weight_decay: float = 0.1
@@ -59,21 +59,25 @@ class OptimConfig:
     clip_grad: float = 1.0        # global gradient-norm clip (0: off)
 
     def validate(self, steps: int) -> None:
+        for key in ("lr", "min_lr"):
+            if getattr(self, key) is None:
+                raise UserError(f"missing required key: set optim.{key}=...")
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr={self.min_lr} must lie between 0 and optim.lr={self.lr}")
+            raise UserError(f"optim.min_lr={self.min_lr} must lie between 0 and optim.lr={self.lr}")
         if not 0 <= self.warmup_steps < steps:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be below train.steps={steps}")
+            raise UserError(f"optim.warmup_steps={self.warmup_steps} must be below train.steps={steps}")
         if self.decay_style not in ("cosine", "linear", "constant"):
-            raise ValueError(f"optim.decay_style={self.decay_style!r} is not one of cosine, linear, constant")
+            raise UserError(f"optim.decay_style={self.decay_style!r} is not one of cosine, linear, constant")
         if self.clip_grad < 0 or self.weight_decay < 0:
-            raise ValueError("optim.clip_grad and optim.weight_decay must not be negative")
+            raise UserError("optim.clip_grad and optim.weight_decay must not be negative")
 
 
-def from_mapping(cls, values: Any, prefix: str):
-    """A config dataclass from a (Hydra) mapping; unknown keys are an error naming the key."""
-    data = dict(values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown key {prefix}.{unknown[0]} (known: {', '.join(sorted(known))})")
-    return cls(**data)
+@dataclass
+class DataConfig:
+    """Training and held-out text: .jsonl/.txt files or directories, or indexed-dataset prefixes
+    (both None: the built-in corpus's train and held-out splits)."""
+
+    train: str | None = None
+    valid: str | None = None
+    cache_dir: str | None = None    # tokenized data and dataset indices (default: the nemo_minitron cache)
+    text_key: str = "text"

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from nemo_minitron import parallel
-from nemo_minitron.data.corpus import build_corpus, default_cache_dir, user_files
+from nemo_minitron.data.corpus import default_cache_dir, ensure_corpus, user_files
 from nemo_minitron.data.indexed import _indexed_prefix, build_gpt_datasets, tokenize_to_indexed
+from nemo_minitron.errors import UserError
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -51,7 +51,7 @@ class TokenWindows:
         stream = torch.as_tensor(np.asarray(stream), dtype=torch.long)
         count = (len(stream) - 1) // seq_length
         if count < 1:
-            raise ValueError(f"a stream of {len(stream)} tokens holds no window of seq_length={seq_length} + 1")
+            raise UserError(f"a stream of {len(stream)} tokens holds no window of seq_length={seq_length} + 1")
         order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
         starts = order * seq_length
         self.windows = torch.stack([stream[s : s + seq_length + 1] for s in starts.tolist()])
@@ -66,11 +66,6 @@ class TokenWindows:
 
 def default_data_cache() -> Path:
     return default_cache_dir() / "training"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -99,17 +94,8 @@ def indexed_prefix(path: str | os.PathLike, tokenizer, cache_dir: Path, text_key
     out = Path(cache_dir) / "tokenized" / f"{Path(path).stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if parallel.is_main_process() and _indexed_prefix(out) is None:
         tokenize_to_indexed(files, tokenizer, out, text_key=text_key)
-    _barrier()
+    parallel.barrier()
     return str(out)
-
-
-def default_corpus(cache_dir: Path, seed: int = 0) -> dict[str, Path]:
-    """The embedded corpus (DESIGN.md section 9) built under `cache_dir/corpus` (rank 0; collective)."""
-    corpus_dir = Path(cache_dir) / "corpus"
-    if parallel.is_main_process():
-        build_corpus(corpus_dir, seed=seed)
-    _barrier()
-    return {name: corpus_dir / f"{name}.jsonl" for name in ("train", "calib", "heldout")}
 
 
 @dataclass
@@ -132,8 +118,8 @@ def gpt_training_data(train: str | os.PathLike | None, valid: str | os.PathLike 
     cache = Path(cache_dir) if cache_dir is not None else default_data_cache()
     if train is None:
         if valid is not None:
-            raise ValueError("data.valid is set but data.train is not: set data.train= too")
-        splits = default_corpus(cache)
+            raise UserError("data.valid is set but data.train is not: set data.train= too")
+        splits = ensure_corpus()
         train, valid = splits["train"], splits["heldout"]
     train_prefix = indexed_prefix(train, tokenizer, cache, text_key)
     valid_prefix = indexed_prefix(valid, tokenizer, cache, text_key) if valid is not None else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from nemo_minitron.errors import UserError
 from nemo_minitron.train.config import OptimConfig
 
 
@@ -44,7 +45,7 @@ def build_optimizer(ddp_model, cfg: OptimConfig, params_dtype: torch.dtype):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     if params_dtype != torch.float32 and not torch.cuda.is_available():
-        raise ValueError(
+        raise UserError(
             f"dtype={str(params_dtype).removeprefix('torch.')} training needs a GPU (megatron's "
             f"mixed-precision optimizer is CUDA-only): use dtype=float32 on CPU"
         )

@@ -1,33 +1,39 @@
-"""What the training commands (teacher-correct, distill, later the alignment stages) share:
-reading `train` / `optim` / `data` from the Hydra config, preparing the data, and the result."""
+"""What the training stages (teacher correction, distillation, alignment) share: their typed
+settings, preparing the data, the resume signature and the result."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from nemo_minitron import checkpoint
-from nemo_minitron.train.config import OptimConfig, TrainConfig, from_mapping
+from nemo_minitron.errors import UserError
+from nemo_minitron.stage import StageConfig
+from nemo_minitron.train.config import DataConfig, OptimConfig, TrainConfig
 from nemo_minitron.train.data import TrainingData, gpt_training_data
 from nemo_minitron.train.loop import FINAL_DIR
 
 
-def configs(cfg) -> tuple[TrainConfig, OptimConfig]:
-    # throw_on_missing: a required key left at ??? (train.steps) is a one-line "missing required key" error
-    train = from_mapping(TrainConfig, OmegaConf.to_container(cfg.train, resolve=True, throw_on_missing=True), "train")
-    optim = from_mapping(OptimConfig, OmegaConf.to_container(cfg.optim, resolve=True, throw_on_missing=True), "optim")
-    return train, optim
+@dataclass
+class TrainingStageConfig(StageConfig):
+    """A training stage's output directory, data, run length and optimizer."""
+
+    output_dir: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
 
 def checkpoint_arch(cfg, key: str):
     """The architecture of the checkpoint named by config key `key`; errors name the key."""
-    path = Path(cfg[key])
+    cfg.require(key)
+    path = Path(getattr(cfg, key))
     if not checkpoint.is_complete(path):
         problem = "does not exist" if not path.exists() else "is not a complete nemo-minitron checkpoint directory"
-        raise ValueError(f"{key}={path} {problem}")
+        raise UserError(f"{key}={path} {problem}")
     return checkpoint.read_arch(path)
 
 
@@ -39,8 +45,9 @@ def finished(output_dir: str | Path) -> dict[str, Any] | None:
     return {**result(checkpoint.read_metadata(final)["result"]), "already_complete": True}
 
 
-def training_data(cfg, tokenizer, train: TrainConfig) -> TrainingData:
+def training_data(cfg: TrainingStageConfig, tokenizer) -> TrainingData:
     """GPT windows of `train.seq_length` tokens over `data.train` / `data.valid` (collective)."""
+    train = cfg.train
     return gpt_training_data(
         cfg.data.train, cfg.data.valid, tokenizer, seq_length=train.seq_length,
         train_samples=train.steps * train.global_batch_size,
@@ -50,13 +57,13 @@ def training_data(cfg, tokenizer, train: TrainConfig) -> TrainingData:
 
 
 def signature(cfg, *keys: str) -> dict[str, Any]:
-    """The settings among `keys` (dotted) that a resumed run must share with the one it resumes."""
-    return {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-            for key in keys for value in [OmegaConf.select(cfg, key)]}
+    """The settings among `keys` that a resumed run must share with the one it resumes."""
+    values = {key: getattr(cfg, key) for key in keys}
+    return {key: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for key, v in values.items()}
 
 
 def result(summary: dict[str, Any]) -> dict[str, Any]:
-    """The command's JSON result: the loop's summary plus the held-out perplexity."""
+    """The stage's JSON result: the loop's summary plus the held-out perplexity."""
     out = dict(summary)
     if "val/lm_loss" in summary.get("valid", {}):
         out["val_perplexity"] = math.exp(summary["valid"]["val/lm_loss"])

@@ -26,17 +26,14 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron import checkpoint, parallel
+from nemo_minitron.atomic import replace_dir
+from nemo_minitron.errors import UserError
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 STATE_DIR = "train_state"
 TRAINER_FILE = "trainer.json"
 _STEP = re.compile(r"^step_(\d{7})$")
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def step_dir(output_dir: Path, step: int) -> Path:
@@ -98,11 +95,11 @@ def save(path: Path, *, model, tokenizer, metadata: dict, optimizer, scheduler,
             extra={name: t.detach().cpu().clone() for name, t in extra.items()},
         )
     torch.save(state, _rank_file(partial, dist.get_rank() if dist.is_initialized() else 0))
-    _barrier()
+    parallel.barrier()
     if parallel.is_main_process():
         (partial / TRAINER_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-        checkpoint.replace_dir(partial, path)
-    _barrier()
+        replace_dir(partial, path)
+    parallel.barrier()
     return path
 
 
@@ -112,7 +109,7 @@ def check_resumable(path: Path, layout: parallel.ParallelLayout, signature: dict
     saved = info["layout"]
     now = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
     if saved != now:
-        raise ValueError(
+        raise UserError(
             f"checkpoint {path} was saved at tp={saved['tp']} pp={saved['pp']} dp={saved['dp']} but this run has "
             f"tp={now['tp']} pp={now['pp']} dp={now['dp']}: resume with the same tp=, pp= and number of processes, "
             f"or start from {Path(path) / MODEL_DIR} in a new output_dir"
@@ -120,7 +117,7 @@ def check_resumable(path: Path, layout: parallel.ParallelLayout, signature: dict
     changed = sorted(k for k in set(signature) | set(info["signature"]) if signature.get(k) != info["signature"].get(k))
     if changed:
         key = changed[0]
-        raise ValueError(
+        raise UserError(
             f"output_dir holds a run with {key}={info['signature'].get(key)} but this command has "
             f"{key}={signature.get(key)}: re-run with the same settings to resume, or use a new output_dir"
         )

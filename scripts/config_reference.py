@@ -1,13 +1,14 @@
-"""`python -m nemo_minitron.cli.config_reference [--check]`: write docs/configuration.md from conf/.
+"""`python scripts/config_reference.py [--check]`: write docs/configuration.md from nemo_minitron/conf/.
 
 Each stage's config is composed through Hydra as `minitron <stage>` composes it, so the reference
 lists the keys and defaults a user really gets (the `_base` keys included). A key's description is
 the YAML comment on its line, or the comment block directly above it; a key in a block named after
 another stage (the pipeline's `prune`, `distill`, ...: overrides of that stage's config) falls back
-to that stage's description of the key. Where the code builds a typed config from a section (e.g.
-`TrainConfig` from `train`), its fields are cross-checked against the YAML. A key without a
-description, a field missing from the YAML, or (with --check) a stale docs/configuration.md makes
-the command exit 1, so the reference cannot silently rot.
+to that stage's description of the key. Each stage's YAML is cross-checked against the typed config
+its stage function takes (`PruneConfig` for prune, ...): a field the YAML lacks is undocumented, a
+YAML key the dataclass lacks would be refused at run time. A key without a description, such a
+mismatch, or (with --check) a stale docs/configuration.md makes the command exit 1, so the reference
+cannot silently rot.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from typing import Any
 
 import yaml
 
-from nemo_minitron.cli.main import STAGES, conf_dir
-from nemo_minitron.cli.recipe import recipe_names
+from nemo_minitron.cli.compose import NESTED_STAGES, conf_dir, recipe_names
+from nemo_minitron.cli.stages import STAGES
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-REGENERATE = "python -m nemo_minitron.cli.config_reference"
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+REGENERATE = "python scripts/config_reference.py"
 REQUIRED = "???"  # OmegaConf's mark of a mandatory value
 
 
@@ -165,26 +166,35 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any, bool]]:
     return items
 
 
-def _typed_sections() -> dict[tuple[str, str], tuple[type, bool]]:
-    """(stage, section) -> (dataclass the code builds from that section, whether it is built from the
-    whole section, so that a YAML key it lacks is an error too)."""
-    from nemo_minitron.align.losses import PreferenceLoss
-    from nemo_minitron.distill.losses import LogitLoss
-    from nemo_minitron.importance.aggregation import Aggregation
-    from nemo_minitron.search.space import Budget, SearchSpace
-    from nemo_minitron.train.config import OptimConfig, TrainConfig
+def stage_configs() -> dict[str, type]:
+    """stage -> the typed config its stage function takes."""
+    import nemo_minitron as mt
 
-    sections: dict[tuple[str, str], tuple[type, bool]] = {
-        ("distill", "loss"): (LogitLoss, False),
-        ("align", "loss"): (PreferenceLoss, False),
-        ("prune", "aggregation"): (Aggregation, True),
-        ("search", "budget"): (Budget, True),
-        ("search", "search.space"): (SearchSpace, True),
-    }
-    for stage in ("teacher-correct", "distill", "align"):
-        sections[(stage, "train")] = (TrainConfig, True)
-        sections[(stage, "optim")] = (OptimConfig, True)
-    return sections
+    return {"import": mt.ImportConfig, "export-hf": mt.ExportHFConfig, "eval": mt.EvalConfig,
+            "prune": mt.PruneConfig, "teacher-correct": mt.TeacherCorrectConfig, "distill": mt.DistillConfig,
+            "align": mt.AlignConfig, "generate": mt.GenerateConfig, "search": mt.SearchConfig,
+            "pipeline": mt.PipelineConfig}
+
+
+def _typed_mismatches(stage: str, cls: type, node: dict, prefix: str = "") -> list[str]:
+    """Fields of `cls` missing from the YAML `node` and YAML keys `cls` lacks (recursively; blocks
+    that configure another stage are that stage's overrides and are checked there)."""
+    found = []
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    derived = {"enabled"} if stage == "pipeline" and not prefix else set()  # from the blocks' `enabled`
+    for name in sorted(set(fields) - set(node) - derived):
+        found.append(f"conf/{stage}.yaml: `{prefix}{name}` is a field of {cls.__name__} but missing from the YAML")
+    for name in sorted(set(node) - set(fields)):
+        found.append(f"conf/{stage}.yaml: `{prefix}{name}` is not a field of {cls.__name__} (the code refuses it)")
+    nested = NESTED_STAGES.get(stage, {}) if not prefix else {}
+    for name, field in fields.items():
+        value = node.get(name)
+        if name in nested or not isinstance(value, dict):
+            continue
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        if dataclasses.is_dataclass(default):
+            found += _typed_mismatches(stage, type(default), value, f"{prefix}{name}.")
+    return found
 
 
 class ConfigTree:
@@ -250,17 +260,8 @@ class ConfigTree:
                 if not row.is_group and not row.description:
                     found.append(f"{self.source(stage, row.key)}: `{row.key}` has no description "
                                  f"(add a comment on its line or directly above it)")
-        for (stage, section), (cls, whole) in _typed_sections().items():
-            node = self.composed[stage]
-            for part in section.split("."):
-                node = node.get(part, {})
-            fields = {f.name for f in dataclasses.fields(cls)}
-            for name in sorted(fields - set(node)):
-                found.append(f"conf/{stage}.yaml: `{section}.{name}` is a field of {cls.__name__} "
-                             f"but missing from the YAML")
-            for name in sorted(set(node) - fields) if whole else []:
-                found.append(f"conf/{stage}.yaml: `{section}.{name}` is not a field of {cls.__name__}, "
-                             f"which rejects it")
+        for stage, cls in stage_configs().items():
+            found += _typed_mismatches(stage, cls, self.composed[stage])
         return list(dict.fromkeys(found))  # a `_base` key is reported once, not once per stage
 
 
@@ -336,7 +337,7 @@ def _anchor(stage: str) -> str:
 
 PREAMBLE = f"""# Configuration reference
 
-Generated from `conf/` by `{REGENERATE}`: edit the comments in the YAML files, not this page
+Generated from `nemo_minitron/conf/` by `{REGENERATE}`: edit the comments in the YAML files, not this page
 (`--check` fails when the page is stale, a key has no comment, or a typed config and its YAML section
 disagree).
 

@@ -1,0 +1,228 @@
+"""The alignment stage (SFT, DPO, RPO, SteerLM on the training loop of distillation) and
+generation with a checkpoint (optionally conditioned on SteerLM attribute values).
+
+DPO/RPO train the policy against a frozen reference on the same ranks: the pair runs as a
+`DistillationModel` (student = policy, teacher = reference), so pipeline parallelism carries both.
+Before and after training the stage measures its held-out objective: response-only loss (SFT,
+SteerLM) or preference accuracy (DPO, RPO).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nemo_minitron import checkpoint, parallel
+from nemo_minitron.align import datasets as ds
+from nemo_minitron.align.builtin_data import build_alignment_data
+from nemo_minitron.align.evaluate import preference_accuracy, response_loss
+from nemo_minitron.align.formatting import Turn, generation_prompt
+from nemo_minitron.align.losses import PreferenceLoss
+from nemo_minitron.data.corpus import default_cache_dir, ensure_corpus
+from nemo_minitron.errors import UserError
+from nemo_minitron.eval.generate import greedy_generate
+from nemo_minitron.stage import StageConfig
+from nemo_minitron.train import Trainer
+from nemo_minitron.train import stage as train_stage
+from nemo_minitron.train.config import OptimConfig, TrainConfig
+from nemo_minitron.train.data import TrainingData
+from nemo_minitron.train.loss import LMLoss
+
+log = logging.getLogger("nemo_minitron")
+
+METHODS = ("sft", "dpo", "rpo", "steerlm")
+_BUILTIN_FILE = {"sft": "sft", "steerlm": "steerlm", "dpo": "dpo", "rpo": "dpo"}
+
+
+@dataclass
+class BuiltinAlignData:
+    """The offline alignment data made from the built-in corpus when `data` is not set."""
+
+    cache_dir: str | None = None
+    train_examples: int = 512
+    heldout_examples: int = 64
+
+
+@dataclass
+class PreferenceLossConfig:
+    kind: str | None = None      # dpo | ipo | rpo | rpo_sq (default: the method's own)
+    beta: float = 0.1
+    eta: float = 1.0
+    sft_weight: float = 0.0
+
+
+@dataclass
+class SFTConfig:
+    pack: bool = False
+
+
+@dataclass
+class NemoAlignerConfig:
+    root: str = "/opt/NeMo-Aligner"
+    dry_run: bool = False
+
+
+@dataclass
+class AlignConfig(StageConfig):
+    method: str | None = None            # sft | dpo | rpo | steerlm
+    stage: str | None = None             # deprecated alias of `method`
+    checkpoint: str | None = None
+    reference: str | None = None
+    output_dir: str | None = None
+    backend: str = "native"
+    data: str | None = None
+    valid_data: str | None = None
+    builtin: BuiltinAlignData = field(default_factory=BuiltinAlignData)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=100, global_batch_size=8, micro_batch_size=2, seq_length=256, eval_batches=1))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=1e-5, min_lr=1e-6, warmup_steps=5, weight_decay=0.0, adam_beta2=0.98))
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
+    nemo_aligner: NemoAlignerConfig = field(default_factory=NemoAlignerConfig)
+
+    def __post_init__(self):
+        if self.stage is not None:
+            warnings.warn("align: the key `stage=` is deprecated, use `method=`", FutureWarning, stacklevel=2)
+            log.warning("align: stage=%s is deprecated: use method=%s", self.stage, self.stage)
+            if self.method is not None and self.method != self.stage:
+                raise UserError(f"method={self.method} and its deprecated alias stage={self.stage} disagree")
+            self.method, self.stage = self.stage, None
+
+    @property
+    def preference(self) -> bool:
+        return self.method in ("dpo", "rpo")
+
+
+def data_paths(cfg: AlignConfig) -> tuple[Path, Path | None]:
+    """The training and held-out jsonl files (collective: rank 0 builds the built-in set)."""
+    if cfg.data is not None:
+        return Path(cfg.data), (Path(cfg.valid_data) if cfg.valid_data else None)
+    if cfg.valid_data is not None:
+        raise UserError("valid_data is set but data is not: set data= too")
+    corpus = ensure_corpus(seed=cfg.seed)["train"].parent
+    cache = Path(cfg.builtin.cache_dir) if cfg.builtin.cache_dir else default_cache_dir() / "alignment"
+    out = cache / f"builtin-{cfg.builtin.train_examples}-{cfg.builtin.heldout_examples}-{cfg.seed}"
+    if parallel.is_main_process():
+        build_alignment_data(corpus, out, cfg.builtin.train_examples, cfg.builtin.heldout_examples, cfg.seed)
+    parallel.barrier()
+    name = _BUILTIN_FILE[cfg.method]
+    return out / f"{name}_train.jsonl", out / f"{name}_heldout.jsonl"
+
+
+def read_datasets(cfg: AlignConfig, tokenizer, train_path: Path, valid_path: Path | None):
+    seq_length = cfg.train.seq_length
+    if cfg.preference:
+        read = lambda p: ds.PreferenceDataset(ds.read_preferences(p, need_rewards=cfg.method == "rpo"), tokenizer, seq_length)  # noqa: E731
+    else:
+        reader = ds.read_steerlm if cfg.method == "steerlm" else ds.read_sft
+        read = lambda p: ds.SFTDataset(reader(p), tokenizer, seq_length, pack=cfg.sft.pack)  # noqa: E731
+    train = read(train_path)
+    valid = read(valid_path) if valid_path else None
+    for name, d in (("train", train), ("valid", valid)):
+        if d is not None and d.truncated:
+            log.warning("%s data: %d of %d sequences were longer than train.seq_length=%d and were truncated",
+                        name, d.truncated, len(d), seq_length)
+    return train, valid
+
+
+def held_out_score(cfg: AlignConfig, model, valid) -> dict[str, float]:
+    if valid is None:
+        return {}
+    if cfg.preference:
+        return {"heldout_preference_accuracy": preference_accuracy(model, valid, cfg.train.micro_batch_size)}
+    return {"heldout_response_loss": response_loss(model, valid, cfg.train.micro_batch_size)}
+
+
+def align_checkpoint(cfg: AlignConfig) -> dict:
+    """Align `cfg.checkpoint` with `cfg.method`; the aligned model lands in OUTPUT/final."""
+    cfg.require("method", "checkpoint", "output_dir")
+    if cfg.method not in METHODS:
+        raise UserError(f"method={cfg.method} is not one of {', '.join(METHODS)}")
+    if cfg.backend == "nemo_aligner":
+        from nemo_minitron.align.nemo_aligner import run_nemo_aligner
+
+        return run_nemo_aligner(cfg)
+    if cfg.backend != "native":
+        raise UserError(f"backend={cfg.backend} is not one of native, nemo_aligner")
+    done = train_stage.finished(cfg.output_dir)
+    if done is not None:
+        log.info("%s/final is complete: nothing to do", cfg.output_dir)
+        return done
+    loss = (PreferenceLoss(cfg.loss.kind or cfg.method, cfg.loss.beta, cfg.loss.eta, cfg.loss.sft_weight)
+            if cfg.preference else LMLoss())
+    train_cfg = cfg.train
+    if cfg.preference and (train_cfg.micro_batch_size % 2 or train_cfg.global_batch_size % 2):
+        raise UserError("DPO/RPO train on whole pairs: train.micro_batch_size and train.global_batch_size must be even")
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
+    train_path, valid_path = data_paths(cfg)
+    train_set, valid_set = read_datasets(cfg, tokenizer, train_path, valid_path)
+    unit = 2 if cfg.preference else 1
+    data = TrainingData(
+        ds.RepeatedDataset(train_set, train_cfg.steps * train_cfg.global_batch_size, cfg.seed, unit),
+        None if valid_set is None else ds.RepeatedDataset(
+            valid_set, max(len(valid_set), train_cfg.eval_batches * train_cfg.global_batch_size), cfg.seed, unit),
+    )
+    policy = checkpoint.load_checkpoint(cfg.checkpoint, params_dtype=cfg.torch_dtype)
+    module = policy
+    if cfg.preference:
+        from nemo_minitron.distill import DistillationModel, check_same_tokenizer
+
+        reference_dir = cfg.reference or cfg.checkpoint
+        check_same_tokenizer(checkpoint.load_tokenizer(reference_dir), tokenizer)
+        module = DistillationModel(policy, checkpoint.load_checkpoint(reference_dir, params_dtype=cfg.torch_dtype))
+    before = held_out_score(cfg, policy, valid_set)
+    log.info("align method=%s on %s (%d training / %d held-out records) at %s; before: %s", cfg.method,
+             cfg.checkpoint, len(train_set) // unit, 0 if valid_set is None else len(valid_set) // unit,
+             layout.describe(), before)
+    trainer = Trainer(
+        module, loss, data, train_cfg, cfg.optim, cfg.output_dir, export_model=policy, tokenizer=tokenizer,
+        metadata={"stage": f"align/{cfg.method}", "source": str(cfg.checkpoint), "data": str(train_path)},
+        signature=train_stage.signature(cfg, "method", "checkpoint", "reference", "data", "loss", "dtype", "seed"),
+    )
+    summary = trainer.fit()
+    result = train_stage.result(summary)
+    if not summary["interrupted"]:
+        after = held_out_score(cfg, policy, valid_set)
+        result.update({f"{k}_before": v for k, v in before.items()})
+        result.update({f"{k}_after": v for k, v in after.items()})
+        log.info("held-out before: %s, after: %s", before, after)
+    return result
+
+
+@dataclass
+class GenerateConfig(StageConfig):
+    checkpoint: str | None = None
+    prompt: str | None = None
+    system: str | None = None
+    attributes: str | None = None        # SteerLM values, e.g. "correctness:4,coherence:4"
+    chat: bool = True
+    max_new_tokens: int = 64
+    max_length: int = 2048
+
+
+def prompt_ids(cfg: GenerateConfig, tokenizer) -> list[int]:
+    if not cfg.chat:
+        if cfg.attributes or cfg.system:
+            raise UserError("attributes= and system= need chat=true")
+        return tokenizer(cfg.prompt, add_special_tokens=False).input_ids
+    turns = [Turn("system", cfg.system)] if cfg.system else []
+    turns.append(Turn("user", cfg.prompt))
+    if cfg.attributes:
+        # The same place SteerLM training puts them: a system message right before the answer.
+        turns.append(Turn("system", ds.attribute_instruction(ds.parse_attributes(cfg.attributes))))
+    return generation_prompt(tokenizer, turns)
+
+
+def generate_text(cfg: GenerateConfig) -> dict:
+    """Greedy generation from `cfg.prompt` (a chat turn by default)."""
+    cfg.require("checkpoint", "prompt")
+    tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
+    ids = prompt_ids(cfg, tokenizer)
+    parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    model = checkpoint.load_checkpoint(cfg.checkpoint, params_dtype=cfg.torch_dtype)
+    new_ids, text = greedy_generate(model, tokenizer, ids, cfg.max_new_tokens, cfg.max_length)
+    return {"text": text, "new_tokens": len(new_ids), "prompt_tokens": len(ids)}

@@ -1,0 +1,20 @@
+"""The commands of `minitron`: stage name -> (module holding `run(cfg)`, one-line help). A leaf:
+it imports nothing, so every other CLI module may read it."""
+
+STAGES: dict[str, tuple[str, str]] = {
+    "import": ("nemo_minitron.cli.import_model", "import a HF directory or a built-in model into a checkpoint"),
+    "export-hf": ("nemo_minitron.cli.export_hf", "write a checkpoint as a Hugging Face model directory"),
+    "eval": ("nemo_minitron.cli.evaluate", "held-out perplexity and lm-evaluation-harness tasks of a checkpoint"),
+    "prune": ("nemo_minitron.cli.prune", "importance estimation and width/depth pruning of a checkpoint"),
+    "teacher-correct": ("nemo_minitron.cli.teacher_correct", "fine-tune the teacher on the distillation data (LM loss)"),
+    "distill": ("nemo_minitron.cli.distill", "train a student on a frozen teacher's logits (resumable)"),
+    "align": ("nemo_minitron.cli.align", "SFT, DPO, RPO or SteerLM alignment of a checkpoint (resumable)"),
+    "generate": ("nemo_minitron.cli.generate", "greedy generation, optionally with SteerLM attribute values"),
+    "search": ("nemo_minitron.cli.search", "architecture search under a parameter or memory budget (resumable)"),
+    "pipeline": ("nemo_minitron.cli.pipeline", "the main job on the embedded default, end to end"),
+}
+
+
+def block_name(stage: str) -> str:
+    """The key of a stage's block in a pipeline config (teacher-correct -> teacher_correct)."""
+    return stage.replace("-", "_")

@@ -1,0 +1,65 @@
+"""The evaluation stage: held-out perplexity and/or lm-evaluation-harness tasks of a checkpoint,
+at any TP/PP."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from nemo_minitron import checkpoint, parallel
+from nemo_minitron.data.indexed import load_token_stream
+from nemo_minitron.errors import UserError
+from nemo_minitron.eval.perplexity import evaluate_perplexity, windows_from_stream
+from nemo_minitron.stage import StageConfig
+
+log = logging.getLogger("nemo_minitron")
+
+
+@dataclass
+class HarnessConfig:
+    tasks: list[str] = field(default_factory=list)
+    include_path: str | None = None
+    num_fewshot: int | None = None
+    limit: Any = None                # lm-eval's limit: a count, or a fraction below 1
+    max_length: int = 2048
+    batch_size: int = 8
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    checkpoint: str | None = None
+    data: str | None = None
+    text_key: str = "text"
+    seq_len: int = 512
+    micro_batch_size: int = 4
+    max_tokens: int | None = None
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+
+
+def evaluate_checkpoint(cfg: EvalConfig) -> dict:
+    cfg.require("checkpoint")
+    tasks = list(cfg.harness.tasks)
+    if not cfg.data and not tasks:
+        raise UserError("nothing to evaluate: set data=FILE (perplexity) and/or harness.tasks=[...]")
+    arch = checkpoint.read_arch(cfg.checkpoint)
+    tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
+    if len(tokenizer) > arch.vocab_size:
+        raise UserError(f"checkpoint={cfg.checkpoint}: tokenizer has {len(tokenizer)} tokens > vocab_size {arch.vocab_size}")
+    windows = None
+    if cfg.data:
+        windows = windows_from_stream(load_token_stream(cfg.data, tokenizer, text_key=cfg.text_key), cfg.seq_len, cfg.max_tokens)
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    model = checkpoint.load_checkpoint(cfg.checkpoint, params_dtype=cfg.torch_dtype)
+    result: dict = {"checkpoint": str(cfg.checkpoint), "tp": layout.tp, "pp": layout.pp}
+    if windows is not None:
+        log.info("perplexity over %d windows of %d tokens at %s", len(windows), cfg.seq_len, layout.describe())
+        result.update(evaluate_perplexity(model, windows, cfg.micro_batch_size).as_dict(), data=str(cfg.data))
+    if tasks:
+        from nemo_minitron.eval.harness import run_harness
+
+        log.info("lm-evaluation-harness: %s", ", ".join(tasks))
+        h = cfg.harness
+        result["harness"] = run_harness(model, tokenizer, tasks, include_path=h.include_path, num_fewshot=h.num_fewshot,
+                                        limit=h.limit, max_length=h.max_length, batch_size=h.batch_size, seed=cfg.seed)
+    return result

@@ -1,0 +1,197 @@
+"""The main job, stage by stage, resumable.
+
+import -> corpus -> [teacher-correct] -> prune (or search) -> distill -> [align] -> export-hf -> evaluate.
+Every stage is the same library function its own command calls, on the pipeline's settings for it
+with the paths under `work_dir` and the pipeline's layout, seed and dtype. A stage whose output is
+complete is skipped, so re-running resumes where the last run stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from nemo_minitron import checkpoint, parallel
+from nemo_minitron.align.stage import AlignConfig, align_checkpoint
+from nemo_minitron.convert import ExportHFConfig, ImportConfig, export_hf, import_checkpoint
+from nemo_minitron.distill.stage import DistillConfig, TeacherCorrectConfig, correct_teacher, distill_checkpoint
+from nemo_minitron.errors import UserError
+from nemo_minitron.eval.stage import EvalConfig, HarnessConfig, evaluate_checkpoint
+from nemo_minitron.pipeline.report import table, write_report
+from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
+from nemo_minitron.search.stage import SearchConfig, search_architecture
+from nemo_minitron.stage import CorpusConfig, StageConfig
+from nemo_minitron.train.config import DataConfig
+
+log = logging.getLogger("nemo_minitron")
+
+
+@dataclass
+class TeacherSource:
+    model: str | None = "smollm2-135m"    # a built-in model, used when hf_path is not set
+    hf_path: str | None = None
+
+
+@dataclass
+class OptionalStages:
+    teacher_correct: bool = False
+    search: bool = False    # the best architecture under search.budget replaces prune.target
+    align: bool = False
+
+
+@dataclass
+class PipelineConfig(StageConfig):
+    work_dir: str = "runs/smollm2-135m"
+    teacher: TeacherSource = field(default_factory=TeacherSource)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    enabled: OptionalStages = field(default_factory=OptionalStages)
+    teacher_correct: TeacherCorrectConfig = field(default_factory=TeacherCorrectConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)   # held-out perplexity settings
+
+    def check_inputs(self) -> None:
+        """The recipes leave the teacher and the data to the user; say which key is missing."""
+        if not self.teacher.model and not self.teacher.hf_path:
+            raise UserError("no teacher: set teacher.hf_path=DIR (a Hugging Face model directory) or "
+                            "teacher.model=smollm2-135m")
+        if not self.corpus.sources and not self.corpus.user_paths:
+            raise UserError("no distillation data: set corpus.user_paths=[FILE_OR_DIR,...] (.jsonl/.txt) or "
+                            "corpus.sources=[...]")
+
+
+class StageInterrupted(Exception):
+    """A training stage saved a checkpoint on a pre-emption signal and returned before finishing."""
+
+
+class Stages:
+    """Runs stages in order, timing them and skipping finished ones. Stage times of an earlier,
+    interrupted run of the same work_dir are kept, so the final table covers the whole job."""
+
+    def __init__(self, work: Path):
+        previous = work / "results.json"
+        self.seconds: dict[str, float] = (
+            json.loads(previous.read_text()).get("stage_seconds", {}) if previous.is_file() else {}
+        )
+        self.results: dict[str, Any] = {}
+
+    def run(self, name: str, done: bool, fn: Callable[[], Any]) -> None:
+        if done:
+            log.info("stage %s: output complete, skipped", name)
+            return
+        log.info("=== stage %s ===", name)
+        start = time.perf_counter()
+        self.results[name] = fn()
+        if isinstance(self.results[name], dict) and self.results[name].get("interrupted"):
+            raise StageInterrupted(name)
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        log.info("stage %s done in %.1f s", name, self.seconds[name])
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """The whole job under `cfg.work_dir`; a re-run resumes. Returns the summary (also written as
+    results.json and report.md), or {"status": "interrupted"} after a pre-emption checkpoint."""
+    cfg.check_inputs()
+    try:
+        return _run_stages(cfg)
+    except StageInterrupted as stop:
+        # The launcher requeues the job; the re-run resumes this stage from its checkpoint.
+        log.info("stage %s stopped on a pre-emption signal after saving a checkpoint: re-run to resume", stop)
+        return {"status": "interrupted", "stage": str(stop), "work_dir": str(Path(cfg.work_dir).absolute())}
+
+
+def _run_stages(cfg: PipelineConfig) -> dict:
+    work = Path(cfg.work_dir).absolute()
+    common = {"tp": cfg.tp, "pp": cfg.pp, "seed": cfg.seed, "dtype": cfg.dtype}
+    parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    stages = Stages(work)
+
+    teacher = work / "teacher"
+    stages.run("import", checkpoint.is_complete(teacher), lambda: import_checkpoint(ImportConfig(
+        model=cfg.teacher.model, hf_path=cfg.teacher.hf_path, output_dir=str(teacher), **common)))
+
+    splits: dict[str, Path] = {}
+    corpus = cfg.corpus if cfg.corpus.output_dir else dataclasses.replace(cfg.corpus, output_dir=str(work / "corpus"))
+    stages.run("corpus", False, lambda: splits.update(corpus.splits()))
+    data = DataConfig(train=str(splits["train"]), valid=str(splits["heldout"]))
+
+    if cfg.enabled.teacher_correct:
+        corrected = work / "teacher_corrected"
+        stages.run("teacher_correct", checkpoint.is_complete(corrected / "final"), lambda: correct_teacher(
+            dataclasses.replace(cfg.teacher_correct, teacher=str(teacher), output_dir=str(corrected), data=data,
+                                **common)))
+        teacher = corrected / "final"
+
+    prune = dataclasses.replace(cfg.prune, calib=dataclasses.replace(cfg.prune.calib, data=str(splits["calib"])))
+    if cfg.enabled.search:
+        pruned = work / "search" / "winner"
+        search = dataclasses.replace(
+            cfg.search, checkpoint=str(teacher), output_dir=str(pruned.parent),
+            prune=dataclasses.replace(cfg.search.prune, calib=dataclasses.replace(
+                cfg.search.prune.calib, data=str(splits["calib"]))),
+            distill=dataclasses.replace(cfg.search.distill, data=data), **common)
+        stages.run("search", checkpoint.is_complete(pruned), lambda: search_architecture(search))
+    else:
+        pruned = work / "pruned"
+        stages.run("prune", checkpoint.is_complete(pruned), lambda: prune_checkpoint(dataclasses.replace(
+            prune, checkpoint=str(teacher), output_dir=str(pruned), **common)))
+
+    distilled = work / "distill"
+    stages.run("distill", checkpoint.is_complete(distilled / "final"), lambda: distill_checkpoint(dataclasses.replace(
+        cfg.distill, teacher=str(teacher), student=str(pruned), output_dir=str(distilled), data=data, **common)))
+    student = distilled / "final"
+
+    if cfg.enabled.align:
+        aligned = work / "align"
+        stages.run("align", checkpoint.is_complete(aligned / "final"), lambda: align_checkpoint(dataclasses.replace(
+            cfg.align, checkpoint=str(student), output_dir=str(aligned),
+            builtin=dataclasses.replace(cfg.align.builtin, cache_dir=str(work / "align_data")), **common)))
+        student = aligned / "final"
+
+    hf_dir = work / "student_hf"
+    stages.run("export_hf", (hf_dir / "config.json").is_file(), lambda: export_hf(ExportHFConfig(
+        checkpoint=str(student), output_dir=str(hf_dir), **common)))
+
+    perplexity: dict[str, dict] = {}
+    for label, ckpt in (("teacher", teacher), ("pruned", pruned), ("student", student)):
+        evaluation = dataclasses.replace(cfg.eval, checkpoint=str(ckpt), data=str(splits["heldout"]),
+                                         harness=HarnessConfig(), **common)
+        stages.run(f"eval_{label}", False, lambda evaluation=evaluation, label=label: perplexity.__setitem__(
+            label, evaluate_checkpoint(evaluation)))
+
+    summary = _summary(work, teacher, pruned, student, perplexity, stages, splits)
+    if parallel.is_main_process():
+        (work / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_report(work, summary)
+        print(table(summary), flush=True)
+    return summary
+
+
+def _tokens_used(path: Path) -> int:
+    meta = checkpoint.read_metadata(path) if checkpoint.is_complete(path) else {}
+    return int(meta.get("result", {}).get("tokens", 0))
+
+
+def _summary(work: Path, teacher: Path, pruned: Path, student: Path, perplexity: dict, stages: Stages,
+             splits: dict[str, Path]) -> dict:
+    teacher_arch, student_arch = checkpoint.read_arch(teacher), checkpoint.read_arch(student)
+    return {
+        "work_dir": str(work),
+        "corpus": {name: str(path) for name, path in splits.items()},
+        "teacher": {"checkpoint": str(teacher), "parameters": teacher_arch.num_parameters(),
+                    "heldout_perplexity": perplexity["teacher"]["perplexity"]},
+        "pruned": {"checkpoint": str(pruned), "heldout_perplexity": perplexity["pruned"]["perplexity"]},
+        "student": {"checkpoint": str(student), "hf_dir": str(work / "student_hf"),
+                    "parameters": student_arch.num_parameters(), "architecture": student_arch.shape(),
+                    "heldout_perplexity": perplexity["student"]["perplexity"]},
+        "eval": {k: perplexity["student"][k] for k in ("tokens", "seq_len")},
+        "distillation_tokens": _tokens_used(work / "distill" / "final"),
+        "stage_seconds": stages.seconds,
+    }

@@ -1,0 +1,70 @@
+"""`prune(model, scores, ...)`: the one call that prunes a caller's live megatron model in place.
+
+The caller's `GPTModel` object (also inside megatron's `Float16Module`) becomes the pruned model:
+the surgery of `prune_model` builds the pruned model with the same class, layer spec and settings
+and loads the pruned weights, then the caller's object takes over its modules and config. Create
+the optimizer and the DistributedDataParallel wrapper after pruning (their buffers hold shapes).
+"""
+
+from __future__ import annotations
+
+from nemo_minitron.errors import UserError
+from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.models.gpt import arch_of, remember_identity, unwrap_model
+from nemo_minitron.prune.indices import choose_dropped_layers, select_indices
+from nemo_minitron.prune.spec import PruneSpec
+from nemo_minitron.prune.surgery import prune_model
+
+_DATA_PARALLEL_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "TorchFullyShardedDataParallel")
+
+
+def _check_not_data_parallel(model) -> None:
+    wrapper = model
+    while hasattr(wrapper, "module"):
+        if type(wrapper).__name__ in _DATA_PARALLEL_WRAPPERS:
+            raise UserError(f"prune the model before wrapping it in {type(wrapper).__name__}: "
+                            f"its gradient buffers are laid out for the unpruned shapes")
+        wrapper = wrapper.module
+
+
+def prune(
+    model,
+    scores: ImportanceScores,
+    *,
+    num_layers: int | None = None,
+    drop_layers: list[int] | None = None,
+    hidden_size: int | None = None,
+    ffn_hidden_size: int | None = None,
+    num_attention_heads: int | None = None,
+    num_query_groups: int | None = None,
+    depth_method: str = "block_importance",
+    head_residual: bool = False,
+):
+    """Prune `model` in place to the given sizes (None keeps a size) and return its new
+    `TransformerConfig`. Collective: every rank of the TP x PP layout calls it with the same scores.
+
+    Width follows `scores` (hidden channels, heads by query group, neurons). Depth: `drop_layers`
+    names the layers to drop; otherwise `num_layers` keeps that many, dropping those that
+    `depth_method` ranks lowest in `scores` ("contiguous" reads `scores.blocks`, the others
+    `scores.layers`).
+    """
+    from megatron.core import parallel_state as ps
+
+    _check_not_data_parallel(model)
+    teacher = arch_of(model)
+    if scores.arch.replace(family=teacher.family, bos_token_id=None, eos_token_id=None) != teacher.replace(
+            bos_token_id=None, eos_token_id=None):
+        raise UserError("the importance scores were computed for a model of another architecture")
+    spec = PruneSpec(num_layers=num_layers, drop_layers=drop_layers, hidden_size=hidden_size,
+                     ffn_hidden_size=ffn_hidden_size, num_attention_heads=num_attention_heads,
+                     num_query_groups=num_query_groups)
+    target = spec.target_arch(teacher, ps.get_tensor_model_parallel_world_size(),
+                              ps.get_pipeline_model_parallel_world_size())
+    dropped = (sorted(drop_layers) if drop_layers is not None
+               else choose_dropped_layers(scores, teacher, spec.num_dropped(teacher), depth_method))
+    pruned = prune_model(model, target, select_indices(scores, teacher, target, dropped), head_residual)
+    inner = unwrap_model(model)
+    inner.__dict__.clear()
+    inner.__dict__.update(pruned.__dict__)
+    remember_identity(inner, target)
+    return inner.config

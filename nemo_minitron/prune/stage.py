@@ -1,0 +1,262 @@
+"""The prune stage: importance on calibration data, then width/depth pruning of a checkpoint.
+
+Writes OUTPUT/ = a normal checkpoint of the pruned model, plus importance.pt (the teacher's scores,
+reused by later prunes of the same teacher: `importance_from=OUTPUT`, or automatically when
+OUTPUT/importance.pt was computed with the same settings), report.json, report.md and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nemo_minitron import checkpoint, parallel
+from nemo_minitron.errors import UserError
+from nemo_minitron.importance import (
+    Aggregation,
+    ImportanceScores,
+    contiguous_block_scores,
+    estimate_importance,
+    layer_loss_scores,
+    loss_metric,
+    magnitude_scores,
+    perplexity_loop,
+    random_scores,
+    sample_windows,
+)
+from nemo_minitron.importance.scores import FILE_NAME, METHODS
+from nemo_minitron.models import bridge
+from nemo_minitron.models.config import ModelArch
+from nemo_minitron.prune.indices import DEPTH_METHODS, choose_dropped_layers, select_indices
+from nemo_minitron.prune.planner import plan
+from nemo_minitron.prune.report import write_report
+from nemo_minitron.prune.spec import PruneSpec
+from nemo_minitron.prune.surgery import prune_model
+from nemo_minitron.stage import CorpusConfig, StageConfig, timed
+
+log = logging.getLogger("nemo_minitron")
+
+
+@dataclass
+class CalibConfig:
+    """The calibration windows: drawn from `data`, or from the corpus calib split."""
+
+    data: str | None = None
+    text_key: str = "text"
+    num_samples: int = 1024
+    seq_len: int = 256
+    micro_batch_size: int = 4
+    seed: int = 0
+
+
+@dataclass
+class DepthConfig:
+    method: str = "contiguous"
+
+
+@dataclass
+class PruneConfig(StageConfig):
+    checkpoint: str | None = None
+    output_dir: str | None = None
+    target: PruneSpec = field(default_factory=PruneSpec)
+    importance: str = "activation"
+    importance_from: str | None = None
+    aggregation: Aggregation = field(default_factory=Aggregation)
+    head_residual: bool = False
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    loss_samples: int = 32
+    report_loss: bool = True
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    plan_only: bool = False
+
+    def validate(self) -> None:
+        if self.importance not in METHODS:
+            raise UserError(f"importance={self.importance} is not one of {list(METHODS)}")
+        if self.depth.method not in DEPTH_METHODS:
+            raise UserError(f"depth.method={self.depth.method} is not one of {list(DEPTH_METHODS)}")
+        for key in ("num_samples", "seq_len", "micro_batch_size"):
+            if getattr(self.calib, key) < 1:
+                raise UserError(f"calib.{key}={getattr(self.calib, key)} must be positive")
+
+
+def _calibration_path(cfg: PruneConfig) -> Path:
+    """calib.data, or the corpus calib split (built once, on rank 0)."""
+    if cfg.calib.data is not None:
+        path = Path(cfg.calib.data)
+        if not path.exists():
+            raise UserError(f"calib.data={path} does not exist")
+        return path
+    log.info("calib.data not set: using the corpus calibration split")
+    return cfg.corpus.splits()["calib"]
+
+
+class _Calibration:
+    """Calibration windows, read and tokenized only if some step needs them."""
+
+    def __init__(self, cfg: PruneConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+
+    @cache
+    def stream(self) -> np.ndarray:
+        from nemo_minitron.data.indexed import load_token_stream
+
+        return load_token_stream(_calibration_path(self.cfg), self.tokenizer, self.cfg.calib.text_key)
+
+    def windows(self) -> torch.Tensor:
+        c = self.cfg.calib
+        return sample_windows(self.stream(), c.seq_len, c.num_samples, c.seed)
+
+    @cache
+    def loss_windows(self) -> torch.Tensor:
+        # A separate draw: the chosen calibration windows are in stream order, so their first
+        # rows would all come from the first source of the corpus.
+        c = self.cfg.calib
+        return sample_windows(self.stream(), c.seq_len, self.cfg.loss_samples, c.seed + 1)
+
+    def metric(self):
+        return loss_metric(self.loss_windows(), self.cfg.calib.micro_batch_size)
+
+
+def _request(cfg: PruneConfig) -> dict:
+    """What the scores depend on; saved scores are reused only when it matches."""
+    activation = cfg.importance == "activation"
+    calib = dataclasses.asdict(cfg.calib)
+    calib.pop("micro_batch_size")
+    if calib["data"] is not None:
+        calib["data"] = str(Path(calib["data"]).absolute())
+    else:
+        calib["corpus"] = dataclasses.asdict(cfg.corpus)
+    return {
+        "teacher": str(Path(cfg.checkpoint).absolute()),
+        "method": cfg.importance,
+        "aggregation": cfg.aggregation.as_dict() if activation else None,
+        "calib": calib if activation else None,
+        "seed": cfg.seed if cfg.importance == "random" else None,
+        "loss_samples": cfg.loss_samples,
+    }
+
+
+def _cached_scores(cfg: PruneConfig, teacher: ModelArch, request: dict) -> ImportanceScores | None:
+    if cfg.importance_from:
+        scores = ImportanceScores.load(cfg.importance_from, teacher)
+        if scores.method != cfg.importance:
+            raise UserError(f"importance_from={cfg.importance_from} holds {scores.method} scores, "
+                            f"but importance={cfg.importance}")
+        return scores
+    existing = Path(cfg.output_dir) / FILE_NAME
+    if existing.is_file():
+        scores = ImportanceScores.load(existing)
+        if scores.arch == teacher and scores.info.get("request") == request:
+            return scores
+        log.info("%s was computed with other settings: recomputing", existing)
+    return None
+
+
+def _importance(cfg: PruneConfig, model, teacher: ModelArch, calibration: _Calibration,
+                request: dict) -> tuple[ImportanceScores, bool]:
+    """(scores, reused?)"""
+    scores = _cached_scores(cfg, teacher, request)
+    if scores is not None:
+        log.info("importance: reusing saved %s scores", scores.method)
+        return scores, True
+    if cfg.importance == "activation":
+        forward_loop = perplexity_loop(calibration.windows(), cfg.calib.micro_batch_size)
+        scores = estimate_importance(model, forward_loop, cfg.aggregation)
+    elif cfg.importance == "magnitude":
+        scores = magnitude_scores(teacher, bridge.gather_global(model))
+    else:
+        scores = random_scores(teacher, cfg.seed)
+    scores.info["request"] = request
+    return scores, False
+
+
+def _dropped_layers(cfg: PruneConfig, spec: PruneSpec, teacher: ModelArch, model, scores: ImportanceScores,
+                    calibration: _Calibration) -> list[int]:
+    """Which layers go; depth scores computed here are added to `scores` (and so saved)."""
+    if spec.drop_layers is not None:
+        return sorted(spec.drop_layers)
+    k = spec.num_dropped(teacher)
+    method = cfg.depth.method
+    if k == 0:
+        return []
+    if method == "contiguous" and k not in scores.blocks:
+        scores.blocks[k] = contiguous_block_scores(model, k, calibration.metric())
+    elif method == "loss" and method not in scores.layers:
+        scores.layers["loss"], _ = layer_loss_scores(model, calibration.metric())
+    elif method == "magnitude" and method not in scores.layers:
+        scores.layers["magnitude"] = magnitude_scores(teacher, bridge.gather_global(model)).layers["magnitude"]
+    elif method == "random" and method not in scores.layers:
+        scores.layers["random"] = random_scores(teacher, cfg.seed).layers["random"]
+    elif method == "block_importance" and method not in scores.layers:
+        raise UserError(f"depth.method={method} needs activation scores: set importance=activation")
+    return choose_dropped_layers(scores, teacher, k, method)
+
+
+def prune_checkpoint(cfg: PruneConfig) -> dict:
+    """Prune `cfg.checkpoint` to `cfg.target` into `cfg.output_dir` (collective)."""
+    cfg.require("checkpoint", "output_dir")
+    cfg.validate()
+    times: dict[str, float] = {}
+    teacher = checkpoint.read_arch(cfg.checkpoint)
+    spec = cfg.target
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    teacher.check_parallel(layout.tp, layout.pp)
+    target = spec.target_arch(teacher, layout.tp, layout.pp)
+    architecture = plan(teacher, spec, layout.tp, layout.pp)
+    if cfg.plan_only:
+        return architecture
+    output = Path(cfg.output_dir).absolute()
+    tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
+    with timed(times, "load_s"):
+        model = checkpoint.load_checkpoint(cfg.checkpoint, params_dtype=cfg.torch_dtype)
+    calibration = _Calibration(cfg, tokenizer)
+    request = _request(cfg)
+    with timed(times, "importance_s"):
+        scores, reused = _importance(cfg, model, teacher, calibration, request)
+    with timed(times, "depth_s"):
+        dropped = _dropped_layers(cfg, spec, teacher, model, scores, calibration)
+    student = {k: v for k, v in architecture["student"].items() if k != "parameters"}
+    log.info("pruning to %s; dropping layers %s", student, dropped)
+    indices = select_indices(scores, teacher, target, dropped)
+    loss = None
+    if cfg.report_loss:
+        loss = {"windows": len(calibration.loss_windows()), "teacher": calibration.metric()(model)}
+    with timed(times, "prune_s"):
+        pruned = prune_model(model, target, indices, cfg.head_residual)
+    del model
+    if loss is not None:
+        loss["pruned"] = calibration.metric()(pruned)
+    depth_method = "explicit" if spec.drop_layers is not None else cfg.depth.method
+    metadata = {"stage": "prune", "teacher": str(Path(cfg.checkpoint).absolute()), "target": spec.as_dict(),
+                "dropped_layers": dropped, "importance": scores.method, "depth_method": depth_method,
+                "head_residual": cfg.head_residual}
+    with timed(times, "save_s"):
+        checkpoint.save_checkpoint(pruned, output, tokenizer, metadata=metadata)
+    report = {
+        "teacher": metadata["teacher"], "output": str(output), "tp": layout.tp, "pp": layout.pp,
+        "target": spec.as_dict(), "architecture": architecture,
+        "importance": {"method": scores.method, "reused": reused, "head_residual": cfg.head_residual,
+                       **{k: v for k, v in scores.info.items() if k != "request"}},
+        "depth": {"method": depth_method, "dropped_layers": dropped,
+                  "layer_scores": {k: v.tolist() for k, v in scores.layers.items()},
+                  "block_losses": {str(k): v.tolist() for k, v in scores.blocks.items()}},
+        "seconds": times,
+    }
+    if loss is not None:
+        report["loss"] = loss
+    files = {}
+    if parallel.is_main_process():
+        scores.save(output / FILE_NAME)
+        files = write_report(output, report, scores, indices)
+    parallel.barrier()
+    log.info("wrote %s", output)
+    return {"checkpoint": str(output), "parameters": architecture["student"]["parameters"],
+            "teacher_parameters": architecture["teacher"]["parameters"], "dropped_layers": dropped,
+            "importance": report["importance"], **({"loss": loss} if loss else {}), "report": files, **times}

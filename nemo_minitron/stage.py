@@ -1,0 +1,76 @@
+"""What every stage function shares: the common settings, required keys, timing.
+
+A stage is one step of the Minitron job (import, prune, search, teacher-correct, distill, align,
+export, evaluate) as a library function over a typed config: `prune_checkpoint(PruneConfig)`,
+`distill_checkpoint(DistillConfig)`, ... The command line (`nemo_minitron.cli`) only composes a
+config from YAML and overrides and calls one of them; the pipeline calls them in order.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nemo_minitron.data.corpus import DEFAULT_SOURCES, ensure_corpus
+from nemo_minitron.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"dtype={name} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class StageConfig:
+    """The parallel layout, seed and parameter dtype of a stage (keys `tp`, `pp`, `seed`, `dtype`)."""
+
+    tp: int = 1
+    pp: int = 1
+    seed: int = 1234
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype)
+
+    def require(self, *keys: str) -> None:
+        """UserError for the first of `keys` (attribute names of this config) left unset."""
+        for key in keys:
+            if getattr(self, key) in (None, ""):
+                raise UserError(f"missing required key: set {key}=...")
+
+
+@dataclass
+class CorpusConfig:
+    """The built-in text corpus (Debian packages) plus the user's files, split by document."""
+
+    output_dir: str | None = None
+    sources: list[str] = field(default_factory=lambda: list(DEFAULT_SOURCES))
+    user_paths: list[str] = field(default_factory=list)
+    cache_dir: str | None = None
+    seed: int = 0
+    heldout_fraction: float = 0.05
+    calib_fraction: float = 0.05
+
+    def splits(self) -> dict[str, Path]:
+        """The train / calib / heldout jsonl files, built once per settings (collective)."""
+        return ensure_corpus(self.output_dir, sources=self.sources, cache_dir=self.cache_dir, seed=self.seed,
+                             heldout_fraction=self.heldout_fraction, calib_fraction=self.calib_fraction,
+                             user_paths=self.user_paths)
+
+
+@contextmanager
+def timed(record: dict, key: str):
+    """Store the wall time of the block in record[key] (seconds)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        record[key] = round(time.perf_counter() - start, 3)
