@@ -12,6 +12,7 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.gpt import build_gpt_model
+from nemo_minitron.outputs import check_output
 from nemo_minitron.stage import StageConfig, timed, torch_dtype
 
 log = logging.getLogger("nemo_minitron")
@@ -51,6 +52,7 @@ def read_source(model: str | None, hf_path: str | None, dtype):
 
 def import_checkpoint(cfg: ImportConfig) -> dict:
     cfg.require("output_dir")
+    check_output(cfg.output_dir, "import", [cfg.hf_path])
     times: dict[str, float] = {}
     dtype = cfg.torch_dtype
     output_dir = Path(cfg.output_dir)
@@ -71,6 +73,7 @@ def import_checkpoint(cfg: ImportConfig) -> dict:
 
 def export_hf(cfg: ExportHFConfig) -> dict:
     cfg.require("checkpoint", "output_dir")
+    check_output(cfg.output_dir, "export-hf", [cfg.checkpoint])
     from nemo_minitron.models.hf_io import write_hf_directory
 
     times: dict[str, float] = {}
@@ -86,6 +89,7 @@ def export_hf(cfg: ExportHFConfig) -> dict:
         dtype = torch_dtype(cfg.dtype)
         hf_state = {k: v.to(dtype) for k, v in bridge.global_to_hf(arch, global_sd).items()}
         with timed(times, "write_s"):
-            write_hf_directory(arch, hf_state, tokenizer, out)
+            write_hf_directory(arch, hf_state, tokenizer, out,
+                               provenance={"stage": "export-hf", "checkpoint": str(Path(cfg.checkpoint).absolute())})
         log.info("wrote %s", out)
     return {"hf_dir": str(out.absolute()), **times}

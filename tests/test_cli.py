@@ -157,6 +157,7 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     # search instead of prune: the same teacher (copied, so import is skipped), a 50% budget
     searched = tmp_path / "searched"
     shutil.copytree(work / "teacher", searched / "teacher")
+    shutil.copy(work / "nemo_minitron_output.json", searched)  # the marker of a pipeline work_dir
     budget = summary["teacher"]["parameters"]["non_embedding"] / 2
     result = last_json(minitron(*[a.replace(str(work), str(searched)) for a in args], "search.enabled=true",
                                 f"search.budget.non_embedding_params={budget}", "search.search.max_candidates=2",
@@ -177,12 +178,14 @@ def test_pipeline_stops_at_a_stage_interrupted_by_preemption(imported, text_file
     stage returns what it returns after a pre-emption checkpoint (tests/test_distill.py covers the
     signal itself); import and prune are complete, so they are skipped."""
     import nemo_minitron.pipeline.run as pipeline_run
+    from nemo_minitron.outputs import MARKER_FILE
     from nemo_minitron.pipeline import PipelineConfig, run_pipeline
     from nemo_minitron.stage import CorpusConfig
 
     work = tmp_path / "run"
     for done in ("teacher", "pruned"):
         shutil.copytree(imported, work / done)
+    (work / MARKER_FILE).write_text('{"stage": "pipeline"}')  # an earlier run of this pipeline
     called = []
     monkeypatch.setattr(pipeline_run, "distill_checkpoint",
                         lambda cfg: called.append("distill") or {"interrupted": True, "step": 3})

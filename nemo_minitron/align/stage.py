@@ -23,6 +23,7 @@ from nemo_minitron.align.losses import PreferenceLoss
 from nemo_minitron.data.corpus import default_cache_dir, ensure_corpus
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval.generate import greedy_generate
+from nemo_minitron.outputs import claim_output
 from nemo_minitron.stage import StageConfig
 from nemo_minitron.train import Trainer
 from nemo_minitron.train import stage as train_stage
@@ -147,6 +148,7 @@ def align_checkpoint(cfg: AlignConfig) -> dict:
         return run_nemo_aligner(cfg)
     if cfg.backend != "native":
         raise UserError(f"backend={cfg.backend} is not one of native, nemo_aligner")
+    claim_output(cfg.output_dir, "align", [cfg.checkpoint, cfg.reference, cfg.data, cfg.valid_data])
     done = train_stage.finished(cfg.output_dir)
     if done is not None:
         log.info("%s/final is complete: nothing to do", cfg.output_dir)

@@ -13,6 +13,7 @@ from nemo_minitron import checkpoint, parallel
 from nemo_minitron.distill.losses import LogitLoss
 from nemo_minitron.distill.model import DistillationLoss, DistillationModel, LayerPair, check_same_tokenizer
 from nemo_minitron.errors import UserError
+from nemo_minitron.outputs import claim_output
 from nemo_minitron.train import LMLoss, Trainer
 from nemo_minitron.train import stage as train_stage
 from nemo_minitron.train.config import OptimConfig
@@ -68,6 +69,7 @@ class TeacherCorrectConfig(train_stage.TrainingStageConfig):
 def distill_checkpoint(cfg: DistillConfig) -> dict:
     """Train `cfg.student` on `cfg.teacher`'s logits; the student lands in OUTPUT/final."""
     cfg.require("teacher", "student", "output_dir")
+    claim_output(cfg.output_dir, "distill", [cfg.teacher, cfg.student, cfg.data.train, cfg.data.valid])
     done = train_stage.finished(cfg.output_dir)
     if done is not None:
         log.info("%s/final is complete: nothing to do", cfg.output_dir)
@@ -100,6 +102,7 @@ def correct_teacher(cfg: TeacherCorrectConfig) -> dict:
     """Fine-tune `cfg.teacher` with the LM loss at 1/5 of its original peak LR (by default) with
     the loop of distillation; the corrected teacher lands in OUTPUT/final."""
     cfg.require("teacher", "output_dir")
+    claim_output(cfg.output_dir, "teacher-correct", [cfg.teacher, cfg.data.train, cfg.data.valid])
     done = train_stage.finished(cfg.output_dir)
     if done is not None:
         log.info("%s/final is complete: nothing to do", cfg.output_dir)

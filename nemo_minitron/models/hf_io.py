@@ -11,6 +11,7 @@ import torch
 from nemo_minitron.atomic import replace_dir
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelArch
+from nemo_minitron.outputs import MARKER_FILE
 
 
 def read_hf_directory(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -44,8 +45,10 @@ def read_hf_directory(path: str | Path, dtype: torch.dtype = torch.float32):
     return arch, state, tokenizer
 
 
-def write_hf_directory(arch: ModelArch, hf_state: dict[str, torch.Tensor], tokenizer, out_dir: str | Path) -> Path:
-    """Write a directory `AutoModelForCausalLM.from_pretrained` loads; atomic like checkpoints."""
+def write_hf_directory(arch: ModelArch, hf_state: dict[str, torch.Tensor], tokenizer, out_dir: str | Path,
+                       provenance: dict | None = None) -> Path:
+    """Write a directory `AutoModelForCausalLM.from_pretrained` loads; atomic like checkpoints.
+    `provenance` (which stage wrote it, from what) goes into the output marker file."""
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir).absolute()
@@ -62,5 +65,7 @@ def write_hf_directory(arch: ModelArch, hf_state: dict[str, torch.Tensor], token
     model.save_pretrained(str(partial), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(partial))
+    if provenance is not None:
+        (partial / MARKER_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     replace_dir(partial, out_dir)
     return out_dir

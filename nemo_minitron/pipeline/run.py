@@ -22,6 +22,7 @@ from nemo_minitron.convert import ExportHFConfig, ImportConfig, export_hf, impor
 from nemo_minitron.distill.stage import DistillConfig, TeacherCorrectConfig, correct_teacher, distill_checkpoint
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval.stage import EvalConfig, HarnessConfig, evaluate_checkpoint
+from nemo_minitron.outputs import claim_output
 from nemo_minitron.pipeline.report import table, write_report
 from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search.stage import SearchConfig, search_architecture
@@ -108,7 +109,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 def _run_stages(cfg: PipelineConfig) -> dict:
-    work = Path(cfg.work_dir).absolute()
+    work = claim_output(cfg.work_dir, "pipeline", [cfg.teacher.hf_path, *cfg.corpus.user_paths], key="work_dir")
     common = {"tp": cfg.tp, "pp": cfg.pp, "seed": cfg.seed, "dtype": cfg.dtype}
     parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
     stages = Stages(work)

@@ -33,6 +33,7 @@ from nemo_minitron.importance import (
 from nemo_minitron.importance.scores import FILE_NAME, METHODS
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
+from nemo_minitron.outputs import check_output
 from nemo_minitron.prune.indices import DEPTH_METHODS, choose_dropped_layers, select_indices
 from nemo_minitron.prune.planner import plan
 from nemo_minitron.prune.report import write_report
@@ -203,6 +204,8 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     """Prune `cfg.checkpoint` to `cfg.target` into `cfg.output_dir` (collective)."""
     cfg.require("checkpoint", "output_dir")
     cfg.validate()
+    if not cfg.plan_only:
+        check_output(cfg.output_dir, "prune", [cfg.checkpoint, cfg.calib.data])
     times: dict[str, float] = {}
     teacher = checkpoint.read_arch(cfg.checkpoint)
     spec = cfg.target

@@ -24,6 +24,7 @@ from nemo_minitron.atomic import replace_dir
 from nemo_minitron.distill.stage import DistillConfig, distill_checkpoint
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelArch
+from nemo_minitron.outputs import claim_output
 from nemo_minitron.prune.spec import PruneSpec
 from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search.cache import CandidateCache
@@ -192,6 +193,9 @@ def search_architecture(cfg: SearchConfig) -> dict:
     cfg.require("checkpoint", "output_dir")
     cfg.search.validate()
     cfg.budget.validate()
+    if not cfg.search.list_only:
+        claim_output(cfg.output_dir, "search", [cfg.checkpoint, cfg.importance_from, cfg.prune.calib.data,
+                                                cfg.distill.data.train, cfg.distill.data.valid])
     teacher = checkpoint.read_arch(cfg.checkpoint)
     budget = cfg.budget
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)

@@ -1,0 +1,113 @@
+"""Output safety: no stage writes into the current directory, into or around its inputs, or into a
+directory holding what it did not write; every refusal leaves the files byte for byte as they were
+and is one `error:` line on the command line. Re-running a stage into its own output still works."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from commands import last_json, minitron
+from tiny import tiny_arch, write_hf_dir, write_sentence_docs
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under `root` with its content hash."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    from nemo_minitron.convert import ImportConfig, import_checkpoint
+
+    root = tmp_path_factory.mktemp("outputs")
+    write_hf_dir(root / "hf", tiny_arch(tie=True))
+    import_checkpoint(ImportConfig(hf_path=str(root / "hf"), output_dir=str(root / "teacher")))
+    return root / "teacher"
+
+
+def test_export_into_the_current_directory_is_refused(teacher, tmp_path, monkeypatch):
+    from nemo_minitron import UserError
+    from nemo_minitron.convert import ExportHFConfig, export_hf
+
+    work = tmp_path / "work"
+    (work / "notes").mkdir(parents=True)
+    (work / "notes" / "todo.txt").write_text("mine\n")
+    before = snapshot(work)
+    monkeypatch.chdir(work / "notes")
+    for target in (".", ".."):
+        with pytest.raises(UserError, match=rf"output_dir={target} is the current directory or one above it"):
+            export_hf(ExportHFConfig(checkpoint=str(teacher), output_dir=target))
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("output", ["teacher", "teacher/pruned", "."], ids=["same", "inside", "above"])
+def test_prune_never_writes_into_inside_or_above_its_input(teacher, output, tmp_path):
+    from nemo_minitron import PruneConfig, UserError, prune_checkpoint
+
+    before = snapshot(teacher.parent)
+    out = teacher.parent / output
+    with pytest.raises(UserError, match=rf"output_dir={out} overlaps the input {teacher}"):
+        prune_checkpoint(PruneConfig(checkpoint=str(teacher), output_dir=str(out)))
+    assert snapshot(teacher.parent) == before
+
+
+def test_another_stages_output_or_foreign_files_are_refused(teacher, tmp_path):
+    from nemo_minitron import UserError
+    from nemo_minitron.convert import ExportHFConfig, ImportConfig, export_hf, import_checkpoint
+
+    other = tmp_path / "other_teacher"
+    import_checkpoint(ImportConfig(hf_path=str(teacher.parent / "hf"), output_dir=str(other)))
+    before = snapshot(other)
+    with pytest.raises(UserError, match=r"is not empty and holds the output of the import stage"):
+        export_hf(ExportHFConfig(checkpoint=str(teacher), output_dir=str(other)))
+    assert snapshot(other) == before
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("\\section{results}\n")
+    with pytest.raises(UserError, match=r"holds files nemo-minitron did not write"):
+        import_checkpoint(ImportConfig(hf_path=str(teacher.parent / "hf"), output_dir=str(mine)))
+    assert (mine / "thesis.tex").read_text() == "\\section{results}\n" and len(list(mine.iterdir())) == 1
+    (mine / "file").write_text("x")
+    with pytest.raises(UserError, match=r"output_dir=.*/mine/file is a file"):
+        export_hf(ExportHFConfig(checkpoint=str(teacher), output_dir=str(mine / "file")))
+
+
+def test_rerunning_a_stage_into_its_own_output_still_works(teacher, tmp_path):
+    from nemo_minitron.convert import ExportHFConfig, export_hf
+    from nemo_minitron.outputs import MARKER_FILE
+
+    out = tmp_path / "hf_export"
+    for _ in range(2):
+        export_hf(ExportHFConfig(checkpoint=str(teacher), output_dir=str(out)))
+    assert (out / "config.json").is_file() and (out / MARKER_FILE).is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_hf(ExportHFConfig(checkpoint=str(teacher), output_dir=str(empty)))
+    assert (empty / "config.json").is_file()
+
+
+def test_command_line_reports_one_line_and_distill_refuses_its_student(teacher, tmp_path):
+    data = write_sentence_docs(tmp_path / "train.jsonl", 8)
+    before = snapshot(teacher)
+    proc = minitron("distill", f"teacher={teacher}", f"student={teacher}", f"output_dir={teacher / 'run'}",
+                    f"data.train={data}", "train.steps=1", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: output_dir={teacher / 'run'} overlaps the input {teacher}: a stage never writes into, inside or "
+        f"above its inputs; choose another output_dir")
+    assert snapshot(teacher) == before
+    # a pipeline work_dir is checked the same way, before any stage runs
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("keep")
+    proc = minitron("pipeline", f"work_dir={work}", check=False)
+    assert proc.returncode == 2 and "work_dir=" in proc.stderr and "did not write" in proc.stderr
+    assert os.listdir(work) == ["keep.txt"]
+    assert last_json(minitron("prune", f"checkpoint={teacher}", f"output_dir={tmp_path / 'p'}", "plan_only=true",
+                              "target.ffn_hidden_size=48"))["student"]["ffn_hidden_size"] == 48
