@@ -67,7 +67,8 @@ minitron_launch() {
   wait "$srun_pid" || status=$?
   # `wait` returns early when a trapped signal arrives: wait again for the tasks to finish saving.
   while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid" || status=$?; done
-  if [ "$preempted" = 1 ]; then
+  # 75: the tasks stopped at a pre-emption checkpoint (a SIGTERM from Slurm reached them directly)
+  if [ "$preempted" = 1 ] || [ "$status" = 75 ]; then
     echo "[launcher] requeueing job $SLURM_JOB_ID; the stage resumes from its last checkpoint"
     scontrol requeue "$SLURM_JOB_ID"
     return 0

@@ -192,5 +192,5 @@ def test_pipeline_stops_at_a_stage_interrupted_by_preemption(imported, text_file
     monkeypatch.setattr(pipeline_run, "export_hf", lambda cfg: called.append("export_hf") or {})
     monkeypatch.setattr(pipeline_run, "evaluate_checkpoint", lambda cfg: called.append("eval") or {})
     result = run_pipeline(PipelineConfig(work_dir=str(work), corpus=CorpusConfig(sources=[], user_paths=[str(text_file)])))
-    assert result == {"status": "interrupted", "stage": "distill", "work_dir": str(work)}
+    assert result == {"status": "interrupted", "interrupted": True, "stage": "distill", "work_dir": str(work)}
     assert called == ["distill"] and not (work / "results.json").exists()

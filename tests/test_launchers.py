@@ -42,6 +42,7 @@ def stubs(tmp_path):
         f'  trap \'echo "srun got USR1" >> {log}; exit 0\' USR1\n'
         "  while true; do sleep 0.1; done\n"
         "fi\n"
+        'exit "${STUB_EXIT:-0}"\n'
     )
     (bin_dir / "scontrol").write_text(
         "#!/bin/bash\n"
@@ -108,6 +109,17 @@ def test_preemption_forwards_signal_and_requeues(stubs):
     calls = log.read_text().splitlines()
     assert "srun got USR1" in calls
     assert calls[-1] == "scontrol requeue 4242"
+
+
+@pytest.mark.parametrize(("code", "requeued"), [(75, True), (3, False), (2, False)])
+def test_task_exit_code_decides_requeue(stubs, code, requeued):
+    """75 (the stage stopped at a pre-emption checkpoint) requeues the job and ends the launcher
+    successfully; a divergence (3) or bad input (2) fails it without a requeue."""
+    env, log = stubs
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "distill.sh"), "--tp", "8"], env={**env, "STUB_EXIT": str(code)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == (0 if requeued else code), proc.stderr
+    assert ("scontrol requeue 4242" in log.read_text()) == requeued
 
 
 def test_dry_run_prints_layout_and_resolved_config(stubs):

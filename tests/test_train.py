@@ -121,3 +121,18 @@ def test_teacher_correct_command(tmp_path):
     again = json.loads(minitron("teacher-correct", *common, "train.steps=4", "optim.warmup_steps=1",
                                 "original_peak_lr=5e-3").stdout.strip().splitlines()[-1])
     assert again["already_complete"] and again["step"] == 4
+
+    # a diverging run stops at the first non-finite loss or gradient norm: exit 3, no final/
+    diverging = [*common[:1], f"output_dir={tmp_path / 'diverged'}", *common[2:], "train.steps=6",
+                 "optim.warmup_steps=0", "optim.lr=1e9", "optim.min_lr=1e9", "optim.decay_style=constant",
+                 "train.save_interval=1", "train.keep_checkpoints=10"]
+    proc = minitron("teacher-correct", *diverging, check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    step = int(message.split("training diverged at step ")[1].split(" ")[0])
+    assert message.startswith("error: training diverged at step ") and 1 <= step <= 6
+    assert not (tmp_path / "diverged" / "final").exists()
+    saved = sorted(p.name for p in (tmp_path / "diverged" / "checkpoints").iterdir())
+    assert saved == [f"step_{s:07d}" for s in range(1, step)]  # only steps before the divergence
+    rows = [json.loads(line) for line in (tmp_path / "diverged" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == step and not all(math.isfinite(rows[-1][k]) for k in ("train/loss", "train/grad_norm"))

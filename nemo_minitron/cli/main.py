@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from nemo_minitron.cli.compose import conf_dir, stage_config_name
 from nemo_minitron.cli.stages import STAGES
-from nemo_minitron.errors import UserError
+from nemo_minitron.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR, TrainingDiverged, UserError
 
 log = logging.getLogger("nemo_minitron")
 
@@ -61,19 +61,22 @@ def _format_error(err: BaseException) -> str:
 
 
 def run_stage(stage_fn: Callable[[Any], dict | None], cfg) -> None:
-    """Run a stage command; print its result as JSON on the last stdout line (rank 0)."""
+    """Run a stage command; print its result as JSON on the last stdout line (rank 0). Exit codes:
+    0 done, 2 bad input, 3 training diverged, 75 stopped at a pre-emption checkpoint (re-run)."""
     from nemo_minitron import parallel
 
     _quiet_libraries()
     try:
         result = stage_fn(cfg)
-    except user_errors() as err:
+    except (*user_errors(), TrainingDiverged) as err:
         _print_user_error(err)
         parallel.destroy()
-        sys.exit(2)
+        sys.exit(EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_USER_ERROR)
     parallel.destroy()
     if result is not None and parallel.launch_rank() == 0:
         print(json.dumps(result, default=str), flush=True)
+    if isinstance(result, dict) and result.get("interrupted"):
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _config_options_first(args: list[str]) -> list[str]:
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     stage, overrides = argv[0], argv[1:]
     if stage not in STAGES:
         print(f"error: unknown stage {stage!r}\n\n{_usage()}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     # megatron and torch.distributed.checkpoint warn about missing TE/apex (expected on CPU) and
     # their own deprecations; none of it is actionable for a user of this tool.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex|cuda_graph_scope).*")
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         config_name, overrides = stage_config_name(stage, overrides)
     except user_errors() as err:
         _print_user_error(err)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     sys.argv = [f"minitron {stage}", *_config_options_first(overrides)]
     app = hydra.main(config_path=str(config_dir), config_name=config_name, version_base="1.3")(
         lambda cfg: run_stage(module.run, cfg)

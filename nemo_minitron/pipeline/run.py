@@ -105,7 +105,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     except StageInterrupted as stop:
         # The launcher requeues the job; the re-run resumes this stage from its checkpoint.
         log.info("stage %s stopped on a pre-emption signal after saving a checkpoint: re-run to resume", stop)
-        return {"status": "interrupted", "stage": str(stop), "work_dir": str(Path(cfg.work_dir).absolute())}
+        return {"status": "interrupted", "interrupted": True, "stage": str(stop),
+                "work_dir": str(Path(cfg.work_dir).absolute())}
 
 
 def _run_stages(cfg: PipelineConfig) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from nemo_minitron import checkpoint, parallel
+from nemo_minitron.errors import TrainingDiverged
 from nemo_minitron.models.runner import forward_microbatches
 from nemo_minitron.train import state
 from nemo_minitron.train.config import OptimConfig, TrainConfig
@@ -154,6 +156,20 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------
 
+    def _check_finite(self, metrics: dict[str, float], monitor: Monitor) -> None:
+        """Stop at the first step whose loss or gradient norm is not finite (metrics are reduced over
+        all ranks, so every rank stops at the same step): nothing after it is saved, so the step
+        checkpoints on disk all predate the divergence."""
+        bad = {k: v for k, v in metrics.items() if k in ("train/loss", "train/grad_norm") and not math.isfinite(v)}
+        if not bad:
+            return
+        monitor.step(self.step, metrics, console=True)
+        saved = state.complete_checkpoints(self.output_dir)
+        last = f"the last checkpoint, {saved[-1]}, predates it" if saved else "no step checkpoint was saved"
+        values = ", ".join(f"{k.removeprefix('train/')}={v}" for k, v in bad.items())
+        raise TrainingDiverged(f"training diverged at step {self.step} ({values}); no final/ was written and "
+                               f"{last}: lower optim.lr or raise optim.warmup_steps and start a new output_dir")
+
     def fit(self) -> dict[str, Any]:
         """Train to `train.steps` (resuming if possible), validate, write `final/`; returns a summary.
 
@@ -173,6 +189,7 @@ class Trainer:
             with PreemptionHandler() as preemption:
                 while self.step < cfg.steps:
                     train_metrics = self.train_step()
+                    self._check_finite(train_metrics, monitor)
                     seconds += train_metrics["train/step_seconds"]
                     last = self.step == cfg.steps
                     metrics = dict(train_metrics)
