@@ -63,10 +63,13 @@ def check_output(path: str | Path, stage: str, inputs: Iterable[str | Path | Non
 
 def claim_output(path: str | Path, stage: str, inputs: Iterable[str | Path | None] = (),
                  key: str = "output_dir") -> Path:
-    """`check_output`, then mark the directory as `stage`'s (rank 0), for outputs that are not a
-    checkpoint directory (those carry their stage in metadata.json)."""
+    """`check_output` on every rank, then rank 0 marks the directory as `stage`'s (collective: call
+    it after `parallel.initialize`), for outputs that are not a checkpoint directory (those carry
+    their stage in metadata.json)."""
     out = check_output(path, stage, inputs, key)
+    parallel.barrier()  # every rank has looked before rank 0 adds the marker
     if parallel.is_main_process() and not (out / MARKER_FILE).is_file():
         out.mkdir(parents=True, exist_ok=True)
         atomic.write_text(out / MARKER_FILE, json.dumps({"stage": stage}) + "\n")
+    parallel.barrier()
     return out

@@ -111,3 +111,20 @@ def test_command_line_reports_one_line_and_distill_refuses_its_student(teacher, 
     assert os.listdir(work) == ["keep.txt"]
     assert last_json(minitron("prune", f"checkpoint={teacher}", f"output_dir={tmp_path / 'p'}", "plan_only=true",
                               "target.ffn_hidden_size=48"))["student"]["ffn_hidden_size"] == 48
+
+
+def _claim(path: str) -> bool:
+    from nemo_minitron.outputs import MARKER_FILE, claim_output
+
+    claim_output(path, "distill")
+    return (Path(path) / MARKER_FILE).is_file()
+
+
+def test_claim_on_several_ranks_sees_no_half_written_marker(tmp_path):
+    """Every rank checks the new directory before rank 0 marks it, so no rank mistakes rank 0's
+    marker-in-progress for foreign files."""
+    from distributed import run_distributed
+
+    out = str(tmp_path / "run")
+    assert run_distributed(_claim, world_size=2, tp=2, args=(out,)) == [True, True]
+    assert run_distributed(_claim, world_size=2, tp=2, args=(out,)) == [True, True]  # a re-run is its own output

@@ -148,17 +148,17 @@ def align_checkpoint(cfg: AlignConfig) -> dict:
         return run_nemo_aligner(cfg)
     if cfg.backend != "native":
         raise UserError(f"backend={cfg.backend} is not one of native, nemo_aligner")
-    claim_output(cfg.output_dir, "align", [cfg.checkpoint, cfg.reference, cfg.data, cfg.valid_data])
-    done = train_stage.finished(cfg.output_dir)
-    if done is not None:
-        log.info("%s/final is complete: nothing to do", cfg.output_dir)
-        return done
     loss = (PreferenceLoss(cfg.loss.kind or cfg.method, cfg.loss.beta, cfg.loss.eta, cfg.loss.sft_weight)
             if cfg.preference else LMLoss())
     train_cfg = cfg.train
     if cfg.preference and (train_cfg.micro_batch_size % 2 or train_cfg.global_batch_size % 2):
         raise UserError("DPO/RPO train on whole pairs: train.micro_batch_size and train.global_batch_size must be even")
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    claim_output(cfg.output_dir, "align", [cfg.checkpoint, cfg.reference, cfg.data, cfg.valid_data])
+    done = train_stage.finished(cfg.output_dir)
+    if done is not None:
+        log.info("%s/final is complete: nothing to do", cfg.output_dir)
+        return done
     tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
     train_path, valid_path = data_paths(cfg)
     train_set, valid_set = read_datasets(cfg, tokenizer, train_path, valid_path)

@@ -69,14 +69,14 @@ class TeacherCorrectConfig(train_stage.TrainingStageConfig):
 def distill_checkpoint(cfg: DistillConfig) -> dict:
     """Train `cfg.student` on `cfg.teacher`'s logits; the student lands in OUTPUT/final."""
     cfg.require("teacher", "student", "output_dir")
+    loss = cfg.loss.objective()
+    pairs = cfg.loss.layer_pairs()
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
     claim_output(cfg.output_dir, "distill", [cfg.teacher, cfg.student, cfg.data.train, cfg.data.valid])
     done = train_stage.finished(cfg.output_dir)
     if done is not None:
         log.info("%s/final is complete: nothing to do", cfg.output_dir)
         return done
-    loss = cfg.loss.objective()
-    pairs = cfg.loss.layer_pairs()
-    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
     teacher_arch = train_stage.checkpoint_arch(cfg, "teacher")
     student_arch = train_stage.checkpoint_arch(cfg, "student")
     teacher_arch.check_parallel(layout.tp, layout.pp)
@@ -102,6 +102,7 @@ def correct_teacher(cfg: TeacherCorrectConfig) -> dict:
     """Fine-tune `cfg.teacher` with the LM loss at 1/5 of its original peak LR (by default) with
     the loop of distillation; the corrected teacher lands in OUTPUT/final."""
     cfg.require("teacher", "output_dir")
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
     claim_output(cfg.output_dir, "teacher-correct", [cfg.teacher, cfg.data.train, cfg.data.valid])
     done = train_stage.finished(cfg.output_dir)
     if done is not None:
@@ -111,7 +112,6 @@ def correct_teacher(cfg: TeacherCorrectConfig) -> dict:
         cfg.optim.lr = cfg.original_peak_lr / 5
     if cfg.optim.min_lr is None:
         cfg.optim.min_lr = cfg.optim.lr / 10
-    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
     train_stage.checkpoint_arch(cfg, "teacher").check_parallel(layout.tp, layout.pp)
     tokenizer = checkpoint.load_tokenizer(cfg.teacher)
     data = train_stage.training_data(cfg, tokenizer)

@@ -110,9 +110,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 def _run_stages(cfg: PipelineConfig) -> dict:
+    parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
     work = claim_output(cfg.work_dir, "pipeline", [cfg.teacher.hf_path, *cfg.corpus.user_paths], key="work_dir")
     common = {"tp": cfg.tp, "pp": cfg.pp, "seed": cfg.seed, "dtype": cfg.dtype}
-    parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
     stages = Stages(work)
 
     teacher = work / "teacher"

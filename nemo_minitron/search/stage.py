@@ -193,12 +193,12 @@ def search_architecture(cfg: SearchConfig) -> dict:
     cfg.require("checkpoint", "output_dir")
     cfg.search.validate()
     cfg.budget.validate()
-    if not cfg.search.list_only:
-        claim_output(cfg.output_dir, "search", [cfg.checkpoint, cfg.importance_from, cfg.prune.calib.data,
-                                                cfg.distill.data.train, cfg.distill.data.valid])
     teacher = checkpoint.read_arch(cfg.checkpoint)
     budget = cfg.budget
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    if not cfg.search.list_only:
+        claim_output(cfg.output_dir, "search", [cfg.checkpoint, cfg.importance_from, cfg.prune.calib.data,
+                                                cfg.distill.data.train, cfg.distill.data.valid])
     teacher.check_parallel(layout.tp, layout.pp)
     found = enumerate_candidates(teacher, cfg.search.space, budget, layout.tp, layout.pp)
     if not found:
