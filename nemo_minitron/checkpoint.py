@@ -133,7 +133,7 @@ def load_weights(model, path: str | Path) -> ModelArch:
     from nemo_minitron.models import bridge
 
     path = Path(path)
-    have = arch_of(model)
+    hf_state = None  # stays None for a nemo-minitron checkpoint
     if is_complete(path):
         saved = read_arch(path)
     elif (path / "config.json").is_file():
@@ -142,11 +142,11 @@ def load_weights(model, path: str | Path) -> ModelArch:
         saved, hf_state, _ = read_hf_directory(path, next(model.parameters()).dtype)
     else:
         raise CheckpointError(f"{path} is neither a nemo-minitron checkpoint nor a Hugging Face model directory")
-    differences = have.differences(saved)
+    differences = arch_of(model).differences(saved)
     if differences:
         raise CheckpointError(f"the model does not match the weights in {path}: {', '.join(differences)} "
                               f"(model vs weights)")
-    if is_complete(path):
+    if hf_state is None:
         _load_dist_weights(model, path)
     else:
         bridge.load_global(model, bridge.hf_to_global(saved, hf_state))

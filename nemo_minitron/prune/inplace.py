@@ -52,9 +52,10 @@ def prune(
 
     _check_not_data_parallel(model)
     teacher = arch_of(model)
-    if scores.arch.replace(family=teacher.family, bos_token_id=None, eos_token_id=None) != teacher.replace(
-            bos_token_id=None, eos_token_id=None):
-        raise UserError("the importance scores were computed for a model of another architecture")
+    differences = scores.arch.differences(teacher)
+    if differences:
+        raise UserError(f"the importance scores were computed for a model of another architecture: "
+                        f"{', '.join(differences)} (scores vs model)")
     spec = PruneSpec(num_layers=num_layers, drop_layers=drop_layers, hidden_size=hidden_size,
                      ffn_hidden_size=ffn_hidden_size, num_attention_heads=num_attention_heads,
                      num_query_groups=num_query_groups)
