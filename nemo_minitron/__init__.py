@@ -17,8 +17,17 @@ Each stage of the Minitron job is also one library function over a typed config
 
 from nemo_minitron import parallel
 from nemo_minitron.align.stage import AlignConfig, GenerateConfig, align_checkpoint, generate_text
-from nemo_minitron.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from nemo_minitron.convert import ExportHFConfig, ImportConfig, export_hf, import_checkpoint
+from nemo_minitron.checkpoint import load_checkpoint, load_weights, save_checkpoint, verify_checkpoint
+from nemo_minitron.convert import (
+    CheckConfig,
+    ExportHFConfig,
+    ExportMegatronConfig,
+    ImportConfig,
+    check_checkpoint,
+    export_hf,
+    export_megatron,
+    import_checkpoint,
+)
 from nemo_minitron.distill import DistillationLoss, DistillationModel, LayerPair, LogitLoss
 from nemo_minitron.distill.stage import DistillConfig, TeacherCorrectConfig, correct_teacher, distill_checkpoint
 from nemo_minitron.errors import UserError
@@ -44,11 +53,12 @@ from nemo_minitron.search.stage import SearchConfig, search_architecture
 from nemo_minitron.prune.inplace import prune  # noqa: E402  isort: skip
 
 __all__ = [
-    "Aggregation", "AlignConfig", "DistillConfig", "DistillationLoss", "DistillationModel", "EvalConfig",
-    "ExportHFConfig", "GenerateConfig", "ImportConfig", "ImportanceScores", "LayerPair", "LogitLoss", "ModelArch",
-    "PipelineConfig", "PruneConfig", "SearchConfig", "TeacherCorrectConfig", "UserError", "align_checkpoint",
-    "arch_of", "build_gpt_model", "contiguous_block_scores", "correct_teacher", "distill_checkpoint",
-    "estimate_importance", "evaluate_checkpoint", "evaluate_perplexity", "export_hf", "generate_text",
-    "import_checkpoint", "layer_loss_scores", "load_checkpoint", "load_weights", "loss_metric", "parallel",
-    "perplexity_loop", "prune", "prune_checkpoint", "run_pipeline", "save_checkpoint", "search_architecture",
+    "Aggregation", "AlignConfig", "CheckConfig", "DistillConfig", "DistillationLoss", "DistillationModel",
+    "EvalConfig", "ExportHFConfig", "ExportMegatronConfig", "GenerateConfig", "ImportConfig", "ImportanceScores",
+    "LayerPair", "LogitLoss", "ModelArch", "PipelineConfig", "PruneConfig", "SearchConfig", "TeacherCorrectConfig",
+    "UserError", "align_checkpoint", "arch_of", "build_gpt_model", "check_checkpoint", "contiguous_block_scores",
+    "correct_teacher", "distill_checkpoint", "estimate_importance", "evaluate_checkpoint", "evaluate_perplexity",
+    "export_hf", "export_megatron", "generate_text", "import_checkpoint", "layer_loss_scores", "load_checkpoint",
+    "load_weights", "loss_metric", "parallel", "perplexity_loop", "prune", "prune_checkpoint", "run_pipeline",
+    "save_checkpoint", "search_architecture", "verify_checkpoint",
 ]

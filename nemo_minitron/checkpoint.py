@@ -8,6 +8,14 @@
 
 A save is written into `DIR.partial` and renamed to `DIR` only when complete, so a killed save
 never leaves a directory that looks finished; `is_complete(DIR)` is what resumable stages check.
+metadata.json records the size and SHA-256 of every weights/ file (`files`); every load checks them
+and the tensor shapes against model_config.json first (`verify_checkpoint`, also `minitron check`),
+so a truncated shard, a lost file or a hand-edited config is reported in one line naming the file,
+not as a traceback from deep inside megatron.
+
+megatron's checkpoint writer forks worker processes and starts a multiprocessing manager; saves run
+inside `writer_processes.writers_die_with_parent()`, so a save killed with SIGKILL leaves no
+orphaned writer behind.
 
 `save_checkpoint` and `load_weights` work on any megatron-core GPTModel (ours or a caller's own,
 local or Transformer Engine spec: megatron maps the fused-norm names of both specs to the same
@@ -16,6 +24,7 @@ checkpoint keys); `load_checkpoint` builds our model and loads it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -23,17 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from nemo_minitron import parallel
 from nemo_minitron.atomic import replace_dir
 from nemo_minitron.errors import UserError
+from nemo_minitron.models.bridge import checkpoint_shapes
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.gpt import arch_of, remember_identity, unwrap_model
+from nemo_minitron.writer_processes import writers_die_with_parent
 
 CONFIG_FILE = "model_config.json"
 METADATA_FILE = "metadata.json"
 WEIGHTS_DIR = "weights"
 TOKENIZER_DIR = "tokenizer"
+ENTRIES = (CONFIG_FILE, METADATA_FILE, TOKENIZER_DIR, WEIGHTS_DIR)
 
 
 class CheckpointError(UserError):
@@ -64,7 +77,8 @@ def save_checkpoint(model, path: str | Path, tokenizer=None, metadata: dict[str,
     arch = arch_of(model)
     model = unwrap_model(model)
     path, partial = start_partial(path, WEIGHTS_DIR)
-    dist_checkpointing.save(model.sharded_state_dict(), str(partial / WEIGHTS_DIR))
+    with writers_die_with_parent():
+        dist_checkpointing.save(model.sharded_state_dict(), str(partial / WEIGHTS_DIR))
     parallel.barrier()
     if parallel.is_main_process():
         arch.save(partial / CONFIG_FILE)
@@ -77,6 +91,7 @@ def save_checkpoint(model, path: str | Path, tokenizer=None, metadata: dict[str,
             "saved_with": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             **(metadata or {}),
+            "files": file_records(partial),
         }
         (partial / METADATA_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         replace_dir(partial, path)
@@ -95,7 +110,92 @@ def read_arch(path: str | Path) -> ModelArch:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / METADATA_FILE).read_text())
+    file = Path(path) / METADATA_FILE
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object")
+    return data
+
+
+# --- integrity -------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def file_records(root: Path) -> dict[str, dict[str, Any]]:
+    """{path relative to `root`: {"bytes", "sha256"}} of every file under `root`/weights. The config
+    and tokenizer files are left out: they may be edited by hand (the shape check covers the config)."""
+    files = sorted(p for p in (root / WEIGHTS_DIR).rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+
+
+def _file_problems(root: Path, records: dict[str, dict[str, Any]], checksums: bool) -> list[str]:
+    problems = []
+    for name, record in records.items():
+        file = root / name
+        if not file.is_file():
+            problems.append(f"{file} is missing")
+        elif file.stat().st_size != record["bytes"]:
+            problems.append(f"{file} has {file.stat().st_size} bytes but was saved with {record['bytes']} "
+                            f"(truncated or replaced)")
+        elif checksums and _sha256(file) != record["sha256"]:
+            problems.append(f"{file} differs from what was saved (SHA-256 mismatch: the file is damaged)")
+    return problems
+
+
+def _shape_problems(path: Path, arch: ModelArch) -> list[str]:
+    """The tensors of weights/ whose global shape is not what model_config.json implies."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        saved = {k: tuple(v.global_shape) for k, v in dist_checkpointing.load_tensors_metadata(
+            str(path / WEIGHTS_DIR)).items() if hasattr(v, "global_shape")}
+    except Exception as err:  # megatron/torch raise many types for an unreadable index
+        return [f"{path / WEIGHTS_DIR} has no readable tensor index ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''})"]
+    problems = []
+    for key, shape in checkpoint_shapes(arch).items():
+        if key not in saved:
+            problems.append(f"{path / WEIGHTS_DIR} lacks the tensor {key} that {path / CONFIG_FILE} implies")
+        elif saved[key] != shape:
+            problems.append(f"{path / CONFIG_FILE} implies {key} of shape {shape}, but {path / WEIGHTS_DIR} "
+                            f"holds {saved[key]}: the config does not describe these weights")
+    return problems
+
+
+def verify_checkpoint(path: str | Path, checksums: bool = True) -> dict[str, Any]:
+    """Check a checkpoint without building the model: config and metadata readable, every recorded
+    file present with its size (and SHA-256 when `checksums`), every tensor's shape the one the
+    config implies. Raises CheckpointError with the first problem (and how many more); returns a
+    summary. In a distributed job the ranks split the checksum work (collective)."""
+    path = Path(path)
+    arch = read_arch(path)
+    records = read_metadata(path).get("files")
+    problems = []
+    if records is not None:
+        problems += _file_problems(path, records, checksums=False)
+        if checksums and not problems:
+            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+            mine = dict(sorted(records.items())[rank::world])
+            problems += _file_problems(path, mine, checksums=True)
+    if not problems:
+        problems += _shape_problems(path, arch)
+    if dist.is_initialized():
+        gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, problems)
+        problems = sorted({p for rank in gathered for p in rank})
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise CheckpointError(f"checkpoint={path} is damaged: {problems[0]}{more}")
+    return {"checkpoint": str(path.absolute()), "files": len(records or {}),
+            "bytes": sum(r["bytes"] for r in (records or {}).values()),
+            "checksums": ("sha256" if checksums else "sizes only") if records is not None else "not recorded",
+            "tensors": len(checkpoint_shapes(arch)), **arch.shape()}
 
 
 def load_tokenizer(path: str | Path):
@@ -107,11 +207,17 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
-def _load_dist_weights(model, path: Path) -> None:
+def load_dist_weights(model, path: Path) -> None:
+    """Fill `model` from the weights/ of checkpoint `path` after `verify_checkpoint` (collective)."""
     from megatron.core import dist_checkpointing
 
+    verify_checkpoint(path)
     model = unwrap_model(model)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(path / WEIGHTS_DIR))
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(path / WEIGHTS_DIR))
+    except Exception as err:  # a checkpoint saved before files were recorded can still be damaged
+        raise CheckpointError(f"cannot read the weights of checkpoint={path}: {type(err).__name__}: "
+                              f"{(str(err).splitlines() or [''])[0]}") from err
     model.load_state_dict(state, strict=True)
 
 
@@ -121,7 +227,7 @@ def load_checkpoint(path: str | Path, params_dtype: torch.dtype = torch.float32)
 
     path = Path(path)
     model = build_gpt_model(read_arch(path), params_dtype=params_dtype)
-    _load_dist_weights(model, path)
+    load_dist_weights(model, path)
     return model
 
 
@@ -147,7 +253,7 @@ def load_weights(model, path: str | Path) -> ModelArch:
         raise CheckpointError(f"the model does not match the weights in {path}: {', '.join(differences)} "
                               f"(model vs weights)")
     if hf_state is None:
-        _load_dist_weights(model, path)
+        load_dist_weights(model, path)
     else:
         bridge.load_global(model, bridge.hf_to_global(saved, hf_state))
     remember_identity(model, saved)

@@ -1,18 +1,23 @@
-"""The conversion stages: a Hugging Face directory or the embedded teacher -> a checkpoint
-(`import_checkpoint`), and a checkpoint -> a Hugging Face directory (`export_hf`)."""
+"""The checkpoint stages: a Hugging Face directory, a Megatron-LM run or the embedded teacher -> a
+checkpoint (`import_checkpoint`), a checkpoint -> a Hugging Face directory (`export_hf`) or a
+Megatron-LM checkpoint (`export_megatron`), and verifying a checkpoint without loading the model
+(`check_checkpoint`)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from nemo_minitron import checkpoint, parallel
+from nemo_minitron.atomic import replace_dir
 from nemo_minitron.errors import UserError
-from nemo_minitron.models import bridge
+from nemo_minitron.models import bridge, megatron_lm
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.gpt import build_gpt_model
-from nemo_minitron.outputs import check_output
+from nemo_minitron.outputs import MARKER_FILE, check_output, settings_of
 from nemo_minitron.stage import StageConfig, timed, torch_dtype
 
 log = logging.getLogger("nemo_minitron")
@@ -22,9 +27,13 @@ BUILTIN_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF shipped in t
 
 @dataclass
 class ImportConfig(StageConfig):
-    model: str | None = "smollm2-135m"   # a built-in model, used when hf_path is not set
+    model: str | None = "smollm2-135m"   # a built-in model, used when hf_path and megatron_path are not set
     hf_path: str | None = None
+    megatron_path: str | None = None     # a Megatron-LM --save directory (torch_dist)
+    iteration: int | None = None         # its save to import; None: the latest
+    tokenizer: str | None = None         # the HF tokenizer directory of a Megatron-LM model
     output_dir: str | None = None
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("iteration",)
 
 
 @dataclass
@@ -33,15 +42,46 @@ class ExportHFConfig(StageConfig):
     output_dir: str | None = None
 
 
-def read_source(model: str | None, hf_path: str | None, dtype):
-    """(arch, HF state dict, tokenizer, description) of the model to import."""
+@dataclass
+class ExportMegatronConfig(StageConfig):
+    checkpoint: str | None = None
+    output_dir: str | None = None
+    seq_length: int | None = None   # --seq-length in the flags file; None: max_position_embeddings
+    POSITIVE: ClassVar[tuple[str, ...]] = (*StageConfig.POSITIVE, "seq_length")
+
+
+@dataclass
+class CheckConfig(StageConfig):
+    checkpoint: str | None = None
+    checksums: bool = True   # false: only file sizes and tensor shapes (no reading of the weights)
+
+
+def check_checkpoint(cfg: CheckConfig) -> dict:
+    """`checkpoint.verify_checkpoint` of `cfg.checkpoint`: a summary, or a CheckpointError naming the
+    damaged file or mismatched tensor."""
+    cfg.require("checkpoint")
+    return {**checkpoint.verify_checkpoint(cfg.checkpoint, cfg.checksums), "ok": True}
+
+
+def read_source(model: str | None, hf_path: str | None, dtype, megatron_path: str | None = None,
+                iteration: int | None = None, tokenizer: str | None = None):
+    """(arch, weights, tokenizer, description) of the model to import. The weights are an HF state
+    dict, or for a Megatron-LM save the `MegatronLMCheckpoint` each rank reads its shards of."""
+    if (iteration is not None or tokenizer) and not megatron_path:
+        raise UserError("iteration= and tokenizer= select a Megatron-LM save: set megatron_path=DIR too")
+    if megatron_path:
+        if hf_path:
+            raise UserError("set one of hf_path= and megatron_path=, not both")
+        ckpt, loaded = megatron_lm.read_checkpoint(megatron_path, iteration, tokenizer)
+        return ckpt.arch, ckpt, loaded, {"megatron_path": str(Path(megatron_path).absolute()), "save": ckpt.path.name}
     if hf_path:
         from nemo_minitron.models.hf_io import read_hf_directory
 
         arch, state, tokenizer = read_hf_directory(hf_path, dtype)
         return arch, state, tokenizer, {"hf_path": str(Path(hf_path).absolute())}
     if model not in BUILTIN_MODELS:
-        raise UserError(f"model={model} is not a built-in model ({', '.join(BUILTIN_MODELS)}); or set hf_path=DIR")
+        raise UserError(f"model={model} is not a built-in model ({', '.join(BUILTIN_MODELS)}); or set hf_path=DIR "
+                        f"or megatron_path=DIR")
     from nemo_minitron.models.gguf_import import embedded_gguf_path, load_gguf_llama
 
     path = embedded_gguf_path()
@@ -50,30 +90,49 @@ def read_source(model: str | None, hf_path: str | None, dtype):
     return ModelArch.from_hf_config(gguf.config), state, gguf.tokenizer, {"model": model, "gguf": str(path)}
 
 
+def load_source_weights(model, arch: ModelArch, weights) -> None:
+    """Fill `model` (this rank's shards of `arch`) with the weights `read_source` returned."""
+    if isinstance(weights, megatron_lm.MegatronLMCheckpoint):
+        megatron_lm.load_weights(model, weights)
+    else:
+        bridge.load_global(model, bridge.hf_to_global(arch, weights))
+
+
 def import_checkpoint(cfg: ImportConfig) -> dict:
     cfg.require("output_dir")
-    check_output(cfg.output_dir, "import", [cfg.hf_path])
+    settings = settings_of(cfg)
+    out = check_output(cfg.output_dir, "import", [cfg.hf_path, cfg.megatron_path, cfg.tokenizer], settings=settings,
+                       overwrite=cfg.overwrite, own=checkpoint.ENTRIES)
+    if checkpoint.is_complete(out) and not cfg.overwrite:
+        log.info("%s already holds this import: nothing to do", out)
+        return {"checkpoint": str(out), **checkpoint.read_arch(out).num_parameters(), "already_complete": True}
     times: dict[str, float] = {}
     dtype = cfg.torch_dtype
     output_dir = Path(cfg.output_dir)
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
     with timed(times, "read_s"):
-        arch, hf_state, tokenizer, source = read_source(cfg.model, cfg.hf_path, dtype)
+        arch, weights, tokenizer, source = read_source(cfg.model, cfg.hf_path, dtype, cfg.megatron_path,
+                                                       cfg.iteration, cfg.tokenizer)
     arch.check_parallel(layout.tp, layout.pp)
     log.info("importing %s: %d layers, hidden %d, %s params", source, arch.num_layers, arch.hidden_size,
              f"{arch.num_parameters()['total']:,}")
     with timed(times, "convert_s"):
         model = build_gpt_model(arch, params_dtype=dtype)
-        bridge.load_global(model, bridge.hf_to_global(arch, hf_state))
+        load_source_weights(model, arch, weights)
     with timed(times, "save_s"):
-        checkpoint.save_checkpoint(model, output_dir, tokenizer, metadata={"stage": "import", "source": source})
+        checkpoint.save_checkpoint(model, output_dir, tokenizer, metadata={"stage": "import", "source": source,
+                                                                                 "settings": settings})
     log.info("wrote %s", output_dir)
     return {"checkpoint": str(output_dir.absolute()), **arch.num_parameters(), **times}
 
 
 def export_hf(cfg: ExportHFConfig) -> dict:
     cfg.require("checkpoint", "output_dir")
-    check_output(cfg.output_dir, "export-hf", [cfg.checkpoint])
+    settings = settings_of(cfg, inputs=["checkpoint"])
+    out = check_output(cfg.output_dir, "export-hf", [cfg.checkpoint], settings=settings, overwrite=cfg.overwrite)
+    if (out / "config.json").is_file() and not cfg.overwrite:
+        log.info("%s already holds this export: nothing to do", out)
+        return {"hf_dir": str(out), "already_complete": True}
     from nemo_minitron.models.hf_io import write_hf_directory
 
     times: dict[str, float] = {}
@@ -90,6 +149,41 @@ def export_hf(cfg: ExportHFConfig) -> dict:
         hf_state = {k: v.to(dtype) for k, v in bridge.global_to_hf(arch, global_sd).items()}
         with timed(times, "write_s"):
             write_hf_directory(arch, hf_state, tokenizer, out,
-                               provenance={"stage": "export-hf", "checkpoint": str(Path(cfg.checkpoint).absolute())})
+                               provenance={"stage": "export-hf", "checkpoint": str(Path(cfg.checkpoint).absolute()),
+                                           "settings": settings})
         log.info("wrote %s", out)
     return {"hf_dir": str(out.absolute()), **times}
+
+
+def export_megatron(cfg: ExportMegatronConfig) -> dict:
+    """A checkpoint -> a Megatron-LM release save that pretrain_gpt.py loads with `--load`, plus the
+    flags that build its model (`models/megatron_lm.py`; docs/design.md section 17)."""
+    cfg.require("checkpoint", "output_dir")
+    settings = settings_of(cfg, inputs=["checkpoint"])
+    out = check_output(cfg.output_dir, "export-megatron", [cfg.checkpoint], settings=settings,
+                       overwrite=cfg.overwrite, own=megatron_lm.ENTRIES)
+    if (out / megatron_lm.TRACKER_FILE).is_file() and not cfg.overwrite:
+        log.info("%s already holds this export: nothing to do", out)
+        return {"megatron_dir": str(out), "already_complete": True}
+    arch = checkpoint.read_arch(cfg.checkpoint)
+    tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
+    seq_length = cfg.seq_length or arch.max_position_embeddings
+    arch.check_positions(seq_length, "seq_length")
+    times: dict[str, float] = {}
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    with timed(times, "load_s"):
+        model = checkpoint.load_checkpoint(cfg.checkpoint, params_dtype=cfg.torch_dtype)
+    args = megatron_lm.megatron_args(arch, len(tokenizer), seq_length, out / megatron_lm.TOKENIZER_DIR,
+                                     layout.tp, layout.pp)
+    out, partial = checkpoint.start_partial(out, megatron_lm.RELEASE)
+    with timed(times, "save_s"):
+        megatron_lm.save_release(model, partial, args, tokenizer)
+    if parallel.is_main_process():
+        marker = {"stage": "export-megatron", "checkpoint": str(Path(cfg.checkpoint).absolute()), "settings": settings,
+                  "entries": list(megatron_lm.ENTRIES)}
+        (partial / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        replace_dir(partial, out)
+        log.info("wrote %s: load it with --load %s and the flags in %s", out, out, megatron_lm.FLAGS_FILE)
+    parallel.barrier()
+    return {"megatron_dir": str(out), "flags": str(out / megatron_lm.FLAGS_FILE),
+            "make_vocab_size_divisible_by": args["make_vocab_size_divisible_by"], **times}

@@ -7,39 +7,106 @@ with a `UserError` naming the key, an output directory that
 - is a file, or a non-empty directory that is not an earlier output of the same stage.
 An earlier output of the same stage is recognised by the `metadata.json` of a checkpoint directory
 (its `stage`) or by the marker file `nemo_minitron_output.json` that `claim_output` writes into
-every other output directory (training runs, searches, pipelines, Hugging Face exports). Re-running
-a stage into its own earlier output resumes or replaces it as that stage documents.
+every other output directory (training runs, searches, pipelines, corpora, exports).
+
+Each output records the settings that made it (`settings_of(cfg)`: the typed config as dotted keys,
+without where it writes and the parallel layout). Re-running a stage into its own earlier output
+with the same settings resumes it, or does nothing if it is finished; with other settings it is an
+error naming the keys that differ, unless `overwrite=true`, which replaces the earlier output. Even
+then only the stage's own entries go (`own`): a file the user added beside them makes it refuse.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from nemo_minitron import atomic, parallel
 from nemo_minitron.errors import UserError
 
 MARKER_FILE = "nemo_minitron_output.json"
 _METADATA_FILE = "metadata.json"  # checkpoint.METADATA_FILE (checkpoint imports this module)
+# Config keys that do not change what a stage produces: where it writes, the parallel layout (results
+# are layout-independent), replacing, and how progress is shown.
+UNRECORDED_KEYS = frozenset({"output_dir", "work_dir", "overwrite", "tp", "pp", "progress_bar"})
 
 
 def _resolved(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def _owner(path: Path) -> str | None:
-    """The stage that wrote directory `path`, from its marker or its checkpoint metadata."""
+def _record(path: Path) -> dict[str, Any]:
+    """What directory `path` says about its writer: its marker, else its checkpoint metadata."""
     for name in (MARKER_FILE, _METADATA_FILE):
         try:
-            return json.loads((path / name).read_text()).get("stage")
-        except (OSError, ValueError, AttributeError):
+            record = json.loads((path / name).read_text())
+        except (OSError, ValueError):
             continue
-    return None
+        if isinstance(record, dict):
+            return record
+    return {}
 
 
-def check_output(path: str | Path, stage: str, inputs: Iterable[str | Path | None] = (), key: str = "output_dir") -> Path:
-    """The resolved `path` if `stage` may write it (see the module docstring); UserError otherwise."""
+def content_id(path: str | Path | None) -> str | None:
+    """The identity of an input checkpoint's content: the SHA-256 of its metadata.json, which lists
+    the checksum of every weights file (None for anything else)."""
+    try:
+        return hashlib.sha256((Path(path) / _METADATA_FILE).read_bytes()).hexdigest()[:16] if path else None
+    except OSError:
+        return None
+
+
+def settings_of(cfg, ignore: Iterable[str] = (), inputs: Iterable[str] = ()) -> dict[str, Any]:
+    """The dataclass `cfg` as {dotted key: JSON value}, without `UNRECORDED_KEYS` (at any depth) and
+    the dotted keys in `ignore`: what an output records about the settings that made it. For each
+    key in `inputs` (a checkpoint path) `KEY.content` records the checkpoint's `content_id`, so a
+    checkpoint rewritten in place counts as a different input."""
+    skip = set(ignore)
+    flat: dict[str, Any] = {}
+
+    def walk(obj, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            key, value = prefix + f.name, getattr(obj, f.name)
+            if f.name in UNRECORDED_KEYS or key in skip:
+                continue
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                flat[key] = value
+
+    walk(cfg, "")
+    flat.update({f"{key}.content": content_id(getattr(cfg, key)) for key in inputs})
+    return json.loads(json.dumps(flat, default=str))  # tuples -> lists, as they read back
+
+
+def changed_settings(recorded: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """`key: recorded -> now` for every key whose value differs."""
+    unset = "<unset>"
+    return [f"{key}: {recorded.get(key, unset)!r} -> {settings.get(key, unset)!r}"
+            for key in sorted(set(recorded) | set(settings)) if recorded.get(key, unset) != settings.get(key, unset)]
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why directory `path` cannot be written or created (judged on it, or else on its nearest
+    existing parent), or None."""
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        return f"{path} is a file"
+    return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+
+
+def check_output(path: str | Path, stage: str, inputs: Iterable[str | Path | None] = (), key: str = "output_dir",
+                 settings: dict[str, Any] | None = None, overwrite: bool = False,
+                 own: Iterable[str] | None = None) -> Path:
+    """The resolved `path` if `stage` may write it with `settings` (see the module docstring);
+    UserError otherwise. `own`: the entries the stage writes, which `overwrite` may replace."""
     out = _resolved(path)
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
@@ -53,23 +120,60 @@ def check_output(path: str | Path, stage: str, inputs: Iterable[str | Path | Non
     if out.exists() and not out.is_dir():
         raise UserError(f"{key}={path} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()):
-        owner = _owner(out)
+        record = _record(out)
+        owner = record.get("stage")
         if owner != stage:
             what = f"the output of the {owner} stage" if owner else "files nemo-minitron did not write"
             raise UserError(f"{key}={path} is not empty and holds {what}: {stage} writes only into a new or "
                             f"empty directory or its own earlier output; choose another {key}")
+        own = own if own is not None else record.get("entries", ())  # unlisted: nothing is replaceable
+        _check_earlier_output(out, path, stage, key, record.get("settings"), settings, overwrite, own)
+    problem = _unwritable(out)
+    if problem:
+        raise UserError(f"{key}={path} cannot be written: {problem}; choose another {key}")
     return out
 
 
-def claim_output(path: str | Path, stage: str, inputs: Iterable[str | Path | None] = (),
-                 key: str = "output_dir") -> Path:
-    """`check_output` on every rank, then rank 0 marks the directory as `stage`'s (collective: call
-    it after `parallel.initialize`), for outputs that are not a checkpoint directory (those carry
-    their stage in metadata.json)."""
-    out = check_output(path, stage, inputs, key)
-    parallel.barrier()  # every rank has looked before rank 0 adds the marker
-    if parallel.is_main_process() and not (out / MARKER_FILE).is_file():
+def _check_earlier_output(out: Path, path, stage: str, key: str, recorded: dict | None, settings: dict | None,
+                          overwrite: bool, own: Iterable[str]) -> None:
+    """`stage`'s earlier output in `out`: the same settings, or `overwrite` over only its own entries."""
+    if overwrite:
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in {*own, MARKER_FILE})
+        if foreign:
+            raise UserError(f"overwrite=true replaces only what {stage} wrote, but {key}={path} also holds "
+                            f"{foreign}: move them away first")
+        return
+    changed = changed_settings(recorded, settings) if recorded is not None and settings is not None else []
+    if changed:
+        raise UserError(f"{key}={path} holds a {stage} output made with other settings ({'; '.join(changed)}): "
+                        f"repeat those settings, set overwrite=true to replace it, or choose another {key}")
+
+
+def _remove_own(out: Path, own: Iterable[str]) -> None:
+    """Delete the entries named `own` from directory `out` (what `overwrite=true` replaces)."""
+    for name in own:
+        entry = out / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+
+
+def claim_output(path: str | Path, stage: str, inputs: Iterable[str | Path | None] = (), key: str = "output_dir",
+                 settings: dict[str, Any] | None = None, overwrite: bool = False,
+                 own: Iterable[str] = ()) -> Path:
+    """`check_output` on every rank, then rank 0 removes the stage's `own` entries if `overwrite`
+    and marks the directory as `stage`'s, with `settings` (collective: call it after
+    `parallel.initialize`), for outputs that are not a checkpoint directory (those carry their stage
+    and settings in metadata.json)."""
+    own = tuple(own)
+    out = check_output(path, stage, inputs, key, settings, overwrite, own)
+    parallel.barrier()  # every rank has looked before rank 0 changes anything
+    if parallel.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(out / MARKER_FILE, json.dumps({"stage": stage}) + "\n")
+        if overwrite:
+            _remove_own(out, own)
+        if overwrite or "settings" not in _record(out):
+            atomic.write_text(out / MARKER_FILE, json.dumps({"stage": stage, "settings": settings}, indent=1) + "\n")
     parallel.barrier()
     return out

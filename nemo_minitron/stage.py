@@ -8,10 +8,12 @@ config from YAML and overrides and calls one of them; the pipeline calls them in
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -27,14 +29,36 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_ranges(cfg, prefix: str = "") -> None:
+    """UserError naming the first key of the dataclass `cfg` (and the dataclasses nested in it) that
+    lies outside the range its class declares: keys in `POSITIVE` must be > 0, keys in `NON_NEGATIVE`
+    >= 0; None means unset and passes (required keys are checked where they are needed)."""
+    for names, fails, rule in ((getattr(cfg, "POSITIVE", ()), lambda v: v <= 0, "positive"),
+                               (getattr(cfg, "NON_NEGATIVE", ()), lambda v: v < 0, "not negative")):
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None and fails(value):
+                raise UserError(f"{prefix}{name}={value} must be {rule}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{prefix}{f.name}.")
+
+
 @dataclass
 class StageConfig:
-    """The parallel layout, seed and parameter dtype of a stage (keys `tp`, `pp`, `seed`, `dtype`)."""
+    """The parallel layout, seed and parameter dtype of a stage (keys `tp`, `pp`, `seed`, `dtype`),
+    and whether it may replace its own earlier output made with other settings (`overwrite`)."""
 
     tp: int = 1
     pp: int = 1
     seed: int = 1234
     dtype: str = "float32"
+    overwrite: bool = False
+    POSITIVE: ClassVar[tuple[str, ...]] = ("tp", "pp")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)  # every stage config is range-checked when it is made, before any work
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -58,6 +82,7 @@ class CorpusConfig:
     seed: int = 0
     heldout_fraction: float = 0.05
     calib_fraction: float = 0.05
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("heldout_fraction", "calib_fraction")
 
     def splits(self) -> dict[str, Path]:
         """The train / calib / heldout jsonl files, built once per settings (collective)."""

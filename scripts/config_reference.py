@@ -170,7 +170,8 @@ def stage_configs() -> dict[str, type]:
     """stage -> the typed config its stage function takes."""
     import nemo_minitron as mt
 
-    return {"import": mt.ImportConfig, "export-hf": mt.ExportHFConfig, "eval": mt.EvalConfig,
+    return {"import": mt.ImportConfig, "export-hf": mt.ExportHFConfig, "export-megatron": mt.ExportMegatronConfig,
+            "check": mt.CheckConfig, "eval": mt.EvalConfig,
             "prune": mt.PruneConfig, "teacher-correct": mt.TeacherCorrectConfig, "distill": mt.DistillConfig,
             "align": mt.AlignConfig, "generate": mt.GenerateConfig, "search": mt.SearchConfig,
             "pipeline": mt.PipelineConfig}

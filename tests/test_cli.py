@@ -105,7 +105,7 @@ def test_wrong_architecture_and_vocab_mismatch(tmp_path, hf_dir):
 
 def test_tp_must_divide_query_groups(hf_dir, imported, text_file):
     # tiny_arch has 2 query groups; 4 processes at tp=4 cannot split them
-    proc = minitron("eval", f"checkpoint={imported}", f"data={text_file}", "tp=4", nproc=4, check=False)
+    proc = minitron("eval", f"checkpoint={imported}", f"data={text_file}", "seq_len=64", "tp=4", nproc=4, check=False)
     assert proc.returncode != 0 and "error: tp=4 does not divide num_query_groups=2" in proc.stderr
     # torchrun reports the failed children itself; our processes print one line, no traceback
     assert "nemo_minitron/" not in proc.stderr
@@ -176,7 +176,7 @@ def test_pipeline_stops_at_a_stage_interrupted_by_preemption(imported, text_file
     """A training stage that checkpointed on SIGUSR1 and returned early ends the pipeline run (the
     requeued job resumes it) instead of running the next stage on a missing final/. The distill
     stage returns what it returns after a pre-emption checkpoint (tests/test_distill.py covers the
-    signal itself); import and prune are complete, so they are skipped."""
+    signal itself); import and prune report their output complete."""
     import nemo_minitron.pipeline.run as pipeline_run
     from nemo_minitron.outputs import MARKER_FILE
     from nemo_minitron.pipeline import PipelineConfig, run_pipeline
@@ -187,6 +187,8 @@ def test_pipeline_stops_at_a_stage_interrupted_by_preemption(imported, text_file
         shutil.copytree(imported, work / done)
     (work / MARKER_FILE).write_text('{"stage": "pipeline"}')  # an earlier run of this pipeline
     called = []
+    for finished in ("import_checkpoint", "prune_checkpoint"):
+        monkeypatch.setattr(pipeline_run, finished, lambda cfg: {"already_complete": True})
     monkeypatch.setattr(pipeline_run, "distill_checkpoint",
                         lambda cfg: called.append("distill") or {"interrupted": True, "step": 3})
     monkeypatch.setattr(pipeline_run, "export_hf", lambda cfg: called.append("export_hf") or {})

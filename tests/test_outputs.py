@@ -96,7 +96,7 @@ def test_command_line_reports_one_line_and_distill_refuses_its_student(teacher, 
     data = write_sentence_docs(tmp_path / "train.jsonl", 8)
     before = snapshot(teacher)
     proc = minitron("distill", f"teacher={teacher}", f"student={teacher}", f"output_dir={teacher / 'run'}",
-                    f"data.train={data}", "train.steps=1", check=False)
+                    f"data.train={data}", "train.steps=1", "train.seq_length=32", "optim.warmup_steps=0", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: output_dir={teacher / 'run'} overlaps the input {teacher}: a stage never writes into, inside or "

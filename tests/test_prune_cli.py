@@ -65,11 +65,15 @@ def test_prune_writes_checkpoint_report_and_reuses_scores(teacher, calib, tmp_pa
     a, b = ImportanceScores.load(out), ImportanceScores.load(tmp_path / "b")
     assert torch.equal(a.neurons, b.neurons) and "loss" in b.layers and 2 in b.blocks
 
-    # re-running into the same output with another target reuses its importance.pt; other
-    # aggregation settings recompute
-    again = last_json(minitron(*prune_args(teacher, calib, out, "target.num_query_groups=1")))
+    # re-running into the same output with another target is refused, naming the keys; with
+    # overwrite=true it reuses its importance.pt, and other aggregation settings recompute
+    refused = minitron(*prune_args(teacher, calib, out, "target.num_query_groups=1"), check=False)
+    assert refused.returncode == 2 and "target.num_query_groups: None -> 1" in refused.stderr.splitlines()[-1]
+    assert checkpoint.read_arch(out) == arch
+    again = last_json(minitron(*prune_args(teacher, calib, out, "target.num_query_groups=1", "overwrite=true")))
     assert again["importance"]["reused"] and checkpoint.read_arch(out).num_query_groups == 1
-    other = last_json(minitron(*prune_args(teacher, calib, out, "target.num_query_groups=1", "aggregation.batch=mean")))
+    other = last_json(minitron(*prune_args(teacher, calib, out, "target.num_query_groups=1", "aggregation.batch=mean",
+                                           "overwrite=true")))
     assert not other["importance"]["reused"]
 
 

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from nemo_minitron.align.formatting import Encoded, Turn, encode_conversation, encode_prompt_response
+from nemo_minitron.data.corpus.user_data import numbered_lines
 from nemo_minitron.errors import UserError
 
 _MAX_LISTED_ERRORS = 10
 _ROLE_NAMES = {"user": "user", "assistant": "assistant", "system": "system", "human": "user", "gpt": "assistant"}
 
 
-class AlignDataError(ValueError):
+class AlignDataError(UserError):
     """A data file has malformed lines; the message lists them."""
 
 
@@ -49,18 +50,17 @@ def _read_lines(path: str | Path, parse) -> list[Any]:
     if not path.is_file():
         raise FileNotFoundError(f"data={path} does not exist")
     records, errors = [], []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise UserError(f"expected a JSON object, got {type(obj).__name__}")
-                records.append(parse(obj))
-            except (ValueError, KeyError, TypeError) as err:
-                what = f"missing field {err}" if isinstance(err, KeyError) else str(err)
-                errors.append(f"{path}:{number}: {what}")
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise UserError(f"expected a JSON object, got {type(obj).__name__}")
+            records.append(parse(obj))
+        except (ValueError, KeyError, TypeError) as err:
+            what = f"missing field {err}" if isinstance(err, KeyError) else str(err)
+            errors.append(f"{path}:{number}: {what}")
     if errors:
         listed = "; ".join(errors[:_MAX_LISTED_ERRORS])
         more = f" (and {len(errors) - _MAX_LISTED_ERRORS} more)" if len(errors) > _MAX_LISTED_ERRORS else ""
@@ -152,8 +152,12 @@ def _pair(obj: dict) -> PreferencePair:
     for name, value in zip(("chosen_reward", "rejected_reward"), rewards):
         if value is not None and not isinstance(value, (int, float)):
             raise UserError(f"field {name!r} must be a number")
-    return PreferencePair(prompt, _text(obj["chosen_response"], "chosen_response"),
-                          _text(obj["rejected_response"], "rejected_response"), *rewards)
+    chosen, rejected = _text(obj["chosen_response"], "chosen_response"), _text(obj["rejected_response"],
+                                                                              "rejected_response")
+    for name, response in (("chosen_response", chosen), ("rejected_response", rejected)):
+        if not response.strip():
+            raise UserError(f"field {name!r} is empty: a preference pair compares two real responses")
+    return PreferencePair(prompt, chosen, rejected, *rewards)
 
 
 def read_preferences(path: str | Path, need_rewards: bool = False) -> list[PreferencePair]:

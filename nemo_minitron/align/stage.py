@@ -13,6 +13,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from nemo_minitron import checkpoint, parallel
 from nemo_minitron.align import datasets as ds
@@ -23,7 +24,6 @@ from nemo_minitron.align.losses import PreferenceLoss
 from nemo_minitron.data.corpus import default_cache_dir, ensure_corpus
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval.generate import greedy_generate
-from nemo_minitron.outputs import claim_output
 from nemo_minitron.stage import StageConfig
 from nemo_minitron.train import Trainer
 from nemo_minitron.train import stage as train_stage
@@ -44,6 +44,8 @@ class BuiltinAlignData:
     cache_dir: str | None = None
     train_examples: int = 512
     heldout_examples: int = 64
+    POSITIVE: ClassVar[tuple[str, ...]] = ("train_examples",)
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("heldout_examples",)
 
 
 @dataclass
@@ -52,6 +54,8 @@ class PreferenceLossConfig:
     beta: float = 0.1
     eta: float = 1.0
     sft_weight: float = 0.0
+    POSITIVE: ClassVar[tuple[str, ...]] = ("beta",)
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("eta", "sft_weight")
 
 
 @dataclass
@@ -85,6 +89,7 @@ class AlignConfig(StageConfig):
     nemo_aligner: NemoAlignerConfig = field(default_factory=NemoAlignerConfig)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.stage is not None:
             warnings.warn("align: the key `stage=` is deprecated, use `method=`", FutureWarning, stacklevel=2)
             log.warning("align: stage=%s is deprecated: use method=%s", self.stage, self.stage)
@@ -154,14 +159,16 @@ def align_checkpoint(cfg: AlignConfig) -> dict:
     if cfg.preference and (train_cfg.micro_batch_size % 2 or train_cfg.global_batch_size % 2):
         raise UserError("DPO/RPO train on whole pairs: train.micro_batch_size and train.global_batch_size must be even")
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
-    claim_output(cfg.output_dir, "align", [cfg.checkpoint, cfg.reference, cfg.data, cfg.valid_data])
-    done = train_stage.finished(cfg.output_dir)
-    if done is not None:
-        log.info("%s/final is complete: nothing to do", cfg.output_dir)
-        return done
+    train_stage.checkpoint_arch(cfg, "checkpoint")
+    if cfg.reference:
+        train_stage.checkpoint_arch(cfg, "reference")
     tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
     train_path, valid_path = data_paths(cfg)
-    train_set, valid_set = read_datasets(cfg, tokenizer, train_path, valid_path)
+    train_set, valid_set = read_datasets(cfg, tokenizer, train_path, valid_path)  # bad records fail here
+    done = train_stage.start_run(cfg, "align", [cfg.checkpoint, cfg.reference, cfg.data, cfg.valid_data],
+                                 ["checkpoint", "reference"])
+    if done is not None:
+        return done
     unit = 2 if cfg.preference else 1
     data = TrainingData(
         ds.RepeatedDataset(train_set, train_cfg.steps * train_cfg.global_batch_size, cfg.seed, unit),
@@ -204,6 +211,7 @@ class GenerateConfig(StageConfig):
     chat: bool = True
     max_new_tokens: int = 64
     max_length: int = 2048
+    POSITIVE: ClassVar[tuple[str, ...]] = (*StageConfig.POSITIVE, "max_new_tokens", "max_length")
 
 
 def prompt_ids(cfg: GenerateConfig, tokenizer) -> list[int]:

@@ -13,7 +13,6 @@ from nemo_minitron import checkpoint, parallel
 from nemo_minitron.distill.losses import LogitLoss
 from nemo_minitron.distill.model import DistillationLoss, DistillationModel, LayerPair, check_same_tokenizer
 from nemo_minitron.errors import UserError
-from nemo_minitron.outputs import claim_output
 from nemo_minitron.train import LMLoss, Trainer
 from nemo_minitron.train import stage as train_stage
 from nemo_minitron.train.config import OptimConfig
@@ -72,15 +71,12 @@ def distill_checkpoint(cfg: DistillConfig) -> dict:
     loss = cfg.loss.objective()
     pairs = cfg.loss.layer_pairs()
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
-    claim_output(cfg.output_dir, "distill", [cfg.teacher, cfg.student, cfg.data.train, cfg.data.valid])
-    done = train_stage.finished(cfg.output_dir)
-    if done is not None:
-        log.info("%s/final is complete: nothing to do", cfg.output_dir)
-        return done
     teacher_arch = train_stage.checkpoint_arch(cfg, "teacher")
     student_arch = train_stage.checkpoint_arch(cfg, "student")
-    teacher_arch.check_parallel(layout.tp, layout.pp)
-    student_arch.check_parallel(layout.tp, layout.pp)
+    done = train_stage.start_run(cfg, "distill", [cfg.teacher, cfg.student, cfg.data.train, cfg.data.valid],
+                                 ["teacher", "student"])
+    if done is not None:
+        return done
     tokenizer = checkpoint.load_tokenizer(cfg.student)
     check_same_tokenizer(checkpoint.load_tokenizer(cfg.teacher), tokenizer)
     data = train_stage.training_data(cfg, tokenizer)
@@ -103,16 +99,14 @@ def correct_teacher(cfg: TeacherCorrectConfig) -> dict:
     the loop of distillation; the corrected teacher lands in OUTPUT/final."""
     cfg.require("teacher", "output_dir")
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
-    claim_output(cfg.output_dir, "teacher-correct", [cfg.teacher, cfg.data.train, cfg.data.valid])
-    done = train_stage.finished(cfg.output_dir)
-    if done is not None:
-        log.info("%s/final is complete: nothing to do", cfg.output_dir)
-        return done
     if cfg.optim.lr is None:
         cfg.optim.lr = cfg.original_peak_lr / 5
     if cfg.optim.min_lr is None:
         cfg.optim.min_lr = cfg.optim.lr / 10
-    train_stage.checkpoint_arch(cfg, "teacher").check_parallel(layout.tp, layout.pp)
+    train_stage.checkpoint_arch(cfg, "teacher")
+    done = train_stage.start_run(cfg, "teacher-correct", [cfg.teacher, cfg.data.train, cfg.data.valid], ["teacher"])
+    if done is not None:
+        return done
     tokenizer = checkpoint.load_tokenizer(cfg.teacher)
     data = train_stage.training_data(cfg, tokenizer)
     model = checkpoint.load_checkpoint(cfg.teacher, params_dtype=cfg.torch_dtype)

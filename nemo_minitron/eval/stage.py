@@ -4,8 +4,9 @@ at any TP/PP."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from nemo_minitron import checkpoint, parallel
 from nemo_minitron.data.indexed import load_token_stream
@@ -24,6 +25,8 @@ class HarnessConfig:
     limit: Any = None                # lm-eval's limit: a count, or a fraction below 1
     max_length: int = 2048
     batch_size: int = 8
+    POSITIVE: ClassVar[tuple[str, ...]] = ("max_length", "batch_size")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("num_fewshot",)
 
 
 @dataclass
@@ -35,6 +38,7 @@ class EvalConfig(StageConfig):
     micro_batch_size: int = 4
     max_tokens: int | None = None
     harness: HarnessConfig = field(default_factory=HarnessConfig)
+    POSITIVE: ClassVar[tuple[str, ...]] = (*StageConfig.POSITIVE, "seq_len", "micro_batch_size", "max_tokens")
 
 
 def evaluate_checkpoint(cfg: EvalConfig) -> dict:
@@ -43,6 +47,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     if not cfg.data and not tasks:
         raise UserError("nothing to evaluate: set data=FILE (perplexity) and/or harness.tasks=[...]")
     arch = checkpoint.read_arch(cfg.checkpoint)
+    arch.check_positions(cfg.seq_len, "seq_len")
     tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
     if len(tokenizer) > arch.vocab_size:
         raise UserError(f"checkpoint={cfg.checkpoint}: tokenizer has {len(tokenizer)} tokens > vocab_size {arch.vocab_size}")
@@ -54,7 +59,11 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     result: dict = {"checkpoint": str(cfg.checkpoint), "tp": layout.tp, "pp": layout.pp}
     if windows is not None:
         log.info("perplexity over %d windows of %d tokens at %s", len(windows), cfg.seq_len, layout.describe())
-        result.update(evaluate_perplexity(model, windows, cfg.micro_batch_size).as_dict(), data=str(cfg.data))
+        scored = evaluate_perplexity(model, windows, cfg.micro_batch_size)
+        if not math.isfinite(scored.nll):
+            raise UserError(f"checkpoint={cfg.checkpoint} gives a non-finite loss ({scored.nll}) on data={cfg.data}: "
+                            f"its weights hold NaN or Inf (a diverged run?); evaluate an earlier checkpoint")
+        result.update(scored.as_dict(), data=str(cfg.data))
     if tasks:
         from nemo_minitron.eval.harness import run_harness
 

@@ -158,6 +158,21 @@ def expected_global_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def checkpoint_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
+    """The global shapes a megatron distributed checkpoint of `arch` holds: per-layer tensors are
+    stacked over the layers (a leading `num_layers` dim, key `decoder.layers.<name>`) and the
+    per-layer norms go by their fused-norm names, as megatron writes them for either layer spec."""
+    local_to_te = {local: te for te, local in _TE_TO_LOCAL.items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in expected_global_shapes(arch).items():
+        layer = _LAYER.match(name)
+        if layer is None:
+            shapes[name] = shape
+        else:
+            shapes[f"decoder.layers.{local_to_te.get(layer.group(2), layer.group(2))}"] = (arch.num_layers, *shape)
+    return shapes
+
+
 def _check_shapes(arch: ModelArch, sd: dict[str, torch.Tensor]) -> None:
     for name, shape in expected_global_shapes(arch).items():
         if tuple(sd[name].shape) != shape:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,13 @@ class ModelArch:
         if self.num_layers % pp:
             raise UserError(f"pp={pp} does not divide num_layers={self.num_layers}: change pp=")
 
+    def check_positions(self, length: int, key: str) -> None:
+        """UserError when sequences of `length` tokens (config key `key`) exceed the positions the
+        model was trained for."""
+        if length > self.max_position_embeddings:
+            raise UserError(f"{key}={length} exceeds the model's max_position_embeddings="
+                            f"{self.max_position_embeddings}: use at most that many tokens")
+
     def num_parameters(self) -> dict[str, int]:
         """Total and non-embedding parameter counts (tied embeddings counted once)."""
         h, d = self.hidden_size, self.kv_channels
@@ -144,14 +153,34 @@ class ModelArch:
 
     @classmethod
     def load(cls, path: Path) -> "ModelArch":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The architecture in the JSON file `path`; a UserError naming the file and the problem."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"cannot read {path}: {err}") from None
+        try:
+            return cls.from_dict(data)
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelArch":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        """Checked field by field: known keys, required keys present, JSON types matching."""
+        if not isinstance(data, dict):
+            raise UserError(f"a model config is a JSON object, not {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(fields)
         if unknown:
             raise UserError(f"unknown model config keys: {sorted(unknown)}")
+        missing = [name for name, f in fields.items() if f.default is dataclasses.MISSING and name not in data]
+        if missing:
+            raise UserError(f"model config lacks the keys {missing}")
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            if not _json_matches(value, hints[key]):
+                raise UserError(f"model config key {key}={value!r} is not of type {_type_name(hints[key])}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> "ModelArch":
@@ -198,12 +227,56 @@ class ModelArch:
             rotary_percent=float(_partial_rotary_factor(cfg, 0.5 if model_type == "nemotron" else 1.0)),
         )
 
+    @property
+    def hf_family(self) -> str:
+        """The family whose Hugging Face class export-hf writes: this one's, except for a Llama whose
+        hidden size is not a multiple of its heads (e.g. hidden 448 with 9 heads of 64 after width
+        pruning). transformers >= 5 refuses such a LlamaConfig whatever `head_dim` says, so it goes
+        out as Mistral, which computes the same (with `sliding_window` null) and takes any head_dim."""
+        if self.family == "llama" and self.hidden_size % self.num_attention_heads:
+            return "mistral"
+        return self.family
+
+    def hf_export_notes(self) -> list[str]:
+        """One line for each way export-hf cannot write this architecture as its family's own HF
+        class in every transformers from 4.57 on; empty for the published models. The prune planner
+        logs them, so they show before a distillation run is spent."""
+        notes = []
+        if self.hf_family != self.family:
+            notes.append(
+                f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}, "
+                f"which transformers >= 5 refuses in a LlamaConfig: export-hf writes this model as "
+                f"MistralForCausalLM (model_type mistral), which computes the same"
+            )
+        if self.family == "nemotron" and self.rope_scaling_factor is not None:
+            notes.append(
+                f"rope_scaling_factor={self.rope_scaling_factor}: transformers 4.x's NemotronForCausalLM ignores "
+                f"rope scaling, so the exported model gives other logits there (transformers >= 5 applies it)"
+            )
+        return notes
+
+    def hf_rope_fields(self) -> dict[str, Any]:
+        """The rotary settings of config.json in both forms transformers reads: `rope_parameters`
+        (5.x) and `rope_theta` + `rope_scaling` (4.x; Nemotron's `partial_rotary_factor` beside
+        them), which 4.x needs or it falls back to theta 10000. transformers 5 prefers a non-null
+        `rope_scaling` to `rope_parameters` and fills its theta from `rope_theta`, so both forms
+        carry the same llama3 scaling (the constants megatron hard-codes)."""
+        scaling = None
+        if self.rope_scaling_factor is not None:
+            scaling = {"rope_type": "llama3", "factor": self.rope_scaling_factor, **_MEGATRON_LLAMA3_ROPE}
+        parameters = {"rope_type": "default", **(scaling or {}), "rope_theta": self.rope_theta}
+        fields: dict[str, Any] = {"rope_parameters": parameters, "rope_theta": self.rope_theta, "rope_scaling": scaling}
+        if self.family == "nemotron":  # transformers' Nemotron reads it unconditionally
+            parameters["partial_rotary_factor"] = fields["partial_rotary_factor"] = self.rotary_percent
+        return fields
+
     def to_hf_config(self):
-        """A transformers config object for this architecture."""
+        """A transformers config object of the `hf_family`'s class for this architecture."""
         import transformers
 
+        family = self.hf_family
         config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                      "nemotron": transformers.NemotronConfig}[self.family]
+                      "nemotron": transformers.NemotronConfig}[family]
         kwargs: dict[str, Any] = dict(
             num_hidden_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -220,22 +293,17 @@ class ModelArch:
             torch_dtype="float32",
         )
         kwargs["norm_eps" if self.family == "nemotron" else "rms_norm_eps"] = self.norm_eps
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.family == "nemotron":  # transformers' Nemotron reads it unconditionally
-            rope["partial_rotary_factor"] = self.rotary_percent
-        if self.rope_scaling_factor is not None:
-            rope = {"rope_type": "llama3", "factor": self.rope_scaling_factor, "rope_theta": self.rope_theta,
-                    **_MEGATRON_LLAMA3_ROPE}
+        if family == "mistral":  # megatron attends to the whole sequence; MistralConfig defaults to a 4096 window
+            kwargs["sliding_window"] = None
         config = config_cls(**kwargs)
-        _set_hf_rope(config, rope)
-        config.architectures = [HF_ARCHITECTURES[self.family]]
+        _set_hf_rope(config, self.hf_rope_fields())
+        config.architectures = [HF_ARCHITECTURES[family]]
         return config
 
     # --- megatron config -------------------------------------------------------------------------
 
     def transformer_config(self, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32):
         """The megatron `TransformerConfig` for this architecture at a parallel layout."""
-        from megatron.core.activations import squared_relu
         from megatron.core.transformer import TransformerConfig
 
         self.check_parallel(tp, pp)
@@ -250,7 +318,7 @@ class ModelArch:
             layernorm_epsilon=self.norm_eps,
             normalization=self.normalization,
             gated_linear_unit=self.gated,
-            activation_func=torch.nn.functional.silu if self.gated else squared_relu,
+            activation_func=torch.nn.functional.silu if self.gated else megatron_squared_relu(),
             add_bias_linear=False,
             add_qkv_bias=False,
             hidden_dropout=0.0,
@@ -271,6 +339,22 @@ class ModelArch:
             gradient_accumulation_fusion=False,
             init_method_std=0.02,
         )
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2, the Nemotron MLP activation, for megatron-core versions that do not ship one."""
+    return torch.pow(torch.nn.functional.relu(x), 2)
+
+
+def megatron_squared_relu():
+    """The squared-ReLU function megatron-core models use: `megatron.core.activations.squared_relu`
+    from 0.14 on; 0.13 has no such module, so this module's `squared_relu` there. Always the same
+    object within a process, so `models.gpt.arch_of` can recognise it by identity."""
+    try:
+        from megatron.core.activations import squared_relu as megatron_version
+    except ModuleNotFoundError:  # megatron-core 0.13
+        return squared_relu
+    return megatron_version
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:
@@ -298,12 +382,29 @@ def _llama3_rope_factor(cfg: dict[str, Any]) -> float | None:
     return float(scaling["factor"])
 
 
-def _set_hf_rope(config: Any, rope: dict[str, Any]) -> None:
-    # transformers >= 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta/rope_scaling.
-    if hasattr(config, "rope_parameters"):
-        config.rope_parameters = rope
+def _set_hf_rope(config: Any, fields: dict[str, Any]) -> None:
+    """Set `ModelArch.hf_rope_fields` on a config object in the form its transformers reads."""
+    if hasattr(config, "rope_parameters"):  # transformers >= 5
+        config.rope_parameters = fields["rope_parameters"]
     else:
-        config.rope_theta = rope["rope_theta"]
-        config.rope_scaling = None if rope["rope_type"] == "default" else rope
-        if "partial_rotary_factor" in rope:
-            config.partial_rotary_factor = rope["partial_rotary_factor"]
+        for key, value in fields.items():
+            if key != "rope_parameters":
+                setattr(config, key, value)
+
+
+def _json_matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field annotation (int, float, bool, str, or `X | None`)."""
+    if isinstance(hint, types.UnionType):
+        return any(_json_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return " | ".join(getattr(h, "__name__", str(h)) for h in typing.get_args(hint)) if isinstance(
+        hint, types.UnionType) else hint.__name__

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import FAMILY_LAYERS, IDENTITY_KEYS, ModelArch
+from nemo_minitron.models.config import FAMILY_LAYERS, IDENTITY_KEYS, ModelArch, megatron_squared_relu
 
 # model -> {family, bos_token_id, eos_token_id} of the weights it holds (see `remember_identity`).
 _IDENTITY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -130,12 +130,10 @@ def unwrap_model(model):
 
 def _family(config) -> str:
     """The family whose layers `config` describes (Llama for RMSNorm + SwiGLU)."""
-    from megatron.core.activations import squared_relu
-
     activation = config.activation_func
     if config.gated_linear_unit and activation is torch.nn.functional.silu:
         kind = "swiglu"
-    elif not config.gated_linear_unit and activation is squared_relu:
+    elif not config.gated_linear_unit and activation is megatron_squared_relu():
         kind = "squared_relu"
     else:
         name = getattr(activation, "__name__", str(activation))

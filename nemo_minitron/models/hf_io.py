@@ -45,6 +45,34 @@ def read_hf_directory(path: str | Path, dtype: torch.dtype = torch.float32):
     return arch, state, tokenizer
 
 
+def _write_portable_config(config_file: Path, arch: ModelArch) -> None:
+    """Rewrite a saved config.json so transformers 4.57 and 5.x build the same model from it: the
+    rotary settings in both their forms (`ModelArch.hf_rope_fields`) and the dtype under both its
+    names (4.57 and 5 read `dtype`, older 4.x `torch_dtype`)."""
+    config = json.loads(config_file.read_text())
+    config.update(arch.hf_rope_fields())
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    if dtype is not None:
+        config["dtype"] = config["torch_dtype"] = dtype
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_portable_tokenizer(tokenizer, out_dir: Path) -> None:
+    """`tokenizer.save_pretrained(out_dir)`, naming in tokenizer_config.json a class that every
+    transformers from 4.x on loads from tokenizer.json exactly as written. transformers 5 writes
+    `TokenizersBackend` (unknown to 4.x) or a family class whose 4.x fast version may rebuild
+    the post-processor from its own settings (LlamaTokenizerFast does); `PreTrainedTokenizerFast`
+    is the plain tokenizer.json class in both (an alias of TokenizersBackend in 5). Tokenizers
+    without a tokenizer.json keep their class."""
+    tokenizer.save_pretrained(str(out_dir))
+    config_file = out_dir / "tokenizer_config.json"
+    if not (out_dir / "tokenizer.json").is_file() or not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
 def write_hf_directory(arch: ModelArch, hf_state: dict[str, torch.Tensor], tokenizer, out_dir: str | Path,
                        provenance: dict | None = None) -> Path:
     """Write a directory `AutoModelForCausalLM.from_pretrained` loads; atomic like checkpoints.
@@ -63,9 +91,11 @@ def write_hf_directory(arch: ModelArch, hf_state: dict[str, torch.Tensor], token
     if missing:
         raise ValueError(f"export is missing weights for {missing[:5]}")
     model.save_pretrained(str(partial), safe_serialization=True)
+    _write_portable_config(partial / "config.json", arch)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(partial))
-    if provenance is not None:
-        (partial / MARKER_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        save_portable_tokenizer(tokenizer, partial)
+    if provenance is not None:  # `entries`: what overwrite=true may replace
+        entries = sorted(p.name for p in partial.iterdir())
+        (partial / MARKER_FILE).write_text(json.dumps({**provenance, "entries": entries}, indent=2) + "\n")
     replace_dir(partial, out_dir)
     return out_dir

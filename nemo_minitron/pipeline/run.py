@@ -2,8 +2,9 @@
 
 import -> corpus -> [teacher-correct] -> prune (or search) -> distill -> [align] -> export-hf -> evaluate.
 Every stage is the same library function its own command calls, on the pipeline's settings for it
-with the paths under `work_dir` and the pipeline's layout, seed and dtype. A stage whose output is
-complete is skipped, so re-running resumes where the last run stopped.
+with the paths under `work_dir` and the pipeline's layout, seed, dtype and `overwrite`. A stage whose
+output is complete with the same settings returns at once, so re-running resumes where the last run
+stopped; one whose settings changed refuses (naming the keys) unless `overwrite=true`.
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ class StageInterrupted(Exception):
 
 
 class Stages:
-    """Runs stages in order, timing them and skipping finished ones. Stage times of an earlier,
-    interrupted run of the same work_dir are kept, so the final table covers the whole job."""
+    """Runs stages in order and times them. Stage times of an earlier, interrupted run of the same
+    work_dir are kept for the stages that found their output complete this time, so the final table
+    covers the whole job."""
 
     def __init__(self, work: Path):
         previous = work / "results.json"
@@ -83,15 +85,15 @@ class Stages:
         )
         self.results: dict[str, Any] = {}
 
-    def run(self, name: str, done: bool, fn: Callable[[], Any]) -> None:
-        if done:
-            log.info("stage %s: output complete, skipped", name)
-            return
+    def run(self, name: str, fn: Callable[[], Any]) -> None:
         log.info("=== stage %s ===", name)
         start = time.perf_counter()
-        self.results[name] = fn()
-        if isinstance(self.results[name], dict) and self.results[name].get("interrupted"):
+        result = self.results[name] = fn()
+        if isinstance(result, dict) and result.get("interrupted"):
             raise StageInterrupted(name)
+        if isinstance(result, dict) and result.get("already_complete"):
+            log.info("stage %s: output complete, skipped", name)
+            return
         self.seconds[name] = round(time.perf_counter() - start, 1)
         log.info("stage %s done in %.1f s", name, self.seconds[name])
 
@@ -112,21 +114,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 def _run_stages(cfg: PipelineConfig) -> dict:
     parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
     work = claim_output(cfg.work_dir, "pipeline", [cfg.teacher.hf_path, *cfg.corpus.user_paths], key="work_dir")
-    common = {"tp": cfg.tp, "pp": cfg.pp, "seed": cfg.seed, "dtype": cfg.dtype}
+    common = {"tp": cfg.tp, "pp": cfg.pp, "seed": cfg.seed, "dtype": cfg.dtype, "overwrite": cfg.overwrite}
     stages = Stages(work)
 
     teacher = work / "teacher"
-    stages.run("import", checkpoint.is_complete(teacher), lambda: import_checkpoint(ImportConfig(
+    stages.run("import", lambda: import_checkpoint(ImportConfig(
         model=cfg.teacher.model, hf_path=cfg.teacher.hf_path, output_dir=str(teacher), **common)))
 
     splits: dict[str, Path] = {}
     corpus = cfg.corpus if cfg.corpus.output_dir else dataclasses.replace(cfg.corpus, output_dir=str(work / "corpus"))
-    stages.run("corpus", False, lambda: splits.update(corpus.splits()))
+    stages.run("corpus", lambda: splits.update(corpus.splits()))
     data = DataConfig(train=str(splits["train"]), valid=str(splits["heldout"]))
 
     if cfg.enabled.teacher_correct:
         corrected = work / "teacher_corrected"
-        stages.run("teacher_correct", checkpoint.is_complete(corrected / "final"), lambda: correct_teacher(
+        stages.run("teacher_correct", lambda: correct_teacher(
             dataclasses.replace(cfg.teacher_correct, teacher=str(teacher), output_dir=str(corrected), data=data,
                                 **common)))
         teacher = corrected / "final"
@@ -139,33 +141,33 @@ def _run_stages(cfg: PipelineConfig) -> dict:
             prune=dataclasses.replace(cfg.search.prune, calib=dataclasses.replace(
                 cfg.search.prune.calib, data=str(splits["calib"]))),
             distill=dataclasses.replace(cfg.search.distill, data=data), **common)
-        stages.run("search", checkpoint.is_complete(pruned), lambda: search_architecture(search))
+        stages.run("search", lambda: search_architecture(search))
     else:
         pruned = work / "pruned"
-        stages.run("prune", checkpoint.is_complete(pruned), lambda: prune_checkpoint(dataclasses.replace(
+        stages.run("prune", lambda: prune_checkpoint(dataclasses.replace(
             prune, checkpoint=str(teacher), output_dir=str(pruned), **common)))
 
     distilled = work / "distill"
-    stages.run("distill", checkpoint.is_complete(distilled / "final"), lambda: distill_checkpoint(dataclasses.replace(
+    stages.run("distill", lambda: distill_checkpoint(dataclasses.replace(
         cfg.distill, teacher=str(teacher), student=str(pruned), output_dir=str(distilled), data=data, **common)))
     student = distilled / "final"
 
     if cfg.enabled.align:
         aligned = work / "align"
-        stages.run("align", checkpoint.is_complete(aligned / "final"), lambda: align_checkpoint(dataclasses.replace(
+        stages.run("align", lambda: align_checkpoint(dataclasses.replace(
             cfg.align, checkpoint=str(student), output_dir=str(aligned),
             builtin=dataclasses.replace(cfg.align.builtin, cache_dir=str(work / "align_data")), **common)))
         student = aligned / "final"
 
     hf_dir = work / "student_hf"
-    stages.run("export_hf", (hf_dir / "config.json").is_file(), lambda: export_hf(ExportHFConfig(
+    stages.run("export_hf", lambda: export_hf(ExportHFConfig(
         checkpoint=str(student), output_dir=str(hf_dir), **common)))
 
     perplexity: dict[str, dict] = {}
     for label, ckpt in (("teacher", teacher), ("pruned", pruned), ("student", student)):
         evaluation = dataclasses.replace(cfg.eval, checkpoint=str(ckpt), data=str(splits["heldout"]),
                                          harness=HarnessConfig(), **common)
-        stages.run(f"eval_{label}", False, lambda evaluation=evaluation, label=label: perplexity.__setitem__(
+        stages.run(f"eval_{label}", lambda evaluation=evaluation, label=label: perplexity.__setitem__(
             label, evaluate_checkpoint(evaluation)))
 
     summary = _summary(work, teacher, pruned, student, perplexity, stages, splits)

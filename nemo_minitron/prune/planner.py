@@ -7,6 +7,7 @@ the global tensor shapes the bridge expects, and a megatron `GPTModel` built on 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.prune.spec import PruneSpec
+
+log = logging.getLogger("nemo_minitron")
 
 _EMBEDDING_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -90,13 +93,19 @@ def count_on_meta(arch: ModelArch) -> int:
 
 
 def plan(teacher: ModelArch, spec: PruneSpec, tp: int = 1, pp: int = 1) -> dict:
-    """Architectures and parameter counts before and after `spec`, without touching weights."""
+    """Architectures and parameter counts before and after `spec`, without touching weights, and
+    what a Hugging Face export of the student will not hold as its family's class (logged as a
+    warning here, before any pruning or distillation; `ModelArch.hf_export_notes`)."""
     target = spec.target_arch(teacher, tp, pp)
     before, after = teacher.num_parameters(), target.num_parameters()
+    notes = target.hf_export_notes()
+    for note in notes:
+        log.warning("student %s: %s", target.shape(), note)
     return {
         "teacher": teacher.shape() | {"parameters": before},
         "student": target.shape() | {"parameters": after},
         "kept_fraction": {k: after[k] / before[k] for k in before},
+        "hf_export": notes,
     }
 
 

@@ -94,14 +94,17 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+REPORT_FILES = {"json": "report.json", "markdown": "report.md", "layer_plot": "layer_importance.png",
+                "head_plot": "head_importance.png"}
+
+
 def write_report(
     out_dir: Path, report: dict[str, Any], scores: ImportanceScores, indices: PruneIndices
 ) -> dict[str, str]:
     """Write report.json, report.md, layer_importance.png, head_importance.png into `out_dir`."""
     out_dir = Path(out_dir)
     dropped = report["depth"]["dropped_layers"]
-    files = {"json": out_dir / "report.json", "markdown": out_dir / "report.md",
-             "layer_plot": out_dir / "layer_importance.png", "head_plot": out_dir / "head_importance.png"}
+    files = {kind: out_dir / name for kind, name in REPORT_FILES.items()}
     files["json"].write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     files["markdown"].write_text(_markdown(report))
     _plot_layers(files["layer_plot"], scores, dropped)

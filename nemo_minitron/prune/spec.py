@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import SHAPE_KEYS, ModelArch
@@ -31,6 +31,8 @@ class PruneSpec:
     ffn_hidden_size: int | None = None
     num_attention_heads: int | None = None
     num_query_groups: int | None = None
+    POSITIVE: ClassVar[tuple[str, ...]] = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                           "num_query_groups")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruneSpec":

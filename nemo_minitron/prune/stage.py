@@ -8,8 +8,10 @@ OUTPUT/importance.pt was computed with the same settings), report.json, report.m
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 from functools import cache
 from pathlib import Path
 
@@ -33,15 +35,18 @@ from nemo_minitron.importance import (
 from nemo_minitron.importance.scores import FILE_NAME, METHODS
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
-from nemo_minitron.outputs import check_output
+from nemo_minitron.outputs import check_output, settings_of
 from nemo_minitron.prune.indices import DEPTH_METHODS, choose_dropped_layers, select_indices
 from nemo_minitron.prune.planner import plan
-from nemo_minitron.prune.report import write_report
+from nemo_minitron.prune.report import REPORT_FILES, write_report
 from nemo_minitron.prune.spec import PruneSpec
 from nemo_minitron.prune.surgery import prune_model
 from nemo_minitron.stage import CorpusConfig, StageConfig, timed
 
 log = logging.getLogger("nemo_minitron")
+
+# What the stage writes into its output directory (what overwrite=true may replace).
+OUTPUT_ENTRIES = (*checkpoint.ENTRIES, FILE_NAME, *REPORT_FILES.values())
 
 
 @dataclass
@@ -54,6 +59,7 @@ class CalibConfig:
     seq_len: int = 256
     micro_batch_size: int = 4
     seed: int = 0
+    POSITIVE: ClassVar[tuple[str, ...]] = ("num_samples", "seq_len", "micro_batch_size")
 
 
 @dataclass
@@ -76,15 +82,13 @@ class PruneConfig(StageConfig):
     report_loss: bool = True
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     plan_only: bool = False
+    POSITIVE: ClassVar[tuple[str, ...]] = (*StageConfig.POSITIVE, "loss_samples")
 
     def validate(self) -> None:
         if self.importance not in METHODS:
             raise UserError(f"importance={self.importance} is not one of {list(METHODS)}")
         if self.depth.method not in DEPTH_METHODS:
             raise UserError(f"depth.method={self.depth.method} is not one of {list(DEPTH_METHODS)}")
-        for key in ("num_samples", "seq_len", "micro_batch_size"):
-            if getattr(self.calib, key) < 1:
-                raise UserError(f"calib.{key}={getattr(self.calib, key)} must be positive")
 
 
 def _calibration_path(cfg: PruneConfig) -> Path:
@@ -204,10 +208,18 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     """Prune `cfg.checkpoint` to `cfg.target` into `cfg.output_dir` (collective)."""
     cfg.require("checkpoint", "output_dir")
     cfg.validate()
+    settings = settings_of(cfg, ignore=["plan_only"], inputs=["checkpoint"])
     if not cfg.plan_only:
-        check_output(cfg.output_dir, "prune", [cfg.checkpoint, cfg.calib.data])
+        out = check_output(cfg.output_dir, "prune", [cfg.checkpoint, cfg.calib.data], settings=settings,
+                           overwrite=cfg.overwrite, own=OUTPUT_ENTRIES)
+        if checkpoint.is_complete(out) and (out / REPORT_FILES["json"]).is_file() and not cfg.overwrite:
+            log.info("%s already holds this prune: nothing to do", out)
+            report = json.loads((out / REPORT_FILES["json"]).read_text())
+            files = {kind: str(out / name) for kind, name in REPORT_FILES.items()}
+            return {**_result(report, files, report["seconds"]), "already_complete": True}
     times: dict[str, float] = {}
     teacher = checkpoint.read_arch(cfg.checkpoint)
+    teacher.check_positions(cfg.calib.seq_len, "calib.seq_len")
     spec = cfg.target
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
     teacher.check_parallel(layout.tp, layout.pp)
@@ -239,7 +251,7 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     depth_method = "explicit" if spec.drop_layers is not None else cfg.depth.method
     metadata = {"stage": "prune", "teacher": str(Path(cfg.checkpoint).absolute()), "target": spec.as_dict(),
                 "dropped_layers": dropped, "importance": scores.method, "depth_method": depth_method,
-                "head_residual": cfg.head_residual}
+                "head_residual": cfg.head_residual, "settings": settings}
     with timed(times, "save_s"):
         checkpoint.save_checkpoint(pruned, output, tokenizer, metadata=metadata)
     report = {
@@ -260,6 +272,13 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
         files = write_report(output, report, scores, indices)
     parallel.barrier()
     log.info("wrote %s", output)
-    return {"checkpoint": str(output), "parameters": architecture["student"]["parameters"],
-            "teacher_parameters": architecture["teacher"]["parameters"], "dropped_layers": dropped,
-            "importance": report["importance"], **({"loss": loss} if loss else {}), "report": files, **times}
+    return _result(report, files, times)
+
+
+def _result(report: dict, files: dict[str, str], times: dict[str, float]) -> dict:
+    """The stage's JSON result, from its report."""
+    architecture = report["architecture"]
+    return {"checkpoint": report["output"], "parameters": architecture["student"]["parameters"],
+            "teacher_parameters": architecture["teacher"]["parameters"],
+            "dropped_layers": report["depth"]["dropped_layers"], "importance": report["importance"],
+            **({"loss": report["loss"]} if "loss" in report else {}), "report": files, **times}

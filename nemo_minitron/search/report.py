@@ -47,6 +47,9 @@ def _plot(rows: list[dict[str, Any]], path: Path, winner: str) -> None:
     plt.close(fig)
 
 
+REPORT_FILES = ("report.json", "report.md", "loss_vs_params.png")
+
+
 def write_report(output: Path, report: dict[str, Any]) -> dict[str, str]:
     """report.json, report.md, loss_vs_params.png under `output`."""
     rows, winner = report["candidates"], report["winner"]["name"]
@@ -62,4 +65,4 @@ def write_report(output: Path, report: dict[str, Any]) -> dict[str, str]:
           f"Winner: **{winner}** -> `{report['winner']['checkpoint']}`", "",
           markdown_table(rows), "", "![loss vs parameters](loss_vs_params.png)", ""]
     (output / "report.md").write_text("\n".join(md))
-    return {k: str(output / k) for k in ("report.json", "report.md", "loss_vs_params.png")}
+    return {k: str(output / k) for k in REPORT_FILES}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import SHAPE_KEYS, ModelArch
@@ -33,6 +33,8 @@ class Budget:
     memory_dtype: str = "bfloat16"
     memory_batch_size: int = 1
     memory_seq_length: int = 4096
+    POSITIVE: ClassVar[tuple[str, ...]] = ("memory_batch_size", "memory_seq_length")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("tolerance",)
 
     def validate(self) -> None:
         """Raise UserError naming the budget key to fix (a config may carry an unset budget until a
@@ -83,11 +85,9 @@ class SearchSpace:
     ffn_multiple: int = 512
     min_fraction: float = 0.5
     choices: dict[str, list[int] | None] = field(default_factory=dict)
+    POSITIVE: ClassVar[tuple[str, ...]] = ("layer_multiple", "hidden_multiple", "ffn_multiple")
 
     def __post_init__(self):
-        for key in ("layer_multiple", "hidden_multiple", "ffn_multiple"):
-            if getattr(self, key) < 1:
-                raise UserError(f"search.space.{key}={getattr(self, key)} must be positive")
         if not 0 < self.min_fraction <= 1:
             raise UserError(f"search.space.min_fraction={self.min_fraction} must be in (0, 1]")
         unknown = {k for k, v in self.choices.items() if v is not None} - set(AXES)

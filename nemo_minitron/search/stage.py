@@ -17,24 +17,31 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from nemo_minitron import checkpoint, parallel
 from nemo_minitron.atomic import replace_dir
 from nemo_minitron.distill.stage import DistillConfig, distill_checkpoint
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelArch
-from nemo_minitron.outputs import claim_output
+from nemo_minitron.outputs import claim_output, settings_of
 from nemo_minitron.prune.spec import PruneSpec
 from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search.cache import CandidateCache
-from nemo_minitron.search.report import write_report
+from nemo_minitron.search.report import REPORT_FILES, write_report
 from nemo_minitron.search.space import AXES, Budget, SearchSpace, candidate_name, enumerate_candidates, spread, target_of
 from nemo_minitron.stage import StageConfig
 from nemo_minitron.train import stage as train_stage
 
 log = logging.getLogger("nemo_minitron")
 LAUNCHERS = ("local", "slurm")
+WINNER_DIR = "winner"
+# Settings of how far and where a search runs, not of what it measures: its cached results stay
+# valid when they change, so a re-run continues (e.g. with a larger top_k, or on Slurm).
+_HOW_TO_RUN = [f"search.{key}" for key in ("top_k", "launcher", "sbatch_args", "sbatch_script", "dry_run",
+                                           "stop_after", "list_only")]
+# What the stage writes into its output directory (what overwrite=true may replace).
+OUTPUT_ENTRIES = ("candidates", WINNER_DIR, f"{WINNER_DIR}.partial", *REPORT_FILES)
 # launchers/ of a source checkout (the NGC container and `pip install -e .` have one)
 _SOURCE_LAUNCHER = Path(__file__).resolve().parents[2] / "launchers" / "distill.sh"
 
@@ -51,13 +58,11 @@ class SearchSettings:
     dry_run: bool = False
     stop_after: int | None = None
     list_only: bool = False
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("max_candidates", "top_k", "retrain_steps", "stop_after")
 
     def validate(self) -> None:
         if self.launcher not in LAUNCHERS:
             raise UserError(f"search.launcher={self.launcher} is not one of {list(LAUNCHERS)}")
-        for key in ("top_k", "retrain_steps", "max_candidates"):
-            if getattr(self, key) < 0:
-                raise UserError(f"search.{key}={getattr(self, key)} must not be negative")
         if self.top_k and not self.retrain_steps:
             raise UserError("search.top_k > 0 needs search.retrain_steps > 0 (or set search.top_k=0)")
 
@@ -198,7 +203,9 @@ def search_architecture(cfg: SearchConfig) -> dict:
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
     if not cfg.search.list_only:
         claim_output(cfg.output_dir, "search", [cfg.checkpoint, cfg.importance_from, cfg.prune.calib.data,
-                                                cfg.distill.data.train, cfg.distill.data.valid])
+                                                cfg.distill.data.train, cfg.distill.data.valid],
+                     settings=settings_of(cfg, ignore=_HOW_TO_RUN, inputs=["checkpoint"]),
+                     overwrite=cfg.overwrite, own=OUTPUT_ENTRIES)
     teacher.check_parallel(layout.tp, layout.pp)
     found = enumerate_candidates(teacher, cfg.search.space, budget, layout.tp, layout.pp)
     if not found:
@@ -248,7 +255,7 @@ def search_architecture(cfg: SearchConfig) -> dict:
 
     rows = _rows(chosen, cache, budget)
     winner = rows[0]["name"]
-    target = output / "winner"
+    target = output / WINNER_DIR
     report = {
         "teacher": str(Path(cfg.checkpoint).absolute()), "teacher_parameters": teacher.num_parameters(),
         "budget": {"kind": budget.kind, "value": budget.value, "tolerance": budget.tolerance,
@@ -261,11 +268,17 @@ def search_architecture(cfg: SearchConfig) -> dict:
     }
     files = {}
     if parallel.is_main_process():
-        partial_dir = output / "winner.partial"
+        partial_dir = output / f"{WINNER_DIR}.partial"
         shutil.rmtree(partial_dir, ignore_errors=True)
         shutil.copytree(cache.dir(winner) / "pruned", partial_dir)
         replace_dir(partial_dir, target)
         files = write_report(output, report)
     parallel.barrier()
-    return {"status": "done", "winner": report["winner"], "enumerated": len(found), "scored": len(rows),
+    return _result(report, files)
+
+
+def _result(report: dict, files: dict[str, str]) -> dict:
+    """The stage's JSON result, from its report."""
+    rows = report["candidates"]
+    return {"status": "done", "winner": report["winner"], "enumerated": report["enumerated"], "scored": len(rows),
             "retrained": sum(r["retrained_loss"] is not None for r in rows), "report": files}

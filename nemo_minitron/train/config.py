@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from nemo_minitron.errors import UserError
+from nemo_minitron.stage import check_ranges
+
+
+SPIKE_ACTIONS = ("skip", "stop")
+
+
+@dataclass
+class SpikeConfig:
+    """The loss-spike guard (as Megatron's spiky-loss check): a step whose training loss exceeds
+    `factor` x the median loss of the `window` steps before it is a spike. `skip` leaves the weights
+    untouched for that step (its batch is consumed, the LR schedule advances); `stop` ends the run as
+    diverged, as do more than `max_skips` spikes in a row. `factor` 0 turns the guard off; the first
+    `window` steps are never judged."""
+
+    factor: float = 10.0
+    window: int = 20
+    action: str = "skip"
+    max_skips: int = 3
+    POSITIVE: ClassVar[tuple[str, ...]] = ("window",)
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("factor", "max_skips")
 
 
 @dataclass
@@ -21,15 +42,19 @@ class TrainConfig:
     save_interval: int = 0      # checkpoint every N steps (0: only at the end or on pre-emption)
     keep_checkpoints: int = 2   # newest step checkpoints kept on disk
     progress_bar: bool = True
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    POSITIVE: ClassVar[tuple[str, ...]] = ("global_batch_size", "seq_length", "micro_batch_size", "log_interval",
+                                           "keep_checkpoints")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("steps", "eval_interval", "eval_batches", "save_interval")
 
     def validate(self, dp: int) -> None:
-        """Raise ValueError naming the key to fix when the batch does not split over `dp` replicas."""
-        for key in ("steps", "global_batch_size", "seq_length", "micro_batch_size", "log_interval", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise UserError(f"train.{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("eval_interval", "eval_batches", "save_interval"):
-            if getattr(self, key) < 0:
-                raise UserError(f"train.{key} must not be negative, got {getattr(self, key)}")
+        """Raise UserError naming the key to fix when a value is out of range or the batch does not
+        split over `dp` replicas."""
+        check_ranges(self, "train.")
+        if self.steps < 1:
+            raise UserError(f"train.steps must be at least 1, got {self.steps}")
+        if self.spike.action not in SPIKE_ACTIONS:
+            raise UserError(f"train.spike.action={self.spike.action!r} is not one of {', '.join(SPIKE_ACTIONS)}")
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise UserError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
@@ -57,19 +82,20 @@ class OptimConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0        # global gradient-norm clip (0: off)
+    POSITIVE: ClassVar[tuple[str, ...]] = ("lr", "adam_eps")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("min_lr", "warmup_steps", "weight_decay", "clip_grad")
 
     def validate(self, steps: int) -> None:
         for key in ("lr", "min_lr"):
             if getattr(self, key) is None:
                 raise UserError(f"missing required key: set optim.{key}=...")
+        check_ranges(self, "optim.")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"optim.min_lr={self.min_lr} must lie between 0 and optim.lr={self.lr}")
         if not 0 <= self.warmup_steps < steps:
             raise UserError(f"optim.warmup_steps={self.warmup_steps} must be below train.steps={steps}")
         if self.decay_style not in ("cosine", "linear", "constant"):
             raise UserError(f"optim.decay_style={self.decay_style!r} is not one of cosine, linear, constant")
-        if self.clip_grad < 0 or self.weight_decay < 0:
-            raise UserError("optim.clip_grad and optim.weight_decay must not be negative")
 
 
 @dataclass

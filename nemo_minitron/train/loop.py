@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from nemo_minitron import checkpoint, parallel
 from nemo_minitron.errors import TrainingDiverged
 from nemo_minitron.models.runner import forward_microbatches
 from nemo_minitron.train import state
-from nemo_minitron.train.config import OptimConfig, TrainConfig
+from nemo_minitron.train.config import OptimConfig, SpikeConfig, TrainConfig
 from nemo_minitron.train.data import TrainingData, micro_batches
 from nemo_minitron.train.loss import TrainingLoss
 from nemo_minitron.train.monitor import Monitor, reduce_metrics
@@ -35,8 +36,39 @@ from nemo_minitron.train.signals import PreemptionHandler
 log = logging.getLogger("nemo_minitron")
 
 FINAL_DIR = "final"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+# Everything a run writes into its output directory.
+RUN_ENTRIES = (FINAL_DIR, state.CHECKPOINTS_DIR, METRICS_FILE, TENSORBOARD_DIR)
 # Settings that do not change the trajectory of the weights, so a resumed run may change them.
-_CADENCE_KEYS = ("log_interval", "eval_interval", "eval_batches", "save_interval", "keep_checkpoints", "progress_bar")
+# Settings that change how often a run reports or saves, not what it trains: a run may resume with others.
+CADENCE_KEYS = ("log_interval", "eval_interval", "eval_batches", "save_interval", "keep_checkpoints", "progress_bar")
+
+
+class SpikeGuard:
+    """Judges each step's loss against the median of the previous `window` (see `SpikeConfig`);
+    its history is part of the training state, so a resumed run judges as the uninterrupted one."""
+
+    def __init__(self, cfg: SpikeConfig):
+        self.cfg = cfg
+        self.history: list[float] = []
+        self.skips = 0
+
+    def is_spike(self, loss: float) -> bool:
+        """Whether `loss` is a spike; a normal loss joins the history."""
+        cfg = self.cfg
+        if cfg.factor and len(self.history) >= cfg.window and loss > cfg.factor * statistics.median(self.history):
+            self.skips += 1
+            return True
+        self.history = [*self.history, loss][-cfg.window:]
+        self.skips = 0
+        return False
+
+    def state(self) -> dict[str, Any]:
+        return {"history": self.history, "skips": self.skips}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.history, self.skips = list(state["history"]), state["skips"]
 
 
 class Trainer:
@@ -70,10 +102,11 @@ class Trainer:
         self.extra = {n: p for n, p in module.named_parameters() if p.requires_grad and id(p) not in exported}
         self.signature = {
             **(signature or {}),
-            **{f"train.{k}": v for k, v in dataclasses.asdict(train).items() if k not in _CADENCE_KEYS},
+            **{f"train.{k}": v for k, v in dataclasses.asdict(train).items() if k not in CADENCE_KEYS},
             **{f"optim.{k}": v for k, v in dataclasses.asdict(optim).items()},
         }
         self.step = 0
+        self.spikes = SpikeGuard(train.spike)
 
     # --- one step -------------------------------------------------------------------------------
 
@@ -95,18 +128,22 @@ class Trainer:
         return records
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step on the next global batch; returns the reduced metrics."""
+        """One optimizer step on the next global batch (no update when the loss spikes and the
+        guard skips it); returns the reduced metrics."""
         start = time.perf_counter()
         batches = self._batches(self.data.train, self.step * self.train_cfg.global_batch_size)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         records = self._run(batches, forward_only=False)
+        metrics = {f"train/{k}": v for k, v in reduce_metrics(records).items()}
+        # Reduced over every rank, so every rank makes the same decision.
+        spike = math.isfinite(metrics["train/loss"]) and self.spikes.is_spike(metrics["train/loss"])
         self.scheduler.step(1)
-        _, grad_norm, _ = self.optimizer.step()
+        grad_norm = None if spike else self.optimizer.step()[1]
         self.step += 1
         seconds = time.perf_counter() - start
-        metrics = {f"train/{k}": v for k, v in reduce_metrics(records).items()}
         metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["train/skipped"] = float(spike)
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         metrics["train/step_seconds"] = seconds
@@ -130,6 +167,7 @@ class Trainer:
             "tokens": self.step * self.train_cfg.tokens_per_step,
             "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp},
             "signature": self.signature,
+            "spike_guard": self.spikes.state(),
         }
 
     def save(self) -> Path:
@@ -151,10 +189,32 @@ class Trainer:
         state.load(found[-1], model=self.export_model, optimizer=self.optimizer, scheduler=self.scheduler,
                    extra=self.extra)
         self.step = info["step"]
+        if "spike_guard" in info:  # absent in checkpoints written before the guard existed
+            self.spikes.load(info["spike_guard"])
         log.info("resumed from %s (step %d)", found[-1], self.step)
         return True
 
     # --- the loop -------------------------------------------------------------------------------
+
+    def _check_spikes(self, metrics: dict[str, float], monitor: Monitor) -> None:
+        """Log a skipped spike; stop (as diverged) when the guard's action is `stop` or spikes repeat."""
+        if not metrics["train/skipped"]:
+            return
+        cfg = self.train_cfg.spike
+        median = statistics.median(self.spikes.history)
+        what = (f"loss spike at step {self.step}: loss={metrics['train/loss']:.4g} > {cfg.factor:g} x the median "
+                f"{median:.4g} of the previous {cfg.window} steps")
+        if cfg.action == "skip" and self.spikes.skips <= cfg.max_skips:
+            log.warning("%s: update skipped (%d in a row)", what, self.spikes.skips)
+            return
+        monitor.step(self.step, metrics, console=True)
+        reason = "train.spike.action=stop" if cfg.action == "stop" else f"more than {cfg.max_skips} in a row"
+        raise TrainingDiverged(f"{what} ({reason}); no final/ was written and {self._last_checkpoint()}: lower "
+                               f"optim.lr or raise optim.warmup_steps and start a new output_dir")
+
+    def _last_checkpoint(self) -> str:
+        saved = state.complete_checkpoints(self.output_dir)
+        return f"the last checkpoint, {saved[-1]}, predates it" if saved else "no step checkpoint was saved"
 
     def _check_finite(self, metrics: dict[str, float], monitor: Monitor) -> None:
         """Stop at the first step whose loss or gradient norm is not finite (metrics are reduced over
@@ -164,11 +224,9 @@ class Trainer:
         if not bad:
             return
         monitor.step(self.step, metrics, console=True)
-        saved = state.complete_checkpoints(self.output_dir)
-        last = f"the last checkpoint, {saved[-1]}, predates it" if saved else "no step checkpoint was saved"
         values = ", ".join(f"{k.removeprefix('train/')}={v}" for k, v in bad.items())
         raise TrainingDiverged(f"training diverged at step {self.step} ({values}); no final/ was written and "
-                               f"{last}: lower optim.lr or raise optim.warmup_steps and start a new output_dir")
+                               f"{self._last_checkpoint()}: lower optim.lr or raise optim.warmup_steps and start a new output_dir")
 
     def fit(self) -> dict[str, Any]:
         """Train to `train.steps` (resuming if possible), validate, write `final/`; returns a summary.
@@ -180,7 +238,8 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.resume()
         first_step = self.step
-        monitor = Monitor(self.output_dir, cfg.steps, first_step, cfg.progress_bar)
+        monitor = Monitor(self.output_dir / METRICS_FILE, self.output_dir / TENSORBOARD_DIR, cfg.steps, first_step,
+                          cfg.progress_bar)
         train_metrics: dict[str, float] = {}
         val_metrics: dict[str, float] = {}
         seconds = 0.0
@@ -190,6 +249,7 @@ class Trainer:
                 while self.step < cfg.steps:
                     train_metrics = self.train_step()
                     self._check_finite(train_metrics, monitor)
+                    self._check_spikes(train_metrics, monitor)
                     seconds += train_metrics["train/step_seconds"]
                     last = self.step == cfg.steps
                     metrics = dict(train_metrics)

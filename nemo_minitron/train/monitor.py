@@ -12,6 +12,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from nemo_minitron import parallel
+from nemo_minitron.atomic import write_text
 
 log = logging.getLogger("nemo_minitron")
 
@@ -42,9 +43,12 @@ def reduce_metrics(per_microbatch: list[dict[str, torch.Tensor]]) -> dict[str, f
 
 
 class Monitor:
-    """Console lines every `log_interval` steps, TensorBoard scalars and `metrics.jsonl` (rank 0)."""
+    """Console lines every `log_interval` steps, TensorBoard scalars and a JSON-lines file of metrics
+    (rank 0). A run resumed at `first_step` first drops the file's rows of later steps (written by
+    the interrupted run after its last checkpoint), so every step has one row."""
 
-    def __init__(self, output_dir: Path, total_steps: int, first_step: int, progress_bar: bool = True):
+    def __init__(self, metrics_file: Path, tensorboard_dir: Path, total_steps: int, first_step: int,
+                 progress_bar: bool = True):
         self.enabled = parallel.is_main_process()
         self.writer = None
         self.bar = None
@@ -53,8 +57,9 @@ class Monitor:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-        self.jsonl = (Path(output_dir) / "metrics.jsonl").open("a")
+        self.writer = SummaryWriter(str(tensorboard_dir), purge_step=first_step + 1)
+        _drop_rows_after(Path(metrics_file), first_step)
+        self.jsonl = Path(metrics_file).open("a")
         if progress_bar:
             # disable=None: only on a terminal (no carriage-return spam in Slurm logs); log lines are
             # routed through the bar meanwhile so they do not tear it.
@@ -85,3 +90,21 @@ class Monitor:
                 self._redirect.__exit__(None, None, None)
             self.writer.close()
             self.jsonl.close()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite the metrics file `path` without its rows of steps after `step` (atomically)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _row_step(line) <= step]
+    if len(kept) != len(lines):
+        write_text(path, "".join(kept))
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics row; a torn last line (killed mid-write) counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -4,17 +4,22 @@ settings, preparing the data, the resume signature and the result."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nemo_minitron import checkpoint
+from nemo_minitron import checkpoint, parallel
 from nemo_minitron.errors import UserError
+from nemo_minitron.outputs import claim_output, settings_of
 from nemo_minitron.stage import StageConfig
 from nemo_minitron.train.config import DataConfig, OptimConfig, TrainConfig
 from nemo_minitron.train.data import TrainingData, gpt_training_data
-from nemo_minitron.train.loop import FINAL_DIR
+from nemo_minitron.train.loop import CADENCE_KEYS, FINAL_DIR, RUN_ENTRIES
+
+log = logging.getLogger("nemo_minitron")
 
 
 @dataclass
@@ -28,13 +33,33 @@ class TrainingStageConfig(StageConfig):
 
 
 def checkpoint_arch(cfg, key: str):
-    """The architecture of the checkpoint named by config key `key`; errors name the key."""
+    """The architecture of the checkpoint named by config key `key`, checked against the run's
+    sequence length and parallel layout; errors name the key."""
     cfg.require(key)
     path = Path(getattr(cfg, key))
     if not checkpoint.is_complete(path):
         problem = "does not exist" if not path.exists() else "is not a complete nemo-minitron checkpoint directory"
         raise UserError(f"{key}={path} {problem}")
-    return checkpoint.read_arch(path)
+    arch = checkpoint.read_arch(path)
+    arch.check_positions(cfg.train.seq_length, "train.seq_length")
+    layout = parallel.layout()
+    arch.check_parallel(layout.tp, layout.pp)
+    return arch
+
+
+def start_run(cfg: TrainingStageConfig, stage: str, inputs: Iterable[str | Path | None],
+              checkpoints: Iterable[str]) -> dict[str, Any] | None:
+    """Check the run's settings, then claim `cfg.output_dir` for a run of `stage` with them and the
+    content of its input `checkpoints` (config keys) (collective, after `parallel.initialize`; see
+    `outputs.claim_output`). Returns the earlier result if that run has finished, else None."""
+    cfg.train.validate(parallel.layout().dp)
+    cfg.optim.validate(cfg.train.steps)
+    settings = settings_of(cfg, ignore=[f"train.{key}" for key in CADENCE_KEYS], inputs=checkpoints)
+    claim_output(cfg.output_dir, stage, inputs, settings=settings, overwrite=cfg.overwrite, own=RUN_ENTRIES)
+    done = finished(cfg.output_dir)
+    if done is not None:
+        log.info("%s/%s is complete with these settings: nothing to do", cfg.output_dir, FINAL_DIR)
+    return done
 
 
 def finished(output_dir: str | Path) -> dict[str, Any] | None:

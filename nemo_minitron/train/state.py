@@ -130,12 +130,10 @@ def _load(path: Path, rank: int) -> dict[str, Any]:
 
 def load(path: Path, *, model, optimizer, scheduler, extra: dict[str, torch.Tensor]) -> None:
     """Restore weights, optimizer, schedule, extra tensors and RNG states from `path` (collective)."""
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     path = Path(path)
-    weights = dist_checkpointing.load(model.sharded_state_dict(), str(path / MODEL_DIR / checkpoint.WEIGHTS_DIR))
-    model.load_state_dict(weights, strict=True)
+    checkpoint.load_dist_weights(model, path / MODEL_DIR)
     rank = dist.get_rank() if dist.is_initialized() else 0
     own = _load(path, rank)
     # Data-parallel replicas hold identical optimizer states; replica 0 of this shard saved them.

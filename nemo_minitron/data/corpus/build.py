@@ -13,6 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from nemo_minitron import parallel
+from nemo_minitron.outputs import claim_output
 from nemo_minitron.atomic import atomic_file, write_text
 from nemo_minitron.data.corpus.debian import _cache_root, package_version
 from nemo_minitron.data.corpus.document import Document
@@ -157,9 +158,12 @@ def ensure_corpus(
     The one way stages get a corpus: rank 0 runs :func:`build_corpus` (a no-op when the
     manifest already matches), every rank waits for it. With ``output_dir`` None the corpus
     lives in ``<cache_dir or default_cache_dir()>/corpus/<hash of the settings>``, so the
-    same settings always find the same folder and different settings never share one.
+    same settings always find the same folder and different settings never share one; a given
+    ``output_dir`` must be new, empty or an earlier corpus (``outputs.claim_output``).
     ``cache_dir`` is also where the Debian packages are fetched.
     """
+    if output_dir is not None and not (Path(output_dir) / MANIFEST_NAME).is_file():
+        claim_output(output_dir, "corpus", user_paths, key="corpus.output_dir")
     if output_dir is None:
         settings = {
             "sources": list(sources),

@@ -12,7 +12,7 @@ from nemo_minitron.data.corpus.document import CorpusError, Document
 USER_SUFFIXES = (".txt", ".jsonl")
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     """``(line number, line)`` of a UTF-8 file; bytes that are not UTF-8 raise a
     :class:`CorpusError` that names the file and the line."""
     try:
@@ -40,7 +40,7 @@ def _txt_documents(path: Path) -> Iterator[tuple[int, str]]:
     """Paragraphs of a text file: documents are separated by one or more blank lines."""
     lines: list[str] = []
     start = 0
-    for number, line in _numbered_lines(path):
+    for number, line in numbered_lines(path):
         if line.strip():
             if not lines:
                 start = number
@@ -53,7 +53,7 @@ def _txt_documents(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _jsonl_documents(path: Path, text_key: str) -> Iterator[tuple[int, str]]:
-    for number, line in _numbered_lines(path):
+    for number, line in numbered_lines(path):
         if not line.strip():
             continue
         try:

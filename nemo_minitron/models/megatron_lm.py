@@ -1,0 +1,439 @@
+"""Megatron-LM checkpoints: a model trained with Megatron-LM's `pretrain_gpt.py` as the teacher, and
+a student written so that Megatron-LM trains it on with `--load`.
+
+Megatron-LM's `--ckpt-format torch_dist` layout (megatron/training/checkpointing.py):
+
+    DIR/                                  the run's --save directory
+      latest_checkpointed_iteration.txt   the latest save: an iteration number ("2000") or "release"
+      iter_0002000/                       one save (`get_checkpoint_name`: iter_{iteration:07d}), a
+                                          megatron-core distributed checkpoint of the state dict
+                                          that `generate_state_dict` builds:
+        common.pt                           what is not a tensor: `args` (the run's argparse
+                                            Namespace), `checkpoint_version` (3.0), `iteration`,
+                                            `num_floating_point_operations_so_far`, ...
+        metadata.json, .metadata, *.distcp  the tensors: `model` = GPTModel.sharded_state_dict(),
+                                            under the keys of our own weights/ (no prefix); the
+                                            optimizer and `rng_state` unless --no-save-optim /
+                                            --no-save-rng
+      release/                            a save without training state (tracker "release"):
+                                          Megatron-LM starts it at iteration 0 and loads neither
+                                          optimizer nor RNG state from it
+
+The architecture is recorded only in `args`: `arch_from_args` maps it to a `ModelArch`, refusing
+what nemo-minitron cannot prune (biases, positions other than rotary, MoE, ...); `megatron_args`
+is its inverse, the `args` an export records, and `command_line_flags` the same settings as the
+`pretrain_gpt.py` flags that build the model (FLAGS_FILE). Megatron-LM pads the vocabulary to a
+multiple of `--make-vocab-size-divisible-by` x TP; the padded rows are kept (the model computes
+exactly as in Megatron-LM), so `vocab_size` is the embedding's row count and the tokenizer may be
+shorter by less than one padding multiple.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_minitron import parallel
+from nemo_minitron.errors import UserError
+from nemo_minitron.models.bridge import checkpoint_shapes, local_parameters
+from nemo_minitron.models.config import FAMILY_LAYERS, ModelArch
+from nemo_minitron.models.gpt import unwrap_model
+from nemo_minitron.writer_processes import writers_die_with_parent
+
+log = logging.getLogger("nemo_minitron")
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+COMMON_FILE = "common.pt"
+FLAGS_FILE = "megatron_args.txt"
+TOKENIZER_DIR = "tokenizer"
+ENTRIES = (TRACKER_FILE, RELEASE, FLAGS_FILE, TOKENIZER_DIR)  # what an export writes
+CHECKPOINT_VERSION = 3.0   # what generate_state_dict records; older versions change how Megatron-LM loads
+# Megatron-LM saves with `singleton_local_shards` off: per-layer tensors stacked over the layers.
+CONTENT_METADATA = {"singleton_local_shards": False}
+_SAVE = re.compile(r"^(iter_\d{7,}|release)$")
+
+# pretrain_gpt.py flags (megatron/training/arguments.py, _add_network_size_args and friends) that
+# build a model: (args attribute, flag, kind). A "value" flag is written with its value, a
+# "store_true" flag when the attribute is true, a "store_false" flag when it is false.
+FLAGS = (
+    ("num_layers", "--num-layers", "value"),
+    ("hidden_size", "--hidden-size", "value"),
+    ("ffn_hidden_size", "--ffn-hidden-size", "value"),
+    ("num_attention_heads", "--num-attention-heads", "value"),
+    ("group_query_attention", "--group-query-attention", "store_true"),
+    ("num_query_groups", "--num-query-groups", "value"),
+    ("kv_channels", "--kv-channels", "value"),
+    ("max_position_embeddings", "--max-position-embeddings", "value"),
+    ("seq_length", "--seq-length", "value"),
+    ("position_embedding_type", "--position-embedding-type", "value"),
+    ("rotary_base", "--rotary-base", "value"),
+    ("rotary_percent", "--rotary-percent", "value"),
+    ("use_rope_scaling", "--use-rope-scaling", "store_true"),
+    ("rope_scaling_factor", "--rope-scaling-factor", "value"),
+    ("normalization", "--normalization", "value"),
+    ("norm_epsilon", "--norm-epsilon", "value"),
+    ("swiglu", "--swiglu", "store_true"),
+    ("squared_relu", "--squared-relu", "store_true"),
+    ("untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights", "store_true"),
+    ("add_bias_linear", "--disable-bias-linear", "store_false"),
+    ("make_vocab_size_divisible_by", "--make-vocab-size-divisible-by", "value"),
+    ("tokenizer_type", "--tokenizer-type", "value"),
+    ("tokenizer_model", "--tokenizer-model", "value"),
+)
+# args that make a model nemo-minitron cannot prune: attribute -> what it is. Megatron-LM's defaults
+# leave each of them false / None.
+_UNSUPPORTED = {
+    "num_experts": "mixture-of-experts layers (--num-experts)",
+    "add_qkv_bias": "QKV biases (--add-qkv-bias)",
+    "qk_layernorm": "query/key layer norms (--qk-layernorm)",
+    "multi_latent_attention": "multi-latent attention (--multi-latent-attention)",
+    "mtp_num_layers": "multi-token prediction layers (--mtp-num-layers)",
+    "rotary_interleaved": "interleaved rotary embeddings (--rotary-interleaved)",
+    "rotary_seq_len_interpolation_factor": "rotary sequence interpolation (--rotary-seq-len-interpolation-factor)",
+    "no_rope_freq": "layers without rotary embeddings (--no-rope-freq)",
+    "window_size": "sliding-window attention (--window-size)",
+    "apply_residual_connection_post_layernorm": "post-norm residuals (--apply-residual-connection-post-layernorm)",
+    "heterogeneous_layers_config_path": "heterogeneous layers (--heterogeneous-layers-config-path)",
+    "glu_linear_offset": "an offset in the GLU (--glu-linear-offset)",
+}
+
+
+@dataclass(frozen=True)
+class MegatronLMCheckpoint:
+    """One save of a Megatron-LM run, read as far as building its model needs."""
+
+    path: Path                # its iter_NNNNNNN/ or release/ directory
+    arch: ModelArch
+    zero_centred_gamma: bool  # --apply-layernorm-1p: the norms hold gamma - 1
+
+
+# --- the directory -----------------------------------------------------------------------------
+
+def _save_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _saves(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _SAVE.match(p.name))
+
+
+def checkpoint_dir(root: Path, iteration: int | None) -> Path:
+    """The directory of save `iteration` in the Megatron-LM --save directory `root`; with None the
+    save latest_checkpointed_iteration.txt names (Megatron-LM's read_metadata + get_checkpoint_name)."""
+    if not root.is_dir():
+        raise UserError(f"megatron_path={root} is not a directory")
+    tracker = root / TRACKER_FILE
+    if iteration is not None:
+        name = _save_name(iteration)
+    elif not tracker.is_file():
+        raise UserError(f"megatron_path={root} has no {TRACKER_FILE}: point it at the --save directory of a "
+                        f"Megatron-LM run, or choose a save with iteration=N (saves there: {_saves(root) or 'none'})")
+    else:
+        text = tracker.read_text().strip()
+        if not (text == RELEASE or text.isdigit()):
+            raise UserError(f"{tracker} holds {text!r}, neither an iteration number nor {RELEASE!r}")
+        name = RELEASE if text == RELEASE else _save_name(int(text))
+    path = root / name
+    if not path.is_dir():
+        raise UserError(f"megatron_path={root} has no save {name}/: choose iteration= among {_saves(root) or 'none'}")
+    if not (path / "metadata.json").is_file():
+        if any(p.name.startswith("mp_rank_") for p in path.iterdir()):
+            raise UserError(f"{path} holds a --ckpt-format torch checkpoint (one file per rank): re-save it as "
+                            f"torch_dist with Megatron-LM (--ckpt-convert-format torch_dist --ckpt-convert-save DIR)")
+        raise UserError(f"{path} is not a megatron distributed checkpoint (no metadata.json): save with "
+                        f"--ckpt-format torch_dist")
+    return path
+
+
+class _Unreadable:
+    """Stands in for a class in `args` that this environment lacks (e.g. an enum of a newer
+    Megatron-LM): such settings are never architecture, and nothing of the file is executed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+@contextmanager
+def _common_state_readable(path: Path) -> Iterator[Path]:
+    """Inside the block, torch's weights-only loader (which megatron-core reads the common state
+    with) accepts every class in save `path`'s common.pt: argparse.Namespace, and as `_Unreadable`
+    the classes this environment lacks or megatron-core does not allow. Yields the file."""
+    from torch import serialization
+
+    file = path / COMMON_FILE
+    if not file.is_file():
+        raise UserError(f"{path} has no {COMMON_FILE}: the save is incomplete")
+    unknown = [name for name in serialization.get_unsafe_globals_in_checkpoint(file) if name != "argparse.Namespace"]
+    with serialization.safe_globals([argparse.Namespace, *[(_Unreadable, name) for name in unknown]]):
+        yield file
+
+
+def read_args(path: Path) -> argparse.Namespace:
+    """The training arguments Megatron-LM stored in the common state of save directory `path`."""
+    with _common_state_readable(path) as file:
+        common = torch.load(file, map_location="cpu", weights_only=True)
+    args = common.get("args") if isinstance(common, dict) else None
+    if not isinstance(args, argparse.Namespace):
+        raise UserError(f"{file} holds no training arguments (`args`): not a checkpoint of Megatron-LM's "
+                        f"pretrain_gpt.py")
+    return args
+
+
+# --- args <-> ModelArch --------------------------------------------------------------------------
+
+def _arg(args: argparse.Namespace, name: str) -> Any:
+    if not hasattr(args, name):
+        raise UserError(f"the checkpoint's args lack {name}: not a checkpoint of Megatron-LM's pretrain_gpt.py")
+    return getattr(args, name)
+
+
+def _activation(args: argparse.Namespace) -> str | None:
+    if getattr(args, "swiglu", False):
+        return "swiglu"
+    return "squared_relu" if getattr(args, "squared_relu", False) else None
+
+
+def _problems(args: argparse.Namespace) -> list[str]:
+    """What in `args` nemo-minitron cannot import, one phrase each."""
+    problems = [what for name, what in _UNSUPPORTED.items() if getattr(args, name, None)]
+    # Biases are on by default. Some older runs record `disable_bias_linear`, which Megatron-LM's
+    # load_args_from_checkpoint lets win over add_bias_linear.
+    if hasattr(args, "disable_bias_linear"):
+        biases = not args.disable_bias_linear
+    else:
+        biases = getattr(args, "add_bias_linear", True)
+    if biases:
+        problems.append("linear biases (train with --disable-bias-linear)")
+    rotary = getattr(args, "use_rotary_position_embeddings", False)  # the deprecated spelling of rope
+    position = "rope" if rotary else _arg(args, "position_embedding_type")
+    if position != "rope":
+        problems.append(f"--position-embedding-type {position} (rotary only)")
+    activation = _activation(args)
+    layers = (_arg(args, "normalization"), activation)
+    if activation is None:
+        problems.append("a GeLU-family MLP (nemo-minitron prunes --swiglu and --squared-relu MLPs)")
+    elif layers not in {(norm, act) for norm, act, _ in FAMILY_LAYERS.values()}:
+        problems.append(f"--normalization {layers[0]} with a {activation} MLP (supported: RMSNorm with --swiglu, "
+                        f"LayerNorm with --squared-relu)")
+    return problems
+
+
+def arch_from_args(args: argparse.Namespace, vocab_size: int) -> ModelArch:
+    """The ModelArch of the GPTModel pretrain_gpt.py builds from `args` (gpt_builders.gpt_builder and
+    arguments.core_transformer_config_from_args), with `vocab_size` embedding rows."""
+    problems = _problems(args)
+    if problems:
+        raise UserError("unsupported Megatron-LM model: " + "; ".join(problems))
+    activation = _activation(args)
+    family = next(name for name, (norm, act, _) in FAMILY_LAYERS.items()
+                  if (norm, act) == (args.normalization, activation))
+    heads, hidden = _arg(args, "num_attention_heads"), _arg(args, "hidden_size")
+    scaling = float(getattr(args, "rope_scaling_factor", 8.0)) if getattr(args, "use_rope_scaling", False) else None
+    return ModelArch(
+        num_layers=_arg(args, "num_layers"),
+        hidden_size=hidden,
+        ffn_hidden_size=_arg(args, "ffn_hidden_size"),
+        num_attention_heads=heads,
+        num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", False) else heads,
+        kv_channels=getattr(args, "kv_channels", None) or hidden // heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=_arg(args, "max_position_embeddings"),
+        rope_theta=float(getattr(args, "rotary_base", 10000)),
+        rope_scaling_factor=scaling,
+        norm_eps=float(getattr(args, "norm_epsilon", 1e-5)),
+        tie_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
+        family=family,
+        rotary_percent=float(getattr(args, "rotary_percent", 1.0)),
+    )
+
+
+def padded_vocab_size(tokens: int, divisor: int, tp: int) -> int:
+    """Megatron-LM's embedding rows for a tokenizer of `tokens` (tokenizer._vocab_size_with_padding)."""
+    multiple = divisor * tp
+    return math.ceil(tokens / multiple) * multiple
+
+
+def vocab_divisor(vocab_size: int, tokens: int) -> int:
+    """The smallest --make-vocab-size-divisible-by under which Megatron-LM pads a tokenizer of
+    `tokens` to exactly `vocab_size` rows at TP=1; any TP dividing vocab_size / divisor works too."""
+    return next(d for d in range(1, vocab_size + 1) if vocab_size % d == 0 and vocab_size - tokens < d)
+
+
+def megatron_args(arch: ModelArch, tokens: int, seq_length: int, tokenizer_model: Path, tp: int, pp: int) -> dict:
+    """The args an export records for `arch` (attribute -> value; `arch_from_args` inverts them): the
+    model flags of FLAGS, the tokenizer (a Hugging Face one of `tokens` tokens at `tokenizer_model`),
+    and how the save was made: no optimizer or RNG state, nothing consumed yet."""
+    return {
+        "num_layers": arch.num_layers,
+        "hidden_size": arch.hidden_size,
+        "ffn_hidden_size": arch.ffn_hidden_size,
+        "num_attention_heads": arch.num_attention_heads,
+        "group_query_attention": True,
+        "num_query_groups": arch.num_query_groups,
+        "kv_channels": arch.kv_channels,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "seq_length": seq_length,
+        "position_embedding_type": "rope",
+        "add_position_embedding": True,  # Megatron-LM's default, which check_checkpoint_args compares
+        "rotary_base": int(arch.rope_theta),  # an int in Megatron-LM and in GPTModel
+        "rotary_percent": arch.rotary_percent,
+        "use_rope_scaling": arch.rope_scaling_factor is not None,
+        "rope_scaling_factor": arch.rope_scaling_factor or 8.0,
+        "normalization": arch.normalization,
+        "norm_epsilon": arch.norm_eps,
+        "apply_layernorm_1p": False,
+        "swiglu": arch.gated,
+        "squared_relu": not arch.gated,
+        "untie_embeddings_and_output_weights": not arch.tie_embeddings,
+        "add_bias_linear": False,
+        "add_qkv_bias": False,
+        "padded_vocab_size": arch.vocab_size,
+        "make_vocab_size_divisible_by": vocab_divisor(arch.vocab_size, tokens),
+        "tokenizer_type": "HuggingFaceTokenizer",
+        "tokenizer_model": str(tokenizer_model),
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "ckpt_format": "torch_dist",
+        "no_save_optim": True,
+        "no_save_rng": True,
+        "consumed_train_samples": 0,
+        "skipped_train_samples": 0,
+        "consumed_valid_samples": 0,
+        "data_parallel_random_init": False,
+    }
+
+
+def command_line_flags(args: dict) -> list[str]:
+    """The pretrain_gpt.py flags of FLAGS that set `args`, one flag (and its value) per item."""
+    flags = []
+    for name, flag, kind in FLAGS:
+        value = args[name]
+        if kind == "value" and not (name == "rope_scaling_factor" and not args["use_rope_scaling"]):
+            flags.append(f"{flag} {value}")
+        elif (kind == "store_true" and value) or (kind == "store_false" and not value):
+            flags.append(flag)
+    return flags
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from megatron.core import dist_checkpointing
+
+    return {key: tuple(meta.global_shape) for key, meta in dist_checkpointing.load_tensors_metadata(str(path)).items()
+            if hasattr(meta, "global_shape")}
+
+
+def _check_shapes(path: Path, arch: ModelArch, saved: dict[str, tuple[int, ...]]) -> None:
+    """UserError naming the first model tensor of `path` that `arch` (from its args) does not describe."""
+    for key, shape in checkpoint_shapes(arch).items():
+        if saved.get(key) != shape:
+            found = f"holds {saved[key]}" if key in saved else "lacks it"
+            raise UserError(f"{path}: its args imply {key} of shape {shape}, but the checkpoint {found}")
+
+
+def _tokenizer_dir(args: argparse.Namespace, tokenizer: str | None, path: Path) -> str:
+    """`tokenizer`, else the Hugging Face tokenizer directory the run recorded if it exists here."""
+    if tokenizer:
+        return tokenizer
+    kind, recorded = getattr(args, "tokenizer_type", None), getattr(args, "tokenizer_model", None)
+    if kind == "HuggingFaceTokenizer" and recorded and Path(recorded).is_dir():
+        log.info("tokenizer: %s (the run's --tokenizer-model)", recorded)
+        return recorded
+    raise UserError(f"set tokenizer=DIR (a Hugging Face tokenizer directory): a Megatron-LM checkpoint carries no "
+                    f"tokenizer, and {path} was trained with --tokenizer-type {kind} --tokenizer-model {recorded}")
+
+
+def _check_vocab(args: argparse.Namespace, rows: int, tokens: int, tokenizer: str) -> None:
+    """UserError unless a tokenizer of `tokens` tokens is one Megatron-LM pads to `rows` rows."""
+    recorded = getattr(args, "padded_vocab_size", None)
+    if recorded is not None and recorded != rows:
+        raise UserError(f"the checkpoint's args say padded_vocab_size={recorded} but its embedding has {rows} rows")
+    multiple = getattr(args, "make_vocab_size_divisible_by", 1) * getattr(args, "tensor_model_parallel_size", 1)
+    if not rows - multiple < tokens <= rows:
+        raise UserError(f"tokenizer={tokenizer} has {tokens} tokens, but the checkpoint's {rows} embedding rows are a "
+                        f"vocabulary of {max(rows - multiple + 1, 1)} to {rows} tokens padded to a multiple of "
+                        f"{multiple}: pass the tokenizer the model was trained with (--tokenizer-model "
+                        f"{getattr(args, 'tokenizer_model', None)})")
+
+
+def read_checkpoint(root: str | Path, iteration: int | None, tokenizer: str | None):
+    """(MegatronLMCheckpoint, tokenizer) of a save in Megatron-LM run directory `root`; the
+    architecture comes from the saved args and is checked against the saved tensor shapes."""
+    from transformers import AutoTokenizer
+
+    path = checkpoint_dir(Path(root), iteration)
+    args = read_args(path)
+    saved = _tensor_shapes(path)
+    if "embedding.word_embeddings.weight" not in saved:
+        raise UserError(f"{path} holds no embedding.word_embeddings.weight: not a megatron-core GPTModel "
+                        f"(legacy --use-legacy-models checkpoints are not supported)")
+    rows = saved["embedding.word_embeddings.weight"][0]
+    try:
+        arch = arch_from_args(args, rows)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+    _check_shapes(path, arch, saved)
+    source = _tokenizer_dir(args, tokenizer, path)
+    loaded = AutoTokenizer.from_pretrained(source)
+    _check_vocab(args, rows, len(loaded), source)
+    arch = arch.replace(bos_token_id=loaded.bos_token_id, eos_token_id=loaded.eos_token_id)
+    return MegatronLMCheckpoint(path, arch, bool(getattr(args, "apply_layernorm_1p", False))), loaded
+
+
+@torch.no_grad()
+def load_weights(model, ckpt: MegatronLMCheckpoint) -> None:
+    """Fill `model` (this rank's shards of `ckpt.arch`) from the save (collective); megatron reshards
+    from the TP/PP it was saved at."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    model = unwrap_model(model)
+    # Requested keys the save lacks are dropped rather than fatal: a Transformer Engine model asks
+    # for the `_extra_state` of its layers, which a --transformer-impl local run never saved.
+    # Every weight was checked present by `read_checkpoint`, and load_state_dict checks again.
+    with _common_state_readable(ckpt.path):
+        loaded, _, _ = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.path),
+                                               strict=StrictHandling.RETURN_UNEXPECTED)
+    missing = [key for key in model.load_state_dict(loaded["model"], strict=False).missing_keys
+               if not key.endswith("_extra_state")]
+    if missing:
+        raise UserError(f"{ckpt.path} lacks the weights {missing[:3]} of the model its args describe")
+    if ckpt.zero_centred_gamma:  # our norms apply their weight as it is: store gamma itself
+        for name, _, param in local_parameters(model):
+            if name.endswith("layernorm.weight"):
+                param.copy_((param.float() + 1.0).to(param.dtype))
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+def save_release(model, root: Path, args: dict, tokenizer) -> None:
+    """Write `model` (collective) into `root` as a Megatron-LM release save recording `args`: into the
+    existing empty root/release/ the state dict generate_state_dict builds under --no-save-optim
+    --no-save-rng, beside it the tracker saying "release", the tokenizer and FLAGS_FILE."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_minitron.models.hf_io import save_portable_tokenizer
+
+    state = {"args": argparse.Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+             "model": unwrap_model(model).sharded_state_dict(), "num_floating_point_operations_so_far": 0}
+    with writers_die_with_parent():
+        dist_checkpointing.save(state, str(root / RELEASE), content_metadata=dict(CONTENT_METADATA))
+    parallel.barrier()
+    if parallel.is_main_process():
+        (root / TRACKER_FILE).write_text(RELEASE)
+        save_portable_tokenizer(tokenizer, root / TOKENIZER_DIR)
+        (root / FLAGS_FILE).write_text("\n".join(command_line_flags(args)) + "\n")
