@@ -40,7 +40,6 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 # Everything a run writes into its output directory.
 RUN_ENTRIES = (FINAL_DIR, state.CHECKPOINTS_DIR, METRICS_FILE, TENSORBOARD_DIR)
-# Settings that do not change the trajectory of the weights, so a resumed run may change them.
 # Settings that change how often a run reports or saves, not what it trains: a run may resume with others.
 CADENCE_KEYS = ("log_interval", "eval_interval", "eval_batches", "save_interval", "keep_checkpoints", "progress_bar")
 
