@@ -274,11 +274,5 @@ def search_architecture(cfg: SearchConfig) -> dict:
         replace_dir(partial_dir, target)
         files = write_report(output, report)
     parallel.barrier()
-    return _result(report, files)
-
-
-def _result(report: dict, files: dict[str, str]) -> dict:
-    """The stage's JSON result, from its report."""
-    rows = report["candidates"]
-    return {"status": "done", "winner": report["winner"], "enumerated": report["enumerated"], "scored": len(rows),
+    return {"status": "done", "winner": report["winner"], "enumerated": len(found), "scored": len(rows),
             "retrained": sum(r["retrained_loss"] is not None for r in rows), "report": files}
