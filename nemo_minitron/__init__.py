@@ -22,10 +22,12 @@ from nemo_minitron.convert import (
     CheckConfig,
     ExportHFConfig,
     ExportMegatronConfig,
+    ExportNeMoConfig,
     ImportConfig,
     check_checkpoint,
     export_hf,
     export_megatron,
+    export_nemo,
     import_checkpoint,
 )
 from nemo_minitron.distill import DistillationLoss, DistillationModel, LayerPair, LogitLoss
@@ -54,11 +56,11 @@ from nemo_minitron.prune.inplace import prune  # noqa: E402  isort: skip
 
 __all__ = [
     "Aggregation", "AlignConfig", "CheckConfig", "DistillConfig", "DistillationLoss", "DistillationModel",
-    "EvalConfig", "ExportHFConfig", "ExportMegatronConfig", "GenerateConfig", "ImportConfig", "ImportanceScores",
+    "EvalConfig", "ExportHFConfig", "ExportMegatronConfig", "ExportNeMoConfig", "GenerateConfig", "ImportConfig", "ImportanceScores",
     "LayerPair", "LogitLoss", "ModelArch", "PipelineConfig", "PruneConfig", "SearchConfig", "TeacherCorrectConfig",
     "UserError", "align_checkpoint", "arch_of", "build_gpt_model", "check_checkpoint", "contiguous_block_scores",
     "correct_teacher", "distill_checkpoint", "estimate_importance", "evaluate_checkpoint", "evaluate_perplexity",
-    "export_hf", "export_megatron", "generate_text", "import_checkpoint", "layer_loss_scores", "load_checkpoint",
+    "export_hf", "export_megatron", "export_nemo", "generate_text", "import_checkpoint", "layer_loss_scores", "load_checkpoint",
     "load_weights", "loss_metric", "parallel", "perplexity_loop", "prune", "prune_checkpoint", "run_pipeline",
     "save_checkpoint", "search_architecture", "verify_checkpoint",
 ]

@@ -40,6 +40,7 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.models.bridge import checkpoint_shapes
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.gpt import arch_of, remember_identity, unwrap_model
+from nemo_minitron.models.hf_io import save_portable_tokenizer
 from nemo_minitron.writer_processes import writers_die_with_parent
 
 CONFIG_FILE = "model_config.json"
@@ -82,8 +83,8 @@ def save_checkpoint(model, path: str | Path, tokenizer=None, metadata: dict[str,
     parallel.barrier()
     if parallel.is_main_process():
         arch.save(partial / CONFIG_FILE)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(partial / TOKENIZER_DIR)
+        if tokenizer is not None:  # readable by transformers 4.x too (the NGC NeMo containers' line)
+            save_portable_tokenizer(tokenizer, partial / TOKENIZER_DIR)
         layout = parallel.layout()
         info = {
             "format": "nemo_minitron/1",

@@ -1,7 +1,7 @@
-"""The checkpoint stages: a Hugging Face directory, a Megatron-LM run or the embedded teacher -> a
-checkpoint (`import_checkpoint`), a checkpoint -> a Hugging Face directory (`export_hf`) or a
-Megatron-LM checkpoint (`export_megatron`), and verifying a checkpoint without loading the model
-(`check_checkpoint`)."""
+"""The checkpoint stages: a Hugging Face directory, a Megatron-LM run, a NeMo 2 checkpoint or the
+embedded teacher -> a checkpoint (`import_checkpoint`), a checkpoint -> a Hugging Face directory
+(`export_hf`), a Megatron-LM checkpoint (`export_megatron`) or a NeMo 2 checkpoint (`export_nemo`),
+and verifying a checkpoint without loading the model (`check_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import ClassVar
 from nemo_minitron import checkpoint, parallel
 from nemo_minitron.atomic import replace_dir
 from nemo_minitron.errors import UserError
-from nemo_minitron.models import bridge, megatron_lm
+from nemo_minitron.models import bridge, megatron_lm, nemo2
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.gpt import build_gpt_model
 from nemo_minitron.outputs import MARKER_FILE, check_output, settings_of
@@ -27,11 +27,12 @@ BUILTIN_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF shipped in t
 
 @dataclass
 class ImportConfig(StageConfig):
-    model: str | None = "smollm2-135m"   # a built-in model, used when hf_path and megatron_path are not set
+    model: str | None = "smollm2-135m"   # a built-in model, used when no path below is set
     hf_path: str | None = None
     megatron_path: str | None = None     # a Megatron-LM --save directory (torch_dist)
     iteration: int | None = None         # its save to import; None: the latest
-    tokenizer: str | None = None         # the HF tokenizer directory of a Megatron-LM model
+    nemo_path: str | None = None         # a NeMo 2 checkpoint directory (context/ + weights/)
+    tokenizer: str | None = None         # the HF tokenizer directory of a Megatron-LM or NeMo 2 model
     output_dir: str | None = None
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("iteration",)
 
@@ -51,6 +52,12 @@ class ExportMegatronConfig(StageConfig):
 
 
 @dataclass
+class ExportNeMoConfig(StageConfig):
+    checkpoint: str | None = None
+    output_dir: str | None = None
+
+
+@dataclass
 class CheckConfig(StageConfig):
     checkpoint: str | None = None
     checksums: bool = True   # false: only file sizes and tensor shapes (no reading of the weights)
@@ -64,24 +71,32 @@ def check_checkpoint(cfg: CheckConfig) -> dict:
 
 
 def read_source(model: str | None, hf_path: str | None, dtype, megatron_path: str | None = None,
-                iteration: int | None = None, tokenizer: str | None = None):
+                iteration: int | None = None, tokenizer: str | None = None, nemo_path: str | None = None):
     """(arch, weights, tokenizer, description) of the model to import. The weights are an HF state
-    dict, or for a Megatron-LM save the `MegatronLMCheckpoint` each rank reads its shards of."""
-    if (iteration is not None or tokenizer) and not megatron_path:
-        raise UserError("iteration= and tokenizer= select a Megatron-LM save: set megatron_path=DIR too")
+    dict, or for a Megatron-LM save / NeMo 2 checkpoint the object each rank reads its shards of."""
+    paths = {name: value for name, value in
+             (("hf_path", hf_path), ("megatron_path", megatron_path), ("nemo_path", nemo_path)) if value}
+    if len(paths) > 1:
+        raise UserError(f"set one of hf_path=, megatron_path= and nemo_path=, not {' and '.join(paths)}")
+    if iteration is not None and not megatron_path:
+        raise UserError("iteration= selects a save of a Megatron-LM run: set megatron_path=DIR too")
+    if tokenizer and not (megatron_path or nemo_path):
+        raise UserError("tokenizer= is the tokenizer of a Megatron-LM or NeMo 2 model: set megatron_path= or "
+                        "nemo_path= too (a Hugging Face directory brings its own)")
     if megatron_path:
-        if hf_path:
-            raise UserError("set one of hf_path= and megatron_path=, not both")
         ckpt, loaded = megatron_lm.read_checkpoint(megatron_path, iteration, tokenizer)
         return ckpt.arch, ckpt, loaded, {"megatron_path": str(Path(megatron_path).absolute()), "save": ckpt.path.name}
+    if nemo_path:
+        ckpt, loaded = nemo2.read_checkpoint(nemo_path, tokenizer)
+        return ckpt.arch, ckpt, loaded, {"nemo_path": str(Path(nemo_path).absolute())}
     if hf_path:
         from nemo_minitron.models.hf_io import read_hf_directory
 
         arch, state, tokenizer = read_hf_directory(hf_path, dtype)
         return arch, state, tokenizer, {"hf_path": str(Path(hf_path).absolute())}
     if model not in BUILTIN_MODELS:
-        raise UserError(f"model={model} is not a built-in model ({', '.join(BUILTIN_MODELS)}); or set hf_path=DIR "
-                        f"or megatron_path=DIR")
+        raise UserError(f"model={model} is not a built-in model ({', '.join(BUILTIN_MODELS)}); or set hf_path=DIR, "
+                        f"megatron_path=DIR or nemo_path=DIR")
     from nemo_minitron.models.gguf_import import embedded_gguf_path, load_gguf_llama
 
     path = embedded_gguf_path()
@@ -94,6 +109,8 @@ def load_source_weights(model, arch: ModelArch, weights) -> None:
     """Fill `model` (this rank's shards of `arch`) with the weights `read_source` returned."""
     if isinstance(weights, megatron_lm.MegatronLMCheckpoint):
         megatron_lm.load_weights(model, weights)
+    elif isinstance(weights, nemo2.NeMo2Checkpoint):
+        nemo2.load_weights(model, weights)
     else:
         bridge.load_global(model, bridge.hf_to_global(arch, weights))
 
@@ -101,7 +118,8 @@ def load_source_weights(model, arch: ModelArch, weights) -> None:
 def import_checkpoint(cfg: ImportConfig) -> dict:
     cfg.require("output_dir")
     settings = settings_of(cfg)
-    out = check_output(cfg.output_dir, "import", [cfg.hf_path, cfg.megatron_path, cfg.tokenizer], settings=settings,
+    out = check_output(cfg.output_dir, "import", [cfg.hf_path, cfg.megatron_path, cfg.nemo_path, cfg.tokenizer],
+                       settings=settings,
                        overwrite=cfg.overwrite, own=checkpoint.ENTRIES)
     if checkpoint.is_complete(out) and not cfg.overwrite:
         log.info("%s already holds this import: nothing to do", out)
@@ -112,7 +130,7 @@ def import_checkpoint(cfg: ImportConfig) -> dict:
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
     with timed(times, "read_s"):
         arch, weights, tokenizer, source = read_source(cfg.model, cfg.hf_path, dtype, cfg.megatron_path,
-                                                       cfg.iteration, cfg.tokenizer)
+                                                       cfg.iteration, cfg.tokenizer, cfg.nemo_path)
     arch.check_parallel(layout.tp, layout.pp)
     log.info("importing %s: %d layers, hidden %d, %s params", source, arch.num_layers, arch.hidden_size,
              f"{arch.num_parameters()['total']:,}")
@@ -187,3 +205,35 @@ def export_megatron(cfg: ExportMegatronConfig) -> dict:
     parallel.barrier()
     return {"megatron_dir": str(out), "flags": str(out / megatron_lm.FLAGS_FILE),
             "make_vocab_size_divisible_by": args["make_vocab_size_divisible_by"], **times}
+
+
+def export_nemo(cfg: ExportNeMoConfig) -> dict:
+    """A checkpoint -> a NeMo 2 checkpoint directory that NeMo 2 restores (`models/nemo2.py`;
+    docs/design.md section 18). Needs NeMo 2 importable: it writes context/ with NeMo itself."""
+    cfg.require("checkpoint", "output_dir")
+    settings = settings_of(cfg, inputs=["checkpoint"])
+    out = check_output(cfg.output_dir, "export-nemo", [cfg.checkpoint], settings=settings, overwrite=cfg.overwrite,
+                       own=nemo2.ENTRIES)
+    if (out / nemo2.CONTEXT_DIR / nemo2.MODEL_YAML).is_file() and not cfg.overwrite:
+        log.info("%s already holds this export: nothing to do", out)
+        return {"nemo_dir": str(out), "already_complete": True}
+    version = nemo2.require_nemo()
+    arch = checkpoint.read_arch(cfg.checkpoint)
+    times: dict[str, float] = {}
+    parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    with timed(times, "load_s"):
+        model = checkpoint.load_checkpoint(cfg.checkpoint, params_dtype=cfg.torch_dtype)
+    out, partial = checkpoint.start_partial(out, nemo2.WEIGHTS_DIR)
+    zero_centred = arch.family == "nemotron"  # NeMo's NemotronConfig stores zero-centred gammas
+    with timed(times, "save_s"):
+        nemo2.save_weights(model, partial / nemo2.WEIGHTS_DIR, zero_centred)
+    if parallel.is_main_process():
+        nemo2.write_context(arch, Path(cfg.checkpoint) / checkpoint.TOKENIZER_DIR, partial / nemo2.CONTEXT_DIR,
+                            cfg.torch_dtype)
+        marker = {"stage": "export-nemo", "checkpoint": str(Path(cfg.checkpoint).absolute()), "settings": settings,
+                  "nemo_toolkit": version, "entries": list(nemo2.ENTRIES)}
+        (partial / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        replace_dir(partial, out)
+        log.info("wrote %s: a NeMo 2 checkpoint (nemo_toolkit %s)", out, version)
+    parallel.barrier()
+    return {"nemo_dir": str(out), "nemo_toolkit": version, **times}

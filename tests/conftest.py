@@ -7,3 +7,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers: tiny.py, distributed.py, cli.py
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))  # config_reference.py, the docs generator
+
+import pytest  # noqa: E402
+
+from commands import COMPAT_MCORE, COMPAT_PYTHON  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def compat_python() -> Path:
+    if not COMPAT_PYTHON.is_file():
+        pytest.fail(f"{COMPAT_PYTHON} is missing: run `bash scripts/install.sh` (it makes the venv of "
+                    f"megatron-core {COMPAT_MCORE}, transformers 4.57 and NeMo 2.7.3)")
+    return COMPAT_PYTHON

@@ -395,6 +395,17 @@ def test_tiny_untied_llama_round_trips(tmp_path: Path) -> None:
         ModelArch.from_hf_config(loaded.config)
 
 
+def test_a_sliding_window_shorter_than_the_positions_is_refused() -> None:
+    from nemo_minitron.models.config import ModelArch
+
+    mistral = {"model_type": "mistral", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96,
+               "num_attention_heads": 4, "vocab_size": 320, "max_position_embeddings": 32768}
+    with pytest.raises(ValueError, match="sliding_window=4096 is shorter than max_position_embeddings=32768"):
+        ModelArch.from_hf_config({**mistral, "sliding_window": 4096})  # Mistral 7B v0.1
+    for window in (None, 32768):  # v0.2 on, Mistral-NeMo: full attention
+        assert ModelArch.from_hf_config({**mistral, "sliding_window": window}).family == "mistral"
+
+
 def test_rejects_non_llama_architecture(tmp_path: Path) -> None:
     path = _write_gguf(tmp_path / "gpt2.gguf", "gpt2", lambda writer: writer.add_block_count(1))
     with pytest.raises(ValueError, match="only the 'llama' GGUF architecture"):

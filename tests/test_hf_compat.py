@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import hf_reader
+from commands import COMPAT_MCORE
 from distributed import run_distributed
 from nemo_minitron.models import bridge, gguf_import
 from nemo_minitron.models.config import HF_ARCHITECTURES
@@ -28,8 +29,6 @@ from nemo_minitron.prune.planner import PUBLISHED_RECIPES, PUBLISHED_TEACHERS, p
 from tiny import hf_model, tiny_arch, tiny_tokenizer
 
 ROOT = Path(__file__).parents[1]
-COMPAT_MCORE = "0.15.3"  # the venv scripts/install.sh makes with `scripts/compat.sh 0.15.3 --no-tests`
-COMPAT_PYTHON = ROOT / f".venv-mcore-{COMPAT_MCORE}" / "bin" / "python"
 
 TOKENS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
 # SmolLM2-135M width-pruned to hidden 448 keeps 9 heads of 64: hidden is neither heads x head_dim
@@ -76,13 +75,6 @@ def transformers_5_only(config_file: Path) -> None:
     for key in ("rope_theta", "rope_scaling", "partial_rotary_factor"):
         config.pop(key, None)
     config_file.write_text(json.dumps(config))
-
-
-@pytest.fixture(scope="module")
-def compat_python() -> Path:
-    if not COMPAT_PYTHON.is_file():
-        pytest.fail(f"{COMPAT_PYTHON} is missing: run `bash scripts/install.sh` (it makes the transformers 4.57 venv)")
-    return COMPAT_PYTHON
 
 
 @pytest.fixture(scope="module")

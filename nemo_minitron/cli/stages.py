@@ -2,9 +2,10 @@
 it imports nothing, so every other CLI module may read it."""
 
 STAGES: dict[str, tuple[str, str]] = {
-    "import": ("nemo_minitron.cli.import_model", "import a HF directory, Megatron-LM run or built-in model"),
+    "import": ("nemo_minitron.cli.import_model", "import a HF directory, Megatron-LM run, NeMo 2 checkpoint or built-in model"),
     "export-hf": ("nemo_minitron.cli.export_hf", "write a checkpoint as a Hugging Face model directory"),
     "export-megatron": ("nemo_minitron.cli.export_megatron", "write a checkpoint for Megatron-LM (--load + flags)"),
+    "export-nemo": ("nemo_minitron.cli.export_nemo", "write a checkpoint as a NeMo 2 checkpoint (context/ + weights/)"),
     "check": ("nemo_minitron.cli.check", "verify a checkpoint's files (checksums) and tensor shapes"),
     "eval": ("nemo_minitron.cli.evaluate", "held-out perplexity and lm-evaluation-harness tasks of a checkpoint"),
     "prune": ("nemo_minitron.cli.prune", "importance estimation and width/depth pruning of a checkpoint"),

@@ -208,6 +208,18 @@ def local_parameters(model) -> Iterator[tuple[str, str, torch.Tensor]]:
         yield global_name, local_name, tensor
 
 
+def fused_norm_aliases(key: str) -> list[str]:
+    """The other spellings of a checkpoint key that names a per-layer norm: the local spec's name for
+    a fused (TE) one and the reverse, keeping any prefix (`module.decoder.layers.input_layernorm.weight`
+    <-> `module.decoder.layers.self_attention.linear_qkv.layer_norm_weight`)."""
+    aliases = []
+    for fused, local in _TE_TO_LOCAL.items():
+        for mine, other in ((fused, local), (local, fused)):
+            if key.endswith(f".{mine}"):
+                aliases.append(key[: -len(mine)] + other)
+    return aliases
+
+
 def _tp_axis(global_name: str) -> int | None:
     """The dimension a weight is split on across TP ranks (None: replicated)."""
     if global_name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_fc1.weight")):

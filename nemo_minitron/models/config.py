@@ -204,6 +204,11 @@ class ModelArch:
         if cfg.get("hidden_act", hidden_act) != hidden_act:
             raise UserError(f"hidden_act={cfg.get('hidden_act')!r} is not supported for {model_type} "
                              f"(nemo-minitron builds {activation} from hidden_act={hidden_act!r})")
+        window, positions = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 4096)
+        if window and cfg.get("use_sliding_window", True) and window < positions:
+            raise UserError(f"sliding_window={window} is shorter than max_position_embeddings={positions} (e.g. Mistral "
+                            f"7B v0.1): nemo-minitron attends to the whole sequence, so it would not compute this model "
+                            f"beyond {window} tokens")
         heads = cfg["num_attention_heads"]
         rope_factor = _llama3_rope_factor(cfg)
         eos = cfg.get("eos_token_id")

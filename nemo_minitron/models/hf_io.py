@@ -59,14 +59,20 @@ def _write_portable_config(config_file: Path, arch: ModelArch) -> None:
 
 def save_portable_tokenizer(tokenizer, out_dir: Path) -> None:
     """`tokenizer.save_pretrained(out_dir)`, naming in tokenizer_config.json a class that every
-    transformers from 4.x on loads from tokenizer.json exactly as written. transformers 5 writes
+    transformers from 4.x on loads from tokenizer.json exactly as written (`make_portable`)."""
+    tokenizer.save_pretrained(str(out_dir))
+    make_portable(out_dir)
+
+
+def make_portable(tokenizer_dir: Path) -> None:
+    """Rewrite the tokenizer class in `tokenizer_dir`/tokenizer_config.json as one every transformers
+    from 4.x on loads from tokenizer.json exactly as written. transformers 5 writes
     `TokenizersBackend` (unknown to 4.x) or a family class whose 4.x fast version may rebuild
     the post-processor from its own settings (LlamaTokenizerFast does); `PreTrainedTokenizerFast`
     is the plain tokenizer.json class in both (an alias of TokenizersBackend in 5). Tokenizers
     without a tokenizer.json keep their class."""
-    tokenizer.save_pretrained(str(out_dir))
-    config_file = out_dir / "tokenizer_config.json"
-    if not (out_dir / "tokenizer.json").is_file() or not config_file.is_file():
+    config_file = tokenizer_dir / "tokenizer_config.json"
+    if not (tokenizer_dir / "tokenizer.json").is_file() or not config_file.is_file():
         return
     config = json.loads(config_file.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"

@@ -34,8 +34,6 @@ import argparse
 import logging
 import math
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,16 +42,16 @@ import torch
 
 from nemo_minitron import parallel
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.bridge import checkpoint_shapes, local_parameters
 from nemo_minitron.models.config import FAMILY_LAYERS, ModelArch
 from nemo_minitron.models.gpt import unwrap_model
+from nemo_minitron.models.saved_weights import (check_saved_shapes, common_state_readable, load_model_weights,
+                                                saved_shapes, shift_norm_weights)
 from nemo_minitron.writer_processes import writers_die_with_parent
 
 log = logging.getLogger("nemo_minitron")
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
-COMMON_FILE = "common.pt"
 FLAGS_FILE = "megatron_args.txt"
 TOKENIZER_DIR = "tokenizer"
 ENTRIES = (TRACKER_FILE, RELEASE, FLAGS_FILE, TOKENIZER_DIR)  # what an export writes
@@ -155,35 +153,9 @@ def checkpoint_dir(root: Path, iteration: int | None) -> Path:
     return path
 
 
-class _Unreadable:
-    """Stands in for a class in `args` that this environment lacks (e.g. an enum of a newer
-    Megatron-LM): such settings are never architecture, and nothing of the file is executed."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-@contextmanager
-def _common_state_readable(path: Path) -> Iterator[Path]:
-    """Inside the block, torch's weights-only loader (which megatron-core reads the common state
-    with) accepts every class in save `path`'s common.pt: argparse.Namespace, and as `_Unreadable`
-    the classes this environment lacks or megatron-core does not allow. Yields the file."""
-    from torch import serialization
-
-    file = path / COMMON_FILE
-    if not file.is_file():
-        raise UserError(f"{path} has no {COMMON_FILE}: the save is incomplete")
-    unknown = [name for name in serialization.get_unsafe_globals_in_checkpoint(file) if name != "argparse.Namespace"]
-    with serialization.safe_globals([argparse.Namespace, *[(_Unreadable, name) for name in unknown]]):
-        yield file
-
-
 def read_args(path: Path) -> argparse.Namespace:
     """The training arguments Megatron-LM stored in the common state of save directory `path`."""
-    with _common_state_readable(path) as file:
+    with common_state_readable(path, [argparse.Namespace]) as file:
         common = torch.load(file, map_location="cpu", weights_only=True)
     args = common.get("args") if isinstance(common, dict) else None
     if not isinstance(args, argparse.Namespace):
@@ -330,21 +302,6 @@ def command_line_flags(args: dict) -> list[str]:
 
 # --- reading ---------------------------------------------------------------------------------------
 
-def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from megatron.core import dist_checkpointing
-
-    return {key: tuple(meta.global_shape) for key, meta in dist_checkpointing.load_tensors_metadata(str(path)).items()
-            if hasattr(meta, "global_shape")}
-
-
-def _check_shapes(path: Path, arch: ModelArch, saved: dict[str, tuple[int, ...]]) -> None:
-    """UserError naming the first model tensor of `path` that `arch` (from its args) does not describe."""
-    for key, shape in checkpoint_shapes(arch).items():
-        if saved.get(key) != shape:
-            found = f"holds {saved[key]}" if key in saved else "lacks it"
-            raise UserError(f"{path}: its args imply {key} of shape {shape}, but the checkpoint {found}")
-
-
 def _tokenizer_dir(args: argparse.Namespace, tokenizer: str | None, path: Path) -> str:
     """`tokenizer`, else the Hugging Face tokenizer directory the run recorded if it exists here."""
     if tokenizer:
@@ -377,7 +334,7 @@ def read_checkpoint(root: str | Path, iteration: int | None, tokenizer: str | No
 
     path = checkpoint_dir(Path(root), iteration)
     args = read_args(path)
-    saved = _tensor_shapes(path)
+    saved = saved_shapes(path)
     if "embedding.word_embeddings.weight" not in saved:
         raise UserError(f"{path} holds no embedding.word_embeddings.weight: not a megatron-core GPTModel "
                         f"(legacy --use-legacy-models checkpoints are not supported)")
@@ -386,7 +343,7 @@ def read_checkpoint(root: str | Path, iteration: int | None, tokenizer: str | No
         arch = arch_from_args(args, rows)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
-    _check_shapes(path, arch, saved)
+    check_saved_shapes(arch, saved, f"{path}: its args")
     source = _tokenizer_dir(args, tokenizer, path)
     loaded = AutoTokenizer.from_pretrained(source)
     _check_vocab(args, rows, len(loaded), source)
@@ -394,28 +351,13 @@ def read_checkpoint(root: str | Path, iteration: int | None, tokenizer: str | No
     return MegatronLMCheckpoint(path, arch, bool(getattr(args, "apply_layernorm_1p", False))), loaded
 
 
-@torch.no_grad()
 def load_weights(model, ckpt: MegatronLMCheckpoint) -> None:
     """Fill `model` (this rank's shards of `ckpt.arch`) from the save (collective); megatron reshards
     from the TP/PP it was saved at."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    model = unwrap_model(model)
-    # Requested keys the save lacks are dropped rather than fatal: a Transformer Engine model asks
-    # for the `_extra_state` of its layers, which a --transformer-impl local run never saved.
-    # Every weight was checked present by `read_checkpoint`, and load_state_dict checks again.
-    with _common_state_readable(ckpt.path):
-        loaded, _, _ = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.path),
-                                               strict=StrictHandling.RETURN_UNEXPECTED)
-    missing = [key for key in model.load_state_dict(loaded["model"], strict=False).missing_keys
-               if not key.endswith("_extra_state")]
-    if missing:
-        raise UserError(f"{ckpt.path} lacks the weights {missing[:3]} of the model its args describe")
-    if ckpt.zero_centred_gamma:  # our norms apply their weight as it is: store gamma itself
-        for name, _, param in local_parameters(model):
-            if name.endswith("layernorm.weight"):
-                param.copy_((param.float() + 1.0).to(param.dtype))
+    with common_state_readable(ckpt.path, [argparse.Namespace]):
+        load_model_weights(model, ckpt.path)
+    if ckpt.zero_centred_gamma:
+        shift_norm_weights(model, 1.0)
 
 
 # --- writing ---------------------------------------------------------------------------------------

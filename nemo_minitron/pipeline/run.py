@@ -1,6 +1,7 @@
 """The main job, stage by stage, resumable.
 
-import -> corpus -> [teacher-correct] -> prune (or search) -> distill -> [align] -> export-hf -> evaluate.
+import -> corpus -> [teacher-correct] -> prune (or search) -> distill -> [align] -> export-hf
+[-> export-megatron] [-> export-nemo] -> evaluate.
 Every stage is the same library function its own command calls, on the pipeline's settings for it
 with the paths under `work_dir` and the pipeline's layout, seed, dtype and `overwrite`. A stage whose
 output is complete with the same settings returns at once, so re-running resumes where the last run
@@ -19,10 +20,12 @@ from typing import Any, Callable
 
 from nemo_minitron import checkpoint, parallel
 from nemo_minitron.align.stage import AlignConfig, align_checkpoint
-from nemo_minitron.convert import ExportHFConfig, ImportConfig, export_hf, import_checkpoint
+from nemo_minitron.convert import (ExportHFConfig, ExportMegatronConfig, ExportNeMoConfig, ImportConfig, export_hf,
+                                   export_megatron, export_nemo, import_checkpoint)
 from nemo_minitron.distill.stage import DistillConfig, TeacherCorrectConfig, correct_teacher, distill_checkpoint
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval.stage import EvalConfig, HarnessConfig, evaluate_checkpoint
+from nemo_minitron.models import nemo2
 from nemo_minitron.outputs import claim_output
 from nemo_minitron.pipeline.report import table, write_report
 from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
@@ -35,8 +38,26 @@ log = logging.getLogger("nemo_minitron")
 
 @dataclass
 class TeacherSource:
-    model: str | None = "smollm2-135m"    # a built-in model, used when hf_path is not set
+    """Where the teacher comes from: the source keys of `ImportConfig`."""
+
+    model: str | None = "smollm2-135m"    # a built-in model, used when no path is set
     hf_path: str | None = None
+    megatron_path: str | None = None      # a Megatron-LM --save directory
+    iteration: int | None = None          # its save; None: the latest
+    nemo_path: str | None = None          # a NeMo 2 checkpoint directory
+    tokenizer: str | None = None          # the HF tokenizer of a Megatron-LM or NeMo 2 teacher
+
+    @property
+    def paths(self) -> list[str | None]:
+        return [self.hf_path, self.megatron_path, self.nemo_path, self.tokenizer]
+
+
+@dataclass
+class ExportTargets:
+    """Formats the student is written in besides Hugging Face (work_dir/student_hf)."""
+
+    megatron: bool = False   # work_dir/student_megatron: Megatron-LM --load directory + flags
+    nemo: bool = False       # work_dir/student_nemo: NeMo 2 checkpoint (needs NeMo 2 importable)
 
 
 @dataclass
@@ -57,16 +78,20 @@ class PipelineConfig(StageConfig):
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    export: ExportTargets = field(default_factory=ExportTargets)
     eval: EvalConfig = field(default_factory=EvalConfig)   # held-out perplexity settings
 
     def check_inputs(self) -> None:
-        """The recipes leave the teacher and the data to the user; say which key is missing."""
-        if not self.teacher.model and not self.teacher.hf_path:
-            raise UserError("no teacher: set teacher.hf_path=DIR (a Hugging Face model directory) or "
-                            "teacher.model=smollm2-135m")
+        """The recipes leave the teacher and the data to the user; say which key is missing. A job
+        that ends in a NeMo 2 export checks for NeMo before it starts, not after distillation."""
+        if not self.teacher.model and not any(self.teacher.paths[:3]):
+            raise UserError("no teacher: set teacher.hf_path=DIR (a Hugging Face model directory), "
+                            "teacher.megatron_path=DIR, teacher.nemo_path=DIR or teacher.model=smollm2-135m")
         if not self.corpus.sources and not self.corpus.user_paths:
             raise UserError("no distillation data: set corpus.user_paths=[FILE_OR_DIR,...] (.jsonl/.txt) or "
                             "corpus.sources=[...]")
+        if self.export.nemo:
+            nemo2.require_nemo()
 
 
 class StageInterrupted(Exception):
@@ -113,13 +138,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 def _run_stages(cfg: PipelineConfig) -> dict:
     parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
-    work = claim_output(cfg.work_dir, "pipeline", [cfg.teacher.hf_path, *cfg.corpus.user_paths], key="work_dir")
+    work = claim_output(cfg.work_dir, "pipeline", [*cfg.teacher.paths, *cfg.corpus.user_paths], key="work_dir")
     common = {"tp": cfg.tp, "pp": cfg.pp, "seed": cfg.seed, "dtype": cfg.dtype, "overwrite": cfg.overwrite}
     stages = Stages(work)
 
     teacher = work / "teacher"
     stages.run("import", lambda: import_checkpoint(ImportConfig(
-        model=cfg.teacher.model, hf_path=cfg.teacher.hf_path, output_dir=str(teacher), **common)))
+        **dataclasses.asdict(cfg.teacher), output_dir=str(teacher), **common)))
 
     splits: dict[str, Path] = {}
     corpus = cfg.corpus if cfg.corpus.output_dir else dataclasses.replace(cfg.corpus, output_dir=str(work / "corpus"))
@@ -162,6 +187,12 @@ def _run_stages(cfg: PipelineConfig) -> dict:
     hf_dir = work / "student_hf"
     stages.run("export_hf", lambda: export_hf(ExportHFConfig(
         checkpoint=str(student), output_dir=str(hf_dir), **common)))
+    if cfg.export.megatron:
+        stages.run("export_megatron", lambda: export_megatron(ExportMegatronConfig(
+            checkpoint=str(student), output_dir=str(work / "student_megatron"), **common)))
+    if cfg.export.nemo:
+        stages.run("export_nemo", lambda: export_nemo(ExportNeMoConfig(
+            checkpoint=str(student), output_dir=str(work / "student_nemo"), **common)))
 
     perplexity: dict[str, dict] = {}
     for label, ckpt in (("teacher", teacher), ("pruned", pruned), ("student", student)):
@@ -193,6 +224,8 @@ def _summary(work: Path, teacher: Path, pruned: Path, student: Path, perplexity:
                     "heldout_perplexity": perplexity["teacher"]["perplexity"]},
         "pruned": {"checkpoint": str(pruned), "heldout_perplexity": perplexity["pruned"]["perplexity"]},
         "student": {"checkpoint": str(student), "hf_dir": str(work / "student_hf"),
+                    **{f"{kind}_dir": str(work / f"student_{kind}") for kind in ("megatron", "nemo")
+                       if (work / f"student_{kind}").is_dir()},
                     "parameters": student_arch.num_parameters(), "architecture": student_arch.shape(),
                     "heldout_perplexity": perplexity["student"]["perplexity"]},
         "eval": {k: perplexity["student"][k] for k in ("tokens", "seq_len")},

@@ -1,0 +1,123 @@
+"""NeMo 2's own conversions, run by NeMo itself (nemo_toolkit 2.7.3 in the venv scripts/install.sh
+makes), as the independent side of tests/test_nemo2.py. It imports nothing from nemo_minitron.
+
+    python tests/nemo_driver.py import-hf HF_DIR NEMO_DIR    # llm.import_ckpt: HF -> NeMo 2
+    python tests/nemo_driver.py export-hf NEMO_DIR HF_DIR    # llm.export_ckpt: NeMo 2 -> HF
+
+What NeMo needs on a CPU without Transformer Engine or CUDA, and nothing more:
+- no-op `torch.cuda.synchronize / current_device / Stream` and NeMo's `_fix_tensors_device` (its
+  strategy and checkpoint loader call them unconditionally);
+- `apply_rope_fusion=False`, `persist_layer_norm=False` (fused kernels that need TE / apex);
+- synchronous checkpoint saves;
+- the local-spec names of the per-layer norms. NeMo's HF<->NeMo mappings name the norms as
+  Transformer Engine's fused layers do (`self_attention.linear_qkv.layer_norm_weight`,
+  `mlp.linear_fc1.layer_norm_weight`); without TE NeMo builds megatron-core's local spec, whose
+  in-memory modules are `input_layernorm` / `pre_mlp_layernorm`, so NeMo's own mapping matches no
+  norm and leaves them at their initial 1.0 with no error. Both directions are given the local names
+  instead (`_local_norm_names`), which is what NeMo does on a GPU node with TE. On disk both specs
+  write the fused names (megatron-core's `sharded_state_dict_keys_map`).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+LOCAL_NORMS = {  # NeMo's (TE) name -> megatron-core local spec's in-memory name
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
+def _cpu_shims() -> None:
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_device = lambda: "cpu"
+
+    class Stream:  # noqa: D401 - a stand-in with the interface NeMo touches
+        def __init__(self, *a, **k):
+            pass
+
+        def wait_stream(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    torch.cuda.Stream = Stream
+    torch.cuda.stream = lambda *a, **k: Stream()
+
+
+def _local_norm_names(mapping: dict[str, str], nemo_keys: set[str], nemo_is_source: bool) -> dict[str, str]:
+    """`mapping` with each fused norm name on NeMo's side replaced by the local spec's name where
+    NeMo's model (`nemo_keys`) holds the local one."""
+    renamed = {}
+    for src, dst in mapping.items():
+        nemo = src if nemo_is_source else dst
+        for fused, local in LOCAL_NORMS.items():
+            if nemo.endswith(fused) and not any(k.endswith(fused) for k in nemo_keys):
+                nemo = nemo[: -len(fused)] + local
+        renamed.update({nemo: dst} if nemo_is_source else {src: nemo})
+    return renamed
+
+
+def _patch_nemo() -> None:
+    from nemo.collections.llm.gpt.model import llama
+    from nemo.lightning import MegatronStrategy, io
+    from nemo.lightning.io import pl
+
+    original = io.apply_transforms
+
+    def apply_transforms(source, target, mapping, transforms=None, **kwargs):
+        source_keys = set(source.state_dict())
+        nemo_is_source = any(".decoder." in f".{k}" for k in source_keys)
+        nemo_keys = source_keys if nemo_is_source else set(target.state_dict())
+        return original(source, target, mapping=_local_norm_names(mapping, nemo_keys, nemo_is_source),
+                        transforms=transforms or [], **kwargs)
+
+    llama.io.apply_transforms = apply_transforms
+    pl._fix_tensors_device = lambda checkpoint: checkpoint  # moves tensors between CUDA devices
+    for config_class in (llama.LlamaConfig, llama.Llama31Config):
+        _with_defaults(config_class, apply_rope_fusion=False, persist_layer_norm=False)
+    _with_defaults(MegatronStrategy, ckpt_async_save=False)
+
+
+def _with_defaults(cls, **defaults) -> None:
+    """Make `cls` default to `defaults` where a caller does not set them (NeMo's config refuses the
+    fused kernels where TE is missing; its async saves synchronise through CUDA). The context NeMo
+    saves records them as set."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **{**defaults, **kwargs})
+
+    cls.__init__ = __init__
+
+
+def import_hf(hf_dir: str, nemo_dir: str) -> None:
+    from nemo.collections import llm
+
+    # Only the model's class chooses the importer; the importer builds the config from config.json.
+    model = llm.LlamaModel(llm.LlamaConfig(num_layers=1, hidden_size=64, num_attention_heads=1))
+    llm.import_ckpt(model=model, source=f"hf://{hf_dir}", output_path=Path(nemo_dir))
+
+
+def export_hf(nemo_dir: str, hf_dir: str) -> None:
+    from nemo.collections import llm
+
+    llm.export_ckpt(path=Path(nemo_dir), target="hf", output_path=Path(hf_dir))
+
+
+if __name__ == "__main__":
+    command, source, output = sys.argv[1:]
+    _cpu_shims()
+    _patch_nemo()
+    {"import-hf": import_hf, "export-hf": export_hf}[command](source, output)
