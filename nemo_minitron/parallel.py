@@ -161,6 +161,15 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def from_main(value):
+    """`value` as rank 0 has it, on every rank (collective; `value` itself in a world of one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op in a process without torch.distributed)."""
     if dist.is_initialized():

@@ -4,6 +4,8 @@ target, the same result at TP=2 x PP=2 under torchrun as at TP=1, one-line error
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,30 @@ def test_prune_writes_checkpoint_report_and_reuses_scores(teacher, calib, tmp_pa
     other = last_json(minitron(*prune_args(teacher, calib, out, "target.num_query_groups=1", "aggregation.batch=mean",
                                            "overwrite=true")))
     assert not other["importance"]["reused"]
+
+
+def test_scores_are_reused_across_output_dirs_from_the_cache(teacher, calib, tmp_path):
+    """A prune of the same teacher content with the same calibration and importance settings into a
+    new directory takes the scores from the cache (with the depth scores the first one added);
+    a copy of the teacher is the same teacher; other settings, or scores_cache=false, recompute."""
+    first = last_json(minitron(*prune_args(teacher, calib, tmp_path / "a", *TARGET, "aggregation.seq=l2")))
+    second = last_json(minitron(*prune_args(teacher, calib, tmp_path / "b", "target.ffn_hidden_size=32",
+                                            "target.num_layers=2", "aggregation.seq=l2")))
+    assert not first["importance"]["reused"] and second["importance"]["reused"]
+    a, b = ImportanceScores.load(tmp_path / "a"), ImportanceScores.load(tmp_path / "b")
+    assert torch.equal(a.neurons, b.neurons) and torch.equal(a.blocks[2], b.blocks[2])
+    copy = tmp_path / "teacher-copy"
+    shutil.copytree(teacher, copy)
+    assert last_json(minitron(*prune_args(copy, calib, tmp_path / "c", *TARGET, "aggregation.seq=l2")))[
+        "importance"]["reused"]
+    off = last_json(minitron(*prune_args(teacher, calib, tmp_path / "d", *TARGET, "aggregation.seq=l2",
+                                         "scores_cache=false")))
+    assert not off["importance"]["reused"]
+    cache = Path(os.environ["NEMO_MINITRON_SCORES_CACHE"])
+    for file in cache.glob("*.pt"):
+        file.write_bytes(b"damaged")
+    damaged = minitron(*prune_args(teacher, calib, tmp_path / "e", *TARGET, "aggregation.seq=l2"))
+    assert not last_json(damaged)["importance"]["reused"] and "is unreadable (" in damaged.stderr
 
 
 def load_both(first, second):

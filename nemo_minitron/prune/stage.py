@@ -1,15 +1,20 @@
 """The prune stage: importance on calibration data, then width/depth pruning of a checkpoint.
 
-Writes OUTPUT/ = a normal checkpoint of the pruned model, plus importance.pt (the teacher's scores,
-reused by later prunes of the same teacher: `importance_from=OUTPUT`, or automatically when
-OUTPUT/importance.pt was computed with the same settings), report.json, report.md and plots.
+Writes OUTPUT/ = a normal checkpoint of the pruned model, plus importance.pt (the teacher's scores),
+report.json, report.md and plots. Scores are reused, not recomputed, from `importance_from=DIR`, from
+OUTPUT/importance.pt, or from the scores cache: every prune keeps its teacher's scores there under a
+key of what they depend on (`_request`: the teacher's content id, the method, the aggregation, the
+calibration windows and the depth-scoring samples), so pruning the same teacher to another target
+into another directory skips the importance pass (`scores_cache=false` turns it off).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 from functools import cache
@@ -35,7 +40,7 @@ from nemo_minitron.importance import (
 from nemo_minitron.importance.scores import FILE_NAME, METHODS
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
-from nemo_minitron.outputs import check_output, settings_of
+from nemo_minitron.outputs import check_output, content_id, settings_of
 from nemo_minitron.prune.indices import DEPTH_METHODS, choose_dropped_layers, select_indices
 from nemo_minitron.prune.planner import plan
 from nemo_minitron.prune.report import REPORT_FILES, write_report
@@ -47,6 +52,7 @@ log = logging.getLogger("nemo_minitron")
 
 # What the stage writes into its output directory (what overwrite=true may replace).
 OUTPUT_ENTRIES = (*checkpoint.ENTRIES, FILE_NAME, *REPORT_FILES.values())
+SCORES_CACHE_ENV = "NEMO_MINITRON_SCORES_CACHE"
 
 
 @dataclass
@@ -78,6 +84,7 @@ class PruneConfig(StageConfig):
     head_residual: bool = False
     depth: DepthConfig = field(default_factory=DepthConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    scores_cache: bool = True   # reuse / keep the teacher's scores in scores_cache_dir()
     loss_samples: int = 32
     report_loss: bool = True
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -129,23 +136,59 @@ class _Calibration:
         return loss_metric(self.loss_windows(), self.cfg.calib.micro_batch_size)
 
 
+def _data_identity(path: str) -> dict:
+    """Which calibration data: its absolute path, size and modification time."""
+    stat = Path(path).stat()
+    return {"path": str(Path(path).absolute()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def _request(cfg: PruneConfig) -> dict:
-    """What the scores depend on; saved scores are reused only when it matches."""
+    """What the scores depend on; saved scores are reused only when it matches. The teacher is its
+    content (a copy of it is the same teacher; a checkpoint rewritten in place is another)."""
     activation = cfg.importance == "activation"
     calib = dataclasses.asdict(cfg.calib)
     calib.pop("micro_batch_size")
     if calib["data"] is not None:
-        calib["data"] = str(Path(calib["data"]).absolute())
+        calib["data"] = _data_identity(calib["data"])
     else:
         calib["corpus"] = dataclasses.asdict(cfg.corpus)
     return {
-        "teacher": str(Path(cfg.checkpoint).absolute()),
+        "teacher": content_id(cfg.checkpoint) or str(Path(cfg.checkpoint).absolute()),
         "method": cfg.importance,
         "aggregation": cfg.aggregation.as_dict() if activation else None,
         "calib": calib if activation else None,
         "seed": cfg.seed if cfg.importance == "random" else None,
         "loss_samples": cfg.loss_samples,
     }
+
+
+def scores_cache_dir() -> Path:
+    """Where prunes keep their teachers' scores: $NEMO_MINITRON_SCORES_CACHE, else
+    ~/.cache/nemo_minitron/importance."""
+    override = os.environ.get(SCORES_CACHE_ENV)
+    return Path(override).expanduser() if override else Path.home() / ".cache" / "nemo_minitron" / "importance"
+
+
+def _cache_file(request: dict) -> Path:
+    key = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return scores_cache_dir() / f"{key}.pt"
+
+
+def _matching(path: Path, teacher: ModelArch, request: dict) -> ImportanceScores | None:
+    """The scores saved at `path` if they were computed for `teacher` with `request`."""
+    if not path.is_file():
+        return None
+    scores = ImportanceScores.load(path)
+    return scores if scores.arch == teacher and scores.info.get("request") == request else None
+
+
+def _from_cache(path: Path, teacher: ModelArch, request: dict) -> ImportanceScores | None:
+    """`_matching` for a cache file, which a damaged or foreign file only makes a miss."""
+    try:
+        return _matching(path, teacher, request)
+    except Exception as err:  # noqa: BLE001 - any unreadable file: recompute and replace it
+        log.warning("the scores cache file %s is unreadable (%s): recomputing", path, type(err).__name__)
+        return None
 
 
 def _cached_scores(cfg: PruneConfig, teacher: ModelArch, request: dict) -> ImportanceScores | None:
@@ -156,12 +199,19 @@ def _cached_scores(cfg: PruneConfig, teacher: ModelArch, request: dict) -> Impor
                             f"but importance={cfg.importance}")
         return scores
     existing = Path(cfg.output_dir) / FILE_NAME
+    scores = _matching(existing, teacher, request)
+    if scores is not None:
+        return scores
     if existing.is_file():
-        scores = ImportanceScores.load(existing)
-        if scores.arch == teacher and scores.info.get("request") == request:
-            return scores
         log.info("%s was computed with other settings: recomputing", existing)
-    return None
+    if not cfg.scores_cache:
+        return None
+    # The cache is in rank 0's home, which other nodes may not share: rank 0 decides for all.
+    cached = _from_cache(_cache_file(request), teacher, request) if parallel.is_main_process() else None
+    cached = parallel.from_main(cached)
+    if cached is not None:
+        log.info("importance: the scores cache holds this teacher's scores (%s)", _cache_file(request))
+    return cached
 
 
 def _importance(cfg: PruneConfig, model, teacher: ModelArch, calibration: _Calibration,
@@ -208,7 +258,7 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     """Prune `cfg.checkpoint` to `cfg.target` into `cfg.output_dir` (collective)."""
     cfg.require("checkpoint", "output_dir")
     cfg.validate()
-    settings = settings_of(cfg, ignore=["plan_only"], inputs=["checkpoint"])
+    settings = settings_of(cfg, ignore=["plan_only", "scores_cache"], inputs=["checkpoint"])
     if not cfg.plan_only:
         out = check_output(cfg.output_dir, "prune", [cfg.checkpoint, cfg.calib.data], settings=settings,
                            overwrite=cfg.overwrite, own=OUTPUT_ENTRIES)
@@ -269,6 +319,9 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     files = {}
     if parallel.is_main_process():
         scores.save(output / FILE_NAME)
+        if cfg.scores_cache and scores.info.get("request") == request:  # with any depth scores added here
+            _cache_file(request).parent.mkdir(parents=True, exist_ok=True)
+            scores.save(_cache_file(request))
         files = write_report(output, report, scores, indices)
     parallel.barrier()
     log.info("wrote %s", output)
