@@ -63,6 +63,14 @@ class CheckConfig(StageConfig):
     checksums: bool = True   # false: only file sizes and tensor shapes (no reading of the weights)
 
 
+def _check_exportable(arch: ModelArch, stage: str) -> None:
+    """The framework exports write Llama/Mistral/Nemotron layers: refuse Qwen's attention extras
+    before any work rather than write a model without them."""
+    if arch.qkv_bias or arch.qk_norm:
+        raise UserError(f"{stage} does not write {arch.family} models yet (their QKV biases / query-key norms): "
+                        f"export it with export-hf")
+
+
 def check_checkpoint(cfg: CheckConfig) -> dict:
     """`checkpoint.verify_checkpoint` of `cfg.checkpoint`: a summary, or a CheckpointError naming the
     damaged file or mismatched tensor."""
@@ -184,6 +192,7 @@ def export_megatron(cfg: ExportMegatronConfig) -> dict:
         log.info("%s already holds this export: nothing to do", out)
         return {"megatron_dir": str(out), "already_complete": True}
     arch = checkpoint.read_arch(cfg.checkpoint)
+    _check_exportable(arch, "export-megatron")
     tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
     seq_length = cfg.seq_length or arch.max_position_embeddings
     arch.check_positions(seq_length, "seq_length")
@@ -217,8 +226,9 @@ def export_nemo(cfg: ExportNeMoConfig) -> dict:
     if (out / nemo2.CONTEXT_DIR / nemo2.MODEL_YAML).is_file() and not cfg.overwrite:
         log.info("%s already holds this export: nothing to do", out)
         return {"nemo_dir": str(out), "already_complete": True}
-    version = nemo2.require_nemo()
     arch = checkpoint.read_arch(cfg.checkpoint)
+    _check_exportable(arch, "export-nemo")
+    version = nemo2.require_nemo()
     times: dict[str, float] = {}
     parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
     with timed(times, "load_s"):

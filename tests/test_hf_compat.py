@@ -4,7 +4,7 @@ An export-hf directory (`write_hf_directory` of `global_to_hf`, as the export st
 loads under transformers 4.57 (the venv scripts/compat.sh makes and scripts/install.sh installs,
 with megatron-core 0.15.3) and under this venv's transformers 5 to the megatron model's logits,
 with the same rotary frequencies, token ids and chat template; pruned shapes (hidden 448 with 9
-heads of 64) included, and the directory reads back bit-exactly. The same venv runs the core
+heads of 64) and Qwen2 / Qwen3 included, and the directory reads back bit-exactly. The same venv runs the core
 tests on megatron-core 0.15.3 with transformers 4.57.
 """
 
@@ -40,6 +40,8 @@ CASES = {
     "nemotron": tiny_arch(tie=False, family="nemotron"),
     "llama-pruned": tiny_arch(tie=True, **PRUNED),
     "nemotron-pruned": tiny_arch(tie=False, family="nemotron", **PRUNED),
+    "qwen2": tiny_arch(tie=False, family="qwen2"),
+    "qwen3-pruned": tiny_arch(tie=True, family="qwen3", **PRUNED),
 }
 TEXTS = ["Hello, world!", "Room 101 and  42 items cost $3.50", "Café naïve — 日本語 🤖", "<|endoftext|>x", ""]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name two primes."}]

@@ -41,8 +41,9 @@ def random_indices(teacher, target, layers: list[int], seed: int = 0) -> PruneIn
 
 
 def reference_prune_hf(teacher, hf: dict[str, torch.Tensor], idx: PruneIndices) -> dict[str, torch.Tensor]:
-    """Plain tensor indexing of transformers' Llama / Nemotron state dict, written independently of
-    the surgery (Nemotron: norms with biases, an MLP of up_proj and down_proj only)."""
+    """Plain tensor indexing of transformers' Llama / Nemotron / Qwen state dict, written independently
+    of the surgery (Nemotron: norms with biases, an MLP of up_proj and down_proj only; Qwen2: q/k/v
+    biases, indexed like their weights' rows; Qwen3: q_norm / k_norm over head_dim, kept whole)."""
     hid, d = idx.hidden, teacher.kv_channels
     per_group = teacher.num_attention_heads // teacher.num_query_groups
     out = {"model.embed_tokens.weight": hf["model.embed_tokens.weight"][:, hid]}
@@ -64,6 +65,13 @@ def reference_prune_hf(teacher, hf: dict[str, torch.Tensor], idx: PruneIndices) 
         out[dst + "self_attn.k_proj.weight"] = hf[src + "self_attn.k_proj.weight"][kv_rows][:, hid]
         out[dst + "self_attn.v_proj.weight"] = hf[src + "self_attn.v_proj.weight"][kv_rows][:, hid]
         out[dst + "self_attn.o_proj.weight"] = hf[src + "self_attn.o_proj.weight"][hid][:, o_cols]
+        if src + "self_attn.q_proj.bias" in hf:
+            out[dst + "self_attn.q_proj.bias"] = hf[src + "self_attn.q_proj.bias"][q_rows]
+            out[dst + "self_attn.k_proj.bias"] = hf[src + "self_attn.k_proj.bias"][kv_rows]
+            out[dst + "self_attn.v_proj.bias"] = hf[src + "self_attn.v_proj.bias"][kv_rows]
+        for norm in ("q_norm", "k_norm"):
+            if f"{src}self_attn.{norm}.weight" in hf:
+                out[f"{dst}self_attn.{norm}.weight"] = hf[f"{src}self_attn.{norm}.weight"]
         if src + "mlp.gate_proj.weight" in hf:
             out[dst + "mlp.gate_proj.weight"] = hf[src + "mlp.gate_proj.weight"][n][:, hid]
         out[dst + "mlp.up_proj.weight"] = hf[src + "mlp.up_proj.weight"][n][:, hid]

@@ -97,7 +97,8 @@ def _layer_tensors(sd: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tenso
 @torch.no_grad()
 def magnitude_scores(arch: ModelArch, global_sd: dict[str, torch.Tensor]) -> ImportanceScores:
     """Weight-norm importance (an ablation): every score is the L2 norm of the weights that read or
-    write the unit. Norm weights are folded into the linears they feed, as the model computes."""
+    write the unit. Norm weights are folded into the linears they feed, as the model computes; a
+    head's q bias (Qwen2) counts with its q rows."""
     G, d = arch.num_query_groups, arch.kv_channels
     per_group = arch.num_attention_heads // G
     h = arch.hidden_size
@@ -112,6 +113,9 @@ def magnitude_scores(arch: ModelArch, global_sd: dict[str, torch.Tensor]) -> Imp
         proj, fc2 = w["self_attention.linear_proj.weight"], w["mlp.linear_fc2.weight"]
         hidden_sq += qkv.square().sum(0) + fc1.square().sum(0) + proj.square().sum(1) + fc2.square().sum(1)
         q = qkv.view(G, per_group + 2, d, h)[:, :per_group].reshape(arch.num_attention_heads, -1)
+        if arch.qkv_bias:
+            q_bias = w["self_attention.linear_qkv.bias"].view(G, per_group + 2, d)[:, :per_group]
+            q = torch.cat([q, q_bias.reshape(arch.num_attention_heads, d)], dim=1)
         heads.append((q.square().sum(1) + proj.view(h, -1, d).square().sum((0, 2))).sqrt())
         # a SwiGLU neuron's gate and up rows, or a squared-ReLU neuron's one row, and its fc2 column
         fc1_rows = sum(part.square().sum(1) for part in fc1.chunk(2)) if arch.gated else fc1.square().sum(1)

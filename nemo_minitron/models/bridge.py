@@ -3,7 +3,8 @@
 Weights travel in two layouts:
 - *global*: megatron names with global layer indices and TP=1 shapes (what a TP=1 x PP=1 model
   holds; fc1 is [gate; up] for SwiGLU, up alone for squared ReLU; qkv is group-major; LayerNorm
-  models add a `.bias` beside every norm `.weight`);
+  models add a `.bias` beside every norm `.weight`; Qwen2 adds `linear_qkv.bias`, group-major like
+  the weight's rows; Qwen3 adds `q_layernorm.weight` / `k_layernorm.weight` of head_dim);
 - *local*: what one rank of a TP x PP model holds.
 `hf_to_global`/`global_to_hf` convert names and fuse/unfuse QKV and gate/up; `load_global`
 and `gather_global` move between the global layout and the local shards of a live model.
@@ -42,22 +43,30 @@ _HF_NORM_WEIGHT_OFFSET = {"nemotron": 1.0}
 # --- HF <-> global ---------------------------------------------------------------------------------
 
 def qkv_fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArch) -> torch.Tensor:
-    """HF q/k/v projections -> megatron's group-major linear_qkv: per group, its q heads, k, v."""
+    """HF q/k/v projections -> megatron's group-major linear_qkv: per group, its q heads, k, v.
+    Rows are output channels, so the same function fuses the weights ([rows, h]) and the biases
+    ([rows]) of the three projections."""
     groups, d = arch.num_query_groups, arch.kv_channels
     per_group = arch.num_attention_heads // groups
-    hidden = q.shape[-1]
-    q = q.view(groups, per_group * d, hidden)
-    k = k.view(groups, d, hidden)
-    v = v.view(groups, d, hidden)
-    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+    rest = q.shape[1:]
+    q = q.view(groups, per_group * d, *rest)
+    k = k.view(groups, d, *rest)
+    v = v.view(groups, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
 
 def qkv_split(qkv: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `qkv_fuse` (a weight or a bias)."""
     groups, d = arch.num_query_groups, arch.kv_channels
     per_group = arch.num_attention_heads // groups
-    hidden = qkv.shape[-1]
-    q, k, v = qkv.view(groups, (per_group + 2) * d, hidden).split([per_group * d, d, d], dim=1)
-    return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
+    rest = qkv.shape[1:]
+    q, k, v = qkv.view(groups, (per_group + 2) * d, *rest).split([per_group * d, d, d], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def qkv_params(arch: ModelArch) -> tuple[str, ...]:
+    """The parameters of linear_qkv (and of HF's q/k/v_proj): the weight, and Qwen2's bias."""
+    return ("weight", "bias") if arch.qkv_bias else ("weight",)
 
 
 def _norm_pairs(arch: ModelArch) -> list[tuple[str, str]]:
@@ -82,6 +91,15 @@ def _linear_pairs(arch: ModelArch) -> list[tuple[str, str]]:
     return pairs
 
 
+def qk_norm_pairs(arch: ModelArch) -> list[tuple[str, str]]:
+    """(megatron, HF) names of Qwen3's per-head query/key norm weights ([head_dim] each, shared by
+    all heads of a layer, replicated across TP; no offset: RMSNorm gammas as applied)."""
+    if not arch.qk_norm:
+        return []
+    return [(f"decoder.layers.{i}.self_attention.{mg}_layernorm.weight", f"model.layers.{i}.self_attn.{mg}_norm.weight")
+            for i in range(arch.num_layers) for mg in ("q", "k")]
+
+
 def _shift(tensor: torch.Tensor, offset: float) -> torch.Tensor:
     """tensor + offset computed in fp32 (what transformers computes), in the tensor's dtype."""
     return tensor if offset == 0 else (tensor.float() + offset).to(tensor.dtype)
@@ -93,16 +111,14 @@ def hf_to_global(arch: ModelArch, hf: dict[str, torch.Tensor]) -> dict[str, torc
     out = {"embedding.word_embeddings.weight": _require(hf, "model.embed_tokens.weight", arch)}
     for mg, hf_name in _norm_pairs(arch):
         out[mg] = _shift(_require(hf, hf_name, arch), offset if mg.endswith("weight") else 0.0)
-    for mg, hf_name in _linear_pairs(arch):
+    for mg, hf_name in _linear_pairs(arch) + qk_norm_pairs(arch):
         out[mg] = _require(hf, hf_name, arch)
     for i in range(arch.num_layers):
         h = f"model.layers.{i}."
-        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = qkv_fuse(
-            _require(hf, h + "self_attn.q_proj.weight", arch),
-            _require(hf, h + "self_attn.k_proj.weight", arch),
-            _require(hf, h + "self_attn.v_proj.weight", arch),
-            arch,
-        )
+        for param in qkv_params(arch):
+            out[f"decoder.layers.{i}.self_attention.linear_qkv.{param}"] = qkv_fuse(
+                *(_require(hf, f"{h}self_attn.{p}_proj.{param}", arch) for p in "qkv"), arch
+            )
         if arch.gated:
             out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.cat(
                 [_require(hf, h + "mlp.gate_proj.weight", arch), _require(hf, h + "mlp.up_proj.weight", arch)]
@@ -119,12 +135,13 @@ def global_to_hf(arch: ModelArch, mg: dict[str, torch.Tensor]) -> dict[str, torc
     out = {"model.embed_tokens.weight": mg["embedding.word_embeddings.weight"]}
     for mg_name, hf_name in _norm_pairs(arch):
         out[hf_name] = _shift(mg[mg_name], -offset if mg_name.endswith("weight") else 0.0)
-    for mg_name, hf_name in _linear_pairs(arch):
+    for mg_name, hf_name in _linear_pairs(arch) + qk_norm_pairs(arch):
         out[hf_name] = mg[mg_name]
     for i in range(arch.num_layers):
         h = f"model.layers.{i}."
-        q, k, vv = qkv_split(mg[f"decoder.layers.{i}.self_attention.linear_qkv.weight"], arch)
-        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"], out[h + "self_attn.v_proj.weight"] = q, k, vv
+        for param in qkv_params(arch):
+            q, k, vv = qkv_split(mg[f"decoder.layers.{i}.self_attention.linear_qkv.{param}"], arch)
+            out[f"{h}self_attn.q_proj.{param}"], out[f"{h}self_attn.k_proj.{param}"], out[f"{h}self_attn.v_proj.{param}"] = q, k, vv
         if arch.gated:
             gate, up = mg[f"decoder.layers.{i}.mlp.linear_fc1.weight"].chunk(2)
             out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
@@ -142,13 +159,15 @@ def _require(sd: dict[str, torch.Tensor], name: str, arch: ModelArch) -> torch.T
 
 def expected_global_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
-    qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * d
     shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (arch.vocab_size, h)}
     shapes.update({name: (h,) for name, _ in _norm_pairs(arch)})
+    shapes.update({name: (d,) for name, _ in qk_norm_pairs(arch)})
     for i in range(arch.num_layers):
         p = f"decoder.layers.{i}."
+        if arch.qkv_bias:
+            shapes[p + "self_attention.linear_qkv.bias"] = (arch.qkv_rows,)
         shapes.update({
-            p + "self_attention.linear_qkv.weight": (qkv_rows, h),
+            p + "self_attention.linear_qkv.weight": (arch.qkv_rows, h),
             p + "self_attention.linear_proj.weight": (h, arch.num_attention_heads * d),
             p + "mlp.linear_fc1.weight": ((2 if arch.gated else 1) * f, h),
             p + "mlp.linear_fc2.weight": (h, f),
@@ -221,8 +240,10 @@ def fused_norm_aliases(key: str) -> list[str]:
 
 
 def _tp_axis(global_name: str) -> int | None:
-    """The dimension a weight is split on across TP ranks (None: replicated)."""
-    if global_name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_fc1.weight")):
+    """The dimension a weight is split on across TP ranks (None: replicated). The QKV bias splits
+    like the weight's rows (whole query groups per rank); the q/k norms are replicated."""
+    if global_name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias",
+                             "linear_fc1.weight")):
         return 0
     if global_name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return 1

@@ -1,8 +1,9 @@
-"""The architecture of a Llama- or Nemotron-family decoder, as one small typed config.
+"""The architecture of a Llama-, Qwen- or Nemotron-family decoder, as one small typed config.
 
 `ModelArch` is what a checkpoint records (`model_config.json`), what pruning edits and what the
 planner counts. It converts to a megatron `TransformerConfig` for a given parallel layout and to
-and from a Hugging Face `LlamaConfig`/`MistralConfig`/`NemotronConfig` (the bridge uses these).
+and from a Hugging Face `LlamaConfig`/`MistralConfig`/`NemotronConfig`/`Qwen2Config`/`Qwen3Config`
+(the bridge uses these).
 """
 
 from __future__ import annotations
@@ -24,15 +25,28 @@ SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
 # alike) and the special token ids that HF configs carry.
 IDENTITY_KEYS = ("family", "bos_token_id", "eos_token_id")
 
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "nemotron": "NemotronForCausalLM"}
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "nemotron": "NemotronForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # What each family computes: Llama and Mistral are RMSNorm + SwiGLU + full rotary; Nemotron-4 is
 # LayerNorm (with bias, "1p" zero-centred gamma in HF files) + squared-ReLU MLP + rotary on half of
-# each head. (normalization, activation, HF `hidden_act`)
+# each head; Qwen2 and Qwen3 are Llama layers with the attention extras of FAMILY_ATTENTION.
+# (normalization, activation, HF `hidden_act`)
 FAMILY_LAYERS = {
     "llama": ("RMSNorm", "swiglu", "silu"),
     "mistral": ("RMSNorm", "swiglu", "silu"),
     "nemotron": ("LayerNorm", "squared_relu", "relu2"),
+    "qwen2": ("RMSNorm", "swiglu", "silu"),
+    "qwen3": ("RMSNorm", "swiglu", "silu"),
 }
+# The attention extras of a family, as (qkv_bias, qk_norm); a family not listed has neither.
+# Qwen2 adds a bias to the q, k and v projections (not to o_proj); Qwen3 applies an RMSNorm over
+# head_dim to every query and key head before rotary (`q_norm` / `k_norm`, one [d] weight each).
+FAMILY_ATTENTION = {"qwen2": (True, False), "qwen3": (False, True)}
+
+
+def family_attention(family: str) -> dict[str, bool]:
+    """The `ModelArch` attention-extra fields of `family`: {"qkv_bias": .., "qk_norm": ..}."""
+    return dict(zip(("qkv_bias", "qk_norm"), FAMILY_ATTENTION.get(family, (False, False))))
 
 # megatron's RotaryEmbedding hard-codes these Llama-3.1 rope-scaling constants; only `factor` is
 # configurable, so checkpoints with other values are refused rather than silently changed.
@@ -41,8 +55,9 @@ _MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "origi
 
 @dataclass
 class ModelArch:
-    """A decoder with rotary GQA attention: RMSNorm + SwiGLU (Llama, Mistral) or LayerNorm +
-    squared ReLU with partial rotary (Nemotron-4); optionally tied embeddings."""
+    """A decoder with rotary GQA attention: RMSNorm + SwiGLU (Llama, Mistral; Qwen2 with QKV
+    biases, Qwen3 with per-head query/key norms) or LayerNorm + squared ReLU with partial rotary
+    (Nemotron-4); optionally tied embeddings."""
 
     num_layers: int
     hidden_size: int
@@ -60,6 +75,8 @@ class ModelArch:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     rotary_percent: float = 1.0     # fraction of each head's channels that rotary rotates
+    qkv_bias: bool = False          # a bias on the q, k and v projections (Qwen2)
+    qk_norm: bool = False           # an RMSNorm over head_dim on every query and key head (Qwen3)
 
     def __post_init__(self):
         self.validate()
@@ -81,6 +98,10 @@ class ModelArch:
         if not 0 < self.rotary_percent <= 1 or (self.kv_channels * self.rotary_percent) % 2:
             raise UserError(f"model.rotary_percent={self.rotary_percent} must be in (0, 1] and rotate an even "
                              f"number of the {self.kv_channels} head channels")
+        for key, want in family_attention(self.family).items():
+            if getattr(self, key) != want:
+                raise UserError(f"model.{key}={getattr(self, key)} does not fit model.family={self.family!r}, whose "
+                                f"{key} is {want} (QKV biases are the qwen2 family's, query/key norms qwen3's)")
 
     @property
     def normalization(self) -> str:
@@ -101,6 +122,11 @@ class ModelArch:
     def norm_params(self) -> tuple[str, ...]:
         """The parameters of every norm, each of hidden size."""
         return ("weight", "bias") if self.normalization == "LayerNorm" else ("weight",)
+
+    @property
+    def qkv_rows(self) -> int:
+        """Rows of the fused linear_qkv (and of its bias): n_h q heads, n_g k and n_g v heads of d."""
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
 
     def check_parallel(self, tp: int, pp: int) -> None:
         """Raise ValueError naming the key to fix when this model cannot be split tp x pp."""
@@ -129,7 +155,8 @@ class ModelArch:
     def num_parameters(self) -> dict[str, int]:
         """Total and non-embedding parameter counts (tied embeddings counted once)."""
         h, d = self.hidden_size, self.kv_channels
-        attention = (self.num_attention_heads + 2 * self.num_query_groups) * d * h + h * self.num_attention_heads * d
+        attention = self.qkv_rows * h + h * self.num_attention_heads * d
+        attention += self.qkv_rows * self.qkv_bias + 2 * d * self.qk_norm  # Qwen2 biases, Qwen3 q/k norms
         mlp = (3 if self.gated else 2) * self.ffn_hidden_size * h
         norm = h * len(self.norm_params)
         per_layer = attention + mlp + 2 * norm
@@ -190,7 +217,7 @@ class ModelArch:
 
     @classmethod
     def from_hf_config(cls, hf: Any) -> "ModelArch":
-        """From a transformers Llama/Mistral/Nemotron config object (or its dict)."""
+        """From a transformers Llama/Mistral/Nemotron/Qwen2/Qwen3 config object (or its dict)."""
         cfg = hf if isinstance(hf, dict) else hf.to_dict()
         model_type = cfg.get("model_type")
         if model_type not in HF_ARCHITECTURES:
@@ -199,13 +226,14 @@ class ModelArch:
                 f"{sorted(HF_ARCHITECTURES)} checkpoints"
             )
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise UserError("attention_bias / mlp_bias checkpoints are not supported (Llama has none)")
+            # (Qwen2's q/k/v biases are not this switch: its class always has them, and no o_proj bias.)
+            raise UserError("attention_bias / mlp_bias checkpoints are not supported (a bias on o_proj or the MLP)")
         _, activation, hidden_act = FAMILY_LAYERS[model_type]
         if cfg.get("hidden_act", hidden_act) != hidden_act:
             raise UserError(f"hidden_act={cfg.get('hidden_act')!r} is not supported for {model_type} "
                              f"(nemo-minitron builds {activation} from hidden_act={hidden_act!r})")
-        window, positions = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 4096)
-        if window and cfg.get("use_sliding_window", True) and window < positions:
+        window, positions = _sliding_window(cfg), cfg.get("max_position_embeddings", 4096)
+        if window and window < positions:
             raise UserError(f"sliding_window={window} is shorter than max_position_embeddings={positions} (e.g. Mistral "
                             f"7B v0.1): nemo-minitron attends to the whole sequence, so it would not compute this model "
                             f"beyond {window} tokens")
@@ -230,6 +258,7 @@ class ModelArch:
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
             # transformers' NemotronConfig defaults to rotating half of each head
             rotary_percent=float(_partial_rotary_factor(cfg, 0.5 if model_type == "nemotron" else 1.0)),
+            **family_attention(model_type),
         )
 
     @property
@@ -281,7 +310,8 @@ class ModelArch:
 
         family = self.hf_family
         config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                      "nemotron": transformers.NemotronConfig}[family]
+                      "nemotron": transformers.NemotronConfig, "qwen2": transformers.Qwen2Config,
+                      "qwen3": transformers.Qwen3Config}[family]
         kwargs: dict[str, Any] = dict(
             num_hidden_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -298,8 +328,8 @@ class ModelArch:
             torch_dtype="float32",
         )
         kwargs["norm_eps" if self.family == "nemotron" else "rms_norm_eps"] = self.norm_eps
-        if family == "mistral":  # megatron attends to the whole sequence; MistralConfig defaults to a 4096 window
-            kwargs["sliding_window"] = None
+        if family in ("mistral", "qwen2", "qwen3"):  # megatron attends to the whole sequence; these configs
+            kwargs["sliding_window"] = None          # default to a 4096 window (Qwen's switched off by default)
         config = config_cls(**kwargs)
         _set_hf_rope(config, self.hf_rope_fields())
         config.architectures = [HF_ARCHITECTURES[family]]
@@ -325,7 +355,8 @@ class ModelArch:
             gated_linear_unit=self.gated,
             activation_func=torch.nn.functional.silu if self.gated else megatron_squared_relu(),
             add_bias_linear=False,
-            add_qkv_bias=False,
+            add_qkv_bias=self.qkv_bias,
+            qk_layernorm=self.qk_norm,
             hidden_dropout=0.0,
             attention_dropout=0.0,
             tensor_model_parallel_size=tp,
@@ -360,6 +391,23 @@ def megatron_squared_relu():
     except ModuleNotFoundError:  # megatron-core 0.13
         return squared_relu
     return megatron_version
+
+
+def _sliding_window(cfg: dict[str, Any]) -> int | None:
+    """The attention window some layer of an HF config really applies (None: every layer attends
+    to the whole sequence). Mistral windows every layer when `sliding_window` is set; Qwen2/Qwen3
+    only with `use_sliding_window` true (false in the published models, whose `sliding_window` is
+    then unused), and only in the layers from `max_window_layers` on (transformers' `layer_types`)."""
+    window = cfg.get("sliding_window")
+    if not window or not cfg.get("use_sliding_window", True):
+        return None
+    if cfg.get("model_type") not in ("qwen2", "qwen3"):
+        return window
+    if isinstance(cfg.get("layer_types"), list):
+        return window if "sliding_attention" in cfg["layer_types"] else None
+    if "max_window_layers" in cfg and cfg["max_window_layers"] >= cfg["num_hidden_layers"]:
+        return None
+    return window
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:

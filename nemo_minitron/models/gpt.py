@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import FAMILY_LAYERS, IDENTITY_KEYS, ModelArch, megatron_squared_relu
+from nemo_minitron.models.config import (FAMILY_LAYERS, IDENTITY_KEYS, ModelArch, family_attention,
+                                         megatron_squared_relu)
 
 # model -> {family, bos_token_id, eos_token_id} of the weights it holds (see `remember_identity`).
 _IDENTITY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -29,16 +30,18 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
 
 
-def layer_spec(normalization: str, use_te: bool | None = None):
+def layer_spec(normalization: str, use_te: bool | None = None, qk_norm: bool = False):
     """TE layer spec in the GPU container (fused norm+linear), the local spec everywhere else.
-    (The TE spec takes the norm kind from the TransformerConfig; the local spec needs it here.)"""
+    (The TE spec takes the norm kind from the TransformerConfig; the local spec needs it here.)
+    `qk_norm`: self-attention gets `q_layernorm` / `k_layernorm` modules of head_dim (Qwen3); the
+    TransformerConfig must say `qk_layernorm=True` too. QKV biases need only the config."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te is None:
         use_te = transformer_engine_available()
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_norm)
 
 
 def build_gpt_model(
@@ -55,7 +58,7 @@ def build_gpt_model(
     config = arch.transformer_config(tp=tp, pp=pp, params_dtype=params_dtype)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch.normalization, use_te),
+        transformer_layer_spec=layer_spec(arch.normalization, use_te, arch.qk_norm),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -129,7 +132,8 @@ def unwrap_model(model):
 
 
 def _family(config) -> str:
-    """The family whose layers `config` describes (Llama for RMSNorm + SwiGLU)."""
+    """The family whose layers `config` describes: Llama for RMSNorm + SwiGLU, Qwen2 when it adds
+    QKV biases, Qwen3 when it adds query/key norms."""
     activation = config.activation_func
     if config.gated_linear_unit and activation is torch.nn.functional.silu:
         kind = "swiglu"
@@ -139,10 +143,31 @@ def _family(config) -> str:
         name = getattr(activation, "__name__", str(activation))
         raise UserError(f"unsupported MLP: activation {name} with gated_linear_unit={config.gated_linear_unit} "
                         f"(nemo-minitron prunes SwiGLU and squared-ReLU MLPs)")
+    extras = {"qkv_bias": bool(config.add_qkv_bias), "qk_norm": bool(getattr(config, "qk_layernorm", False))}
     for family, (normalization, activation_kind, _) in FAMILY_LAYERS.items():
-        if (normalization, activation_kind) == (config.normalization, kind):
+        if (normalization, activation_kind) == (config.normalization, kind) and family_attention(family) == extras:
             return family
-    raise UserError(f"unsupported layers: normalization={config.normalization} with a {kind} MLP")
+    raise UserError(f"unsupported layers: normalization={config.normalization} with a {kind} MLP, "
+                    f"add_qkv_bias={extras['qkv_bias']} and qk_layernorm={extras['qk_norm']} (no supported family "
+                    f"has these: QKV biases come with RMSNorm + SwiGLU (Qwen2), query/key norms too (Qwen3))")
+
+
+def _qk_norm_problem(model) -> str | None:
+    """What nemo-minitron cannot compute in `model`'s query/key norms (None: nothing). Supported:
+    none (megatron's IdentityOp) or a norm with a [head_dim] weight in every layer, as its config's
+    `qk_layernorm` says (megatron applies whatever modules the layer spec put there)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    wanted = bool(getattr(model.config, "qk_layernorm", False))
+    for layer in model.decoder.layers:
+        for name in ("q_layernorm", "k_layernorm"):
+            norm = getattr(layer.self_attention, name, None)
+            if norm is not None and not isinstance(norm, IdentityOp) and getattr(norm, "weight", None) is None:
+                return f"query/key norms without a weight ({type(norm).__name__}, e.g. qk_l2_norm=True)"
+            if (norm is not None and not isinstance(norm, IdentityOp)) != wanted:
+                return (f"qk_layernorm={wanted} but the layer spec's {name} is {type(norm).__name__}: build the "
+                        f"spec with qk_layernorm={wanted} too")
+    return None
 
 
 def _check_supported(model) -> None:
@@ -155,10 +180,9 @@ def _check_supported(model) -> None:
         problems.append("multi-latent attention (MLA)")
     if config.add_bias_linear:
         problems.append("linear biases (add_bias_linear=True)")
-    if config.add_qkv_bias:
-        problems.append("QKV biases (add_qkv_bias=True)")
-    if getattr(config, "qk_layernorm", False):
-        problems.append("query/key layer norms (qk_layernorm=True)")
+    qk_norm_problem = _qk_norm_problem(model)
+    if qk_norm_problem:
+        problems.append(qk_norm_problem)
     if config.layernorm_zero_centered_gamma:
         problems.append("zero-centred norm gammas (layernorm_zero_centered_gamma=True)")
     if model.position_embedding_type != "rope":
@@ -189,8 +213,10 @@ def arch_of(model) -> ModelArch:
     config = model.config
     identity: dict[str, Any] = dict(_IDENTITY.get(model, {}))
     family = _family(config)
-    if identity.get("family") and FAMILY_LAYERS[identity["family"]][:2] == FAMILY_LAYERS[family][:2]:
-        family = identity["family"]  # e.g. Mistral, which computes like Llama
+    remembered = identity.get("family")
+    if (remembered and FAMILY_LAYERS[remembered][:2] == FAMILY_LAYERS[family][:2]
+            and family_attention(remembered) == family_attention(family)):
+        family = remembered  # e.g. Mistral, which computes like Llama
     heads = config.num_attention_heads
     return ModelArch(
         num_layers=config.num_layers,
@@ -209,6 +235,7 @@ def arch_of(model) -> ModelArch:
         bos_token_id=identity.get("bos_token_id"),
         eos_token_id=identity.get("eos_token_id"),
         rotary_percent=float(model.rotary_percent),
+        **family_attention(family),
     )
 
 

@@ -39,6 +39,17 @@ PUBLISHED_TEACHERS: dict[str, ModelArch] = {
         kv_channels=128, vocab_size=256000, max_position_embeddings=4096, rope_theta=10000.0, norm_eps=1e-5,
         tie_embeddings=False, family="nemotron", rotary_percent=0.5,
     ),
+    # Qwen2.5: QKV biases; Qwen3: per-head query/key RMSNorms, head_dim 128 set apart from hidden/heads.
+    "qwen2.5-7b": ModelArch(
+        num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28, num_query_groups=4,
+        kv_channels=128, vocab_size=152064, max_position_embeddings=131072, rope_theta=1000000.0, norm_eps=1e-6,
+        tie_embeddings=False, family="qwen2", qkv_bias=True,
+    ),
+    "qwen3-8b": ModelArch(
+        num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32, num_query_groups=8,
+        kv_channels=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, norm_eps=1e-6,
+        tie_embeddings=False, family="qwen3", qk_norm=True,
+    ),
 }
 # Minitron-4B is pruned from Minitron-8B, not from the 15B (the paper's iterative prune + distill).
 PUBLISHED_TEACHERS["minitron-8b"] = PUBLISHED_TEACHERS["nemotron-4-15b"].replace(hidden_size=4096, ffn_hidden_size=16384)

@@ -6,6 +6,9 @@
   every linear's hidden side, the final norm and the output layer;
 - QKV is group-major [per group: q heads, k, v]: kept groups are selected, then the kept q heads
   of each group, always with the group's k and v; `linear_proj` keeps the matching head columns;
+  Qwen2's QKV bias keeps the same rows as the weight (a head's bias goes with it);
+- Qwen3's query/key norm weights are over head_dim, which no prune changes, and shared by the
+  heads of a layer: they are kept whole whatever heads or hidden channels go;
 - SwiGLU `linear_fc1` is [gate; up]: a neuron keeps its gate row and its up row (squared ReLU:
   its one row), plus its `linear_fc2` column;
 - dropped layers disappear and the survivors are renumbered 0..L'-1.
@@ -23,6 +26,20 @@ import torch
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.prune.indices import PruneIndices
+
+
+def keep_qkv_heads(qkv: torch.Tensor, heads: torch.Tensor, teacher: ModelArch) -> torch.Tensor:
+    """The rows of a group-major linear_qkv weight ([rows, h]) or bias ([rows]) that the kept
+    `heads` ([G', h'] global head indices, group-major) need: per kept group, its kept q heads
+    then its k and v heads, in that order (the pruned model's group-major layout)."""
+    G, d = teacher.num_query_groups, teacher.kv_channels
+    per_group = teacher.num_attention_heads // G
+    groups = heads[:, 0] // per_group
+    # rows of each kept group: its kept q heads, then k (index per_group) and v (per_group + 1)
+    kv = torch.tensor([per_group, per_group + 1]).expand(len(groups), 2)
+    rows = torch.cat([heads % per_group, kv], dim=1)
+    rest = qkv.shape[1:]
+    return qkv.view(G, per_group + 2, d, *rest)[groups[:, None], rows].reshape(-1, *rest)
 
 
 def merge_pruned_heads(proj: torch.Tensor, kept: torch.Tensor, per_group: int) -> torch.Tensor:
@@ -66,12 +83,12 @@ def prune_global(
                 out[f"{dst}{norm}.{param}"] = sd[f"{src}{norm}.{param}"][hid]
 
         heads = indices.heads[old]
-        groups = heads[:, 0] // per_group
-        # rows of each kept group: its kept q heads, then k (index per_group) and v (per_group + 1)
-        kv = torch.tensor([per_group, per_group + 1]).expand(len(groups), 2)
-        rows = torch.cat([heads % per_group, kv], dim=1)
-        qkv = sd[src + "self_attention.linear_qkv.weight"].view(G, per_group + 2, d, h)
-        out[dst + "self_attention.linear_qkv.weight"] = qkv[groups[:, None], rows][..., hid].reshape(-1, len(hid))
+        for param in bridge.qkv_params(teacher):  # a head's bias rows go with its weight rows
+            qkv = keep_qkv_heads(sd[f"{src}self_attention.linear_qkv.{param}"], heads, teacher)
+            out[f"{dst}self_attention.linear_qkv.{param}"] = qkv[:, hid] if param == "weight" else qkv
+        if teacher.qk_norm:  # over head_dim and shared by the layer's heads: kept whole
+            for norm in ("q_layernorm", "k_layernorm"):
+                out[f"{dst}self_attention.{norm}.weight"] = sd[f"{src}self_attention.{norm}.weight"]
         proj = sd[src + "self_attention.linear_proj.weight"].view(h, teacher.num_attention_heads, d)
         if head_residual:
             proj = merge_pruned_heads(proj, heads, per_group)
