@@ -44,6 +44,13 @@ FAMILY_LAYERS = {
 FAMILY_ATTENTION = {"qwen2": (True, False), "qwen3": (False, True)}
 
 
+def family_of_layers(normalization: str | None, activation: str | None) -> str | None:
+    """The plain family (no attention extras) whose layers are `normalization` + `activation`, as a
+    framework config names them ("RMSNorm", "swiglu"); None when no family has them."""
+    return next((name for name, (norm, act, _) in FAMILY_LAYERS.items()
+                 if (norm, act) == (normalization, activation) and name not in FAMILY_ATTENTION), None)
+
+
 def family_attention(family: str) -> dict[str, bool]:
     """The `ModelArch` attention-extra fields of `family`: {"qkv_bias": .., "qk_norm": ..}."""
     return dict(zip(("qkv_bias", "qk_norm"), FAMILY_ATTENTION.get(family, (False, False))))

@@ -42,10 +42,10 @@ import torch
 
 from nemo_minitron import parallel
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import FAMILY_LAYERS, ModelArch
+from nemo_minitron.models.config import ModelArch, family_of_layers
 from nemo_minitron.models.gpt import unwrap_model
-from nemo_minitron.models.saved_weights import (check_saved_shapes, common_state_readable, load_model_weights,
-                                                saved_shapes, shift_norm_weights)
+from nemo_minitron.models.saved_weights import (check_padded_vocab, check_saved_shapes, common_state_readable,
+                                                load_model_weights, saved_shapes, shift_norm_weights)
 from nemo_minitron.writer_processes import writers_die_with_parent
 
 log = logging.getLogger("nemo_minitron")
@@ -197,7 +197,7 @@ def _problems(args: argparse.Namespace) -> list[str]:
     layers = (_arg(args, "normalization"), activation)
     if activation is None:
         problems.append("a GeLU-family MLP (nemo-minitron prunes --swiglu and --squared-relu MLPs)")
-    elif layers not in {(norm, act) for norm, act, _ in FAMILY_LAYERS.values()}:
+    elif family_of_layers(*layers) is None:
         problems.append(f"--normalization {layers[0]} with a {activation} MLP (supported: RMSNorm with --swiglu, "
                         f"LayerNorm with --squared-relu)")
     return problems
@@ -209,9 +209,7 @@ def arch_from_args(args: argparse.Namespace, vocab_size: int) -> ModelArch:
     problems = _problems(args)
     if problems:
         raise UserError("unsupported Megatron-LM model: " + "; ".join(problems))
-    activation = _activation(args)
-    family = next(name for name, (norm, act, _) in FAMILY_LAYERS.items()
-                  if (norm, act) == (args.normalization, activation))
+    family = family_of_layers(args.normalization, _activation(args))
     heads, hidden = _arg(args, "num_attention_heads"), _arg(args, "hidden_size")
     scaling = float(getattr(args, "rope_scaling_factor", 8.0)) if getattr(args, "use_rope_scaling", False) else None
     return ModelArch(
@@ -320,11 +318,8 @@ def _check_vocab(args: argparse.Namespace, rows: int, tokens: int, tokenizer: st
     if recorded is not None and recorded != rows:
         raise UserError(f"the checkpoint's args say padded_vocab_size={recorded} but its embedding has {rows} rows")
     multiple = getattr(args, "make_vocab_size_divisible_by", 1) * getattr(args, "tensor_model_parallel_size", 1)
-    if not rows - multiple < tokens <= rows:
-        raise UserError(f"tokenizer={tokenizer} has {tokens} tokens, but the checkpoint's {rows} embedding rows are a "
-                        f"vocabulary of {max(rows - multiple + 1, 1)} to {rows} tokens padded to a multiple of "
-                        f"{multiple}: pass the tokenizer the model was trained with (--tokenizer-model "
-                        f"{getattr(args, 'tokenizer_model', None)})")
+    check_padded_vocab(rows, tokens, multiple, tokenizer,
+                       f" (--tokenizer-model {getattr(args, 'tokenizer_model', None)})")
 
 
 def read_checkpoint(root: str | Path, iteration: int | None, tokenizer: str | None):

@@ -41,11 +41,11 @@ import torch
 from nemo_minitron import parallel
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.bridge import local_parameters
-from nemo_minitron.models.config import _MEGATRON_LLAMA3_ROPE, FAMILY_LAYERS, ModelArch
+from nemo_minitron.models.config import _MEGATRON_LLAMA3_ROPE, FAMILY_LAYERS, ModelArch, family_of_layers
 from nemo_minitron.models.gpt import unwrap_model
 from nemo_minitron.models.hf_io import make_portable
-from nemo_minitron.models.saved_weights import (check_saved_shapes, common_state_readable, load_model_weights,
-                                                saved_shapes, shift_norm_weights)
+from nemo_minitron.models.saved_weights import (check_padded_vocab, check_saved_shapes, common_state_readable,
+                                                load_model_weights, saved_shapes, shift_norm_weights)
 from nemo_minitron.writer_processes import writers_die_with_parent
 
 log = logging.getLogger("nemo_minitron")
@@ -144,7 +144,7 @@ def _problems(config: dict[str, Any]) -> list[str]:
         act = _target_name(config.get("activation_func")) or config.get("activation_func")
         problems.append(f"activation_func={act} with gated_linear_unit={config.get('gated_linear_unit')} "
                         f"(nemo-minitron prunes SwiGLU and squared-ReLU MLPs)")
-    elif layers not in {(norm, act) for norm, act, _ in FAMILY_LAYERS.values()}:
+    elif family_of_layers(*layers) is None:
         problems.append(f"normalization={layers[0]} with a {activation} MLP (supported: RMSNorm with SwiGLU, "
                         f"LayerNorm with squared ReLU)")
     return problems
@@ -175,9 +175,7 @@ def arch_from_config(model: dict[str, Any], vocab_size: int) -> ModelArch:
     missing = [k for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads") if not config.get(k)]
     if missing:
         raise UserError(f"the model config lacks {missing}")
-    activation = _activation(config)
-    by_layers = next(name for name, (norm, act, _) in FAMILY_LAYERS.items()
-                     if (norm, act) == (config["normalization"], activation))
+    by_layers = family_of_layers(config["normalization"], _activation(config))
     by_class = MODEL_FAMILIES.get(_target_name(model).rsplit(".", 1)[-1])
     family = by_class if by_class and FAMILY_LAYERS[by_class][:2] == FAMILY_LAYERS[by_layers][:2] else by_layers
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
@@ -256,11 +254,7 @@ def read_checkpoint(path: str | Path, tokenizer: str | None = None):
     check_saved_shapes(arch, saved, f"{path}/{CONTEXT_DIR}/{MODEL_YAML}: its model config fields")
     source = _tokenizer_dir(model, path, tokenizer)
     loaded = AutoTokenizer.from_pretrained(source)
-    multiple = vocab_multiple(model["config"])
-    if not rows - multiple < len(loaded) <= rows:
-        raise UserError(f"tokenizer={source} has {len(loaded)} tokens, but the checkpoint's {rows} embedding rows are "
-                        f"a vocabulary of {max(rows - multiple + 1, 1)} to {rows} tokens padded to a multiple of "
-                        f"{multiple}: pass the tokenizer the model was trained with")
+    check_padded_vocab(rows, len(loaded), vocab_multiple(model["config"]), source)
     arch = arch.replace(bos_token_id=loaded.bos_token_id, eos_token_id=loaded.eos_token_id)
     zero_centred = bool(model["config"].get("layernorm_zero_centered_gamma", False))
     return NeMo2Checkpoint(path, arch, zero_centred), loaded

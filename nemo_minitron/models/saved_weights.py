@@ -77,6 +77,15 @@ def check_saved_shapes(arch: ModelArch, saved: dict[str, tuple[int, ...]], descr
             raise UserError(f"{described_by} imply {key} of shape {shape}, but the checkpoint {held}")
 
 
+def check_padded_vocab(rows: int, tokens: int, multiple: int, tokenizer: str, hint: str = "") -> None:
+    """UserError unless a tokenizer of `tokens` tokens is one that Megatron-LM / NeMo pad (to a
+    multiple of `multiple` = divisor x TP) to the checkpoint's `rows` embedding rows."""
+    if not rows - multiple < tokens <= rows:
+        raise UserError(f"tokenizer={tokenizer} has {tokens} tokens, but the checkpoint's {rows} embedding rows are a "
+                        f"vocabulary of {max(rows - multiple + 1, 1)} to {rows} tokens padded to a multiple of "
+                        f"{multiple}: pass the tokenizer the model was trained with{hint}")
+
+
 def _as_saved(sharded: dict[str, Any], saved: set[str]) -> dict[str, Any]:
     """`sharded` with each tensor's checkpoint key replaced by the alias the save holds, where the
     save holds the other spelling of a norm's name."""
