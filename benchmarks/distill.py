@@ -9,6 +9,18 @@
 3. Held-out perplexity against training tokens for distillation, LM-loss retraining and training
    from random initialisation of the embedded teacher (SmolLM2-135M) depth-pruned to 15 of 30
    layers; plot written to docs/distillation_curves.png.
+4. Mixed precision (issue 15): the same distillation in fp32 and in bf16 (fp32 main weights), their
+   steps interleaved in one process: tokens/s, held-out perplexity after equal tokens, and the
+   achieved FLOP/s of a step against this machine's matmul peak at that dtype, measured in the
+   same run (`--parts precision`), with a profile of where a step's time goes.
+
+FLOPs of a distillation step, counted analytically (`distill_step_flops`): per token, a model's
+forward pass costs 2 x its matmul weights (per layer QKV h x (n_q + 2 n_kv) d, attention output
+n_q d x h, MLP 3 (SwiGLU) or 2 x h x f; plus the output layer V x h) plus attention 2 x 2 x s x n_q d
+per layer (QK^T and the weighted sum of V over the whole window of s tokens: megatron's unfused
+attention computes the masked half too); a backward pass costs two forwards (gradients of inputs
+and of weights). A step = tokens x (teacher forward + 3 x student forward). Elementwise work
+(norms, activations, softmax, the logit loss, Adam) is not counted.
 
 Prints a Markdown section for docs/distillation.md and docs/benchmarks.md.
 """
@@ -25,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,12 +130,12 @@ def setup(seq: int, train_windows: int):
     return teacher, student_arch, pruned_sd, train, heldout
 
 
-def student(arch, global_sd):
+def student(arch, global_sd, dtype: torch.dtype = torch.float32):
     from nemo_minitron.models import bridge
     from nemo_minitron.models.gpt import build_gpt_model
 
     torch.manual_seed(0)
-    model = build_gpt_model(arch)
+    model = build_gpt_model(arch, dtype)
     if global_sd is not None:
         bridge.load_global(model, global_sd)
     return model
@@ -197,6 +210,180 @@ def curves(teacher, arch, pruned_sd, train, heldout, steps: int, seq: int, batch
     return result
 
 
+# --- 4. mixed precision and the physical limit -------------------------------------------------------
+
+def matmul_weights(arch) -> int:
+    """Weights a token meets in matrix multiplications (the input embedding is a lookup)."""
+    h, d, f = arch.hidden_size, arch.kv_channels, arch.ffn_hidden_size
+    per_layer = (arch.num_attention_heads + 2 * arch.num_query_groups) * d * h + arch.num_attention_heads * d * h
+    per_layer += (3 if arch.gated else 2) * h * f
+    return arch.num_layers * per_layer + arch.vocab_size * h
+
+
+def forward_flops_per_token(arch, seq: int) -> int:
+    """2 x matmul weights + 2 x 2 x s x n_q d per layer (QK^T and attention x V over s tokens)."""
+    return 2 * matmul_weights(arch) + arch.num_layers * 4 * seq * arch.num_attention_heads * arch.kv_channels
+
+
+def distill_step_flops(teacher_arch, student_arch, tokens: int, seq: int) -> int:
+    """Teacher forward + student forward and backward (2 forwards) over `tokens` (module docstring)."""
+    return tokens * (forward_flops_per_token(teacher_arch, seq) + 3 * forward_flops_per_token(student_arch, seq))
+
+
+def wall_and_cpu(fn) -> tuple[Any, float, float]:
+    """fn()'s result, its wall seconds and the CPU seconds of this process (all threads). CPU time
+    runs only while the process does, so other jobs sharing the cores do not dilute it."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 4096) -> tuple[float, float]:
+    """FLOP per wall second and per CPU second of one n x n x n torch.matmul at `dtype` (after a
+    warm-up): this machine's practical peak."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    _, wall, cpu = wall_and_cpu(lambda: a @ b)
+    return 2 * n**3 / wall, 2 * n**3 / cpu
+
+
+def adam_step_seconds(model, fused: bool, repeats: int = 3) -> float:
+    """Best wall seconds of one torch AdamW step over fp32 copies of `model`'s weights (random
+    gradients): megatron's CPU fallback as built (`fused=False`) or fused (train/optim.py)."""
+    params = [torch.nn.Parameter(p.detach().float()) for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    adam = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+    adam.step()
+    return min(wall_and_cpu(adam.step)[1] for _ in range(repeats))
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+def time_by_kind(trainer) -> dict[str, float]:
+    """Seconds of one training step by kind of work, from torch.profiler's per-op self times: the
+    logit loss (`_ChunkedLogitLoss`), Adam (torch's optimizer step), matmuls elsewhere, the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.train_step()
+    seconds = dict.fromkeys(("matmuls", "logit loss", "Adam", "other"), 0.0)
+    for event in prof.events():
+        ancestors, parent = set(), event.cpu_parent
+        while parent is not None:
+            ancestors.add(parent.name)
+            parent = parent.cpu_parent
+        if "_ChunkedLogitLoss" in ancestors | {event.name}:
+            kind = "logit loss"
+        elif any(name.startswith("Optimizer.step") for name in ancestors | {event.name}):
+            kind = "Adam"
+        else:
+            kind = "matmuls" if event.name in MATMUL_OPS else "other"
+        seconds[kind] += event.self_cpu_time_total / 1e6
+    return seconds
+
+
+def precision(teacher, arch, pruned_sd, train, heldout, steps: int, seq: int, batch: int, lr: float,
+              peak_every: int, out: Path) -> dict:
+    """Distill the same student from the same teacher in fp32 and in bf16, one step of each in turn."""
+    from nemo_minitron.eval.perplexity import evaluate_perplexity
+    from nemo_minitron.models import bridge
+    from nemo_minitron.models.gpt import arch_of, build_gpt_model
+    from nemo_minitron.train import TrainingData
+
+    teacher_arch, teacher_sd = arch_of(teacher), bridge.gather_global(teacher)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    teachers, trainers = {}, {}
+    for name, dtype in dtypes.items():
+        teachers[name] = build_gpt_model(teacher_arch, dtype)
+        bridge.load_global(teachers[name], teacher_sd)
+        trainers[name] = trainer_for("distill", teachers[name], student(arch, pruned_sd, dtype),
+                                     TrainingData(train, None), steps, seq, batch, lr, out / name)
+    step_seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in dtypes}  # (wall, CPU)
+    peaks: dict[str, list[tuple[float, float]]] = {name: [] for name in dtypes}
+    load = [os.getloadavg()[0]]
+    for step in range(1, steps + 1):
+        for name, dtype in dtypes.items():
+            step_seconds[name].append(wall_and_cpu(trainers[name].train_step)[1:])
+            if step % peak_every == 1 or peak_every == 1:
+                peaks[name].append(matmul_peak(dtype))
+        print(f"precision step {step}: " + ", ".join(f"{n} {s[-1][0]:.2f} s" for n, s in step_seconds.items()),
+              file=sys.stderr, flush=True)
+    load.append(os.getloadavg()[0])
+
+    def perplexity(model) -> float:
+        return evaluate_perplexity(model, heldout, micro_batch_size=8, progress=False).perplexity
+
+    def in_fp32(model):
+        copy = build_gpt_model(arch_of(model))
+        bridge.load_global(copy, bridge.gather_global(model))
+        return copy
+
+    def median(pairs: list[tuple[float, float]], i: int) -> float:
+        return statistics.median(pair[i] for pair in pairs)
+
+    flops = distill_step_flops(teacher_arch, arch, batch * seq, seq)
+    exported = trainers["fp32"].export_model
+    result = {"step_flops": flops, "tokens": steps * batch * seq, "load_average": load, "runs": {},
+              "adam_seconds": {"for-loop": adam_step_seconds(exported, False), "fused": adam_step_seconds(exported, True)}}
+    for name in dtypes:
+        timed = step_seconds[name][1:]  # the first step warms up
+        wall, cpu = median(timed, 0), median(timed, 1)
+        model = trainers[name].export_model
+        run = result["runs"][name] = {
+            "step_seconds": wall, "step_cpu_seconds": cpu, "tokens_per_s": batch * seq / wall,
+            "flops_per_s": flops / wall, "peak_flops_per_s": median(peaks[name], 0),
+            "fraction_of_peak": flops / wall / median(peaks[name], 0),
+            "fraction_of_peak_cpu": flops / cpu / median(peaks[name], 1),
+            "teacher_perplexity": perplexity(teachers[name]), "perplexity": perplexity(model),
+            "perplexity_fp32_eval": perplexity(in_fp32(model)),
+        }
+        # 3 more steps, after the evaluation; per kind of work the least of them (a burst of other
+        # jobs on the cores inflates one step, not all three)
+        profiles = [time_by_kind(trainers[name]) for _ in range(3)]
+        run["profile"] = {kind: min(profile[kind] for profile in profiles) for kind in profiles[0]}
+    return result
+
+
+def precision_lines(result: dict, args) -> list[str]:
+    fp32, bf16 = result["runs"]["fp32"], result["runs"]["bf16"]
+    g = 1e9
+
+    def row(label: str, key: str, fmt: str, scale: float = 1.0, compare: str = "ratio") -> str:
+        a, b = fp32[key] / scale, bf16[key] / scale
+        versus = {"ratio": f"{b / a:.2f}x", "speed-up": f"{a / b:.2f}x faster", "change": f"{100 * (b / a - 1):+.1f}%",
+                  "": ""}[compare]
+        return f"| {label} | {a:{fmt}} | {b:{fmt}} | {versus} |"
+
+    return [
+        f"bf16 (fp32 main weights) vs fp32: one distillation step of each in turn on {args.batch}x{args.seq} tokens "
+        f"for {args.steps} steps (same teacher, student, data, lr {args.lr:g}), medians; "
+        f"{result['step_flops'] / g:.1f} GFLOP per step counted analytically (the script's docstring); matmul peak: "
+        f"a 4096^3 torch.matmul every {args.peak_every} steps; load average {result['load_average'][0]:.1f} at the "
+        f"start, {result['load_average'][1]:.1f} at the end:", "",
+        "| measurement | fp32 | bf16 | bf16 vs fp32 |", "| --- | --- | --- | --- |",
+        row("distillation step, wall seconds", "step_seconds", ".2f", compare="speed-up"),
+        row("tokens/s", "tokens_per_s", ",.0f"),
+        row("distillation step, CPU seconds (both threads)", "step_cpu_seconds", ".2f", compare="speed-up"),
+        row("achieved GFLOP/s", "flops_per_s", ",.0f", g),
+        row("matmul peak GFLOP/s", "peak_flops_per_s", ",.0f", g),
+        row("achieved / peak, wall time", "fraction_of_peak", ".0%", compare=""),
+        row("achieved / peak, CPU time", "fraction_of_peak_cpu", ".0%", compare=""),
+        row("teacher held-out perplexity (evaluated in the dtype)", "teacher_perplexity", ".2f", compare="change"),
+        row(f"student held-out perplexity after {result['tokens']:,} tokens (evaluated in its dtype)", "perplexity",
+            ".2f", compare="change"),
+        row("the same, evaluated in fp32", "perplexity_fp32_eval", ".2f", compare="change"),
+        "", "Where a step's time goes (torch.profiler, each op's self time, per kind the least of 3 more steps "
+        "after training), seconds:", "",
+        "| work | fp32 | bf16 |", "| --- | --- | --- |",
+        *[f"| {kind} | {fp32['profile'][kind]:.2f} | {bf16['profile'][kind]:.2f} |" for kind in fp32["profile"]],
+        "", f"One AdamW step over the student's fp32 (main) weights: {result['adam_seconds']['for-loop']:.3f} s as "
+        f"megatron builds torch's AdamW without TE/apex, {result['adam_seconds']['fused']:.3f} s fused (the loop's "
+        f"choice, `train/optim.py`).",
+    ]
+
+
 def plot(result: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -229,6 +416,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-tokens", type=int, default=1024)
+    parser.add_argument("--peak-every", type=int, default=10, help="precision: time the matmul peak every N steps")
     parser.add_argument("--work", default="runs/bench-distill")
     parser.add_argument("--memory-case", nargs=4, metavar=("IMPL", "VOCAB", "TOKENS", "CHUNK"))
     args = parser.parse_args()
@@ -239,14 +427,17 @@ def main() -> None:
     parts = set(args.parts.split(","))
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(args.work).absolute()
-    lines = [f"### Distillation (issue 4): {platform.processor() or platform.machine()}, {os.cpu_count()} cores, fp32",
+    work.mkdir(parents=True, exist_ok=True)
+    dtypes = "fp32 and bf16" if "precision" in parts else "fp32"
+    lines = [f"### Distillation (issues 4, 15): {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"{dtypes}",
              "", f"Command: `.venv/bin/python benchmarks/distill.py --parts {args.parts} --steps {args.steps} "
              f"--seq {args.seq} --batch {args.batch} --lr {args.lr:g}`", ""]
     if "memory" in parts:
         lines += [f"Peak memory of the logit loss, forward + backward, {args.memory_tokens} tokens, fp32, one rank "
                   "(RSS above the student and teacher logits; time in brackets):", "",
                   *memory_table(args.memory_tokens), ""]
-    if parts & {"timing", "curves"}:
+    if parts & {"timing", "curves", "precision"}:
         teacher, arch, pruned_sd, train, heldout = setup(args.seq, args.steps * args.batch)
     if "timing" in parts:
         t = step_times(teacher, arch, pruned_sd, train, args.seq, args.batch, args.repeats, work / "timing")
@@ -273,6 +464,11 @@ def main() -> None:
             "| run | start | end | training time |", "| --- | --- | --- | --- |",
             *[f"| {kind} | {run['points'][0][1]:,.1f} | {run['points'][-1][1]:,.1f} | {run['train_seconds']:.0f} s |"
               for kind, run in result["runs"].items()]]
+    if "precision" in parts:
+        result = precision(teacher, arch, pruned_sd, train, heldout, args.steps, args.seq, args.batch, args.lr,
+                           args.peak_every, work / "precision")
+        (work / "precision.json").write_text(json.dumps(result, indent=2))
+        lines += ["", *precision_lines(result, args)]
     print("\n".join(lines))
 
 

@@ -2,11 +2,12 @@
 # with srun in the container on all allocated GPUs, forward Slurm's pre-emption signal to the
 # tasks (which checkpoint and exit) and requeue the job so a re-run resumes.
 #
-#   sbatch [--nodes=N] launchers/STAGE.sh [--tp T] [--pp P] [--container IMAGE] [--mounts SRC:DST,...]
+#   sbatch [--nodes=N] launchers/STAGE.sh [--tp T] [--pp P] [--ep E] [--container IMAGE] [--mounts SRC:DST,...]
 #          [--dry-run] [key=value ...]
 #
 # --dry-run (also outside Slurm) prints the parallel layout and the resolved config, runs nothing.
-# Unrecognised arguments are Hydra overrides passed through to the stage.
+# Unrecognised arguments are Hydra overrides passed through to the stage. --ep splits the experts of a
+# mixture-of-experts model over E ranks taken from the data-parallel ones (tp x pp x ep must divide the GPUs).
 #
 # Recipe launchers (distill_mn8b.sh, prune_mn8b.sh, distill_llama31_4b.sh, prune_llama31_4b.sh,
 # distill_nemotron4.sh) run one stage of a published recipe as its own job: `minitron STAGE
@@ -16,7 +17,7 @@
 
 minitron_launch() {
   local stage=$1; shift
-  local tp=${MINITRON_TP:-1} pp=${MINITRON_PP:-1} dry_run=0
+  local tp=${MINITRON_TP:-1} pp=${MINITRON_PP:-1} ep=${MINITRON_EP:-1} dry_run=0
   local container=${MINITRON_CONTAINER:-nemo-minitron:latest}
   local mounts=${MINITRON_MOUNTS:-}
   local overrides=()
@@ -24,6 +25,7 @@ minitron_launch() {
     case $1 in
       --tp) tp=$2; shift 2 ;;
       --pp) pp=$2; shift 2 ;;
+      --ep) ep=$2; shift 2 ;;
       --container) container=$2; shift 2 ;;
       --mounts) mounts=$2; shift 2 ;;
       --dry-run) dry_run=1; shift ;;
@@ -40,10 +42,18 @@ minitron_launch() {
     return 2
   fi
   local dp=$((world / (tp * pp)))
-  echo "[launcher] stage=$stage nodes=$nodes gpus/node=$gpus world=$world tp=$tp pp=$pp dp=$dp container=$container"
+  local layout=("tp=$tp" "pp=$pp")
+  if [ "$ep" != 1 ]; then
+    if [ $((world % (tp * pp * ep))) -ne 0 ]; then
+      echo "error: tp=$tp x pp=$pp x ep=$ep does not divide $world GPU(s): change --ep (it must divide dp=$dp)" >&2
+      return 2
+    fi
+    layout+=("ep=$ep")
+  fi
+  echo "[launcher] stage=$stage nodes=$nodes gpus/node=$gpus world=$world ${layout[*]} dp=$dp container=$container"
 
   if [ "$dry_run" = 1 ]; then
-    minitron "$stage" "tp=$tp" "pp=$pp" "${overrides[@]}" --cfg job
+    minitron "$stage" "${layout[@]}" "${overrides[@]}" --cfg job
     return $?
   fi
   if [ -z "${SLURM_JOB_ID:-}" ]; then
@@ -61,7 +71,7 @@ minitron_launch() {
   # sbatch --signal=B:USR1@... signals this shell; the tasks save a checkpoint on SIGUSR1.
   trap 'preempted=1; echo "[launcher] pre-emption signal: checkpointing"; kill -USR1 "$srun_pid" 2>/dev/null' USR1 TERM
   srun --ntasks-per-node="$gpus" --kill-on-bad-exit=1 "${container_args[@]}" \
-    minitron "$stage" "tp=$tp" "pp=$pp" "${overrides[@]}" &
+    minitron "$stage" "${layout[@]}" "${overrides[@]}" &
   local srun_pid=$!
   local status=0
   wait "$srun_pid" || status=$?

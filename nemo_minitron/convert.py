@@ -64,11 +64,11 @@ class CheckConfig(StageConfig):
 
 
 def _check_exportable(arch: ModelArch, stage: str) -> None:
-    """The framework exports write Llama/Mistral/Nemotron layers: refuse Qwen's attention extras
-    before any work rather than write a model without them."""
-    if arch.qkv_bias or arch.qk_norm:
-        raise UserError(f"{stage} does not write {arch.family} models yet (their QKV biases / query-key norms): "
-                        f"export it with export-hf")
+    """The framework exports write dense Llama/Mistral/Nemotron layers: refuse Qwen's attention
+    extras and mixture-of-experts layers before any work rather than write a model without them."""
+    if arch.qkv_bias or arch.qk_norm or arch.is_moe:
+        raise UserError(f"{stage} does not write {arch.family} models yet (their QKV biases / query-key norms / "
+                        f"expert layers): export it with export-hf")
 
 
 def check_checkpoint(cfg: CheckConfig) -> dict:
@@ -135,11 +135,11 @@ def import_checkpoint(cfg: ImportConfig) -> dict:
     times: dict[str, float] = {}
     dtype = cfg.torch_dtype
     output_dir = Path(cfg.output_dir)
-    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     with timed(times, "read_s"):
         arch, weights, tokenizer, source = read_source(cfg.model, cfg.hf_path, dtype, cfg.megatron_path,
                                                        cfg.iteration, cfg.tokenizer, cfg.nemo_path)
-    arch.check_parallel(layout.tp, layout.pp)
+    arch.check_parallel(layout.tp, layout.pp, layout.ep)
     log.info("importing %s: %d layers, hidden %d, %s params", source, arch.num_layers, arch.hidden_size,
              f"{arch.num_parameters()['total']:,}")
     with timed(times, "convert_s"):
@@ -165,7 +165,7 @@ def export_hf(cfg: ExportHFConfig) -> dict:
     arch = checkpoint.read_arch(cfg.checkpoint)
     tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
     # Export assembles the global weights in one place; the checkpoint reshards to any layout.
-    parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     with timed(times, "load_s"):
         model = checkpoint.load_checkpoint(cfg.checkpoint)
         global_sd = bridge.gather_global(model)
@@ -197,7 +197,7 @@ def export_megatron(cfg: ExportMegatronConfig) -> dict:
     seq_length = cfg.seq_length or arch.max_position_embeddings
     arch.check_positions(seq_length, "seq_length")
     times: dict[str, float] = {}
-    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     with timed(times, "load_s"):
         model = checkpoint.load_checkpoint(cfg.checkpoint, params_dtype=cfg.torch_dtype)
     args = megatron_lm.megatron_args(arch, len(tokenizer), seq_length, out / megatron_lm.TOKENIZER_DIR,
@@ -230,7 +230,7 @@ def export_nemo(cfg: ExportNeMoConfig) -> dict:
     _check_exportable(arch, "export-nemo")
     version = nemo2.require_nemo()
     times: dict[str, float] = {}
-    parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     with timed(times, "load_s"):
         model = checkpoint.load_checkpoint(cfg.checkpoint, params_dtype=cfg.torch_dtype)
     out, partial = checkpoint.start_partial(out, nemo2.WEIGHTS_DIR)

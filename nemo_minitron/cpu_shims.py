@@ -8,6 +8,7 @@ nothing. Each shim names the megatron-core code it covers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 
 import torch
@@ -67,7 +68,8 @@ class _TorchWithCpuFactories(types.ModuleType):
 
     Covers `megatron.core.pipeline_parallel.schedules` (the token counter
     `torch.zeros([], dtype=torch.int, device="cuda")` in every forward-backward function) and the
-    optimizer's scalars: `FP32Optimizer._scale = torch.tensor([1.0], device='cuda')`
+    optimizer's scalars: `FP32Optimizer._scale = torch.tensor([1.0], device='cuda')` and the
+    mixed-precision optimizer's `found_inf`, `_dummy_overflow_buf` and `_scale_one`
     (`optimizer.optimizer`), `clip_grads.get_grad_norm_fp32`'s `torch.zeros(1, device='cuda')`
     and `utils.local_multi_tensor_l2_norm`'s `torch.tensor([norm], device="cuda")`.
     """
@@ -102,13 +104,57 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _define_absent_te_gemm() -> None:
+    """`megatron.core.transformer.moe.moe_utils` imports `te_general_gemm` from Transformer Engine
+    and later tests `te_general_gemm is not None` in the MoE router's gating linear; without TE the
+    name is never bound (NameError). Bind it to None, which selects the plain matmul path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """Within the block, `tensor.type()` names a CPU tensor as its CUDA counterpart
+    ("torch.BFloat16Tensor" -> "torch.cuda.BFloat16Tensor"); with arguments it converts as ever."""
+    original = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        if args or kwargs or self.device.type != "cpu":
+            return original(self, *args, **kwargs)
+        return original(self).replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(init):
+    """`Float16OptimizerWithFloat16Params.__init__` (`megatron.core.optimizer.optimizer`) sorts the
+    parameters by `param.type()` into bf16/fp16 ones (which get fp32 main copies) and fp32 ones, and
+    raises TypeError for any name outside torch.cuda.{Half,BFloat16,Float}Tensor: run it seeing the
+    CUDA names. Only that sorting reads the names; the main copies are made with `.float()`."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        with _cuda_type_names():
+            init(self, *args, **kwargs)
+
+    return __init__
+
+
 def apply_cpu_shims() -> None:
-    """Patch megatron-core's CUDA-only spots when no GPU is present. Idempotent."""
+    """Patch megatron-core's CUDA-only spots when no GPU is present (and its one name that only
+    Transformer Engine defines, on any machine). Idempotent."""
     global _applied
+    _define_absent_te_gemm()
     if _applied or torch.cuda.is_available():
         return
     from megatron.core import utils as mcore_utils
-    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import clip_grads, grad_scaler
     from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mcore_random
@@ -118,10 +164,13 @@ def apply_cpu_shims() -> None:
     torch.cuda.current_device = lambda: "cpu"
     # p2p_communication and the schedules synchronise the stream around sends and receives.
     torch.cuda.synchronize = lambda *args, **kwargs: None
-    for module in (schedules, mcore_optimizer, clip_grads, mcore_utils):
+    for module in (schedules, mcore_optimizer, clip_grads, grad_scaler, mcore_utils):
         module.torch = _TorchWithCpuFactories()
     # The optimizer's gradient clipping asserts CUDA grads (`clip_grad_by_total_norm_fp32`).
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    # The bf16/fp16 optimizer accepts only CUDA parameter type names.
+    mixed = mcore_optimizer.Float16OptimizerWithFloat16Params
+    mixed.__init__ = _with_cuda_type_names(mixed.__init__)
     # `LanguageModule.setup_embeddings_and_output_layer` moves the tied embedding to the GPU with
     # `weight.data.cuda()` before the first/last-stage all-reduce (PP > 1, tied embeddings).
     torch.Tensor.cuda = lambda self, *args, **kwargs: self

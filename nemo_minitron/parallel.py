@@ -1,6 +1,8 @@
 """torch.distributed and megatron `parallel_state` for any TP x PP x DP, on CPU (gloo) or GPU (nccl).
 
-Every stage calls `initialize(tp, pp)` once. Under `torchrun`/`srun` the world comes from the
+Every stage calls `initialize(tp, pp)` once. Mixture-of-experts models may also split their experts
+over `ep` expert-parallel ranks, carved out of the data-parallel ones (megatron's expert grid: each
+expert is split over expert-TP = TP ranks; tp * ep * pp must divide the world). Under `torchrun`/`srun` the world comes from the
 environment; a plain `python` process becomes a world of one, so the same code runs on a laptop.
 """
 
@@ -31,6 +33,7 @@ class ParallelLayout:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    ep: int = 1
 
     @property
     def is_first_stage(self) -> bool:
@@ -41,7 +44,7 @@ class ParallelLayout:
         return self.pp_rank == self.pp - 1
 
     def describe(self) -> str:
-        return f"world={self.world_size} tp={self.tp} pp={self.pp} dp={self.dp}"
+        return f"world={self.world_size} tp={self.tp} pp={self.pp} dp={self.dp}" + (f" ep={self.ep}" if self.ep > 1 else "")
 
 
 def device() -> torch.device:
@@ -83,10 +86,11 @@ def _first_slurm_host() -> str:
     raise UserError("multi-node srun without MASTER_ADDR: export MASTER_ADDR (the first node's hostname) in the job script")
 
 
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 30) -> ParallelLayout:
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 30, ep: int = 1) -> ParallelLayout:
     """Start torch.distributed (if needed) and megatron's model-parallel groups.
 
-    Raises ValueError with the key to fix when the world size does not split into tp x pp x dp.
+    Raises UserError with the key to fix when the world size does not split into tp x pp x dp
+    (and the experts' tp x ep x pp).
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -99,6 +103,9 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int 
             f"tp={tp} x pp={pp} does not divide the world size {world_size}: set tp= and pp= so that "
             f"tp*pp divides the number of processes (launch with torchrun --nproc-per-node=N or srun)"
         )
+    if ep < 1 or world_size % (tp * ep * pp) != 0:
+        raise UserError(f"tp={tp} x ep={ep} x pp={pp} does not divide the world size {world_size}: expert-parallel "
+                        f"ranks come out of the data-parallel ones, so choose ep= dividing {world_size // (tp * pp)}")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
@@ -113,12 +120,14 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int 
         if (
             parallel_state.get_tensor_model_parallel_world_size() != tp
             or parallel_state.get_pipeline_model_parallel_world_size() != pp
+            or parallel_state.get_expert_model_parallel_world_size() != ep
         ):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
             distributed_timeout_minutes=timeout_minutes,
         )
     seed_everything(seed)
@@ -144,6 +153,7 @@ def layout() -> ParallelLayout:
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
+        ep=ps.get_expert_model_parallel_world_size(),
     )
 
 

@@ -1,6 +1,6 @@
 """Run a test body in N local processes that form a gloo world with megatron's parallel groups.
 
-`run_distributed(fn, world_size=4, tp=2, pp=2, args=(...))` spawns the processes, initialises
+`run_distributed(fn, world_size=4, tp=2, pp=2, args=(...))` (and `ep=` for expert parallelism) spawns the processes, initialises
 `nemo_minitron.parallel` in each, calls `fn(*args)` and returns the per-rank results in rank
 order. A failure on any rank is re-raised in the test with that rank's traceback.
 """
@@ -22,7 +22,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, tp: int, pp: int, fn: Callable, args: Sequence, results) -> None:
+def _worker(rank: int, world_size: int, port: int, tp: int, pp: int, ep: int, fn: Callable, args: Sequence,
+            results) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
@@ -38,7 +39,7 @@ def _worker(rank: int, world_size: int, port: int, tp: int, pp: int, fn: Callabl
     from nemo_minitron import parallel
 
     try:
-        parallel.initialize(tp=tp, pp=pp)
+        parallel.initialize(tp=tp, pp=pp, ep=ep)
         # By value: the queue's torch pickler would pass tensors as file descriptors served by this
         # process, which may have exited by the time the parent unpickles them.
         results.put((rank, True, pickle.dumps(fn(*args))))
@@ -49,14 +50,14 @@ def _worker(rank: int, world_size: int, port: int, tp: int, pp: int, fn: Callabl
 
 
 def run_distributed(
-    fn: Callable, world_size: int, tp: int = 1, pp: int = 1, args: Sequence = (), timeout: float = 600
+    fn: Callable, world_size: int, tp: int = 1, pp: int = 1, args: Sequence = (), timeout: float = 600, ep: int = 1
 ) -> list[Any]:
     # Not daemonic: megatron's checkpoint writer starts worker processes of its own.
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, tp, pp, fn, args, results))
+        ctx.Process(target=_worker, args=(rank, world_size, port, tp, pp, ep, fn, args, results))
         for rank in range(world_size)
     ]
     for p in procs:

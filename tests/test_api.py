@@ -132,8 +132,9 @@ def test_arch_of_names_unsupported_features():
     parallel.initialize()
     arch = arch_of(_megatron_model())
     assert (arch.family, arch.num_layers, arch.tie_embeddings, arch.kv_channels) == ("llama", 2, False, 24)
-    with pytest.raises(UserError, match=r"mixture-of-experts layers \(num_moe_experts=2\)"):
-        arch_of(_megatron_model(num_moe_experts=2, moe_router_topk=2))
+    assert arch_of(_megatron_model(num_moe_experts=2, moe_router_topk=2)).family == "mixtral"  # MoE layers
+    with pytest.raises(UserError, match=r"moe_router_score_function='sigmoid'"):
+        arch_of(_megatron_model(num_moe_experts=2, moe_router_topk=2, moe_router_score_function="sigmoid"))
     assert arch_of(_megatron_model(add_qkv_bias=True)).family == "qwen2"  # QKV biases are Qwen2's layers
     with pytest.raises(UserError, match=r"qk_layernorm=True but the layer spec's q_layernorm is IdentityOp"):
         arch_of(_megatron_model(add_qkv_bias=True, qk_layernorm=True))

@@ -1,10 +1,12 @@
 """Importance estimation: the hooks read the activations the paper defines (checked against
 transformers' Llama run with its own hooks and aggregated here by plain formulas), every
-aggregation option, depth scores, saving/loading, weight-magnitude scores, calibration windows.
-Scores at other TP x PP x DP layouts are compared in test_prune.py."""
+aggregation option, depth scores, saving/loading, weight-magnitude scores, calibration windows;
+first-order (Taylor) scores against autograd on transformers' model and at TP=2, PP=2, DP=2.
+Activation scores at other TP x PP x DP layouts are compared in test_prune.py."""
 
 from __future__ import annotations
 
+import json
 import types
 
 import numpy as np
@@ -217,3 +219,87 @@ def test_sample_windows_cover_the_stream(caplog):
     assert "only 100 windows" in caplog.text
     with pytest.raises(ValueError, match="fewer than seq_len"):
         sample_windows(np.arange(5), 10, 1)
+
+
+# --- first-order (Taylor) scores ---------------------------------------------------------------
+
+def hf_taylor_reference(hf, arch, windows) -> dict[str, torch.Tensor]:
+    """Group Taylor scores sum |w dL/dw| written out on transformers' model, with autograd's
+    gradient of the mean token NLL over `windows` (inputs [:, :-1], labels [:, 1:])."""
+    hf.zero_grad()
+    logits = hf(windows[:, :-1], use_cache=False).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)).backward()
+    s = {name: (p * p.grad).abs().detach() for name, p in hf.named_parameters()}  # a tied lm_head is listed once
+    H, d = arch.num_attention_heads, arch.kv_channels
+    hidden = s["model.embed_tokens.weight"].sum(0) + s["model.norm.weight"]
+    if "lm_head.weight" in s:
+        hidden = hidden + s["lm_head.weight"].sum(0)
+    heads, neurons = [], []
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        reading = [f"{p}self_attn.{x}_proj.weight" for x in "qkv"] + [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up")]
+        hidden = hidden + s[p + "input_layernorm.weight"] + s[p + "post_attention_layernorm.weight"]
+        hidden = hidden + sum(s[name].sum(0) for name in reading)
+        hidden = hidden + s[p + "self_attn.o_proj.weight"].sum(1) + s[p + "mlp.down_proj.weight"].sum(1)
+        query = s[p + "self_attn.q_proj.weight"].view(H, d, -1).sum((1, 2))
+        if arch.qkv_bias:
+            query = query + s[p + "self_attn.q_proj.bias"].view(H, d).sum(1)
+        heads.append(query + s[p + "self_attn.o_proj.weight"].view(-1, H, d).sum((0, 2)))
+        neurons.append(s[p + "mlp.gate_proj.weight"].sum(1) + s[p + "mlp.up_proj.weight"].sum(1)
+                       + s[p + "mlp.down_proj.weight"].sum(0))
+    return {"hidden": hidden, "heads": torch.stack(heads), "neurons": torch.stack(neurons)}
+
+
+def megatron_taylor_scores(cases):
+    """Taylor scores of each (arch, global state dict) on WINDOWS, on this rank's layout."""
+    from nemo_minitron.importance import estimate_taylor_importance
+    from nemo_minitron.models.gpt import build_gpt_model
+
+    results = []
+    for arch, global_sd in cases:
+        model = build_gpt_model(arch)
+        bridge.load_global(model, global_sd)
+        scores = estimate_taylor_importance(model, WINDOWS, micro_batch_size=4)  # 6 windows: a ragged tail
+        assert all(p.grad is None for p in model.parameters())
+        results.append({"hidden": scores.hidden, "heads": scores.heads, "neurons": scores.neurons,
+                        "loss": scores.info["calibration_loss"], "method": scores.method})
+    return results
+
+
+@pytest.fixture(scope="module")
+def taylor_run():
+    """Llama with tied embeddings, Qwen2 (query biases) with an untied output layer; TP=1."""
+    archs = (tiny_arch(tie=True), tiny_arch(tie=False, family="qwen2"))
+    models = [hf_model(arch) for arch in archs]
+    cases = [(arch, bridge.hf_to_global(arch, model.state_dict())) for arch, model in zip(archs, models)]
+    [scores] = run_distributed(megatron_taylor_scores, world_size=1, args=(cases,))
+    return archs, models, cases, scores
+
+
+def test_taylor_scores_equal_autograd_on_transformers(taylor_run):
+    archs, models, _, all_scores = taylor_run
+    for arch, hf, scores in zip(archs, models, all_scores):
+        expected = hf_taylor_reference(hf, arch, WINDOWS)
+        assert scores["method"] == "taylor"
+        for name in ("hidden", "heads", "neurons"):
+            torch.testing.assert_close(scores[name], expected[name], rtol=1e-4, atol=1e-8, msg=f"{arch.family} {name}")
+
+
+@pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (1, 2, 2), (1, 1, 2)])
+def test_taylor_scores_match_across_layouts(taylor_run, tp, pp, world):
+    """TP shards, pipeline stages (with the tied embedding's two copies) and data-parallel replicas
+    give the scores of TP=1."""
+    _, _, cases, [reference, _] = taylor_run
+    for [scores] in run_distributed(megatron_taylor_scores, world, tp, pp, args=(cases[:1],)):
+        for name in ("hidden", "heads", "neurons", "loss"):
+            torch.testing.assert_close(scores[name], reference[name], rtol=1e-5, atol=1e-9, msg=name)
+
+
+def test_taylor_scores_are_cached_with_their_calibration(tmp_path):
+    from nemo_minitron.prune.stage import PruneConfig, _request
+
+    requests = {method: _request(PruneConfig(checkpoint=str(tmp_path), importance=method))
+                for method in ("activation", "taylor", "magnitude")}
+    assert requests["taylor"]["calib"] == requests["activation"]["calib"] is not None
+    assert requests["taylor"]["aggregation"] is None and requests["magnitude"]["calib"] is None
+    assert len({json.dumps(r, sort_keys=True) for r in requests.values()}) == 3

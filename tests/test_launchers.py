@@ -27,6 +27,8 @@ RECIPE_LAUNCHERS = {
     ("prune_llama31_4b", ("--depth",)): ("prune", "llama31_minitron_4b_depth"),
     ("distill_nemotron4", ()): ("distill", "nemotron4_minitron_8b"),
     ("distill_nemotron4", ("--4b",)): ("distill", "nemotron4_minitron_4b"),
+    ("prune_qwen3", ()): ("prune", "qwen3_8b_to_6b"),
+    ("distill_qwen3", ()): ("distill", "qwen3_8b_to_6b"),
 }
 
 
@@ -143,6 +145,21 @@ def test_recipe_launcher_runs_its_stage_with_the_recipe(stubs, launcher, selecti
     assert proc.returncode == 0, proc.stderr
     srun = [c for c in log.read_text().splitlines() if c.startswith("srun ")]
     assert srun == [_srun_line(f"{stage} tp=4 pp=2 recipe={recipe} output_dir=/ckpt/x")]
+
+
+@pytest.mark.parametrize("launcher,stage", [("prune_qwen3", "prune"), ("distill_qwen3", "distill")])
+def test_moe_recipe_launchers_split_the_experts_over_expert_parallel_ranks(stubs, launcher, stage):
+    env, log = stubs
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / f"{launcher}.sh"), "--moe", "--container", "img:1",
+                           "output_dir=/ckpt/x"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "world=16 tp=1 pp=1 ep=8 dp=16" in proc.stdout
+    srun = [c for c in log.read_text().splitlines() if c.startswith("srun ")]
+    assert srun == [_srun_line(f"{stage} tp=1 pp=1 ep=8 recipe=qwen3_30b_a3b_96_experts output_dir=/ckpt/x")]
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / f"{launcher}.sh"), "--moe", "--ep", "3"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "tp=1 x pp=1 x ep=3 does not divide 16 GPU(s)" in proc.stderr
 
 
 def test_recipe_launcher_dry_run_shows_the_recipe_under_the_command_line(stubs):

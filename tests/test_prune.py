@@ -91,9 +91,9 @@ def megatron_logits(arch, global_sd, tokens=TOKENS, skip=()):
     return out[0] if out else None
 
 
-def logits_of(cases):
+def logits_of(cases, tokens=TOKENS):
     """Megatron logits for each (arch, global_sd, skip) case, in one process."""
-    return [megatron_logits(arch, sd, skip=skip) for arch, sd, skip in cases]
+    return [megatron_logits(arch, sd, tokens, skip) for arch, sd, skip in cases]
 
 
 # --- the HF reference --------------------------------------------------------------------------

@@ -23,6 +23,10 @@ RECIPES = {
     "mn_minitron_8b": ("mistral-nemo-12b", (40, 4096, 11520, 32, 8), 8.41, (1e-4, 4.5e-7, 60, 768, 8192), 380, True),
     "nemotron4_minitron_8b": ("nemotron-4-15b", (32, 4096, 16384, 48, 8), 8.27, (1e-4, 1e-5, 40, 1152, 4096), 94, False),
     "nemotron4_minitron_4b": ("minitron-8b", (32, 3072, 9216, 32, 8), 4.39, (1e-4, 1e-5, 40, 1152, 4096), 94, False),
+    "qwen3_8b_to_6b": ("qwen3-8b", (30, 3584, 11776, 32, 8), 5.99, (1e-4, 1e-5, 40, 1152, 8192), 94, False),
+    # the MoE cut keeps every shape key and 96 of 128 experts (the FFN is its unused dense width)
+    "qwen3_30b_a3b_96_experts": ("qwen3-30b-a3b", (48, 2048, 6144, 32, 4), 23.28, (1e-4, 1e-5, 40, 1152, 8192), 94,
+                                 False),
 }
 
 
@@ -41,7 +45,8 @@ def test_recipe_reproduces_the_published_model(name):
     cfg = compose_recipe(name)
     teacher = PUBLISHED_TEACHERS[teacher_name]
     target = {k: v for k, v in OmegaConf.to_container(cfg.prune.target).items()}
-    student = PruneSpec.from_dict(target).target_arch(teacher, 8, 1)
+    # the recipes' launcher layouts: tp=8, or tp=1 with the experts over ep=8
+    student = PruneSpec.from_dict(target).target_arch(teacher, *((1, 1, 8) if teacher.is_moe else (8, 1, 1)))
     assert (student.num_layers, student.hidden_size, student.ffn_hidden_size, student.num_attention_heads,
             student.num_query_groups) == shape
     assert student.num_parameters()["total"] / 1e9 == pytest.approx(billions, abs=0.01)

@@ -1,6 +1,6 @@
 """The training loop on megatron-core (CPU, gloo): the LR schedule, gradient accumulation over
-micro-batches and data parallelism give the same update, the teacher-correct command, and bad
-settings fail with the key to fix."""
+micro-batches and data parallelism give the same update, bf16 and fp16 mixed precision on CPU, the
+teacher-correct command (at its default dtype=auto), and bad settings fail with the key to fix."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import torch
 
 from commands import minitron
 from distributed import run_distributed
+from nemo_minitron.checkpoint import read_metadata
 from nemo_minitron.models import bridge
+from nemo_minitron.outputs import MARKER_FILE
+from nemo_minitron.stage import auto_dtype
 from nemo_minitron.train import OptimConfig, TrainConfig
 from tiny import SENTENCES, hf_model, tiny_arch, tiny_tokenizer, write_hf_dir
 
@@ -25,19 +28,24 @@ def _stream() -> torch.Tensor:
     return torch.tensor(ids)
 
 
-def lm_steps(arch, global_sd, micro_batch_size: int, tmp: str):
-    """STEPS optimizer steps of the LM loss; per-step metrics and the final global weights."""
+def lm_trainer(arch, global_sd, micro_batch_size: int, tmp: str, dtype: torch.dtype = torch.float32,
+               steps: int = STEPS):
     from nemo_minitron.models.gpt import build_gpt_model
     from nemo_minitron.train import LMLoss, TokenWindows, Trainer, TrainingData
 
-    model = build_gpt_model(arch)
+    model = build_gpt_model(arch, dtype)
     bridge.load_global(model, global_sd)
     data = TrainingData(TokenWindows(_stream(), 16, seed=0), None)
-    trainer = Trainer(model, LMLoss(), data,
-                      TrainConfig(steps=STEPS, global_batch_size=4, seq_length=16, micro_batch_size=micro_batch_size),
-                      OptimConfig(lr=LR, min_lr=MIN_LR, warmup_steps=WARMUP, clip_grad=1.0), tmp)
+    return Trainer(model, LMLoss(), data,
+                   TrainConfig(steps=steps, global_batch_size=4, seq_length=16, micro_batch_size=micro_batch_size),
+                   OptimConfig(lr=LR, min_lr=MIN_LR, warmup_steps=WARMUP, clip_grad=1.0), tmp)
+
+
+def lm_steps(arch, global_sd, micro_batch_size: int, tmp: str, dtype: torch.dtype = torch.float32):
+    """STEPS optimizer steps of the LM loss; per-step metrics and the final global weights."""
+    trainer = lm_trainer(arch, global_sd, micro_batch_size, tmp, dtype)
     metrics = [trainer.train_step() for _ in range(STEPS)]
-    return metrics, bridge.gather_global(model)
+    return metrics, bridge.gather_global(trainer.module)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +90,40 @@ def test_accumulation_and_data_parallel_give_the_same_steps(tiny, reference, tmp
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_bf16_lm_training_tracks_fp32_and_learns(tiny, reference, tmp_path):
+    """bf16 weights and activations, fp32 gradients and main weights (on CPU through cpu_shims):
+    per-step losses within 1% of fp32 (bf16 rounds to 2^-9 relative; measured: within 0.1%)."""
+    arch, sd = tiny
+    ref_metrics, _ = reference
+    [(metrics, weights)] = run_distributed(lm_steps, world_size=1, args=(arch, sd, 1, str(tmp_path), torch.bfloat16))
+    losses = [m["train/loss"] for m in metrics]
+    assert losses == pytest.approx([m["train/loss"] for m in ref_metrics], rel=1e-2)
+    assert losses[-1] < losses[0] - 0.5
+    assert [m["train/lr"] for m in metrics] == [m["train/lr"] for m in ref_metrics]
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}  # norms too, as megatron's Float16Module casts
+
+
+def fp16_steps(arch, global_sd, tmp: str) -> list[tuple[float, float, bool]]:
+    """40 fp16 LM steps: (loss, loss scale after the step, whether the weights were updated)."""
+    trainer = lm_trainer(arch, global_sd, 4, tmp, torch.float16, steps=40)
+    steps = []
+    for _ in range(40):
+        metrics = trainer.train_step()
+        steps.append((metrics["train/loss"], float(trainer.optimizer.get_loss_scale()), "train/grad_norm" in metrics))
+    return steps
+
+
+def test_fp16_dynamic_loss_scale_backs_off_then_trains_on_cpu(tiny, tmp_path):
+    """fp16 runs megatron's dynamic loss scaler, on CPU too: from 2^32 the scaled gradients overflow,
+    the step is skipped and the scale halved, until they fit in fp16; then every step updates."""
+    arch, sd = tiny
+    [steps] = run_distributed(fp16_steps, world_size=1, args=(arch, sd, str(tmp_path)))
+    losses, scales, updated = zip(*steps)
+    assert scales[:3] == (2.0**32, 2.0**31, 2.0**30) and not any(updated[:3])
+    assert all(updated[-10:]) and len(set(scales[-10:])) == 1
+    assert losses[-1] < losses[0] - 1.0
+
+
 def test_bad_batch_geometry_names_the_key():
     with pytest.raises(ValueError, match="train.global_batch_size"):
         TrainConfig(steps=2, global_batch_size=6, seq_length=8, micro_batch_size=4).validate(dp=1)
@@ -114,10 +156,18 @@ def test_teacher_correct_command(tmp_path):
     lrs = [json.loads(line)["train/lr"] for line in (tmp_path / "corrected" / "metrics.jsonl").read_text().splitlines()]
     assert lrs[0] == pytest.approx(5e-3 / 5) and lrs[-1] == pytest.approx(5e-3 / 5 / 10)  # 1/5 of the peak, to 1/10
     assert (tmp_path / "corrected" / "tensorboard").is_dir()
+    # dtype=auto (the training stages' default) is resolved once: the settings the run recorded and the
+    # checkpoint it wrote name the dtype that ran (bfloat16 where the CPU computes it natively)
+    marker = json.loads((tmp_path / "corrected" / MARKER_FILE).read_text())
+    assert marker["settings"]["dtype"] == auto_dtype() == read_metadata(tmp_path / "corrected" / "final")["dtype"]
     # the corrected teacher is a complete checkpoint that the other stages read
     evaluated = json.loads(minitron("eval", f"checkpoint={tmp_path / 'corrected' / 'final'}",
                                     f"data={tmp_path / 'valid.jsonl'}", "seq_len=16").stdout.strip().splitlines()[-1])
-    assert math.isfinite(evaluated["perplexity"])
+    assert math.isfinite(evaluated["perplexity"]) and evaluated["dtype"] == "float32"  # eval's default
+    in_bf16 = json.loads(minitron("eval", f"checkpoint={tmp_path / 'corrected' / 'final'}",
+                                  f"data={tmp_path / 'valid.jsonl'}", "seq_len=16", "dtype=bfloat16").stdout.strip()
+                         .splitlines()[-1])
+    assert in_bf16["dtype"] == "bfloat16" and in_bf16["perplexity"] == pytest.approx(evaluated["perplexity"], rel=1e-2)
     again = json.loads(minitron("teacher-correct", *common, "train.steps=4", "optim.warmup_steps=1",
                                 "original_peak_lr=5e-3").stdout.strip().splitlines()[-1])
     assert again["already_complete"] and again["step"] == 4

@@ -36,13 +36,24 @@ def tiny_arch(tie: bool = True, rope_scaling: bool = False, family: str = "llama
     # head_dim (24) differs from hidden/heads (16) on purpose; GQA with 2 groups of 2 heads.
     # Nemotron: the family brings LayerNorm + squared ReLU; rotary on half of each head as Nemotron-4.
     # Qwen2 / Qwen3: the family brings QKV biases / per-head query and key norms.
-    arch = ModelArch(
+    fields = dict(
         num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
         kv_channels=24, vocab_size=320, max_position_embeddings=256, rope_theta=50000.0,
         rope_scaling_factor=8.0 if rope_scaling else None, norm_eps=1e-5, tie_embeddings=tie, family=family,
         eos_token_id=0, rotary_percent=0.5 if family == "nemotron" else 1.0, **family_attention(family),
     )
-    return arch.replace(**changes)
+    return ModelArch(**fields | changes)
+
+
+def tiny_moe_arch(family: str = "qwen3_moe", tie: bool = False, **changes):
+    """`tiny_arch` with mixture-of-experts layers: 4 routed experts of 32, top-2 (Qwen2-MoE: plus a
+    shared expert of 48, weights from the softmax over all experts)."""
+    moe = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32)
+    if family == "qwen2_moe":
+        moe |= dict(moe_shared_expert_intermediate_size=48, moe_router_pre_softmax=True)
+    if family == "mixtral":
+        moe |= dict(ffn_hidden_size=32)  # Mixtral's one intermediate_size is the experts'
+    return tiny_arch(tie=tie, family=family, **moe | changes)
 
 
 def hf_model(arch, seed: int = 0) -> transformers.PreTrainedModel:
@@ -52,6 +63,8 @@ def hf_model(arch, seed: int = 0) -> transformers.PreTrainedModel:
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("proj.bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith("gate.weight"):  # routers: decisive top-k choices, no near-ties to flip
+                p.normal_(0, 1)
     return model.eval()
 
 

@@ -158,7 +158,7 @@ def align_checkpoint(cfg: AlignConfig) -> dict:
     train_cfg = cfg.train
     if cfg.preference and (train_cfg.micro_batch_size % 2 or train_cfg.global_batch_size % 2):
         raise UserError("DPO/RPO train on whole pairs: train.micro_batch_size and train.global_batch_size must be even")
-    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     train_stage.checkpoint_arch(cfg, "checkpoint")
     if cfg.reference:
         train_stage.checkpoint_arch(cfg, "reference")
@@ -232,7 +232,7 @@ def generate_text(cfg: GenerateConfig) -> dict:
     cfg.require("checkpoint", "prompt")
     tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
     ids = prompt_ids(cfg, tokenizer)
-    parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     model = checkpoint.load_checkpoint(cfg.checkpoint, params_dtype=cfg.torch_dtype)
     new_ids, text = greedy_generate(model, tokenizer, ids, cfg.max_new_tokens, cfg.max_length)
     return {"text": text, "new_tokens": len(new_ids), "prompt_tokens": len(ids)}

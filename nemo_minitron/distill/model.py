@@ -12,7 +12,8 @@ concatenated along the hidden dimension). The extra channels hold each intermedi
 computed on an earlier stage; the last stage reads them from the received tensor, so their
 gradient travels back through the schedule's ordinary backward p2p to the stage that computed
 them. The schedule sizes its p2p buffers from `config.hidden_size` of the module it runs, so the
-wrapper's config is a copy of the student's with that hidden size.
+wrapper's config is a copy of the student's with that hidden size. The tensor has the models' dtype:
+in bf16 the carried losses are rounded to 8 significant bits, as the activations are.
 
 On the last stage `forward` returns a `DistillationOutput` (student and teacher logit shards and the
 intermediate losses), which `DistillationLoss` turns into the training objective.

@@ -70,7 +70,7 @@ def distill_checkpoint(cfg: DistillConfig) -> dict:
     cfg.require("teacher", "student", "output_dir")
     loss = cfg.loss.objective()
     pairs = cfg.loss.layer_pairs()
-    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     teacher_arch = train_stage.checkpoint_arch(cfg, "teacher")
     student_arch = train_stage.checkpoint_arch(cfg, "student")
     done = train_stage.start_run(cfg, "distill", [cfg.teacher, cfg.student, cfg.data.train, cfg.data.valid],
@@ -98,7 +98,7 @@ def correct_teacher(cfg: TeacherCorrectConfig) -> dict:
     """Fine-tune `cfg.teacher` with the LM loss at 1/5 of its original peak LR (by default) with
     the loop of distillation; the corrected teacher lands in OUTPUT/final."""
     cfg.require("teacher", "output_dir")
-    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     if cfg.optim.lr is None:
         cfg.optim.lr = cfg.original_peak_lr / 5
     if cfg.optim.min_lr is None:

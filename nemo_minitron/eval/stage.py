@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from nemo_minitron import checkpoint, parallel
 from nemo_minitron.data.indexed import load_token_stream
 from nemo_minitron.errors import UserError
@@ -54,9 +56,13 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     windows = None
     if cfg.data:
         windows = windows_from_stream(load_token_stream(cfg.data, tokenizer, text_key=cfg.text_key), cfg.seq_len, cfg.max_tokens)
-    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     model = checkpoint.load_checkpoint(cfg.checkpoint, params_dtype=cfg.torch_dtype)
-    result: dict = {"checkpoint": str(cfg.checkpoint), "tp": layout.tp, "pp": layout.pp}
+    if cfg.torch_dtype != torch.float32:  # every weight in that dtype, as in training (train/optim.py)
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(model.config, model)
+    result: dict = {"checkpoint": str(cfg.checkpoint), "tp": layout.tp, "pp": layout.pp, "dtype": cfg.dtype}
     if windows is not None:
         log.info("perplexity over %d windows of %d tokens at %s", len(windows), cfg.seq_len, layout.describe())
         scored = evaluate_perplexity(model, windows, cfg.micro_batch_size)

@@ -13,6 +13,16 @@ Where each axis is read (activations are sequence-first [s, b, .]):
   neurons).
 - Block Importance: 1 - cos(input, output) of every `TransformerLayer`, averaged over tokens (the
   layer is called with keyword arguments, hence `with_kwargs=True`).
+- Mixture-of-experts layers (local experts, `SequentialMLP`): the hidden channels after the
+  pre-MLP norm are the MoE layer's input; the router's output gives each expert's token count
+  ("frequency") and received probability ("router_mass"). Megatron scales an expert's activation
+  by the token's router probability p before `linear_fc2`, so the input of a routed expert's
+  `linear_fc2` is p * act(x): its neuron score is the L2 norm over the tokens routed to it, and
+  the expert's score ("output") is the sum over those tokens of |p * expert(x)|, the norm of what
+  it adds to the residual stream (its `linear_fc2` output, summed over expert-TP ranks first). The
+  all-gather token dispatcher hands every expert each token once per TP rank (tokens are
+  replicated across TP without sequence parallelism), so expert statistics are divided by TP.
+  A shared expert's neurons are read like a dense MLP's.
 
 Every rank accumulates into global-size tensors (global layer index, global head / neuron offset);
 hidden and layer statistics, replicated across TP, count on TP rank 0 only. One all-reduce over
@@ -69,10 +79,31 @@ class ImportanceRecorder:
         per_head = arch.kv_channels if self.aggregation.heads == "input" else 1
         self.attention = BatchStats((L, arch.num_attention_heads * per_head))
         self._grams: dict[int, torch.Tensor] = {}
-        self.neurons = BatchStats((L, arch.ffn_hidden_size))
         self.bi_sum = torch.zeros(L, dtype=torch.float64)
         self.bi_tokens = torch.zeros(L, dtype=torch.float64)
         self._handles: list = []
+        if not arch.is_moe:
+            self.neurons = BatchStats((L, arch.ffn_hidden_size))
+            return
+        grouped = [type(layer.mlp.experts).__name__ for layer in model.decoder.layers
+                   if not hasattr(layer.mlp.experts, "local_experts")]
+        if grouped:  # checked before any hook is registered
+            raise UserError(f"importance hooks read routed experts one module each (megatron's SequentialMLP); "
+                            f"this model's are {grouped[0]} (grouped GEMM): build it with the local layer spec, "
+                            f"or moe_grouped_gemm=False, to estimate importance")
+        E = arch.num_moe_experts
+        self.duplicates = tp
+        self.etp_rank = ps.get_expert_tensor_parallel_rank()
+        self.etp = ps.get_expert_tensor_parallel_world_size()
+        self.expert_ffn_local = arch.moe_ffn_hidden_size // self.etp
+        # sums over routed tokens: (p * act)^2 per expert neuron, |p * expert(x)|, tokens, p
+        self.expert_neurons_sq = torch.zeros(L, E, arch.moe_ffn_hidden_size, dtype=torch.float64)
+        self.expert_output = torch.zeros(L, E, dtype=torch.float64)
+        self.expert_tokens = torch.zeros(L, E, dtype=torch.float64)
+        self.router_mass = torch.zeros(L, E, dtype=torch.float64)
+        shared = arch.moe_shared_expert_intermediate_size
+        self.shared_local = (shared or 0) // tp
+        self.shared = BatchStats((L, shared)) if shared else None
 
     # --- hooks ----------------------------------------------------------------------------------
 
@@ -125,6 +156,59 @@ class ImportanceRecorder:
 
         return hook
 
+    def _router_hook(self, layer: int):
+        def hook(module, args, output):
+            probs, routing_map = output  # [tokens, E]: the weights of the chosen experts (0 elsewhere)
+            if self.tp_rank == 0:  # the router runs on this rank's tokens, replicated across TP
+                self.router_mass[layer] += probs.detach().double().sum(0).cpu()
+                self.expert_tokens[layer] += routing_map.double().sum(0).cpu()
+
+        return hook
+
+    def _expert_neuron_hook(self, layer: int, expert: int):
+        offset = self.etp_rank * self.expert_ffn_local
+
+        def hook(module, args):
+            scaled = args[0].detach().double()  # [routed tokens, local ffn] = p * act(x)
+            self.expert_neurons_sq[layer, expert, offset:offset + self.expert_ffn_local] += (
+                scaled.square().sum(0).cpu() / self.duplicates)
+
+        return hook
+
+    def _expert_output_hook(self, layer: int, expert: int):
+        from megatron.core import parallel_state as ps
+
+        def hook(module, args, output):
+            out = (output[0] if isinstance(output, tuple) else output).detach().float()
+            if self.etp > 1:  # a row-parallel partial sum: the expert's output is the sum over expert-TP
+                out = out.clone()
+                dist.all_reduce(out, group=ps.get_expert_tensor_parallel_group())
+            if self.etp_rank == 0:
+                self.expert_output[layer, expert] += out.norm(dim=-1).double().sum().cpu() / self.duplicates
+
+        return hook
+
+    def _moe_hooks(self, layer: int, mlp) -> list:
+        """The hooks of one MoE layer (its hidden-channel hook included)."""
+        handles = [mlp.register_forward_pre_hook(self._moe_input_hook(layer), with_kwargs=True),
+                   mlp.router.register_forward_hook(self._router_hook(layer))]
+        for local_index, expert in enumerate(mlp.experts.local_experts):
+            index = mlp.local_expert_indices[local_index]
+            handles += [expert.linear_fc2.register_forward_pre_hook(self._expert_neuron_hook(layer, index)),
+                        expert.linear_fc2.register_forward_hook(self._expert_output_hook(layer, index))]
+        if self.shared is not None:
+            handles.append(mlp.shared_experts.linear_fc2.register_forward_pre_hook(
+                self._sharded_hook(self.shared, layer, self.shared_local)))
+        return handles
+
+    def _moe_input_hook(self, layer: int):
+        norm_hook = self._norm_hook(layer, 1)
+
+        def hook(module, args, kwargs):
+            norm_hook(module, args or (kwargs["hidden_states"],))
+
+        return hook
+
     def _block_hook(self, layer: int):
         def hook(module, args, kwargs, output):
             if self.tp_rank != 0:
@@ -144,11 +228,16 @@ class ImportanceRecorder:
             attention, mlp = layer.self_attention, layer.mlp
             self._handles += [
                 attention.linear_qkv.register_forward_pre_hook(self._norm_hook(i, 0)),
-                mlp.linear_fc1.register_forward_pre_hook(self._norm_hook(i, 1)),
                 attention.linear_proj.register_forward_pre_hook(self._head_hook(i)),
-                mlp.linear_fc2.register_forward_pre_hook(self._sharded_hook(self.neurons, i, self.ffn_local)),
                 layer.register_forward_hook(self._block_hook(i), with_kwargs=True),
             ]
+            if self.arch.is_moe:
+                self._handles += self._moe_hooks(i, mlp)
+            else:
+                self._handles += [
+                    mlp.linear_fc1.register_forward_pre_hook(self._norm_hook(i, 1)),
+                    mlp.linear_fc2.register_forward_pre_hook(self._sharded_hook(self.neurons, i, self.ffn_local)),
+                ]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -160,8 +249,13 @@ class ImportanceRecorder:
 
     def scores(self, info: dict | None = None) -> ImportanceScores:
         """Reduce over all ranks and finish the scores (every rank must call it)."""
-        parts = [*self.hidden.tensors(), *self.attention.tensors(), *self.neurons.tensors(),
-                 self.bi_sum, self.bi_tokens]
+        arch, agg = self.arch, self.aggregation
+        if arch.is_moe:
+            mlp_parts = [self.expert_neurons_sq, self.expert_output, self.expert_tokens, self.router_mass,
+                         *(self.shared.tensors() if self.shared is not None else ())]
+        else:
+            mlp_parts = [*self.neurons.tensors()]
+        parts = [*self.hidden.tensors(), *self.attention.tensors(), *mlp_parts, self.bi_sum, self.bi_tokens]
         flat = torch.cat([p.flatten() for p in parts])
         if dist.is_initialized():
             dist.all_reduce(flat)
@@ -169,7 +263,6 @@ class ImportanceRecorder:
             p.copy_(chunk.view_as(p))
         if (self.hidden.count == 0).any():
             raise UserError("no calibration data reached some layers: run forward passes inside the recorder")
-        arch, agg = self.arch, self.aggregation
         hidden_per_layer = agg.over_batch(self.hidden).float()
         heads = agg.over_batch(self.attention).float().view(arch.num_layers, arch.num_attention_heads, -1)
         return ImportanceScores(
@@ -177,8 +270,11 @@ class ImportanceRecorder:
             method="activation",
             hidden=hidden_per_layer.sum((0, 1)),
             heads=heads.norm(dim=-1),  # "input": L2 over head_dim of the per-channel scores
-            neurons=agg.over_batch(self.neurons).float(),
+            neurons=self.expert_neurons_sq.sqrt().float() if arch.is_moe else agg.over_batch(self.neurons).float(),
             layers={"block_importance": (self.bi_sum / self.bi_tokens).float()},
+            experts={"output": self.expert_output.float(), "frequency": self.expert_tokens.float(),
+                     "router_mass": self.router_mass.float()} if arch.is_moe else {},
+            shared_neurons=agg.over_batch(self.shared).float() if arch.is_moe and self.shared is not None else None,
             hidden_per_layer=hidden_per_layer,
             info={"aggregation": agg.as_dict(), "samples": int(self.hidden.count[0]), **(info or {})},
         )

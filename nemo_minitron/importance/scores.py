@@ -3,7 +3,12 @@
 `ImportanceScores` is what every ranking method produces and what pruning consumes:
 - `hidden` [h]: one shared score per hidden channel;
 - `heads` [L, heads]: per attention head (global head index, group-major like megatron's QKV);
-- `neurons` [L, ffn]: per MLP neuron;
+- `neurons` [L, ffn]: per MLP neuron; in a mixture-of-experts model [L, experts, moe_ffn], per
+  neuron of every routed expert;
+- `experts` {name: [L, experts]}: per routed expert (MoE only), by each expert signal ("output" =
+  the router-weighted output norm it adds, "frequency" = tokens routed to it, "router_mass" = the
+  router probability it receives, "magnitude", "random"), see `EXPERT_METHODS`;
+- `shared_neurons` [L, shared ffn]: per neuron of Qwen2-MoE's shared expert;
 - `layers` {name: [L]}: per-layer depth scores (e.g. "block_importance", "loss" = LM-loss increase
   when the layer is dropped, "magnitude", "random");
 - `blocks` {k: [L - k + 1]}: the loss (lower = better) of the model without layers [i, i + k),
@@ -25,7 +30,8 @@ from nemo_minitron.atomic import atomic_file
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelArch
 
-METHODS = ("activation", "magnitude", "random")
+METHODS = ("activation", "taylor", "magnitude", "random")
+EXPERT_METHODS = ("output", "frequency", "router_mass", "magnitude", "random")
 FILE_NAME = "importance.pt"
 
 
@@ -40,21 +46,30 @@ class ImportanceScores:
     blocks: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden_per_layer: torch.Tensor | None = None  # [L, 2, h] activation scores per norm
     info: dict[str, Any] = field(default_factory=dict)
+    experts: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared_neurons: torch.Tensor | None = None
 
     def __post_init__(self):
         a = self.arch
-        expected = {
-            "hidden": (a.hidden_size,),
-            "heads": (a.num_layers, a.num_attention_heads),
-            "neurons": (a.num_layers, a.ffn_hidden_size),
-        }
+        L = a.num_layers
+        neurons = (L, a.num_moe_experts, a.moe_ffn_hidden_size) if a.is_moe else (L, a.ffn_hidden_size)
+        expected = {"hidden": (a.hidden_size,), "heads": (L, a.num_attention_heads), "neurons": neurons}
+        if a.moe_shared_expert_intermediate_size:
+            expected["shared_neurons"] = (L, a.moe_shared_expert_intermediate_size)
+        elif self.shared_neurons is not None:
+            raise ValueError("importance scores: shared_neurons given for a model without a shared expert")
         for name, shape in expected.items():
-            got = tuple(getattr(self, name).shape)
+            got = None if getattr(self, name) is None else tuple(getattr(self, name).shape)
             if got != shape:
                 raise ValueError(f"importance scores: {name} has shape {got}, the model needs {shape}")
         for name, scores in self.layers.items():
-            if tuple(scores.shape) != (a.num_layers,):
+            if tuple(scores.shape) != (L,):
                 raise ValueError(f"importance scores: layer scores {name!r} have shape {tuple(scores.shape)}")
+        if self.experts and not a.is_moe:
+            raise ValueError("importance scores: expert scores given for a dense model")
+        for name, scores in self.experts.items():
+            if tuple(scores.shape) != (L, a.num_moe_experts):
+                raise ValueError(f"importance scores: expert scores {name!r} have shape {tuple(scores.shape)}")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -94,36 +109,61 @@ def _layer_tensors(sd: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tenso
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
+def _mlp_magnitudes(fc1: torch.Tensor, fc2: torch.Tensor, gated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-neuron weight norms, per-hidden-channel squared weights) of one MLP: a SwiGLU neuron's
+    gate and up rows, or a squared-ReLU neuron's one row, and its fc2 column."""
+    fc1_rows = sum(part.square().sum(1) for part in fc1.chunk(2)) if gated else fc1.square().sum(1)
+    return (fc1_rows + fc2.square().sum(0)).sqrt(), fc1.square().sum(0) + fc2.square().sum(1)
+
+
 @torch.no_grad()
 def magnitude_scores(arch: ModelArch, global_sd: dict[str, torch.Tensor]) -> ImportanceScores:
     """Weight-norm importance (an ablation): every score is the L2 norm of the weights that read or
     write the unit. Norm weights are folded into the linears they feed, as the model computes; a
-    head's q bias (Qwen2) counts with its q rows."""
+    head's q bias (Qwen2) counts with its q rows; a routed expert scores the norm of all its
+    weights, and the router's columns count towards the hidden channels."""
     G, d = arch.num_query_groups, arch.kv_channels
     per_group = arch.num_attention_heads // G
     h = arch.hidden_size
     hidden_sq = global_sd["embedding.word_embeddings.weight"].float().square().sum(0)
     output = global_sd.get("output_layer.weight", global_sd["embedding.word_embeddings.weight"])
     hidden_sq += (output.float() * global_sd["decoder.final_layernorm.weight"].float()).square().sum(0)
-    heads, neurons, layers = [], [], []
+    heads, neurons, layers, experts, shared = [], [], [], [], []
     for i in range(arch.num_layers):
         w = {k: v.float() for k, v in _layer_tensors(global_sd, i).items()}
         qkv = w["self_attention.linear_qkv.weight"] * w["input_layernorm.weight"]
-        fc1 = w["mlp.linear_fc1.weight"] * w["pre_mlp_layernorm.weight"]
-        proj, fc2 = w["self_attention.linear_proj.weight"], w["mlp.linear_fc2.weight"]
-        hidden_sq += qkv.square().sum(0) + fc1.square().sum(0) + proj.square().sum(1) + fc2.square().sum(1)
+        proj, norm = w["self_attention.linear_proj.weight"], w["pre_mlp_layernorm.weight"]
+        hidden_sq += qkv.square().sum(0) + proj.square().sum(1)
         q = qkv.view(G, per_group + 2, d, h)[:, :per_group].reshape(arch.num_attention_heads, -1)
         if arch.qkv_bias:
             q_bias = w["self_attention.linear_qkv.bias"].view(G, per_group + 2, d)[:, :per_group]
             q = torch.cat([q, q_bias.reshape(arch.num_attention_heads, d)], dim=1)
         heads.append((q.square().sum(1) + proj.view(h, -1, d).square().sum((0, 2))).sqrt())
-        # a SwiGLU neuron's gate and up rows, or a squared-ReLU neuron's one row, and its fc2 column
-        fc1_rows = sum(part.square().sum(1) for part in fc1.chunk(2)) if arch.gated else fc1.square().sum(1)
-        neurons.append((fc1_rows + fc2.square().sum(0)).sqrt())
+        if arch.is_moe:
+            hidden_sq += (w["mlp.router.weight"] * norm).square().sum(0)
+            per_expert = [_mlp_magnitudes(w[f"mlp.experts.local_experts.{e}.linear_fc1.weight"] * norm,
+                                          w[f"mlp.experts.local_experts.{e}.linear_fc2.weight"], arch.gated)
+                          for e in range(arch.num_moe_experts)]
+            hidden_sq += sum(hidden for _, hidden in per_expert)
+            neurons.append(torch.stack([n for n, _ in per_expert]))
+            experts.append(torch.stack([n.square().sum().sqrt() for n, _ in per_expert]))
+            if arch.moe_shared_expert_intermediate_size:
+                shared_neurons, shared_hidden = _mlp_magnitudes(
+                    w["mlp.shared_experts.linear_fc1.weight"] * norm, w["mlp.shared_experts.linear_fc2.weight"],
+                    arch.gated)
+                hidden_sq += shared_hidden + (w["mlp.shared_experts.gate_weight"] * norm).square().sum(0)
+                shared.append(shared_neurons)
+        else:
+            mlp_neurons, mlp_hidden = _mlp_magnitudes(w["mlp.linear_fc1.weight"] * norm, w["mlp.linear_fc2.weight"],
+                                                      arch.gated)
+            hidden_sq += mlp_hidden
+            neurons.append(mlp_neurons)
         layers.append(sum(t.square().sum() for t in w.values()).sqrt())
     return ImportanceScores(
         arch=arch, method="magnitude", hidden=hidden_sq.sqrt(), heads=torch.stack(heads),
         neurons=torch.stack(neurons), layers={"magnitude": torch.stack(layers)},
+        experts={"magnitude": torch.stack(experts)} if experts else {},
+        shared_neurons=torch.stack(shared) if shared else None,
     )
 
 
@@ -131,9 +171,13 @@ def random_scores(arch: ModelArch, seed: int = 0) -> ImportanceScores:
     """Uniformly random scores (an ablation), reproducible from `seed`."""
     g = torch.Generator().manual_seed(seed)
     L = arch.num_layers
+    neurons = (L, arch.num_moe_experts, arch.moe_ffn_hidden_size) if arch.is_moe else (L, arch.ffn_hidden_size)
+    shared = arch.moe_shared_expert_intermediate_size
     return ImportanceScores(
         arch=arch, method="random", hidden=torch.rand(arch.hidden_size, generator=g),
         heads=torch.rand(L, arch.num_attention_heads, generator=g),
-        neurons=torch.rand(L, arch.ffn_hidden_size, generator=g),
+        neurons=torch.rand(*neurons, generator=g),
         layers={"random": torch.rand(L, generator=g)}, info={"seed": seed},
+        experts={"random": torch.rand(L, arch.num_moe_experts, generator=g)} if arch.is_moe else {},
+        shared_neurons=torch.rand(L, shared, generator=g) if shared else None,
     )

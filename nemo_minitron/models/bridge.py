@@ -4,7 +4,10 @@ Weights travel in two layouts:
 - *global*: megatron names with global layer indices and TP=1 shapes (what a TP=1 x PP=1 model
   holds; fc1 is [gate; up] for SwiGLU, up alone for squared ReLU; qkv is group-major; LayerNorm
   models add a `.bias` beside every norm `.weight`; Qwen2 adds `linear_qkv.bias`, group-major like
-  the weight's rows; Qwen3 adds `q_layernorm.weight` / `k_layernorm.weight` of head_dim);
+  the weight's rows; Qwen3 adds `q_layernorm.weight` / `k_layernorm.weight` of head_dim; an MoE
+  layer's MLP is `mlp.router.weight` [experts, h] and, per routed expert e (global index),
+  `mlp.experts.local_experts.<e>.linear_fc1/linear_fc2.weight` laid out like a dense SwiGLU MLP,
+  plus Qwen2-MoE's `mlp.shared_experts.linear_fc1/linear_fc2.weight` and `.gate_weight` [1, h]);
 - *local*: what one rank of a TP x PP model holds.
 `hf_to_global`/`global_to_hf` convert names and fuse/unfuse QKV and gate/up; `load_global`
 and `gather_global` move between the global layout and the local shards of a live model.
@@ -28,6 +31,9 @@ from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.gpt import arch_of, unwrap_model
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# A routed expert's weights: SequentialMLP's `local_experts.<j>.linear_fc1.weight` (local spec) or
+# TEGroupedMLP's `linear_fc1.weight<j>` (TE spec), j = this rank's local expert index.
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.(?:local_experts\.(\d+)\.(linear_fc[12]\.weight)|(linear_fc[12]\.weight)(\d+))$")
 
 # Fused-norm names of the TE layer spec, mapped to the local spec's separate norm modules.
 _TE_TO_LOCAL = {
@@ -80,15 +86,40 @@ def _norm_pairs(arch: ModelArch) -> list[tuple[str, str]]:
 
 
 def _linear_pairs(arch: ModelArch) -> list[tuple[str, str]]:
-    """(megatron, HF) names of the linear weights that map one-to-one."""
+    """(megatron, HF) names of the linear weights that map one-to-one: the attention output, every
+    MLP's down projection (and a non-gated MLP's up projection), an MoE layer's router and shared
+    expert gate."""
     pairs = []
     for i in range(arch.num_layers):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        pairs += [(m + "self_attention.linear_proj.weight", h + "self_attn.o_proj.weight"),
-                  (m + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight")]
-        if not arch.gated:
-            pairs.append((m + "mlp.linear_fc1.weight", h + "mlp.up_proj.weight"))
+        pairs.append((m + "self_attention.linear_proj.weight", h + "self_attn.o_proj.weight"))
+        for mg, hf, (_, up, down) in _mlps(arch, i):
+            pairs.append((mg + "linear_fc2.weight", f"{hf}{down}.weight"))
+            if not arch.gated:
+                pairs.append((mg + "linear_fc1.weight", f"{hf}{up}.weight"))
+        if arch.is_moe:
+            hf_moe = h + ("block_sparse_moe." if arch.family == "mixtral" else "mlp.")
+            pairs.append((m + "mlp.router.weight", hf_moe + "gate.weight"))
+            if arch.moe_shared_expert_intermediate_size:
+                pairs.append((m + "mlp.shared_experts.gate_weight", h + "mlp.shared_expert_gate.weight"))
     return pairs
+
+
+def _mlps(arch: ModelArch, layer: int) -> list[tuple[str, str, tuple[str, str, str]]]:
+    """(megatron module prefix, HF module prefix, HF (gate, up, down) names) of every MLP of a
+    layer: its dense MLP, or each routed expert then the shared expert of an MoE layer. Each holds
+    `linear_fc1` = [gate; up] and `linear_fc2` = down on the megatron side."""
+    m, h = f"decoder.layers.{layer}.mlp.", f"model.layers.{layer}."
+    if not arch.is_moe:
+        return [(m, h + "mlp.", ("gate_proj", "up_proj", "down_proj"))]
+    if arch.family == "mixtral":
+        return [(f"{m}experts.local_experts.{e}.", f"{h}block_sparse_moe.experts.{e}.", ("w1", "w3", "w2"))
+                for e in range(arch.num_moe_experts)]
+    mlps = [(f"{m}experts.local_experts.{e}.", f"{h}mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj"))
+            for e in range(arch.num_moe_experts)]
+    if arch.moe_shared_expert_intermediate_size:
+        mlps.append((m + "shared_experts.", h + "mlp.shared_expert.", ("gate_proj", "up_proj", "down_proj")))
+    return mlps
 
 
 def qk_norm_pairs(arch: ModelArch) -> list[tuple[str, str]]:
@@ -105,8 +136,32 @@ def _shift(tensor: torch.Tensor, offset: float) -> torch.Tensor:
     return tensor if offset == 0 else (tensor.float() + offset).to(tensor.dtype)
 
 
+def _hub_expert_layout(arch: ModelArch, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`hf` with the routed experts one module each, as checkpoint files store them. transformers 5
+    holds a layer's experts fused in memory (`mlp.experts.gate_up_proj` [E, 2F, h] with each
+    expert's rows [gate; up], `mlp.experts.down_proj` [E, h, F], Mixtral's router as `mlp.gate`);
+    its files, and every transformers 4.x, use one module per expert."""
+    if not arch.is_moe or not any(name.endswith("mlp.experts.gate_up_proj") for name in hf):
+        return hf
+    hub = dict(hf)
+    for i in range(arch.num_layers):
+        fused = f"model.layers.{i}.mlp."
+        if fused + "experts.gate_up_proj" not in hub:
+            continue
+        gate_up, down = hub.pop(fused + "experts.gate_up_proj"), hub.pop(fused + "experts.down_proj")
+        experts = [mlp for mlp in _mlps(arch, i) if ".experts." in mlp[0]]
+        for (_, hf_mlp, (gate, up, down_name)), rows, columns in zip(experts, gate_up, down):
+            hub[f"{hf_mlp}{gate}.weight"], hub[f"{hf_mlp}{up}.weight"] = rows.chunk(2)
+            hub[f"{hf_mlp}{down_name}.weight"] = columns
+        if arch.family == "mixtral":
+            hub[f"model.layers.{i}.block_sparse_moe.gate.weight"] = hub.pop(fused + "gate.weight")
+    return hub
+
+
 def hf_to_global(arch: ModelArch, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF state dict -> global megatron state dict (local-spec names)."""
+    """HF state dict (either expert layout, see `_hub_expert_layout`) -> global megatron state dict
+    (local-spec names)."""
+    hf = _hub_expert_layout(arch, hf)
     offset = _HF_NORM_WEIGHT_OFFSET.get(arch.family, 0.0)
     out = {"embedding.word_embeddings.weight": _require(hf, "model.embed_tokens.weight", arch)}
     for mg, hf_name in _norm_pairs(arch):
@@ -120,9 +175,9 @@ def hf_to_global(arch: ModelArch, hf: dict[str, torch.Tensor]) -> dict[str, torc
                 *(_require(hf, f"{h}self_attn.{p}_proj.{param}", arch) for p in "qkv"), arch
             )
         if arch.gated:
-            out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.cat(
-                [_require(hf, h + "mlp.gate_proj.weight", arch), _require(hf, h + "mlp.up_proj.weight", arch)]
-            )
+            for mg, hf_mlp, (gate, up, _) in _mlps(arch, i):
+                out[mg + "linear_fc1.weight"] = torch.cat(
+                    [_require(hf, f"{hf_mlp}{gate}.weight", arch), _require(hf, f"{hf_mlp}{up}.weight", arch)])
     if not arch.tie_embeddings:
         out["output_layer.weight"] = _require(hf, "lm_head.weight", arch)
     _check_shapes(arch, out)
@@ -143,8 +198,8 @@ def global_to_hf(arch: ModelArch, mg: dict[str, torch.Tensor]) -> dict[str, torc
             q, k, vv = qkv_split(mg[f"decoder.layers.{i}.self_attention.linear_qkv.{param}"], arch)
             out[f"{h}self_attn.q_proj.{param}"], out[f"{h}self_attn.k_proj.{param}"], out[f"{h}self_attn.v_proj.{param}"] = q, k, vv
         if arch.gated:
-            gate, up = mg[f"decoder.layers.{i}.mlp.linear_fc1.weight"].chunk(2)
-            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
+            for mg_mlp, hf_mlp, (gate, up, _) in _mlps(arch, i):
+                out[f"{hf_mlp}{gate}.weight"], out[f"{hf_mlp}{up}.weight"] = mg[mg_mlp + "linear_fc1.weight"].chunk(2)
     if not arch.tie_embeddings:
         out["lm_head.weight"] = mg["output_layer.weight"]
     return {k: t.contiguous() for k, t in out.items()}
@@ -158,7 +213,7 @@ def _require(sd: dict[str, torch.Tensor], name: str, arch: ModelArch) -> torch.T
 
 
 def expected_global_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
-    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
+    h, d = arch.hidden_size, arch.kv_channels
     shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (arch.vocab_size, h)}
     shapes.update({name: (h,) for name, _ in _norm_pairs(arch)})
     shapes.update({name: (d,) for name, _ in qk_norm_pairs(arch)})
@@ -169,26 +224,47 @@ def expected_global_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
         shapes.update({
             p + "self_attention.linear_qkv.weight": (arch.qkv_rows, h),
             p + "self_attention.linear_proj.weight": (h, arch.num_attention_heads * d),
-            p + "mlp.linear_fc1.weight": ((2 if arch.gated else 1) * f, h),
-            p + "mlp.linear_fc2.weight": (h, f),
         })
+        for mlp, _, _ in _mlps(arch, i):
+            width = _mlp_width(arch, mlp)
+            shapes[mlp + "linear_fc1.weight"] = ((2 if arch.gated else 1) * width, h)
+            shapes[mlp + "linear_fc2.weight"] = (h, width)
+        if arch.is_moe:
+            shapes[p + "mlp.router.weight"] = (arch.num_moe_experts, h)
+            if arch.moe_shared_expert_intermediate_size:
+                shapes[p + "mlp.shared_experts.gate_weight"] = (1, h)
     if not arch.tie_embeddings:
         shapes["output_layer.weight"] = (arch.vocab_size, h)
     return shapes
 
 
+def _mlp_width(arch: ModelArch, mlp_prefix: str) -> int:
+    """The FFN width of the MLP at `mlp_prefix`: a routed expert's, the shared expert's or the dense one's."""
+    if ".experts." in mlp_prefix:
+        return arch.moe_ffn_hidden_size
+    if ".shared_experts." in mlp_prefix:
+        return arch.moe_shared_expert_intermediate_size
+    return arch.ffn_hidden_size
+
+
 def checkpoint_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     """The global shapes a megatron distributed checkpoint of `arch` holds: per-layer tensors are
-    stacked over the layers (a leading `num_layers` dim, key `decoder.layers.<name>`) and the
-    per-layer norms go by their fused-norm names, as megatron writes them for either layer spec."""
+    stacked over the layers (a leading `num_layers` dim, key `decoder.layers.<name>`), the routed
+    experts' also over the experts (`decoder.layers.mlp.experts.experts.<name>`, [L, E, ...]), and
+    the per-layer norms go by their fused-norm names, as megatron writes them for either layer spec."""
     local_to_te = {local: te for te, local in _TE_TO_LOCAL.items()}
     shapes: dict[str, tuple[int, ...]] = {}
     for name, shape in expected_global_shapes(arch).items():
         layer = _LAYER.match(name)
         if layer is None:
             shapes[name] = shape
+            continue
+        rest = layer.group(2)
+        expert = _LOCAL_EXPERT.match(rest)
+        if expert:
+            shapes[f"decoder.layers.mlp.experts.experts.{expert.group(2)}"] = (arch.num_layers, arch.num_moe_experts, *shape)
         else:
-            shapes[f"decoder.layers.{local_to_te.get(layer.group(2), layer.group(2))}"] = (arch.num_layers, *shape)
+            shapes[f"decoder.layers.{local_to_te.get(rest, rest)}"] = (arch.num_layers, *shape)
     return shapes
 
 
@@ -204,12 +280,17 @@ def _check_shapes(arch: ModelArch, sd: dict[str, torch.Tensor]) -> None:
 # --- global <-> local shards -----------------------------------------------------------------------
 
 def _local_to_global_name(model, local_name: str) -> str:
-    """Local parameter name -> global name: global layer index, local-spec norm names."""
+    """Local parameter name -> global name: global layer index, local-spec norm names, global expert
+    index (this rank's experts are `ep_rank * local experts` on)."""
     match = _LAYER.match(local_name)
     if not match:
         return local_name
     layer = model.decoder.layers[int(match.group(1))]
     rest = _TE_TO_LOCAL.get(match.group(2), match.group(2))
+    expert = _LOCAL_EXPERT.match(rest)
+    if expert:
+        local_index, param = (int(expert.group(1)), expert.group(2)) if expert.group(1) else (int(expert.group(4)), expert.group(3))
+        rest = f"mlp.experts.local_experts.{layer.mlp.local_expert_indices[local_index]}.{param}"
     return f"decoder.layers.{layer.layer_number - 1}.{rest}"
 
 
@@ -308,13 +389,20 @@ def gather_global(model, grads: bool = False) -> dict[str, torch.Tensor]:
         shards = [torch.empty_like(local) for _ in range(tp)]
         dist.all_gather(shards, local.detach().contiguous(), group=tp_group)
         stage[global_name] = unshard(global_name, shards, gated).cpu().clone()
-    pp = ps.get_pipeline_model_parallel_world_size()
-    if pp == 1:
-        return stage
-    stages: list[dict[str, torch.Tensor] | None] = [None] * pp
-    dist.all_gather_object(stages, stage, group=ps.get_pipeline_model_parallel_group())
+    stage = _merge_over(stage, ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_group)
+    return _merge_over(stage, ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_group)
+
+
+def _merge_over(part: dict[str, torch.Tensor], size: int, group) -> dict[str, torch.Tensor]:
+    """The union of the `part`s of the `size` ranks of `group()` (pipeline stages, or expert-parallel
+    ranks, which hold other experts of the same layers), on each of them."""
+    if size == 1:
+        return part
+    parts: list[dict[str, torch.Tensor] | None] = [None] * size
+    dist.all_gather_object(parts, part, group=group())
     merged: dict[str, torch.Tensor] = {}
-    for s in stages:
-        for name, tensor in s.items():
+    for p in parts:
+        for name, tensor in p.items():
             merged.setdefault(name, tensor)
     return merged
+

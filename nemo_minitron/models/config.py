@@ -1,9 +1,10 @@
-"""The architecture of a Llama-, Qwen- or Nemotron-family decoder, as one small typed config.
+"""The architecture of a Llama-, Qwen-, Nemotron- or mixture-of-experts-family decoder, as one
+small typed config.
 
 `ModelArch` is what a checkpoint records (`model_config.json`), what pruning edits and what the
 planner counts. It converts to a megatron `TransformerConfig` for a given parallel layout and to
-and from a Hugging Face `LlamaConfig`/`MistralConfig`/`NemotronConfig`/`Qwen2Config`/`Qwen3Config`
-(the bridge uses these).
+and from a Hugging Face `LlamaConfig`/`MistralConfig`/`NemotronConfig`/`Qwen2Config`/`Qwen3Config`/
+`MixtralConfig`/`Qwen2MoeConfig`/`Qwen3MoeConfig` (the bridge uses these).
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ import torch
 from nemo_minitron.errors import UserError
 # The keys that give a decoder its shape: what pruning changes, reports and plans compare.
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels")
+# The shape keys of mixture-of-experts layers (megatron-core's names; None in a dense model, and the
+# shared expert's None in a family without one).
+MOE_SHAPE_KEYS = ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
 # What a checkpoint records beside the computation: the family name (Llama and Mistral compute
 # alike) and the special token ids that HF configs carry.
 IDENTITY_KEYS = ("family", "bos_token_id", "eos_token_id")
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "nemotron": "NemotronForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # What each family computes: Llama and Mistral are RMSNorm + SwiGLU + full rotary; Nemotron-4 is
 # LayerNorm (with bias, "1p" zero-centred gamma in HF files) + squared-ReLU MLP + rotary on half of
 # each head; Qwen2 and Qwen3 are Llama layers with the attention extras of FAMILY_ATTENTION.
@@ -37,18 +42,29 @@ FAMILY_LAYERS = {
     "nemotron": ("LayerNorm", "squared_relu", "relu2"),
     "qwen2": ("RMSNorm", "swiglu", "silu"),
     "qwen3": ("RMSNorm", "swiglu", "silu"),
+    "mixtral": ("RMSNorm", "swiglu", "silu"),
+    "qwen2_moe": ("RMSNorm", "swiglu", "silu"),
+    "qwen3_moe": ("RMSNorm", "swiglu", "silu"),
 }
 # The attention extras of a family, as (qkv_bias, qk_norm); a family not listed has neither.
 # Qwen2 adds a bias to the q, k and v projections (not to o_proj); Qwen3 applies an RMSNorm over
 # head_dim to every query and key head before rotary (`q_norm` / `k_norm`, one [d] weight each).
-FAMILY_ATTENTION = {"qwen2": (True, False), "qwen3": (False, True)}
+FAMILY_ATTENTION = {"qwen2": (True, False), "qwen3": (False, True), "qwen2_moe": (True, False), "qwen3_moe": (False, True)}
+# The mixture-of-experts families, each with whether its layers add a gated shared expert. Every
+# layer's MLP is an MoE layer (HF `decoder_sparse_step` 1 and no `mlp_only_layers`): `num_moe_experts`
+# routed SwiGLU experts of `moe_ffn_hidden_size`, of which a [experts, hidden] router picks
+# `moe_router_topk` per token. Mixtral and Qwen3-MoE weight the picked experts by the softmax over
+# the picked logits (HF `norm_topk_prob`); Qwen2-MoE by the softmax over all experts
+# (`moe_router_pre_softmax`), and adds sigmoid(x . g) times a shared SwiGLU expert of
+# `moe_shared_expert_intermediate_size`.
+FAMILY_MOE = {"mixtral": False, "qwen2_moe": True, "qwen3_moe": False}
 
 
 def family_of_layers(normalization: str | None, activation: str | None) -> str | None:
     """The plain family (no attention extras) whose layers are `normalization` + `activation`, as a
     framework config names them ("RMSNorm", "swiglu"); None when no family has them."""
-    return next((name for name, (norm, act, _) in FAMILY_LAYERS.items()
-                 if (norm, act) == (normalization, activation) and name not in FAMILY_ATTENTION), None)
+    return next((name for name, (norm, act, _) in FAMILY_LAYERS.items() if (norm, act) == (normalization, activation)
+                 and name not in FAMILY_ATTENTION and name not in FAMILY_MOE), None)
 
 
 def family_attention(family: str) -> dict[str, bool]:
@@ -84,6 +100,11 @@ class ModelArch:
     rotary_percent: float = 1.0     # fraction of each head's channels that rotary rotates
     qkv_bias: bool = False          # a bias on the q, k and v projections (Qwen2)
     qk_norm: bool = False           # an RMSNorm over head_dim on every query and key head (Qwen3)
+    num_moe_experts: int | None = None  # routed experts per layer (MoE families; None: a dense MLP)
+    moe_router_topk: int | None = None  # experts each token goes to
+    moe_ffn_hidden_size: int | None = None  # FFN width of every routed expert
+    moe_shared_expert_intermediate_size: int | None = None  # the gated shared expert's width (Qwen2-MoE)
+    moe_router_pre_softmax: bool = False  # weights = softmax over all experts, not renormalised over the top k
 
     def __post_init__(self):
         self.validate()
@@ -109,6 +130,45 @@ class ModelArch:
             if getattr(self, key) != want:
                 raise UserError(f"model.{key}={getattr(self, key)} does not fit model.family={self.family!r}, whose "
                                 f"{key} is {want} (QKV biases are the qwen2 family's, query/key norms qwen3's)")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        """The MoE fields: all set (the shared expert only for Qwen2-MoE) in an MoE family, none in
+        a dense one; 1 <= top-k <= experts."""
+        if self.family not in FAMILY_MOE:
+            set_keys = [key for key in (*MOE_SHAPE_KEYS, "moe_router_topk") if getattr(self, key) is not None]
+            if set_keys or self.moe_router_pre_softmax:
+                raise UserError(f"model.{(set_keys or ['moe_router_pre_softmax'])[0]} is set but model.family="
+                                f"{self.family!r} is dense: mixture-of-experts layers are the "
+                                f"{sorted(FAMILY_MOE)} families'")
+            return
+        shared = FAMILY_MOE[self.family]
+        required = ["num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size"]
+        required += ["moe_shared_expert_intermediate_size"] if shared else []
+        for key in required:
+            if getattr(self, key) is None or getattr(self, key) < 1:
+                raise UserError(f"model.{key} must be a positive integer in a {self.family} model, got "
+                                f"{getattr(self, key)}")
+        if not shared and self.moe_shared_expert_intermediate_size is not None:
+            raise UserError(f"model.moe_shared_expert_intermediate_size is set but {self.family} has no shared "
+                            f"expert (qwen2_moe has)")
+        if self.moe_router_topk > self.num_moe_experts:
+            raise UserError(f"model.moe_router_topk={self.moe_router_topk} exceeds model.num_moe_experts="
+                            f"{self.num_moe_experts}: every token needs that many experts")
+        if self.moe_router_topk == 1 and not self.moe_router_pre_softmax:
+            raise UserError(f"model.moe_router_topk=1 with weights renormalised over the top k (every weight 1.0) "
+                            f"is refused by megatron-core: keep at least 2 experts per token in {self.family}")
+        if self.family == "mixtral" and self.moe_router_pre_softmax:
+            raise UserError("model.moe_router_pre_softmax=true does not fit mixtral, which renormalises the "
+                            "top-k weights")
+        if self.family == "mixtral" and self.ffn_hidden_size != self.moe_ffn_hidden_size:
+            raise UserError(f"model.ffn_hidden_size={self.ffn_hidden_size} must equal model.moe_ffn_hidden_size="
+                            f"{self.moe_ffn_hidden_size} in mixtral, whose one intermediate_size is the experts'")
+
+    @property
+    def is_moe(self) -> bool:
+        """Every layer's MLP is a mixture-of-experts layer."""
+        return self.num_moe_experts is not None
 
     @property
     def normalization(self) -> str:
@@ -135,22 +195,29 @@ class ModelArch:
         """Rows of the fused linear_qkv (and of its bias): n_h q heads, n_g k and n_g v heads of d."""
         return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        """Raise ValueError naming the key to fix when this model cannot be split tp x pp."""
+    def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
+        """UserError naming the key to fix when this model cannot be split tp x pp (experts over ep)."""
         if self.num_query_groups % tp:
             raise UserError(
                 f"tp={tp} does not divide num_query_groups={self.num_query_groups} "
                 f"(num_attention_heads={self.num_attention_heads}): choose tp= among "
                 f"{[d for d in range(1, self.num_query_groups + 1) if self.num_query_groups % d == 0]}"
             )
-        if self.ffn_hidden_size % tp:
-            raise UserError(f"tp={tp} does not divide ffn_hidden_size={self.ffn_hidden_size}: change tp=")
+        for key in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size") if self.is_moe else ("ffn_hidden_size",):
+            width = getattr(self, key)
+            if width is not None and width % tp:  # experts split over expert-TP = TP
+                raise UserError(f"tp={tp} does not divide {key}={width}: change tp=")
         if self.vocab_size % tp:
             # No vocab padding: padded logits would need masking in every loss; the published
             # vocabularies (49152, 128256, 131072, 256000) all split over 8 ranks.
             raise UserError(f"tp={tp} does not divide vocab_size={self.vocab_size}: change tp=")
         if self.num_layers % pp:
             raise UserError(f"pp={pp} does not divide num_layers={self.num_layers}: change pp=")
+        if ep > 1 and not self.is_moe:
+            raise UserError(f"ep={ep}: expert parallelism splits mixture-of-experts layers, and this {self.family} "
+                            f"model is dense: use ep=1")
+        if ep > 1 and self.num_moe_experts % ep:
+            raise UserError(f"ep={ep} does not divide num_moe_experts={self.num_moe_experts}: change ep=")
 
     def check_positions(self, length: int, key: str) -> None:
         """UserError when sequences of `length` tokens (config key `key`) exceed the positions the
@@ -160,16 +227,24 @@ class ModelArch:
                             f"{self.max_position_embeddings}: use at most that many tokens")
 
     def num_parameters(self) -> dict[str, int]:
-        """Total and non-embedding parameter counts (tied embeddings counted once)."""
+        """Total and non-embedding parameter counts (tied embeddings counted once); for an MoE model
+        also `active`, the parameters one token runs through (top-k of the routed experts)."""
         h, d = self.hidden_size, self.kv_channels
         attention = self.qkv_rows * h + h * self.num_attention_heads * d
         attention += self.qkv_rows * self.qkv_bias + 2 * d * self.qk_norm  # Qwen2 biases, Qwen3 q/k norms
-        mlp = (3 if self.gated else 2) * self.ffn_hidden_size * h
+        mlp = active_mlp = (3 if self.gated else 2) * self.ffn_hidden_size * h
+        if self.is_moe:  # router [E, h] + E SwiGLU experts (+ the shared expert and its [1, h] gate)
+            expert = 3 * self.moe_ffn_hidden_size * h
+            shared = 3 * self.moe_shared_expert_intermediate_size * h + h if self.moe_shared_expert_intermediate_size else 0
+            mlp = self.num_moe_experts * (h + expert) + shared
+            active_mlp = self.num_moe_experts * h + self.moe_router_topk * expert + shared
         norm = h * len(self.norm_params)
-        per_layer = attention + mlp + 2 * norm
         embedding = self.vocab_size * h * (1 if self.tie_embeddings else 2)
-        non_embedding = self.num_layers * per_layer + norm
-        return {"total": non_embedding + embedding, "non_embedding": non_embedding}
+        non_embedding = self.num_layers * (attention + mlp + 2 * norm) + norm
+        counts = {"total": non_embedding + embedding, "non_embedding": non_embedding}
+        if self.is_moe:
+            counts["active"] = counts["total"] - self.num_layers * (mlp - active_mlp)
+        return counts
 
     def differences(self, other: "ModelArch") -> list[str]:
         """`key=mine vs other` for every field that changes what the two models compute."""
@@ -177,7 +252,9 @@ class ModelArch:
                 if f.name not in IDENTITY_KEYS and getattr(self, f.name) != getattr(other, f.name)]
 
     def shape(self) -> dict[str, int]:
-        return {key: getattr(self, key) for key in SHAPE_KEYS}
+        """The shape keys, and the MoE ones a mixture-of-experts model has."""
+        moe = {key: getattr(self, key) for key in MOE_SHAPE_KEYS if getattr(self, key) is not None}
+        return {key: getattr(self, key) for key in SHAPE_KEYS} | moe
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -246,6 +323,7 @@ class ModelArch:
                             f"beyond {window} tokens")
         heads = cfg["num_attention_heads"]
         rope_factor = _llama3_rope_factor(cfg)
+        moe = _hf_moe_fields(cfg) if model_type in FAMILY_MOE else {}
         eos = cfg.get("eos_token_id")
         return cls(
             num_layers=cfg["num_hidden_layers"],
@@ -266,6 +344,7 @@ class ModelArch:
             # transformers' NemotronConfig defaults to rotating half of each head
             rotary_percent=float(_partial_rotary_factor(cfg, 0.5 if model_type == "nemotron" else 1.0)),
             **family_attention(model_type),
+            **moe,
         )
 
     @property
@@ -318,7 +397,8 @@ class ModelArch:
         family = self.hf_family
         config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                       "nemotron": transformers.NemotronConfig, "qwen2": transformers.Qwen2Config,
-                      "qwen3": transformers.Qwen3Config}[family]
+                      "qwen3": transformers.Qwen3Config, "mixtral": transformers.MixtralConfig,
+                      "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[family]
         kwargs: dict[str, Any] = dict(
             num_hidden_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -335,20 +415,34 @@ class ModelArch:
             torch_dtype="float32",
         )
         kwargs["norm_eps" if self.family == "nemotron" else "rms_norm_eps"] = self.norm_eps
-        if family in ("mistral", "qwen2", "qwen3"):  # megatron attends to the whole sequence; these configs
-            kwargs["sliding_window"] = None          # default to a 4096 window (Qwen's switched off by default)
+        if family not in ("llama", "nemotron"):  # megatron attends to the whole sequence; these configs
+            kwargs["sliding_window"] = None     # default to a 4096 window (Qwen's switched off by default)
+        if self.is_moe:
+            kwargs.update(self._hf_moe_kwargs())
         config = config_cls(**kwargs)
         _set_hf_rope(config, self.hf_rope_fields())
         config.architectures = [HF_ARCHITECTURES[family]]
         return config
 
+    def _hf_moe_kwargs(self) -> dict[str, Any]:
+        """The MoE settings of the family's HF config (inverse of `_hf_moe_fields`)."""
+        kwargs: dict[str, Any] = {"num_experts_per_tok": self.moe_router_topk}
+        if self.family == "mixtral":
+            kwargs["num_local_experts"] = self.num_moe_experts
+            return kwargs
+        kwargs.update(num_experts=self.num_moe_experts, moe_intermediate_size=self.moe_ffn_hidden_size,
+                      norm_topk_prob=not self.moe_router_pre_softmax, decoder_sparse_step=1, mlp_only_layers=[])
+        if self.family == "qwen2_moe":
+            kwargs["shared_expert_intermediate_size"] = self.moe_shared_expert_intermediate_size
+        return kwargs
+
     # --- megatron config -------------------------------------------------------------------------
 
-    def transformer_config(self, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32):
+    def transformer_config(self, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32, ep: int = 1):
         """The megatron `TransformerConfig` for this architecture at a parallel layout."""
         from megatron.core.transformer import TransformerConfig
 
-        self.check_parallel(tp, pp)
+        self.check_parallel(tp, pp, ep)
         on_gpu = torch.cuda.is_available()
         return TransformerConfig(
             num_layers=self.num_layers,
@@ -368,6 +462,7 @@ class ModelArch:
             attention_dropout=0.0,
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
             pipeline_dtype=params_dtype,
             params_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16,
@@ -381,6 +476,28 @@ class ModelArch:
             apply_rope_fusion=False,
             gradient_accumulation_fusion=False,
             init_method_std=0.02,
+            **self._megatron_moe_fields(),
+        )
+
+    def _megatron_moe_fields(self) -> dict[str, Any]:
+        """The MoE fields of the `TransformerConfig` (none for a dense model). Routing in fp32 as HF
+        computes it; no load-balancing loss (HF adds none unless `output_router_logits`); the
+        all-gather token dispatcher, which every backend runs (gloo included); experts as one MLP
+        each (`gpt.layer_spec`)."""
+        if not self.is_moe:
+            return {}
+        return dict(
+            num_moe_experts=self.num_moe_experts,
+            moe_router_topk=self.moe_router_topk,
+            moe_ffn_hidden_size=self.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=self.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=self.moe_shared_expert_intermediate_size is not None,
+            moe_router_pre_softmax=self.moe_router_pre_softmax,
+            moe_router_dtype="fp32",
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_token_dispatcher_type="allgather",
+            moe_grouped_gemm=False,
         )
 
 
@@ -408,13 +525,32 @@ def _sliding_window(cfg: dict[str, Any]) -> int | None:
     window = cfg.get("sliding_window")
     if not window or not cfg.get("use_sliding_window", True):
         return None
-    if cfg.get("model_type") not in ("qwen2", "qwen3"):
+    if cfg.get("model_type") not in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         return window
     if isinstance(cfg.get("layer_types"), list):
         return window if "sliding_attention" in cfg["layer_types"] else None
     if "max_window_layers" in cfg and cfg["max_window_layers"] >= cfg["num_hidden_layers"]:
         return None
     return window
+
+
+def _hf_moe_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The `ModelArch` MoE fields of a Mixtral / Qwen2-MoE / Qwen3-MoE HF config. Refuses configs
+    with dense layers among the MoE ones (megatron's `moe_layer_freq`, not supported here)."""
+    model_type = cfg["model_type"]
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise UserError(f"{model_type} with dense MLP layers (mlp_only_layers={cfg.get('mlp_only_layers')}, "
+                        f"decoder_sparse_step={cfg.get('decoder_sparse_step')}) is not supported: every layer must "
+                        f"be a mixture-of-experts layer")
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")  # transformers 5 saves Qwen's under both names
+    fields = {"num_moe_experts": experts, "moe_router_topk": cfg["num_experts_per_tok"]}
+    if model_type == "mixtral":
+        return fields | {"moe_ffn_hidden_size": cfg["intermediate_size"]}
+    fields |= {"moe_ffn_hidden_size": cfg["moe_intermediate_size"],
+               "moe_router_pre_softmax": not cfg.get("norm_topk_prob", False)}
+    if model_type == "qwen2_moe":
+        fields["moe_shared_expert_intermediate_size"] = cfg["shared_expert_intermediate_size"]
+    return fields
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import (FAMILY_LAYERS, IDENTITY_KEYS, ModelArch, family_attention,
-                                         megatron_squared_relu)
+from nemo_minitron.models.config import (FAMILY_LAYERS, FAMILY_MOE, IDENTITY_KEYS, MOE_SHAPE_KEYS, ModelArch,
+                                         family_attention, megatron_squared_relu)
 
 # model -> {family, bos_token_id, eos_token_id} of the weights it holds (see `remember_identity`).
 _IDENTITY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -30,18 +30,40 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
 
 
-def layer_spec(normalization: str, use_te: bool | None = None, qk_norm: bool = False):
+def layer_spec(normalization: str, use_te: bool | None = None, qk_norm: bool = False, num_experts: int | None = None):
     """TE layer spec in the GPU container (fused norm+linear), the local spec everywhere else.
     (The TE spec takes the norm kind from the TransformerConfig; the local spec needs it here.)
     `qk_norm`: self-attention gets `q_layernorm` / `k_layernorm` modules of head_dim (Qwen3); the
-    TransformerConfig must say `qk_layernorm=True` too. QKV biases need only the config."""
+    TransformerConfig must say `qk_layernorm=True` too. QKV biases need only the config.
+    `num_experts`: the MLP is megatron's MoE layer with its experts one MLP each (`SequentialMLP`,
+    of TE linears in the TE spec), so importance can hook every expert; TE's grouped GEMM, faster
+    on GPUs, is not used yet (the config's `moe_grouped_gemm` is False to match)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te is None:
         use_te = transformer_engine_available()
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_norm)
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_norm)
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=num_experts, normalization=normalization,
+                                                        qk_layernorm=qk_norm)
+    return portable_norm_keys(spec)
+
+
+def portable_norm_keys(spec):
+    """`spec` saving its per-layer norms under the fused-norm checkpoint keys whatever module holds
+    them. megatron's local spec maps `input_layernorm.` / `pre_mlp_layernorm.` to
+    `self_attention.linear_qkv.layer_norm_` / `mlp.linear_fc1.layer_norm_`; its TE spec fuses the
+    norms into those linears, except the pre-MLP norm of an MoE layer, a separate module it saves
+    as `pre_mlp_layernorm.weight`. Mapping that one too keeps MoE checkpoints loadable in either spec."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    layer = spec.submodules
+    if layer.pre_mlp_layernorm is not IdentityOp and "pre_mlp_layernorm." not in layer.sharded_state_dict_keys_map:
+        layer.sharded_state_dict_keys_map = {**layer.sharded_state_dict_keys_map,
+                                             "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+    return spec
 
 
 def build_gpt_model(
@@ -55,10 +77,10 @@ def build_gpt_model(
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    config = arch.transformer_config(tp=tp, pp=pp, params_dtype=params_dtype)
+    config = arch.transformer_config(tp=tp, pp=pp, params_dtype=params_dtype, ep=ps.get_expert_model_parallel_world_size())
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch.normalization, use_te, arch.qk_norm),
+        transformer_layer_spec=layer_spec(arch.normalization, use_te, arch.qk_norm, arch.num_moe_experts),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -85,7 +107,7 @@ def rebuild_gpt_model(model, arch: ModelArch):
     config = dataclasses.replace(
         model.config, num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
-        kv_channels=arch.kv_channels,
+        kv_channels=arch.kv_channels, **{key: getattr(arch, key) for key in (*MOE_SHAPE_KEYS, "moe_router_topk")},
     )
     new = type(model)(
         config=config,
@@ -144,12 +166,17 @@ def _family(config) -> str:
         raise UserError(f"unsupported MLP: activation {name} with gated_linear_unit={config.gated_linear_unit} "
                         f"(nemo-minitron prunes SwiGLU and squared-ReLU MLPs)")
     extras = {"qkv_bias": bool(config.add_qkv_bias), "qk_norm": bool(getattr(config, "qk_layernorm", False))}
+    moe = (config.num_moe_experts is not None, config.moe_shared_expert_intermediate_size is not None)
     for family, (normalization, activation_kind, _) in FAMILY_LAYERS.items():
-        if (normalization, activation_kind) == (config.normalization, kind) and family_attention(family) == extras:
+        if ((normalization, activation_kind) == (config.normalization, kind) and family_attention(family) == extras
+                and (family in FAMILY_MOE, FAMILY_MOE.get(family, False)) == moe):
             return family
     raise UserError(f"unsupported layers: normalization={config.normalization} with a {kind} MLP, "
-                    f"add_qkv_bias={extras['qkv_bias']} and qk_layernorm={extras['qk_norm']} (no supported family "
-                    f"has these: QKV biases come with RMSNorm + SwiGLU (Qwen2), query/key norms too (Qwen3))")
+                    f"add_qkv_bias={extras['qkv_bias']}, qk_layernorm={extras['qk_norm']}, "
+                    f"num_moe_experts={config.num_moe_experts} and moe_shared_expert_intermediate_size="
+                    f"{config.moe_shared_expert_intermediate_size} (no supported family has these: QKV biases "
+                    f"come with RMSNorm + SwiGLU (Qwen2, and Qwen2-MoE with a shared expert), query/key norms too "
+                    f"(Qwen3, Qwen3-MoE), experts without either are Mixtral's)")
 
 
 def _qk_norm_problem(model) -> str | None:
@@ -173,9 +200,7 @@ def _qk_norm_problem(model) -> str | None:
 def _check_supported(model) -> None:
     """UserError naming every feature of `model` that nemo-minitron cannot prune or convert."""
     config = model.config
-    problems = []
-    if getattr(config, "num_moe_experts", None):
-        problems.append(f"mixture-of-experts layers (num_moe_experts={config.num_moe_experts})")
+    problems = _moe_problems(config) if config.num_moe_experts else []
     if getattr(config, "multi_latent_attention", False):
         problems.append("multi-latent attention (MLA)")
     if config.add_bias_linear:
@@ -193,6 +218,25 @@ def _check_supported(model) -> None:
         problems.append("multi-token prediction layers")
     if problems:
         raise UserError("unsupported model: " + "; ".join(problems))
+
+
+def _moe_problems(config) -> list[str]:
+    """The MoE settings of `config` that no supported family has (each as the field = value)."""
+    wanted = {
+        "moe_layer_freq": 1,  # every layer an MoE layer
+        "moe_router_score_function": "softmax",
+        "moe_router_enable_expert_bias": False,
+        "moe_router_num_groups": None,  # group-limited routing
+        "moe_expert_capacity_factor": None,  # token dropping
+        "moe_apply_probs_on_input": False,
+        "moe_router_topk_scaling_factor": None,
+        "moe_input_jitter_eps": None,
+    }
+    problems = [f"{key}={getattr(config, key)!r} (supported: {value!r})" for key, value in wanted.items()
+                if getattr(config, key, value) != value]
+    if config.moe_shared_expert_intermediate_size is not None and not config.moe_shared_expert_gate:
+        problems.append("a shared expert without its gate (moe_shared_expert_gate=False)")
+    return problems
 
 
 def _rope_scaling_factor(model) -> float | None:
@@ -236,7 +280,16 @@ def arch_of(model) -> ModelArch:
         eos_token_id=identity.get("eos_token_id"),
         rotary_percent=float(model.rotary_percent),
         **family_attention(family),
+        **_moe_fields(config),
     )
+
+
+def _moe_fields(config) -> dict[str, Any]:
+    """The `ModelArch` MoE fields of a `TransformerConfig` (none for a dense model)."""
+    if config.num_moe_experts is None:
+        return {}
+    return {"moe_router_topk": config.moe_router_topk, "moe_router_pre_softmax": bool(config.moe_router_pre_softmax),
+            **{key: getattr(config, key) for key in MOE_SHAPE_KEYS}}
 
 
 def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:

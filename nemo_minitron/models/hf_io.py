@@ -79,6 +79,26 @@ def make_portable(tokenizer_dir: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def _save_expert_files(arch: ModelArch, hf_state: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """config.json and safetensors shards (at most 5 GB each, with an index when there are several)
+    of an MoE model, one module per expert, written directly: the layout of the published files,
+    which transformers 4.x loads as is and 5.x converts to its fused experts on load (a 5.x model
+    object holds other names, so it cannot take these weights by `load_state_dict`)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True)
+    arch.to_hf_config().save_pretrained(str(out_dir))
+    state = {name: tensor.contiguous() for name, tensor in hf_state.items()
+             if not (arch.tie_embeddings and name == "lm_head.weight")}
+    split = split_torch_state_dict_into_shards(state, max_shard_size="5GB")
+    for file_name, names in split.filename_to_tensors.items():
+        save_file({name: state[name] for name in names}, str(out_dir / file_name), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 def write_hf_directory(arch: ModelArch, hf_state: dict[str, torch.Tensor], tokenizer, out_dir: str | Path,
                        provenance: dict | None = None) -> Path:
     """Write a directory `AutoModelForCausalLM.from_pretrained` loads; atomic like checkpoints.
@@ -88,15 +108,18 @@ def write_hf_directory(arch: ModelArch, hf_state: dict[str, torch.Tensor], token
     out_dir = Path(out_dir).absolute()
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(arch.to_hf_config())
-    model.load_state_dict(hf_state, strict=False, assign=True)
-    if arch.tie_embeddings:
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise ValueError(f"export is missing weights for {missing[:5]}")
-    model.save_pretrained(str(partial), safe_serialization=True)
+    if arch.is_moe:
+        _save_expert_files(arch, hf_state, partial)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(arch.to_hf_config())
+        model.load_state_dict(hf_state, strict=False, assign=True)
+        if arch.tie_embeddings:
+            model.tie_weights()
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise ValueError(f"export is missing weights for {missing[:5]}")
+        model.save_pretrained(str(partial), safe_serialization=True)
     _write_portable_config(partial / "config.json", arch)
     if tokenizer is not None:
         save_portable_tokenizer(tokenizer, partial)

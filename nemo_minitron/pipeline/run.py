@@ -137,9 +137,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 def _run_stages(cfg: PipelineConfig) -> dict:
-    parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     work = claim_output(cfg.work_dir, "pipeline", [*cfg.teacher.paths, *cfg.corpus.user_paths], key="work_dir")
-    common = {"tp": cfg.tp, "pp": cfg.pp, "seed": cfg.seed, "dtype": cfg.dtype, "overwrite": cfg.overwrite}
+    common = {"tp": cfg.tp, "pp": cfg.pp, "ep": cfg.ep, "seed": cfg.seed, "dtype": cfg.dtype, "overwrite": cfg.overwrite}
     stages = Stages(work)
 
     teacher = work / "teacher"

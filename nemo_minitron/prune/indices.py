@@ -6,11 +6,11 @@ the teacher with its units in their original order. Ties are broken by index (st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.importance.scores import EXPERT_METHODS, ImportanceScores
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelArch
 
@@ -22,13 +22,18 @@ class PruneIndices:
     """What survives: hidden channels, teacher layers, and per teacher layer its heads and neurons.
 
     `heads[layer]` is [kept groups, heads per kept group] of global head indices (group-major),
-    so the GQA layout of the pruned QKV follows directly from it.
+    so the GQA layout of the pruned QKV follows directly from it. In a mixture-of-experts model,
+    `experts[layer]` are the kept routed experts, `neurons[layer]` is [kept experts, kept neurons]
+    (each kept expert's own neurons, in the order of `experts[layer]`) and `shared_neurons[layer]`
+    the shared expert's.
     """
 
     hidden: torch.Tensor
     layers: list[int]
     heads: dict[int, torch.Tensor]
     neurons: dict[int, torch.Tensor]
+    experts: dict[int, torch.Tensor] = field(default_factory=dict)
+    shared_neurons: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def dropped_layers(self, teacher: ModelArch) -> list[int]:
         return [i for i in range(teacher.num_layers) if i not in set(self.layers)]
@@ -50,18 +55,47 @@ def select_heads(head_scores: torch.Tensor, teacher: ModelArch, target: ModelArc
     return torch.stack([g * per_group + top_k(by_group[g], keep) for g in groups.tolist()])
 
 
+def expert_scores(scores: ImportanceScores, method: str, seed: int = 0) -> torch.Tensor:
+    """[L, experts] scores of the routed experts by `method` (one of `EXPERT_METHODS`); "random" is
+    drawn from `seed` when the scores do not hold it."""
+    if method not in EXPERT_METHODS:
+        raise UserError(f"experts.method={method!r} is not one of {list(EXPERT_METHODS)}")
+    if method in scores.experts:
+        return scores.experts[method]
+    if method == "random":
+        arch = scores.arch
+        return torch.rand(arch.num_layers, arch.num_moe_experts, generator=torch.Generator().manual_seed(seed))
+    raise UserError(f"the {scores.method} scores hold no {method!r} expert scores (they have "
+                    f"{sorted(scores.experts)}): compute activation scores or choose another experts.method")
+
+
 def select_indices(
-    scores: ImportanceScores, teacher: ModelArch, target: ModelArch, drop_layers: list[int]
+    scores: ImportanceScores, teacher: ModelArch, target: ModelArch, drop_layers: list[int],
+    expert_method: str = "output",
 ) -> PruneIndices:
+    """The kept units: the best hidden channels, heads within the best groups, neurons, and in an
+    MoE model the best `target.num_moe_experts` experts of every layer (by `expert_method`), each
+    keeping its own best `target.moe_ffn_hidden_size` neurons."""
     if len(drop_layers) != teacher.num_layers - target.num_layers:
         raise ValueError(f"dropping {len(drop_layers)} layers does not give target.num_layers={target.num_layers}")
     layers = [i for i in range(teacher.num_layers) if i not in set(drop_layers)]
-    return PruneIndices(
+    indices = PruneIndices(
         hidden=top_k(scores.hidden, target.hidden_size),
         layers=layers,
         heads={i: select_heads(scores.heads[i], teacher, target) for i in layers},
-        neurons={i: top_k(scores.neurons[i], target.ffn_hidden_size) for i in layers},
+        neurons={},
     )
+    if not teacher.is_moe:
+        indices.neurons = {i: top_k(scores.neurons[i], target.ffn_hidden_size) for i in layers}
+        return indices
+    by_expert = expert_scores(scores, expert_method)
+    for i in layers:
+        kept = top_k(by_expert[i], target.num_moe_experts)
+        indices.experts[i] = kept
+        indices.neurons[i] = torch.stack([top_k(scores.neurons[i, e], target.moe_ffn_hidden_size) for e in kept.tolist()])
+        if teacher.moe_shared_expert_intermediate_size:
+            indices.shared_neurons[i] = top_k(scores.shared_neurons[i], target.moe_shared_expert_intermediate_size)
+    return indices
 
 
 def choose_dropped_layers(scores: ImportanceScores, teacher: ModelArch, num_drop: int, method: str) -> list[int]:

@@ -37,7 +37,12 @@ def prune(
     ffn_hidden_size: int | None = None,
     num_attention_heads: int | None = None,
     num_query_groups: int | None = None,
+    num_moe_experts: int | None = None,
+    moe_ffn_hidden_size: int | None = None,
+    moe_shared_expert_intermediate_size: int | None = None,
+    moe_router_topk: int | None = None,
     depth_method: str = "block_importance",
+    expert_method: str = "output",
     head_residual: bool = False,
 ):
     """Prune `model` in place to the given sizes (None keeps a size) and return its new
@@ -46,7 +51,9 @@ def prune(
     Width follows `scores` (hidden channels, heads by query group, neurons). Depth: `drop_layers`
     names the layers to drop; otherwise `num_layers` keeps that many, dropping those that
     `depth_method` ranks lowest in `scores` ("contiguous" reads `scores.blocks`, the others
-    `scores.layers`).
+    `scores.layers`). A mixture-of-experts model keeps the `num_moe_experts` experts per layer that
+    `expert_method` ranks highest (`scores.experts`), each with its best `moe_ffn_hidden_size`
+    neurons, and the shared expert's best `moe_shared_expert_intermediate_size`.
     """
     from megatron.core import parallel_state as ps
 
@@ -58,12 +65,15 @@ def prune(
                         f"{', '.join(differences)} (scores vs model)")
     spec = PruneSpec(num_layers=num_layers, drop_layers=drop_layers, hidden_size=hidden_size,
                      ffn_hidden_size=ffn_hidden_size, num_attention_heads=num_attention_heads,
-                     num_query_groups=num_query_groups)
+                     num_query_groups=num_query_groups, num_moe_experts=num_moe_experts,
+                     moe_ffn_hidden_size=moe_ffn_hidden_size,
+                     moe_shared_expert_intermediate_size=moe_shared_expert_intermediate_size,
+                     moe_router_topk=moe_router_topk)
     target = spec.target_arch(teacher, ps.get_tensor_model_parallel_world_size(),
-                              ps.get_pipeline_model_parallel_world_size())
+                              ps.get_pipeline_model_parallel_world_size(), ps.get_expert_model_parallel_world_size())
     dropped = (sorted(drop_layers) if drop_layers is not None
                else choose_dropped_layers(scores, teacher, spec.num_dropped(teacher), depth_method))
-    pruned = prune_model(model, target, select_indices(scores, teacher, target, dropped), head_residual)
+    pruned = prune_model(model, target, select_indices(scores, teacher, target, dropped, expert_method), head_residual)
     inner = unwrap_model(model)
     inner.__dict__.clear()
     inner.__dict__.update(pruned.__dict__)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import SHAPE_KEYS, ModelArch
+from nemo_minitron.models.config import MOE_SHAPE_KEYS, SHAPE_KEYS, ModelArch
 
 # The shape keys a width prune sets (head_dim never changes; depth has its own keys).
 _WIDTH_KEYS = tuple(key for key in SHAPE_KEYS if key not in ("num_layers", "kv_channels"))
@@ -22,7 +22,11 @@ class PruneSpec:
 
     `drop_layers` names the (0-based) layers to drop explicitly; otherwise a depth method picks
     `teacher.num_layers - num_layers` of them. When only `num_query_groups` is set, the heads per
-    group stay, so `num_attention_heads` shrinks with the groups.
+    group stay, so `num_attention_heads` shrinks with the groups. A mixture-of-experts teacher
+    prunes its routed experts (`num_moe_experts`, at least the router's top-k, which
+    `moe_router_topk` may lower), every expert's FFN (`moe_ffn_hidden_size`) and the shared
+    expert's (`moe_shared_expert_intermediate_size`) instead of `ffn_hidden_size`, which its layers
+    do not use.
     """
 
     num_layers: int | None = None
@@ -31,12 +35,16 @@ class PruneSpec:
     ffn_hidden_size: int | None = None
     num_attention_heads: int | None = None
     num_query_groups: int | None = None
+    num_moe_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_router_topk: int | None = None
     POSITIVE: ClassVar[tuple[str, ...]] = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                                           "num_query_groups")
+                                           "num_query_groups", *MOE_SHAPE_KEYS, "moe_router_topk")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruneSpec":
-        known = {"num_layers", "drop_layers", *_WIDTH_KEYS}
+        known = {"num_layers", "drop_layers", *_WIDTH_KEYS, *MOE_SHAPE_KEYS, "moe_router_topk"}
         unknown = set(data) - known
         if unknown:
             raise UserError(f"unknown target keys {sorted(unknown)}: use target.{{{','.join(sorted(known))}}}")
@@ -55,7 +63,7 @@ class PruneSpec:
             return teacher.num_layers - len(self.drop_layers)
         return teacher.num_layers if self.num_layers is None else self.num_layers
 
-    def target_arch(self, teacher: ModelArch, tp: int = 1, pp: int = 1) -> ModelArch:
+    def target_arch(self, teacher: ModelArch, tp: int = 1, pp: int = 1, ep: int = 1) -> ModelArch:
         """The pruned architecture; ValueError naming the `target.` key when it cannot be built
         from `teacher` or split over tp x pp."""
         self._check_layers(teacher)
@@ -79,15 +87,48 @@ class PruneSpec:
                 f"group, but the teacher's groups have {per_group}: prune heads within groups (at most "
                 f"{groups * per_group} heads for {groups} groups) or keep more groups"
             )
+        moe = self._moe_sizes(teacher)
         target = teacher.replace(
             num_layers=self.target_layers(teacher),
             hidden_size=self.hidden_size or teacher.hidden_size,
-            ffn_hidden_size=self.ffn_hidden_size or teacher.ffn_hidden_size,
+            ffn_hidden_size=moe.pop("ffn_hidden_size", self.ffn_hidden_size or teacher.ffn_hidden_size),
             num_attention_heads=heads,
             num_query_groups=groups,
+            **moe,
         )
-        self._check_parallel(target, tp, pp)
+        self._check_parallel(target, tp, pp, ep)
         return target
+
+    def _moe_sizes(self, teacher: ModelArch) -> dict[str, int]:
+        """The MoE shape keys of the target (none for a dense teacher, which may not set them)."""
+        set_keys = [key for key in (*MOE_SHAPE_KEYS, "moe_router_topk") if getattr(self, key) is not None]
+        if not teacher.is_moe:
+            if set_keys:
+                raise UserError(f"target.{set_keys[0]} is set but the teacher ({teacher.family}) has no "
+                                f"mixture-of-experts layers")
+            return {}
+        if self.ffn_hidden_size is not None:
+            raise UserError("target.ffn_hidden_size is not used by the teacher's mixture-of-experts layers: set "
+                            "target.moe_ffn_hidden_size (every routed expert) or "
+                            "target.moe_shared_expert_intermediate_size")
+        sizes = {}
+        for key in MOE_SHAPE_KEYS:
+            value, full = getattr(self, key), getattr(teacher, key)
+            if value is not None and full is None:
+                raise UserError(f"target.{key} is set but the teacher ({teacher.family}) has no shared expert")
+            if value is not None and not 1 <= value <= full:
+                raise UserError(f"target.{key}={value} must be between 1 and the teacher's {full}")
+            sizes[key] = value or full
+        topk = self.moe_router_topk or teacher.moe_router_topk
+        if not 1 <= topk <= teacher.moe_router_topk:
+            raise UserError(f"target.moe_router_topk={topk} must be between 1 and the teacher's {teacher.moe_router_topk}")
+        if sizes["num_moe_experts"] < topk:
+            raise UserError(f"target.num_moe_experts={sizes['num_moe_experts']} is below the router's top-k "
+                            f"({topk}): keep at least that many experts, or lower target.moe_router_topk")
+        sizes["moe_router_topk"] = topk
+        if teacher.family == "mixtral":  # its one intermediate_size is the experts'
+            sizes["ffn_hidden_size"] = sizes["moe_ffn_hidden_size"]
+        return sizes
 
     def _check_layers(self, teacher: ModelArch) -> None:
         L = teacher.num_layers
@@ -109,7 +150,7 @@ class PruneSpec:
             )
 
     @staticmethod
-    def _check_parallel(target: ModelArch, tp: int, pp: int) -> None:
+    def _check_parallel(target: ModelArch, tp: int, pp: int, ep: int) -> None:
         if target.num_layers % pp:
             raise UserError(
                 f"target.num_layers={target.num_layers} is not divisible by pp={pp}: choose a multiple of {pp} "
@@ -120,6 +161,7 @@ class PruneSpec:
                 f"target.num_query_groups={target.num_query_groups} is not divisible by tp={tp}: choose a multiple "
                 f"of {tp} or tp= among {_divisors(target.num_query_groups)}"
             )
-        if target.ffn_hidden_size % tp:
-            raise UserError(f"target.ffn_hidden_size={target.ffn_hidden_size} is not divisible by tp={tp}")
-        target.check_parallel(tp, pp)
+        for key in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size") if target.is_moe else ("ffn_hidden_size",):
+            if getattr(target, key) is not None and getattr(target, key) % tp:
+                raise UserError(f"target.{key}={getattr(target, key)} is not divisible by tp={tp}")
+        target.check_parallel(tp, pp, ep)

@@ -30,6 +30,7 @@ from nemo_minitron.importance import (
     ImportanceScores,
     contiguous_block_scores,
     estimate_importance,
+    estimate_taylor_importance,
     layer_loss_scores,
     loss_metric,
     magnitude_scores,
@@ -37,7 +38,7 @@ from nemo_minitron.importance import (
     random_scores,
     sample_windows,
 )
-from nemo_minitron.importance.scores import FILE_NAME, METHODS
+from nemo_minitron.importance.scores import EXPERT_METHODS, FILE_NAME, METHODS
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.outputs import check_output, content_id, settings_of
@@ -74,6 +75,13 @@ class DepthConfig:
 
 
 @dataclass
+class ExpertsConfig:
+    """How the routed experts of a mixture-of-experts teacher are ranked (`EXPERT_METHODS`)."""
+
+    method: str = "output"
+
+
+@dataclass
 class PruneConfig(StageConfig):
     checkpoint: str | None = None
     output_dir: str | None = None
@@ -83,6 +91,7 @@ class PruneConfig(StageConfig):
     aggregation: Aggregation = field(default_factory=Aggregation)
     head_residual: bool = False
     depth: DepthConfig = field(default_factory=DepthConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     scores_cache: bool = True   # reuse / keep the teacher's scores in scores_cache_dir()
     loss_samples: int = 32
@@ -96,6 +105,8 @@ class PruneConfig(StageConfig):
             raise UserError(f"importance={self.importance} is not one of {list(METHODS)}")
         if self.depth.method not in DEPTH_METHODS:
             raise UserError(f"depth.method={self.depth.method} is not one of {list(DEPTH_METHODS)}")
+        if self.experts.method not in EXPERT_METHODS:
+            raise UserError(f"experts.method={self.experts.method} is not one of {list(EXPERT_METHODS)}")
 
 
 def _calibration_path(cfg: PruneConfig) -> Path:
@@ -146,6 +157,7 @@ def _request(cfg: PruneConfig) -> dict:
     """What the scores depend on; saved scores are reused only when it matches. The teacher is its
     content (a copy of it is the same teacher; a checkpoint rewritten in place is another)."""
     activation = cfg.importance == "activation"
+    calibrated = cfg.importance in ("activation", "taylor")
     calib = dataclasses.asdict(cfg.calib)
     calib.pop("micro_batch_size")
     if calib["data"] is not None:
@@ -156,7 +168,7 @@ def _request(cfg: PruneConfig) -> dict:
         "teacher": content_id(cfg.checkpoint) or str(Path(cfg.checkpoint).absolute()),
         "method": cfg.importance,
         "aggregation": cfg.aggregation.as_dict() if activation else None,
-        "calib": calib if activation else None,
+        "calib": calib if calibrated else None,
         "seed": cfg.seed if cfg.importance == "random" else None,
         "loss_samples": cfg.loss_samples,
     }
@@ -224,6 +236,8 @@ def _importance(cfg: PruneConfig, model, teacher: ModelArch, calibration: _Calib
     if cfg.importance == "activation":
         forward_loop = perplexity_loop(calibration.windows(), cfg.calib.micro_batch_size)
         scores = estimate_importance(model, forward_loop, cfg.aggregation)
+    elif cfg.importance == "taylor":
+        scores = estimate_taylor_importance(model, calibration.windows(), cfg.calib.micro_batch_size)
     elif cfg.importance == "magnitude":
         scores = magnitude_scores(teacher, bridge.gather_global(model))
     else:
@@ -271,10 +285,10 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     teacher = checkpoint.read_arch(cfg.checkpoint)
     teacher.check_positions(cfg.calib.seq_len, "calib.seq_len")
     spec = cfg.target
-    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
-    teacher.check_parallel(layout.tp, layout.pp)
-    target = spec.target_arch(teacher, layout.tp, layout.pp)
-    architecture = plan(teacher, spec, layout.tp, layout.pp)
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
+    teacher.check_parallel(layout.tp, layout.pp, layout.ep)
+    target = spec.target_arch(teacher, layout.tp, layout.pp, layout.ep)
+    architecture = plan(teacher, spec, layout.tp, layout.pp, layout.ep)
     if cfg.plan_only:
         return architecture
     output = Path(cfg.output_dir).absolute()
@@ -289,7 +303,7 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
         dropped = _dropped_layers(cfg, spec, teacher, model, scores, calibration)
     student = {k: v for k, v in architecture["student"].items() if k != "parameters"}
     log.info("pruning to %s; dropping layers %s", student, dropped)
-    indices = select_indices(scores, teacher, target, dropped)
+    indices = select_indices(scores, teacher, target, dropped, cfg.experts.method)
     loss = None
     if cfg.report_loss:
         loss = {"windows": len(calibration.loss_windows()), "teacher": calibration.metric()(model)}
@@ -314,6 +328,9 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
                   "block_losses": {str(k): v.tolist() for k, v in scores.blocks.items()}},
         "seconds": times,
     }
+    if teacher.is_moe:
+        report["experts"] = {"method": cfg.experts.method, "kept": {str(i): e.tolist() for i, e in indices.experts.items()},
+                             "scores": {k: v.tolist() for k, v in scores.experts.items()}}
     if loss is not None:
         report["loss"] = loss
     files = {}

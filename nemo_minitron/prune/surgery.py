@@ -11,6 +11,9 @@
   heads of a layer: they are kept whole whatever heads or hidden channels go;
 - SwiGLU `linear_fc1` is [gate; up]: a neuron keeps its gate row and its up row (squared ReLU:
   its one row), plus its `linear_fc2` column;
+- an MoE layer keeps the router rows of its kept experts (renumbered 0..E'-1 in their original
+  order, so top-k routing among them is unchanged), each kept expert its own kept neurons as above,
+  and the shared expert its kept neurons and the hidden columns of its gate;
 - dropped layers disappear and the survivors are renumbered 0..L'-1.
 `prune_model` applies it to a live model at any TP x PP: gather the global state dict, prune it,
 build the pruned model of the same class and layer spec for the current layout (megatron splits
@@ -40,6 +43,16 @@ def keep_qkv_heads(qkv: torch.Tensor, heads: torch.Tensor, teacher: ModelArch) -
     rows = torch.cat([heads % per_group, kv], dim=1)
     rest = qkv.shape[1:]
     return qkv.view(G, per_group + 2, d, *rest)[groups[:, None], rows].reshape(-1, *rest)
+
+
+def keep_mlp(sd: dict[str, torch.Tensor], src: str, dst: str, neurons: torch.Tensor, hidden: torch.Tensor,
+             gated: bool) -> dict[str, torch.Tensor]:
+    """The kept `neurons` and `hidden` channels of the MLP at `src` (a dense MLP, a routed or the
+    shared expert), named at `dst`: a neuron's gate and up rows of `linear_fc1` (or its one row)
+    and its `linear_fc2` column."""
+    fc1 = sd[src + "linear_fc1.weight"]
+    fc1 = torch.cat([part[neurons] for part in fc1.chunk(2)]) if gated else fc1[neurons]
+    return {dst + "linear_fc1.weight": fc1[:, hidden], dst + "linear_fc2.weight": sd[src + "linear_fc2.weight"][hidden][:, neurons]}
 
 
 def merge_pruned_heads(proj: torch.Tensor, kept: torch.Tensor, per_group: int) -> torch.Tensor:
@@ -94,11 +107,18 @@ def prune_global(
             proj = merge_pruned_heads(proj, heads, per_group)
         out[dst + "self_attention.linear_proj.weight"] = proj[hid][:, heads.flatten()].reshape(len(hid), -1)
 
-        neurons = indices.neurons[old]
-        fc1 = sd[src + "mlp.linear_fc1.weight"]
-        fc1 = torch.cat([part[neurons] for part in fc1.chunk(2)]) if teacher.gated else fc1[neurons]
-        out[dst + "mlp.linear_fc1.weight"] = fc1[:, hid]
-        out[dst + "mlp.linear_fc2.weight"] = sd[src + "mlp.linear_fc2.weight"][hid][:, neurons]
+        if not teacher.is_moe:
+            out |= keep_mlp(sd, src + "mlp.", dst + "mlp.", indices.neurons[old], hid, teacher.gated)
+            continue
+        experts = indices.experts[old]
+        out[dst + "mlp.router.weight"] = sd[src + "mlp.router.weight"][experts][:, hid]
+        for new_e, (old_e, neurons) in enumerate(zip(experts.tolist(), indices.neurons[old])):
+            out |= keep_mlp(sd, f"{src}mlp.experts.local_experts.{old_e}.", f"{dst}mlp.experts.local_experts.{new_e}.",
+                            neurons, hid, teacher.gated)
+        if teacher.moe_shared_expert_intermediate_size:
+            out |= keep_mlp(sd, src + "mlp.shared_experts.", dst + "mlp.shared_experts.",
+                            indices.shared_neurons[old], hid, teacher.gated)
+            out[dst + "mlp.shared_experts.gate_weight"] = sd[src + "mlp.shared_experts.gate_weight"][:, hid]
 
     expected = bridge.expected_global_shapes(target)
     if expected.keys() != out.keys():

@@ -89,7 +89,7 @@ class _Progress:
 
 
 def _common(cfg: SearchConfig) -> dict[str, Any]:
-    return {"tp": cfg.tp, "pp": cfg.pp, "seed": cfg.seed, "dtype": cfg.dtype}
+    return {"tp": cfg.tp, "pp": cfg.pp, "ep": cfg.ep, "seed": cfg.seed, "dtype": cfg.dtype}
 
 
 def _zero_shot(cfg: SearchConfig, arch: ModelArch, cache: CandidateCache, importance_from: str | None) -> dict:
@@ -199,14 +199,17 @@ def search_architecture(cfg: SearchConfig) -> dict:
     cfg.search.validate()
     cfg.budget.validate()
     teacher = checkpoint.read_arch(cfg.checkpoint)
+    if teacher.is_moe:
+        raise UserError(f"search does not explore mixture-of-experts axes yet ({teacher.family}: experts, expert FFN): "
+                        f"prune to an explicit target with `minitron prune target.num_moe_experts=...`")
     budget = cfg.budget
-    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed)
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     if not cfg.search.list_only:
         claim_output(cfg.output_dir, "search", [cfg.checkpoint, cfg.importance_from, cfg.prune.calib.data,
                                                 cfg.distill.data.train, cfg.distill.data.valid],
                      settings=settings_of(cfg, ignore=_HOW_TO_RUN, inputs=["checkpoint"]),
                      overwrite=cfg.overwrite, own=OUTPUT_ENTRIES)
-    teacher.check_parallel(layout.tp, layout.pp)
+    teacher.check_parallel(layout.tp, layout.pp, layout.ep)
     found = enumerate_candidates(teacher, cfg.search.space, budget, layout.tp, layout.pp)
     if not found:
         raise UserError(f"no grid architecture has {budget.kind} within {budget.tolerance:.0%} of {budget.value:.4g} "

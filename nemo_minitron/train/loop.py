@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from nemo_minitron import checkpoint, parallel
-from nemo_minitron.errors import TrainingDiverged
+from nemo_minitron.errors import TrainingDiverged, UserError
 from nemo_minitron.models.runner import forward_microbatches
 from nemo_minitron.train import state
 from nemo_minitron.train.config import OptimConfig, SpikeConfig, TrainConfig
@@ -94,8 +94,19 @@ class Trainer:
         trained = [p for p in module.parameters() if p.requires_grad]
         if not trained:
             raise ValueError("the module has no trainable parameters")
+        if module.config.num_moe_experts and self.layout.tp > 1 and not module.config.sequence_parallel:
+            # megatron's MoE layer refuses it too, as "performance may degrade": without sequence
+            # parallelism its all-gathered tokens repeat once per TP rank, and so do expert gradients.
+            raise UserError(f"training a mixture-of-experts model at tp={self.layout.tp} needs sequence parallelism, "
+                            f"which nemo-minitron does not run yet: use tp=1 and split the experts with ep= "
+                            f"(and the layers with pp=)")
         self.ddp = wrap_data_parallel(module)
-        self.optimizer = build_optimizer(self.ddp, optim, trained[0].dtype)
+        dtype = module.config.params_dtype
+        name = str(dtype).removeprefix("torch.")
+        log.info("training in %s", name if dtype == torch.float32 else
+                 f"{name} mixed precision: {name} weights and activations; fp32 gradients, main weights and "
+                 f"optimizer state")
+        self.optimizer = build_optimizer(self.ddp, optim, dtype)
         self.scheduler = build_scheduler(self.optimizer, optim, train.steps)
         exported = {id(p) for p in self.export_model.parameters()}
         self.extra = {n: p for n, p in module.named_parameters() if p.requires_grad and id(p) not in exported}

@@ -24,8 +24,10 @@ log = logging.getLogger("nemo_minitron")
 
 @dataclass
 class TrainingStageConfig(StageConfig):
-    """A training stage's output directory, data, run length and optimizer."""
+    """A training stage's output directory, data, run length and optimizer. `dtype` defaults to
+    `auto`: bf16 mixed precision where the device computes bf16 natively (`stage.auto_dtype`)."""
 
+    dtype: str = "auto"
     output_dir: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -43,7 +45,7 @@ def checkpoint_arch(cfg, key: str):
     arch = checkpoint.read_arch(path)
     arch.check_positions(cfg.train.seq_length, "train.seq_length")
     layout = parallel.layout()
-    arch.check_parallel(layout.tp, layout.pp)
+    arch.check_parallel(layout.tp, layout.pp, layout.ep)
     return arch
 
 
