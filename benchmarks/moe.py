@@ -38,6 +38,7 @@ from nemo_minitron.models import bridge
 from nemo_minitron.models.gpt import build_gpt_model
 from nemo_minitron.models.upcycle import split_into_experts
 from nemo_minitron.prune import PruneSpec, prune_global, select_indices
+from pruning import overhead  # benchmarks/pruning.py: the same alternating measurement
 
 EXPERTS = 8
 KEPT = (6, 4)
@@ -56,14 +57,6 @@ def inputs(work: Path) -> tuple[Path, dict[str, Path]]:
 
 def perplexity(model, windows) -> float:
     return evaluate_perplexity(model, windows, 4, progress=False).perplexity
-
-
-def hook_overhead(model, windows, repeats: int) -> dict:
-    plain, hooked = [], []
-    for _ in range(repeats):  # alternate so that background load hits both alike
-        plain.append(evaluate_perplexity(model, windows, 4, progress=False).tokens_per_s)
-        hooked.append(estimate_importance(model, perplexity_loop(windows, progress=False)).info["tokens_per_s"])
-    return {"plain": max(plain), "hooks": max(hooked), "overhead": 1 - max(hooked) / max(plain)}
 
 
 def main() -> None:
@@ -91,7 +84,7 @@ def main() -> None:
     overhead_windows = calib[: max(4, args.calib_samples // 4)]
     if args.overhead_only:
         for name, model in (("dense", dense), ("moe", moe)):
-            result = hook_overhead(model, overhead_windows, args.repeats)
+            result = overhead(model, overhead_windows, args.repeats)
             print(f"{name}: {result['hooks']:.0f} vs {result['plain']:.0f} tokens/s plain, "
                   f"{100 * result['overhead']:.1f}% overhead")
         return
@@ -104,7 +97,7 @@ def main() -> None:
              "max_logit_difference": (logits[0] - logits[1]).abs().max().item()}
     del dense
 
-    overhead = hook_overhead(moe, overhead_windows, args.repeats)
+    hook_cost = overhead(moe, overhead_windows, args.repeats)
     start = time.perf_counter()
     scores = estimate_importance(moe, perplexity_loop(calib, progress=False))
     importance_s = time.perf_counter() - start
@@ -138,8 +131,8 @@ def main() -> None:
         f"| dense SmolLM2-135M | {exact['dense']:.4f} |",
         f"| split into {EXPERTS} experts | {exact['moe']:.4f} (largest logit difference {exact['max_logit_difference']:.1e}) |",
         "",
-        f"Importance hooks on the MoE: {overhead['hooks']:.0f} vs {overhead['plain']:.0f} tokens/s plain "
-        f"({100 * overhead['overhead']:.1f}% overhead); the importance pass over {args.calib_samples} x "
+        f"Importance hooks on the MoE: {hook_cost['hooks']:.0f} vs {hook_cost['plain']:.0f} tokens/s plain "
+        f"({100 * hook_cost['overhead']:.1f}% overhead); the importance pass over {args.calib_samples} x "
         f"{args.seq_len} tokens took {importance_s:.0f} s.",
         "",
         "Expert pruning without retraining (top-k lowered to the experts left), held-out perplexity:",
