@@ -13,6 +13,12 @@
    steps interleaved in one process: tokens/s, held-out perplexity after equal tokens, and the
    achieved FLOP/s of a step against this machine's matmul peak at that dtype, measured in the
    same run (`--parts precision`), with a profile of where a step's time goes.
+5. The offline teacher (issue 15, `--parts cache`): the bf16 teacher's top-256 logits over the run's
+   samples written once (`write_teacher_cache`), then distillation from the cache with k = 16, 64
+   and 256 (forward KL over the top k + tail bucket) against online full-vocabulary KL, their steps
+   interleaved in one process: storage per token, step time, held-out perplexity after equal
+   tokens; and the peak memory (RSS) of a few steps of each in a fresh process
+   (`--cache-memory-case`), teacher on the ranks or not.
 
 FLOPs of a distillation step, counted analytically (`distill_step_flops`): per token, a model's
 forward pass costs 2 x its matmul weights (per layer QKV h x (n_q + 2 n_kv) d, attention output
@@ -141,12 +147,18 @@ def student(arch, global_sd, dtype: torch.dtype = torch.float32):
     return model
 
 
-def trainer_for(kind: str, teacher, model, data, steps: int, seq: int, batch: int, lr: float, out: Path):
+def trainer_for(kind: str, teacher, model, data, steps: int, seq: int, batch: int, lr: float, out: Path,
+                top_k: int | None = None):
+    """kind: distill (teacher beside the student), cached (`data` from a teacher cache; forward KL
+    over the top `top_k` + tail) or lm."""
     from nemo_minitron.distill import DistillationLoss, DistillationModel, LogitLoss
     from nemo_minitron.train import LMLoss, OptimConfig, TrainConfig, Trainer
 
-    module, loss = (DistillationModel(model, teacher), DistillationLoss(LogitLoss("fwd_kl"))) if kind == "distill" \
-        else (model, LMLoss())
+    if kind == "lm":
+        module, loss = model, LMLoss()
+    else:
+        module = DistillationModel(model, teacher) if kind == "distill" else model
+        loss = DistillationLoss(LogitLoss("fwd_kl", top_k=top_k))
     return Trainer(module, loss, data,
                    TrainConfig(steps=steps, global_batch_size=batch, seq_length=seq, micro_batch_size=batch),
                    OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 20), weight_decay=0.0), out,
@@ -346,6 +358,133 @@ def precision(teacher, arch, pruned_sd, train, heldout, steps: int, seq: int, ba
     return result
 
 
+# --- 5. the offline teacher ---------------------------------------------------------------------------
+
+CACHE_KS = (16, 64, 256)
+
+
+def bf16_copy(model):
+    from nemo_minitron.models import bridge
+    from nemo_minitron.models.gpt import arch_of, build_gpt_model
+
+    copy = build_gpt_model(arch_of(model), torch.bfloat16)
+    bridge.load_global(copy, bridge.gather_global(model))
+    return copy.bfloat16()  # norms too, as megatron's Float16Module holds a model in training
+
+
+def offline_teacher(teacher, arch, pruned_sd, train, heldout, steps: int, seq: int, batch: int, lr: float,
+                    out: Path) -> dict:
+    """Write the cache, then distill online (full vocabulary) and from the cache at each k, one step
+    of each in turn, all in bf16."""
+    import shutil
+
+    from nemo_minitron import checkpoint
+    from nemo_minitron.distill import TeacherCache, write_teacher_cache
+    from nemo_minitron.eval.perplexity import evaluate_perplexity
+    from nemo_minitron.train import TrainingData
+
+    teacher = bf16_copy(teacher)
+    shutil.rmtree(out / "cache", ignore_errors=True)  # this benchmark's own output: timed from scratch
+    written = write_teacher_cache(teacher, TrainingData(train, None), out / "cache", max(CACHE_KS),
+                                  global_batch_size=batch, micro_batch_size=batch, train_samples=steps * batch,
+                                  valid_samples=0, manifest={"teacher": "smollm2-135m"}, progress=False)
+    samples = TeacherCache(out / "cache").samples("train")
+    trainers = {"online, full vocabulary": trainer_for("distill", teacher, student(arch, pruned_sd, torch.bfloat16),
+                                                       TrainingData(train, None), steps, seq, batch, lr, out / "online")}
+    for k in CACHE_KS:
+        trainers[f"cache, k = {k}"] = trainer_for("cached", None, student(arch, pruned_sd, torch.bfloat16),
+                                                  TrainingData(samples, None), steps, seq, batch, lr, out / f"k{k}", k)
+    seconds: dict[str, list[float]] = {name: [] for name in trainers}
+    for step in range(1, steps + 1):
+        for name, trainer in trainers.items():
+            seconds[name].append(trainer.train_step()["train/step_seconds"])
+        print(f"cache step {step}: " + ", ".join(f"{n} {s[-1]:.2f} s" for n, s in seconds.items()),
+              file=sys.stderr, flush=True)
+
+    def perplexity(model) -> float:
+        return evaluate_perplexity(model, heldout, micro_batch_size=8, progress=False).perplexity
+
+    result = {"write": written, "tokens": steps * batch * seq, "teacher_perplexity": perplexity(teacher), "runs": {}}
+    for name, trainer in trainers.items():
+        k = int(name.rsplit(" ", 1)[-1]) if name.startswith("cache") else None
+        result["runs"][name] = {"k": k, "step_seconds": statistics.median(seconds[name][1:]),
+                                "perplexity": perplexity(trainer.export_model)}
+    # the inputs of the memory cases, which run in fresh processes
+    checkpoint.save_checkpoint(teacher, out / "teacher")
+    checkpoint.save_checkpoint(student(arch, pruned_sd, torch.bfloat16), out / "student")
+    result["memory"] = {mode: run_case("--cache-memory-case", mode, str(out), str(seq), str(batch))
+                        for mode in ("online", "cached")}
+    return result
+
+
+def run_case(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if out.returncode:
+        sys.exit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cache_memory_case(mode: str, out: Path, seq: int, batch: int, steps: int = 3) -> dict:
+    """Peak RSS of `steps` distillation steps in bf16, teacher on the rank (online) or the cache."""
+    from nemo_minitron import checkpoint, parallel
+    from nemo_minitron.distill import TeacherCache
+    from nemo_minitron.train import TrainingData
+
+    def status_mib(field: str) -> float:  # VmRSS: now; VmHWM: the peak since the last reset
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+        return int(line.split()[1]) / 1024
+
+    parallel.initialize(1, 1)
+    before = status_mib("VmRSS")
+    model = checkpoint.load_checkpoint(out / "student", params_dtype=torch.bfloat16)
+    # both draw the cache's samples; the online loss ignores the cached logits in the batch
+    data = TrainingData(TeacherCache(out / "cache").samples("train"), None)
+    if mode == "online":
+        teacher = checkpoint.load_checkpoint(out / "teacher", params_dtype=torch.bfloat16)
+        trainer = trainer_for("distill", teacher, model, data, steps, seq, batch, 1e-4, out / "memory-online")
+    else:
+        trainer = trainer_for("cached", None, model, data, steps, seq, batch, 1e-4, out / "memory-cached",
+                              max(CACHE_KS))
+    loaded = status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the peak of the steps alone
+    for _ in range(steps):
+        trainer.train_step()
+    return {"mode": mode, "models_mib": loaded - before, "steps_peak_mib": status_mib("VmHWM") - before}
+
+
+def cache_lines(result: dict, args) -> list[str]:
+    runs = result["runs"]
+    online = runs["online, full vocabulary"]
+    write = result["write"]
+    memory = result["memory"]
+    from nemo_minitron.distill.teacher_cache import bytes_per_token
+
+    def stored(k: int | None) -> str:
+        return "-" if k is None else f"{bytes_per_token(k, 'bfloat16'):,} B"
+
+    rows = [f"| {name} | {stored(run['k'])} | {run['step_seconds']:.2f} s "
+            f"({online['step_seconds'] / run['step_seconds']:.2f}x) | {run['perplexity']:.2f} "
+            f"({100 * (run['perplexity'] / online['perplexity'] - 1):+.1f}%) |" for name, run in runs.items()]
+    return [
+        f"Offline teacher (bf16): the teacher's top-{write['top_k']} logits over {write['tokens_written']:,} training "
+        f"tokens written in {write['seconds']:.0f} s ({write['tokens_per_s']:,.0f} tokens/s; "
+        f"{write['stored_bytes'] / write['tokens_written']:,.0f} bytes per token on disk, "
+        f"{write['stored_bytes'] / 2**20:,.0f} MiB); then one distillation step of each run in turn for "
+        f"{args.steps} steps of {args.batch}x{args.seq} tokens (lr {args.lr:g}), forward KL at T = 1 (from the "
+        f"cache: over the top k + one tail bucket), median step time; held-out perplexity after "
+        f"{result['tokens']:,} tokens (teacher {result['teacher_perplexity']:.2f}):", "",
+        "| run | cache bytes per token (k x (2 + 4) + 17) | step time (speed-up) | held-out perplexity (vs online) |",
+        "| --- | --- | --- | --- |", *rows, "",
+        "Memory of a fresh process (RSS above the process after imports and `parallel.initialize`) with the "
+        "models loaded, and its peak over 3 training steps (/proc/self/status VmHWM, reset after loading):", "",
+        "| | teacher on the rank | from the cache | less |", "| --- | --- | --- | --- |",
+        *[f"| {label} | {memory['online'][key]:,.0f} MiB | {memory['cached'][key]:,.0f} MiB | "
+          f"{memory['online'][key] - memory['cached'][key]:,.0f} MiB |"
+          for label, key in (("models loaded", "models_mib"), ("peak of the steps", "steps_peak_mib"))],
+    ]
+
+
 def precision_lines(result: dict, args) -> list[str]:
     fp32, bf16 = result["runs"]["fp32"], result["runs"]["bf16"]
     g = 1e9
@@ -419,16 +558,21 @@ def main() -> None:
     parser.add_argument("--peak-every", type=int, default=10, help="precision: time the matmul peak every N steps")
     parser.add_argument("--work", default="runs/bench-distill")
     parser.add_argument("--memory-case", nargs=4, metavar=("IMPL", "VOCAB", "TOKENS", "CHUNK"))
+    parser.add_argument("--cache-memory-case", nargs=4, metavar=("MODE", "WORK", "SEQ", "BATCH"))
     args = parser.parse_args()
     if args.memory_case:
         impl, vocab, tokens, chunk = args.memory_case
         print(json.dumps(memory_case(impl, int(vocab), int(tokens), int(chunk))))
         return
+    if args.cache_memory_case:
+        mode, work, seq, batch = args.cache_memory_case
+        print(json.dumps(cache_memory_case(mode, Path(work), int(seq), int(batch))))
+        return
     parts = set(args.parts.split(","))
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(args.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    dtypes = "fp32 and bf16" if "precision" in parts else "fp32"
+    dtypes = "fp32 and bf16" if parts & {"precision", "cache"} else "fp32"
     lines = [f"### Distillation (issues 4, 15): {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"{dtypes}",
              "", f"Command: `.venv/bin/python benchmarks/distill.py --parts {args.parts} --steps {args.steps} "
@@ -437,7 +581,7 @@ def main() -> None:
         lines += [f"Peak memory of the logit loss, forward + backward, {args.memory_tokens} tokens, fp32, one rank "
                   "(RSS above the student and teacher logits; time in brackets):", "",
                   *memory_table(args.memory_tokens), ""]
-    if parts & {"timing", "curves", "precision"}:
+    if parts & {"timing", "curves", "precision", "cache"}:
         teacher, arch, pruned_sd, train, heldout = setup(args.seq, args.steps * args.batch)
     if "timing" in parts:
         t = step_times(teacher, arch, pruned_sd, train, args.seq, args.batch, args.repeats, work / "timing")
@@ -469,6 +613,11 @@ def main() -> None:
                            args.peak_every, work / "precision")
         (work / "precision.json").write_text(json.dumps(result, indent=2))
         lines += ["", *precision_lines(result, args)]
+    if "cache" in parts:
+        result = offline_teacher(teacher, arch, pruned_sd, train, heldout, args.steps, args.seq, args.batch, args.lr,
+                                 work / "cache")
+        (work / "cache.json").write_text(json.dumps(result, indent=2))
+        lines += ["", *cache_lines(result, args)]
     print("\n".join(lines))
 
 

@@ -9,6 +9,7 @@ The plugin API works on any megatron-core GPTModel the caller built (docs/api.md
     config = mt.prune(model, scores, ffn_hidden_size=768)       # in place; returns the new config
     mt.save_checkpoint(model, "runs/pruned", tokenizer)
     kd = mt.DistillationModel(student, teacher)                 # + mt.DistillationLoss in your step
+    mt.write_teacher_cache(teacher, data, "runs/cache", k=64, ...)  # or an offline teacher: top-k logits
 
 Each stage of the Minitron job is also one library function over a typed config
 (`prune_checkpoint(PruneConfig(...))`, `distill_checkpoint`, `search_architecture`, `run_pipeline`,
@@ -30,8 +31,23 @@ from nemo_minitron.convert import (
     export_nemo,
     import_checkpoint,
 )
-from nemo_minitron.distill import DistillationLoss, DistillationModel, LayerPair, LogitLoss
-from nemo_minitron.distill.stage import DistillConfig, TeacherCorrectConfig, correct_teacher, distill_checkpoint
+from nemo_minitron.distill import (
+    DistillationLoss,
+    DistillationModel,
+    LayerPair,
+    LogitLoss,
+    TeacherCache,
+    TopKTeacher,
+    write_teacher_cache,
+)
+from nemo_minitron.distill.stage import (
+    DistillConfig,
+    TeacherCorrectConfig,
+    TeacherLogitsConfig,
+    cache_teacher_logits,
+    correct_teacher,
+    distill_checkpoint,
+)
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval.perplexity import evaluate_perplexity
 from nemo_minitron.eval.stage import EvalConfig, evaluate_checkpoint
@@ -57,10 +73,10 @@ from nemo_minitron.prune.inplace import prune  # noqa: E402  isort: skip
 __all__ = [
     "Aggregation", "AlignConfig", "CheckConfig", "DistillConfig", "DistillationLoss", "DistillationModel",
     "EvalConfig", "ExportHFConfig", "ExportMegatronConfig", "ExportNeMoConfig", "GenerateConfig", "ImportConfig", "ImportanceScores",
-    "LayerPair", "LogitLoss", "ModelArch", "PipelineConfig", "PruneConfig", "SearchConfig", "TeacherCorrectConfig",
-    "UserError", "align_checkpoint", "arch_of", "build_gpt_model", "check_checkpoint", "contiguous_block_scores",
-    "correct_teacher", "distill_checkpoint", "estimate_importance", "evaluate_checkpoint", "evaluate_perplexity",
+    "LayerPair", "LogitLoss", "ModelArch", "PipelineConfig", "PruneConfig", "SearchConfig", "TeacherCache",
+    "TeacherCorrectConfig", "TeacherLogitsConfig", "TopKTeacher", "UserError", "align_checkpoint", "arch_of",
+    "build_gpt_model", "cache_teacher_logits", "check_checkpoint", "contiguous_block_scores", "correct_teacher", "distill_checkpoint", "estimate_importance", "evaluate_checkpoint", "evaluate_perplexity",
     "export_hf", "export_megatron", "export_nemo", "generate_text", "import_checkpoint", "layer_loss_scores", "load_checkpoint",
     "load_weights", "loss_metric", "parallel", "perplexity_loop", "prune", "prune_checkpoint", "run_pipeline",
-    "save_checkpoint", "search_architecture", "verify_checkpoint",
+    "save_checkpoint", "search_architecture", "verify_checkpoint", "write_teacher_cache",
 ]

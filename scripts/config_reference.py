@@ -172,7 +172,8 @@ def stage_configs() -> dict[str, type]:
 
     return {"import": mt.ImportConfig, "export-hf": mt.ExportHFConfig, "export-megatron": mt.ExportMegatronConfig,
             "check": mt.CheckConfig, "eval": mt.EvalConfig,
-            "prune": mt.PruneConfig, "teacher-correct": mt.TeacherCorrectConfig, "distill": mt.DistillConfig,
+            "prune": mt.PruneConfig, "teacher-correct": mt.TeacherCorrectConfig,
+            "teacher-logits": mt.TeacherLogitsConfig, "distill": mt.DistillConfig,
             "align": mt.AlignConfig, "generate": mt.GenerateConfig, "search": mt.SearchConfig,
             "pipeline": mt.PipelineConfig}
 

@@ -199,4 +199,4 @@ def test_non_editable_install_finds_its_configs(tmp_path):
     assert where.startswith(str(target))
     help_text = subprocess.run([sys.executable, "-m", "nemo_minitron.cli.main", "prune", "--help"], capture_output=True,
                                text=True, env=env, cwd=tmp_path, check=True, timeout=300).stdout
-    assert "num_samples: 1024" in help_text and "target:" in help_text
+    assert "num_samples: 256" in help_text and "target:" in help_text

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from nemo_minitron.cli.compose import recipe_names
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["import", "prune", "search", "distill", "teacher_correct", "align", "export_hf", "export_megatron",
+STAGES = ["import", "prune", "search", "distill", "teacher_correct", "teacher_logits", "align", "export_hf", "export_megatron",
           "export_nemo", "eval", "pipeline"]
 # recipe launcher, its arguments selecting a recipe -> the stage and the recipe it runs
 RECIPE_LAUNCHERS = {

@@ -10,6 +10,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("nemo_minitron.cli.evaluate", "held-out perplexity and lm-evaluation-harness tasks of a checkpoint"),
     "prune": ("nemo_minitron.cli.prune", "importance estimation and width/depth pruning of a checkpoint"),
     "teacher-correct": ("nemo_minitron.cli.teacher_correct", "fine-tune the teacher on the distillation data (LM loss)"),
+    "teacher-logits": ("nemo_minitron.cli.teacher_logits", "write a teacher's top-k logits over a distillation run's samples"),
     "distill": ("nemo_minitron.cli.distill", "train a student on a frozen teacher's logits (resumable)"),
     "align": ("nemo_minitron.cli.align", "SFT, DPO, RPO or SteerLM alignment of a checkpoint (resumable)"),
     "generate": ("nemo_minitron.cli.generate", "greedy generation, optionally with SteerLM attribute values"),

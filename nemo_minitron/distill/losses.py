@@ -6,12 +6,18 @@ p = softmax(teacher / T) and q = softmax(student / T) over the whole vocabulary:
     fwd_kl   KL(p || q) = sum p (log p - log q)        (default; Minitron: T = 1 is best)
     rev_kl   KL(q || p) = sum q (log q - log p)
     jsd      (KL(p || m) + KL(q || m)) / 2, m = (p + q) / 2
-    topk_kl  KL(p_k || q_k), both renormalised over the teacher's top-k tokens (ties at the k-th
-             largest teacher logit are all kept)
+    topk_kl  KL(p_k || q_k), both renormalised over the teacher's top-k tokens
 
 scaled by T^2 (so gradient magnitudes do not shrink with T), averaged over the tokens of the loss
-mask. The LM loss (cross-entropy of the student at T = 1 against the labels) comes out of the same
-pass, for mixing in and as a metric.
+mask. With `top_k` set, fwd_kl, rev_kl and jsd compare coarsened distributions instead: the
+teacher's top-k tokens, each its own outcome, plus one outcome for the rest of the vocabulary
+(probability mass 1 - sum over the top k), for both p and q. By the data-processing inequality
+that is a lower bound of the full divergence, equal to it at k = vocabulary size; it is what an
+offline teacher cache (`distill.teacher_cache`) can compute, since it keeps per token only the top-k
+logits, their ids, the log-partition and the log of the tail's mass (`TopKTeacher`). The top k are
+exactly k tokens, torch.topk's choice among logits tied at the k-th place. The LM loss
+(cross-entropy of the student at T = 1 against the labels) comes out of the same pass, for mixing
+in and as a metric.
 
 How TP works: the only cross-rank coupling of a per-token loss is the softmax normaliser, and
 `_VocabParallelLogSoftmax` computes it with all-reduces (max, sum of exp) and a backward that
@@ -31,14 +37,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
 from nemo_minitron.errors import UserError
+
 LOGIT_LOSSES = ("fwd_kl", "rev_kl", "jsd", "topk_kl")
-# Logits outside the top-k set: exp() underflows to exactly 0, log-probabilities stay finite.
-_EXCLUDED = -1e30
+_TINY = 1e-30  # the least probability mass of a tail bucket (fp32 keeps it: its smallest normal is 1.2e-38)
 
 
 def _tp():
@@ -53,15 +60,7 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
-        tp, _, group = _tp()
-        peak = logits.max(dim=-1, keepdim=True).values
-        if tp > 1:
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - peak
-        total = shifted.exp().sum(dim=-1, keepdim=True)
-        if tp > 1:
-            dist.all_reduce(total, group=group)
-        out = shifted - total.log()
+        out = logits - log_partition(logits).unsqueeze(-1)
         ctx.save_for_backward(out)
         return out
 
@@ -75,6 +74,18 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
         return grad - out.exp() * total
 
 
+def log_partition(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the global vocabulary of vocab-parallel [n, v/tp] logits -> [n] (no grad)."""
+    tp, _, group = _tp()
+    peak = logits.max(dim=-1, keepdim=True).values
+    if tp > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    total = (logits - peak).exp().sum(dim=-1, keepdim=True)
+    if tp > 1:
+        dist.all_reduce(total, group=group)
+    return (peak + total.log()).squeeze(-1)
+
+
 def vocab_parallel_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return _VocabParallelLogSoftmax.apply(logits)
 
@@ -86,29 +97,112 @@ def _vocab_sum(values: torch.Tensor) -> torch.Tensor:
     return reduce_from_tensor_model_parallel_region(values.sum(dim=-1))
 
 
+def _local_ids(index: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global vocabulary ids -> (ids within this TP rank's shard of `width`, clamped; whether the
+    rank holds them)."""
+    _, rank, _ = _tp()
+    local = index - rank * width
+    return local.clamp(0, width - 1), (local >= 0) & (local < width)
+
+
+def _gathered(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[i, index[i, j]] for a vocab-parallel [n, v/tp] tensor and global ids [n, k] -> [n, k]
+    on every rank (differentiable: each rank's gradient lands on the entries it holds)."""
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    local, mine = _local_ids(index, values.shape[-1])
+    picked = torch.where(mine, values.gather(-1, local), torch.zeros((), dtype=values.dtype, device=values.device))
+    return reduce_from_tensor_model_parallel_region(picked) if _tp()[0] > 1 else picked
+
+
 def _picked(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log_probs[i, labels[i]] for vocab-parallel [n, v/tp] log-probabilities -> [n]."""
-    tp, rank, _ = _tp()
-    width = log_probs.shape[-1]
-    local = labels - rank * width
-    mine = (local >= 0) & (local < width)
-    values = log_probs.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
-    values = torch.where(mine, values, torch.zeros_like(values))
-    return _vocab_sum(values.unsqueeze(-1)) if tp > 1 else values
+    return _gathered(log_probs, labels.unsqueeze(-1)).squeeze(-1)
 
 
-def _top_k_mask(teacher: torch.Tensor, k: int) -> torch.Tensor:
-    """Where the teacher's logit is among its k largest over the global vocabulary."""
-    tp, _, group = _tp()
-    if k > teacher.shape[-1] * tp:
-        raise UserError(f"loss.top_k={k} exceeds the vocabulary size {teacher.shape[-1] * tp}")
-    local = teacher.topk(min(k, teacher.shape[-1]), dim=-1).values
-    if tp > 1:
-        shards = [torch.empty_like(local) for _ in range(tp)]
-        dist.all_gather(shards, local.contiguous(), group=group)
-        local = torch.cat(shards, dim=-1)
-    threshold = local.topk(k, dim=-1).values[..., -1:]
-    return teacher >= threshold
+@dataclass(frozen=True)
+class TopKTeacher:
+    """What a top-k loss needs of the teacher, per token: its k largest logits (descending) and
+    their global vocabulary ids, the log-partition log Z = logsumexp of all its logits, and the log
+    of its probability mass outside the top k (-inf when k is the whole vocabulary). Shapes
+    [..., k] and [...]; logits as the teacher computed them, the rest fp32, at temperature 1."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    log_partition: torch.Tensor
+    log_tail: torch.Tensor
+    # field -> the key of a training batch that carries it (teacher caches)
+    BATCH_KEYS: ClassVar[dict[str, str]] = {name: f"teacher_{name}" for name in
+                                            ("values", "indices", "log_partition", "log_tail")}
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, torch.Tensor]) -> "TopKTeacher":
+        missing = [key for key in cls.BATCH_KEYS.values() if key not in batch]
+        if missing:
+            raise UserError(f"the batch has no teacher logits ({', '.join(missing)}): distilling a student without "
+                            f"its teacher needs samples from a teacher cache")
+        return cls(**{name: batch[key] for name, key in cls.BATCH_KEYS.items()})
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[-1]
+
+    def __getitem__(self, rows) -> "TopKTeacher":
+        return TopKTeacher(self.values[rows], self.indices[rows], self.log_partition[rows], self.log_tail[rows])
+
+    def flatten(self) -> "TopKTeacher":
+        """[n, k] / [n] over all leading dimensions."""
+        return TopKTeacher(self.values.reshape(-1, self.k), self.indices.reshape(-1, self.k),
+                           self.log_partition.reshape(-1), self.log_tail.reshape(-1))
+
+    def truncated(self, k: int) -> "TopKTeacher":
+        """The top `k` <= self.k, the dropped tokens' mass moved into the tail."""
+        if k > self.k:
+            raise UserError(f"loss.top_k={k} exceeds the {self.k} logits per token that the teacher cache holds")
+        if k == self.k:
+            return self
+        dropped = self.values[..., k:].float() - self.log_partition.unsqueeze(-1)
+        log_tail = torch.logsumexp(torch.cat([dropped, self.log_tail.unsqueeze(-1)], dim=-1), dim=-1)
+        return TopKTeacher(self.values[..., :k], self.indices[..., :k], self.log_partition, log_tail)
+
+
+def _holds(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Boolean [n, v/tp] like `like`: whether each of this rank's vocabulary entries is among the
+    global ids `index` [n, k]."""
+    local, mine = _local_ids(index, like.shape[-1])
+    return torch.zeros(like.shape, device=like.device).scatter_add_(-1, local, mine.float()) > 0
+
+
+def teacher_top_k(logits: torch.Tensor, k: int) -> TopKTeacher:
+    """The `TopKTeacher` of vocab-parallel [n, v/tp] teacher logits (the same on every TP rank)."""
+    tp, rank, group = _tp()
+    width = logits.shape[-1]
+    if k > width * tp:
+        raise UserError(f"top_k={k} exceeds the vocabulary size {width * tp}")
+    values, index = logits.topk(min(k, width), dim=-1)
+    index = index + rank * width
+    if tp > 1:  # the global top k are among the ranks' local top k
+        value_shards = [torch.empty_like(values) for _ in range(tp)]
+        index_shards = [torch.empty_like(index) for _ in range(tp)]
+        dist.all_gather(value_shards, values.contiguous(), group=group)
+        dist.all_gather(index_shards, index.contiguous(), group=group)
+        values, order = torch.cat(value_shards, dim=-1).topk(k, dim=-1)
+        index = torch.cat(index_shards, dim=-1).gather(-1, order)
+    logits = logits.float()
+    log_z = log_partition(logits)
+    tail = _vocab_sum(torch.where(_holds(index, logits), torch.zeros((), device=logits.device),
+                                  (logits - log_z.unsqueeze(-1)).exp()))
+    return TopKTeacher(values, index, log_z, tail.log())
+
+
+def _divergence_terms(kind: str, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-outcome terms of `kind` that sum to the divergence of the distributions p and q."""
+    if kind in ("fwd_kl", "topk_kl"):
+        return log_p.exp() * (log_p - log_q)
+    if kind == "rev_kl":
+        return log_q.exp() * (log_q - log_p)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    return 0.5 * (log_p.exp() * (log_p - log_m) + log_q.exp() * (log_q - log_m))
 
 
 @dataclass(frozen=True)
@@ -117,7 +211,7 @@ class LogitLoss:
 
     kind: str = "fwd_kl"
     temperature: float = 1.0
-    top_k: int | None = None     # topk_kl only
+    top_k: int | None = None     # topk_kl: required; others: top k + tail bucket (None: whole vocabulary)
     lm_weight: float = 0.0       # objective = logit loss + lm_weight * cross-entropy
 
     def __post_init__(self):
@@ -125,33 +219,64 @@ class LogitLoss:
             raise UserError(f"loss.kind={self.kind!r} is not one of {', '.join(LOGIT_LOSSES)}")
         if self.temperature <= 0:
             raise UserError(f"loss.temperature={self.temperature} must be positive")
-        if (self.kind == "topk_kl") != (self.top_k is not None):
-            raise UserError("loss.top_k is required by loss.kind=topk_kl and only used by it")
+        if self.kind == "topk_kl" and self.top_k is None:
+            raise UserError("loss.kind=topk_kl needs loss.top_k")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"loss.top_k={self.top_k} must be at least 1")
         if self.lm_weight < 0:
             raise UserError(f"loss.lm_weight={self.lm_weight} must not be negative")
 
-    def per_token(self, student: torch.Tensor, teacher: torch.Tensor,
+    def check_cached(self, cached_k: int) -> None:
+        """UserError unless this loss can be computed from a teacher cache of `cached_k` logits per
+        token (which holds the tail's mass at temperature 1 only)."""
+        if self.top_k is None:
+            raise UserError(f"a teacher cache holds the teacher's top {cached_k} logits per token, not the whole "
+                            f"vocabulary: set loss.top_k (at most {cached_k})")
+        if self.top_k > cached_k:
+            raise UserError(f"loss.top_k={self.top_k} exceeds the {cached_k} logits per token that the teacher "
+                            f"cache holds")
+        if self.kind != "topk_kl" and self.temperature != 1.0:
+            raise UserError(f"loss.kind={self.kind} with a teacher cache needs loss.temperature=1 (the cache holds "
+                            f"the tail's mass at temperature 1); loss.kind=topk_kl works at any temperature")
+
+    def per_token(self, student: torch.Tensor, teacher: torch.Tensor | TopKTeacher,
                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logit loss, LM loss) per token for fp32 [n, v/tp] logit shards and [n] labels."""
+        """(logit loss, LM loss) per token for fp32 [n, v/tp] student logit shards, the teacher's
+        [n, v/tp] logit shards or its `TopKTeacher` [n, k], and [n] labels."""
         t = self.temperature
         log_q1 = vocab_parallel_log_softmax(student)
         lm = -_picked(log_q1, labels)
-        if self.kind == "topk_kl":
-            keep = _top_k_mask(teacher, self.top_k)
-            student = torch.where(keep, student, torch.full_like(student, _EXCLUDED))
-            teacher = torch.where(keep, teacher, torch.full_like(teacher, _EXCLUDED))
-        log_q = log_q1 if t == 1.0 and self.kind != "topk_kl" else vocab_parallel_log_softmax(student / t)
-        log_p = vocab_parallel_log_softmax(teacher / t)
-        if self.kind in ("fwd_kl", "topk_kl"):
-            kd = _vocab_sum(log_p.exp() * (log_p - log_q))
-        elif self.kind == "rev_kl":
-            kd = _vocab_sum(log_q.exp() * (log_q - log_p))
+        if self.top_k is not None:
+            kd = self._top_k_divergence(student, log_q1, teacher)
+        elif isinstance(teacher, TopKTeacher):
+            raise UserError("a teacher cache holds only the top-k logits: set loss.top_k")
         else:
-            log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-            kd = 0.5 * _vocab_sum(log_p.exp() * (log_p - log_m) + log_q.exp() * (log_q - log_m))
+            log_q = log_q1 if t == 1.0 else vocab_parallel_log_softmax(student / t)
+            log_p = vocab_parallel_log_softmax(teacher.float() / t)
+            kd = _vocab_sum(_divergence_terms(self.kind, log_p, log_q))
         return kd * t * t, lm
+
+    def _top_k_divergence(self, student: torch.Tensor, log_q1: torch.Tensor,
+                          teacher: torch.Tensor | TopKTeacher) -> torch.Tensor:
+        """topk_kl over the renormalised top k, or the kind's divergence over the top k + the tail."""
+        t = self.temperature
+        if isinstance(teacher, TopKTeacher):
+            self.check_cached(teacher.k)
+            top = teacher.truncated(self.top_k)
+        else:  # topk_kl renormalises the teacher's top k, so only the tail bucket needs tempered logits
+            top = teacher_top_k(teacher.float() / (1.0 if self.kind == "topk_kl" else t), self.top_k)
+        if self.kind == "topk_kl":
+            log_p = torch.log_softmax(top.values.float() / t, dim=-1)
+            log_q = torch.log_softmax(_gathered(student, top.indices) / t, dim=-1)
+            return _divergence_terms(self.kind, log_p, log_q).sum(-1)
+        log_q = log_q1 if t == 1.0 else vocab_parallel_log_softmax(student / t)
+        q_tail = _vocab_sum(torch.where(_holds(top.indices, log_q), torch.zeros((), device=log_q.device), log_q.exp()))
+        # Tail masses are kept at least _TINY: an empty tail (k = vocabulary) then adds 0 to every
+        # divergence, and no infinity reaches a gradient.
+        log_p = torch.cat([top.values.float() - top.log_partition.unsqueeze(-1),
+                           top.log_tail.clamp(min=math.log(_TINY)).unsqueeze(-1)], dim=-1)
+        log_q = torch.cat([_gathered(log_q, top.indices), q_tail.clamp(min=_TINY).log().unsqueeze(-1)], dim=-1)
+        return _divergence_terms(self.kind, log_p, log_q).sum(-1)
 
 
 class _ChunkedLogitLoss(torch.autograd.Function):
@@ -170,7 +295,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             end = start + chunk_tokens
             chunk = student[start:end].detach().float().requires_grad_(need_grad)
             with torch.set_grad_enabled(need_grad):
-                kd, lm = spec.per_token(chunk, teacher[start:end].float(), labels[start:end])
+                kd, lm = spec.per_token(chunk, teacher[start:end], labels[start:end])
                 w = weights[start:end]
                 kd, lm = (kd * w).sum(), (lm * w).sum()
                 objective = kd + spec.lm_weight * lm if spec.lm_weight else kd
@@ -190,20 +315,24 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         return grad.mul_(grad_objective.to(grad.dtype)), None, None, None, None, None
 
 
-def logit_losses(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+def logit_losses(student: torch.Tensor, teacher: torch.Tensor | TopKTeacher, labels: torch.Tensor,
                  loss_mask: torch.Tensor | None, spec: LogitLoss, chunk_tokens: int = 128) -> dict[str, torch.Tensor]:
     """Mean over the loss-mask tokens of the distillation objective and its parts.
 
-    `student`, `teacher`: [b, s, v/tp] logit shards; `labels`, `loss_mask`: [b, s]. Returns
-    {"objective" (differentiable w.r.t. the student logits), "kd_loss", "lm_loss"} scalars.
+    `student`: [b, s, v/tp] logit shards; `teacher`: the same, or a `TopKTeacher` [b, s, k] from a
+    teacher cache; `labels`, `loss_mask`: [b, s]. Returns {"objective" (differentiable w.r.t. the
+    student logits), "kd_loss", "lm_loss"} scalars.
     """
-    if student.shape != teacher.shape:
-        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
+    expected = student.shape if isinstance(teacher, torch.Tensor) else student.shape[:-1]
+    found = teacher.shape if isinstance(teacher, torch.Tensor) else teacher.log_partition.shape
+    if found != expected:
+        raise ValueError(f"student logits {tuple(student.shape)} and teacher {tuple(found)} do not line up")
     v = student.shape[-1]
     mask = torch.ones(labels.shape, device=student.device) if loss_mask is None else loss_mask.float()
     weights = (mask / mask.sum().clamp(min=1.0)).reshape(-1)
-    objective, parts = _ChunkedLogitLoss.apply(student.reshape(-1, v), teacher.reshape(-1, v).detach(),
-                                               labels.reshape(-1), weights, spec, chunk_tokens)
+    teacher = teacher.reshape(-1, v).detach() if isinstance(teacher, torch.Tensor) else teacher.flatten()
+    objective, parts = _ChunkedLogitLoss.apply(student.reshape(-1, v), teacher, labels.reshape(-1), weights, spec,
+                                               chunk_tokens)
     return {"objective": objective, "kd_loss": parts[0], "lm_loss": parts[1]}
 
 
@@ -220,6 +349,15 @@ def reference_logit_losses(student: torch.Tensor, teacher: torch.Tensor, labels:
         student, teacher = student.gather(-1, index), teacher.gather(-1, index)
     log_q = torch.log_softmax(student / t, dim=-1)
     log_p = torch.log_softmax(teacher / t, dim=-1)
+    if spec.top_k is not None and spec.kind != "topk_kl":  # the top k + one outcome for the rest
+        index = teacher.topk(spec.top_k, dim=-1).indices
+        outside = torch.ones_like(teacher, dtype=torch.bool).scatter(-1, index, False)
+
+        def coarse(log_probs):
+            tail = (log_probs.exp() * outside).sum(-1, keepdim=True).clamp(min=1e-30)
+            return torch.cat([log_probs.gather(-1, index), tail.log()], dim=-1)
+
+        log_p, log_q = coarse(log_p), coarse(log_q)
 
     def kl(log_a, log_b):  # KL(a || b) per token
         return torch.nn.functional.kl_div(log_b, log_a, reduction="none", log_target=True).sum(-1)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_minitron.distill.losses import LogitLoss, cosine_loss, logit_losses
+from nemo_minitron.distill.losses import LogitLoss, TopKTeacher, cosine_loss, logit_losses
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.gpt import arch_of, unwrap_model
 from nemo_minitron.train.loss import LossResult
@@ -196,13 +196,18 @@ class DistillationLoss:
         if self.intermediate_weight < 0:
             raise UserError(f"loss.intermediate_weight={self.intermediate_weight} must not be negative")
 
-    def __call__(self, output: DistillationOutput, batch: dict[str, torch.Tensor]) -> LossResult:
-        parts = logit_losses(output.student_logits, output.teacher_logits, batch["labels"], batch.get("loss_mask"),
-                             self.logits, self.chunk_tokens)
+    def __call__(self, output: DistillationOutput | torch.Tensor, batch: dict[str, torch.Tensor]) -> LossResult:
+        """`output` of a `DistillationModel`, or a student's logits alone with the teacher's top k
+        in the batch (samples of a teacher cache)."""
+        if isinstance(output, DistillationOutput):
+            student, teacher, intermediate = output.student_logits, output.teacher_logits, output.intermediate
+        else:
+            student, teacher, intermediate = output, TopKTeacher.from_batch(batch), torch.empty(0)
+        parts = logit_losses(student, teacher, batch["labels"], batch.get("loss_mask"), self.logits, self.chunk_tokens)
         loss = parts["objective"]
         metrics = {"kd_loss": parts["kd_loss"], "lm_loss": parts["lm_loss"]}
-        if output.intermediate.numel():
-            inter = output.intermediate.sum()
+        if intermediate.numel():
+            inter = intermediate.sum()
             if self.dynamic_balance:
                 weight = loss.detach() / inter.detach().clamp(min=1e-8)
             else:

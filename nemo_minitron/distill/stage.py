@@ -1,7 +1,8 @@
 """The distillation stages: teacher correction (LM-loss fine-tuning of the teacher on the
-distillation data) and knowledge distillation of a student from a frozen teacher on the same
-ranks (docs/design.md). Both run the training loop; re-running the same config resumes, and a
-finished run returns its result without training."""
+distillation data), the offline teacher (its top-k logits over a run's samples, written once), and
+knowledge distillation of a student from a frozen teacher on the same ranks or from such a cache
+(docs/design.md). All resume when re-run with the same config, and a finished run returns its
+result without work."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nemo_minitron import checkpoint, parallel
+from nemo_minitron.distill import teacher_cache
 from nemo_minitron.distill.losses import LogitLoss
 from nemo_minitron.distill.model import DistillationLoss, DistillationModel, LayerPair, check_same_tokenizer
 from nemo_minitron.errors import UserError
+from nemo_minitron.outputs import claim_output, content_id, settings_of
+from nemo_minitron.stage import StageConfig
 from nemo_minitron.train import LMLoss, Trainer
 from nemo_minitron.train import stage as train_stage
-from nemo_minitron.train.config import OptimConfig
+from nemo_minitron.train.config import DataConfig, OptimConfig, TrainConfig
+from nemo_minitron.train.data import TrainingData, tokenizer_fingerprint
 
 log = logging.getLogger("nemo_minitron")
 
@@ -54,8 +59,40 @@ class LossConfig:
 @dataclass
 class DistillConfig(train_stage.TrainingStageConfig):
     teacher: str | None = None
+    teacher_cache: str | None = None   # instead of teacher: a `minitron teacher-logits` output
     student: str | None = None
     loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class CachedRunConfig:
+    """The `train.*` keys that decide which samples a distillation run draws (same names and
+    meaning as `TrainConfig`'s), and whether to show progress."""
+
+    steps: int = 0
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    seq_length: int = 512
+    eval_batches: int = 2
+    progress_bar: bool = True
+
+    def validate(self, dp: int) -> None:
+        TrainConfig(steps=self.steps, global_batch_size=self.global_batch_size, micro_batch_size=self.micro_batch_size,
+                    seq_length=self.seq_length, eval_batches=self.eval_batches).validate(dp)
+
+
+@dataclass
+class TeacherLogitsConfig(StageConfig):
+    """The teacher's top-k logits over the samples a distillation run with the same `data.*`,
+    `train.*` and `seed` draws (`train.steps` x `train.global_batch_size` training samples and
+    `train.eval_batches` x `train.global_batch_size` held-out ones)."""
+
+    teacher: str | None = None
+    output_dir: str | None = None
+    top_k: int = 64
+    dtype: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: CachedRunConfig = field(default_factory=CachedRunConfig)
 
 
 @dataclass
@@ -66,32 +103,108 @@ class TeacherCorrectConfig(train_stage.TrainingStageConfig):
 
 
 def distill_checkpoint(cfg: DistillConfig) -> dict:
-    """Train `cfg.student` on `cfg.teacher`'s logits; the student lands in OUTPUT/final."""
-    cfg.require("teacher", "student", "output_dir")
+    """Train `cfg.student` on the logits of `cfg.teacher`, or of the teacher cache
+    `cfg.teacher_cache`; the student lands in OUTPUT/final."""
+    cfg.require("student", "output_dir")
+    if (cfg.teacher is None) == (cfg.teacher_cache is None):
+        raise UserError("set one of teacher= (a checkpoint, run beside the student) and teacher_cache= (a "
+                        "`minitron teacher-logits` output)")
+    cache = _open_cache(cfg) if cfg.teacher_cache else None
     loss = cfg.loss.objective()
     pairs = cfg.loss.layer_pairs()
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
-    teacher_arch = train_stage.checkpoint_arch(cfg, "teacher")
+    teacher_arch = train_stage.checkpoint_arch(cfg, "teacher") if cache is None else None
     student_arch = train_stage.checkpoint_arch(cfg, "student")
-    done = train_stage.start_run(cfg, "distill", [cfg.teacher, cfg.student, cfg.data.train, cfg.data.valid],
-                                 ["teacher", "student"])
+    done = train_stage.start_run(cfg, "distill", [cfg.teacher, cfg.teacher_cache, cfg.student, cfg.data.train,
+                                                  cfg.data.valid], ["teacher", "student"] if cache is None else ["student"])
     if done is not None:
         return done
     tokenizer = checkpoint.load_tokenizer(cfg.student)
-    check_same_tokenizer(checkpoint.load_tokenizer(cfg.teacher), tokenizer)
-    data = train_stage.training_data(cfg, tokenizer)
-    teacher = checkpoint.load_checkpoint(cfg.teacher, params_dtype=cfg.torch_dtype)
     student = checkpoint.load_checkpoint(cfg.student, params_dtype=cfg.torch_dtype)
-    model = DistillationModel(student, teacher, pairs, projection_seed=cfg.seed)
-    log.info("distilling %s (%s params) from %s (%s params) at %s, loss %s", cfg.student,
-             f"{student_arch.num_parameters()['total']:,}", cfg.teacher, f"{teacher_arch.num_parameters()['total']:,}",
-             layout.describe(), loss.logits.kind)
+    if cache is None:
+        check_same_tokenizer(checkpoint.load_tokenizer(cfg.teacher), tokenizer)
+        data = train_stage.training_data(cfg, tokenizer)
+        teacher = checkpoint.load_checkpoint(cfg.teacher, params_dtype=cfg.torch_dtype)
+        model = DistillationModel(student, teacher, pairs, projection_seed=cfg.seed)
+        source = f"{cfg.teacher} ({teacher_arch.num_parameters()['total']:,} params)"
+    else:
+        _check_cache_student(cache, student_arch, tokenizer)
+        data = TrainingData(cache.samples("train"), cache.samples("valid") if cfg.train.eval_batches else None)
+        model = student
+        source = f"the top-{loss.logits.top_k} logits in {cfg.teacher_cache}"
+    log.info("distilling %s (%s params) from %s at %s, loss %s", cfg.student,
+             f"{student_arch.num_parameters()['total']:,}", source, layout.describe(), loss.logits.kind)
     trainer = Trainer(
         model, loss, data, cfg.train, cfg.optim, cfg.output_dir, export_model=student, tokenizer=tokenizer,
-        metadata={"stage": "distill", "teacher": str(cfg.teacher), "student": str(cfg.student)},
-        signature=train_stage.signature(cfg, "teacher", "student", "loss", "data", "dtype", "seed"),
+        metadata={"stage": "distill", "teacher": str(cfg.teacher or cfg.teacher_cache), "student": str(cfg.student)},
+        signature={**train_stage.signature(cfg, "teacher", "teacher_cache", "student", "loss", "data", "dtype", "seed"),
+                   **({"teacher_cache.id": cache.id} if cache else {})},
     )
     return train_stage.result(trainer.fit())
+
+
+def _open_cache(cfg: DistillConfig) -> teacher_cache.TeacherCache:
+    """The teacher cache of a distillation run, checked against the run's settings (before any
+    work); fills in `loss.top_k` (default: all the cache holds)."""
+    cache = teacher_cache.TeacherCache(cfg.teacher_cache)
+    if cfg.loss.intermediate:
+        raise UserError("loss.intermediate compares hidden states with the teacher's, which a teacher cache does "
+                        "not hold: distill with teacher= for intermediate losses")
+    recorded = cache.manifest.get("data", {})
+    for key in ("train", "valid"):
+        given = getattr(cfg.data, key)
+        if given is not None and str(given) != recorded.get(key):
+            raise UserError(f"data.{key}={given}, but teacher_cache={cfg.teacher_cache} holds samples of "
+                            f"{recorded.get(key) or 'the embedded corpus'}: the samples come from the cache; leave "
+                            f"data.{key} unset")
+    train = cfg.train
+    cache.check_run(train.seq_length, train.steps * train.global_batch_size,
+                    train.eval_batches * train.global_batch_size)
+    if cfg.loss.top_k is None:
+        cfg.loss.top_k = cache.k
+    cfg.loss.objective().logits.check_cached(cache.k)
+    return cache
+
+
+def _check_cache_student(cache: teacher_cache.TeacherCache, student_arch, tokenizer) -> None:
+    if student_arch.vocab_size != cache.manifest["vocab_size"]:
+        raise UserError(f"student vocab_size {student_arch.vocab_size} != the cached teacher's "
+                        f"{cache.manifest['vocab_size']}")
+    if tokenizer_fingerprint(tokenizer) != cache.manifest["tokenizer"]:
+        raise UserError(f"the student's tokenizer differs from the one the teacher cache {cache.path} was written "
+                        f"with: distillation needs the student to keep the teacher's tokenizer")
+
+
+def cache_teacher_logits(cfg: TeacherLogitsConfig) -> dict:
+    """Write `cfg.teacher`'s top-`cfg.top_k` logits over a distillation run's samples into
+    `cfg.output_dir` (resumable: re-running the same command continues)."""
+    cfg.require("teacher", "output_dir")
+    if cfg.top_k < 1:
+        raise UserError(f"top_k={cfg.top_k} must be at least 1")
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
+    cfg.train.validate(layout.dp)
+    arch = train_stage.checkpoint_arch(cfg, "teacher")
+    settings = settings_of(cfg, inputs=["teacher"])
+    claim_output(cfg.output_dir, "teacher-logits", [cfg.teacher, cfg.data.train, cfg.data.valid], settings=settings,
+                 overwrite=cfg.overwrite, own=teacher_cache.ENTRIES)
+    tokenizer = checkpoint.load_tokenizer(cfg.teacher)
+    data = train_stage.training_data(cfg, tokenizer)
+    # Norms too, as the teacher beside a student runs (megatron's Float16Module converts all of it).
+    teacher = checkpoint.load_checkpoint(cfg.teacher, params_dtype=cfg.torch_dtype).to(cfg.torch_dtype)
+    train = cfg.train
+    train_samples = train.steps * train.global_batch_size
+    valid_samples = train.eval_batches * train.global_batch_size if data.valid is not None else 0
+    log.info("caching the top-%d logits of %s (%s params) at %s: %d + %d samples of %d tokens, %s bytes per token",
+             cfg.top_k, cfg.teacher, f"{arch.num_parameters()['total']:,}", layout.describe(), train_samples,
+             valid_samples, train.seq_length, teacher_cache.bytes_per_token(cfg.top_k, cfg.dtype))
+    return teacher_cache.write_teacher_cache(
+        teacher, data, cfg.output_dir, cfg.top_k, global_batch_size=train.global_batch_size,
+        micro_batch_size=train.micro_batch_size, train_samples=train_samples, valid_samples=valid_samples,
+        progress=train.progress_bar,
+        manifest={"teacher": str(cfg.teacher), "teacher_content": content_id(cfg.teacher),
+                  "tokenizer": tokenizer_fingerprint(tokenizer), "seed": cfg.seed,
+                  "data": {"train": cfg.data.train, "valid": cfg.data.valid}},
+    )
 
 
 def correct_teacher(cfg: TeacherCorrectConfig) -> dict:

@@ -62,7 +62,7 @@ class CalibConfig:
 
     data: str | None = None
     text_key: str = "text"
-    num_samples: int = 1024
+    num_samples: int = 256    # docs/pruning.md "How many calibration windows"
     seq_len: int = 256
     micro_batch_size: int = 4
     seed: int = 0

@@ -68,7 +68,8 @@ def default_data_cache() -> Path:
     return default_cache_dir() / "training"
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of the vocabulary and EOS id: equal for tokenizers that map text to the same ids."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(f"{vocab}|{tokenizer.eos_token_id}".encode()).hexdigest()
 
@@ -88,7 +89,7 @@ def indexed_prefix(path: str | os.PathLike, tokenizer, cache_dir: Path, text_key
     files = user_files(path)
     key = json.dumps({
         "files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
-        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
         "text_key": text_key,
     })
     out = Path(cache_dir) / "tokenized" / f"{Path(path).stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
