@@ -44,14 +44,20 @@ def _data(root: Path) -> dict:
     return {"train": str(root / "train.jsonl"), "valid": str(root / "valid.jsonl"), "cache_dir": str(root / "data")}
 
 
-def write_cache(root: str, out: str, fail_after: int | None = None, how: str = "crash") -> dict:
+def write_cache(root: str, out: str, fail_after: int | None = None, how: str = "crash",
+                file_bytes: int | None = None) -> dict:
     """`minitron teacher-logits` in this process; with `fail_after`, after that many micro-batches
-    the teacher's top-k fails (`crash`) or the process gets SIGTERM (`sigterm`, as from Slurm)."""
+    the teacher's top-k fails (`crash`) or the process gets SIGTERM (`sigterm`, as from Slurm);
+    `file_bytes` caps the cache's files (1: one global batch per file)."""
+    import functools
     import os
     import signal
 
     from nemo_minitron.distill import stage, teacher_cache
     from nemo_minitron.train.config import DataConfig
+
+    if file_bytes is not None:
+        teacher_cache.write_teacher_cache = functools.partial(teacher_cache.write_teacher_cache, file_bytes=file_bytes)
 
     if fail_after is not None:
         real, calls = teacher_cache.teacher_top_k, []
@@ -124,9 +130,10 @@ def test_cache_round_trip_reproduces_the_teachers_top_k_exactly(root):
 
 def test_any_layout_writes_the_same_cache(root, tmp_path):
     [reference] = run_distributed(read_cache, world_size=1, args=(str(root / "cache"),))
-    for world, tp, pp in ((4, 2, 2), (2, 1, 1)):  # TP=2 x PP=2, and two data-parallel writers
+    # TP=2 x PP=2; and two data-parallel writers with one global batch per file
+    for world, tp, pp, file_bytes in ((4, 2, 2, None), (2, 1, 1, 1)):
         out = tmp_path / f"tp{tp}pp{pp}dp{world // tp // pp}"
-        run_distributed(write_cache, world_size=world, tp=tp, pp=pp, args=(str(root), str(out)))
+        run_distributed(write_cache, world_size=world, tp=tp, pp=pp, args=(str(root), str(out), None, "", file_bytes))
         [samples] = run_distributed(read_cache, world_size=1, args=(str(out),))
         for split in ("train", "valid"):
             for ours, ref in zip(samples[split], reference[split], strict=True):
@@ -134,8 +141,8 @@ def test_any_layout_writes_the_same_cache(root, tmp_path):
                                                                                    ref["teacher_indices"])
                 for key in ("teacher_values", "teacher_log_partition", "teacher_log_tail"):
                     torch.testing.assert_close(ours[key], ref[key], rtol=1e-5, atol=1e-5)
-    writers = sorted(p.name for p in (tmp_path / "tp1pp1dp2" / "train").iterdir())
-    assert writers == ["w00000-f00000", "w00001-f00000"]
+    files = sorted(p.name for p in (tmp_path / "tp1pp1dp2" / "train").iterdir())
+    assert files == [f"w{w:05d}-f{f:05d}" for w in range(2) for f in range(STEPS)]
 
 
 def test_interrupted_write_resumes_to_identical_files(root, tmp_path):

@@ -88,7 +88,8 @@ class SplitLayout:
         row = (sample // g) * w + sample % w
         return (sample % g) // w, row // self.rows_per_file, row % self.rows_per_file
 
-    def file_rows(self, writer: int, file: int) -> int:
+    def file_rows(self, file: int) -> int:
+        """Rows of file `file` of any writer (the last one may be short)."""
         rows = self.batches * self.per_writer
         return min(self.rows_per_file, rows - file * self.rows_per_file)
 
@@ -216,7 +217,7 @@ class _Writer:
         self.flush()
         directory = _file_dir(self.root, self.split, self.writer, file)
         directory.mkdir(parents=True, exist_ok=True)
-        rows = self.layout.file_rows(self.writer, file)
+        rows = self.layout.file_rows(file)
         self.arrays = {}
         for name, dtype in self.dtypes.items():
             path = directory / f"{name}.npy"
