@@ -55,6 +55,7 @@ from nemo_minitron.importance import ImportanceScores, estimate_importance, perp
 from nemo_minitron.models.gpt import arch_of
 from nemo_minitron.prune import PruneSpec, lowest_layers, prune_model, select_indices
 from nemo_minitron.stage import CorpusConfig
+from pruning import write_report  # benchmarks/pruning.py
 
 COUNTS = (16, 32, 64, 128, 256, 512, 1024)
 TARGETS = {
@@ -244,10 +245,7 @@ def main() -> None:
     if verify is not None:
         lines.append(f"Snapshot check (`--verify`): the 32-window scores combined from two chunks differ from one "
                      f"pass over the 32 windows by at most {verify:.1e} (relative).")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

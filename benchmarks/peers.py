@@ -319,10 +319,9 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {describe(r['target'], arch)} | {r['arm']} | {seconds[r['arm']]:.0f} s | {r['before']:,.1f} | "
                      f"{r['after']:,.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    from pruning import write_report  # benchmarks/pruning.py (here: the ModelOpt worker never reaches it)
+
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,14 @@ def ensure_inputs(work: Path) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
 
 
+def write_report(lines: list[str], out: str | None) -> None:
+    """Print a benchmark's Markdown section, and write it to `out` when given (every benchmark here)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        Path(out).write_text(text)
+
+
 def overhead(model, windows, repeats: int) -> dict:
     plain, hooked = [], []
     for _ in range(repeats):  # alternate so that background load hits both alike
@@ -145,10 +153,7 @@ def main() -> None:
     for target_name, label, fraction, dropped, value in rows:
         spec = {k: v for k, v in TARGETS[target_name].as_dict().items() if v is not None}
         lines.append(f"| {target_name} {spec} | {label} | {100 * fraction:.1f}% | {dropped or '-'} | {value:,.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":
