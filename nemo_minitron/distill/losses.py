@@ -246,10 +246,8 @@ class LogitLoss:
         t = self.temperature
         log_q1 = vocab_parallel_log_softmax(student)
         lm = -_picked(log_q1, labels)
-        if self.top_k is not None:
+        if self.top_k is not None or isinstance(teacher, TopKTeacher):  # the latter needs top_k: check_cached says so
             kd = self._top_k_divergence(student, log_q1, teacher)
-        elif isinstance(teacher, TopKTeacher):
-            raise UserError("a teacher cache holds only the top-k logits: set loss.top_k")
         else:
             log_q = log_q1 if t == 1.0 else vocab_parallel_log_softmax(student / t)
             log_p = vocab_parallel_log_softmax(teacher.float() / t)
