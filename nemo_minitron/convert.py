@@ -63,12 +63,12 @@ class CheckConfig(StageConfig):
     checksums: bool = True   # false: only file sizes and tensor shapes (no reading of the weights)
 
 
-def _check_exportable(arch: ModelArch, stage: str) -> None:
-    """The framework exports write dense Llama/Mistral/Nemotron layers: refuse Qwen's attention
-    extras and mixture-of-experts layers before any work rather than write a model without them."""
+def _check_nemo_exportable(arch: ModelArch) -> None:
+    """The NeMo 2 export writes dense Llama/Mistral/Nemotron layers: refuse Qwen's attention extras
+    and mixture-of-experts layers before any work rather than write a model without them."""
     if arch.qkv_bias or arch.qk_norm or arch.is_moe:
-        raise UserError(f"{stage} does not write {arch.family} models yet (their QKV biases / query-key norms / "
-                        f"expert layers): export it with export-hf")
+        raise UserError(f"export-nemo does not write {arch.family} models yet (their QKV biases / query-key norms / "
+                        f"expert layers): export it with export-hf or export-megatron")
 
 
 def check_checkpoint(cfg: CheckConfig) -> dict:
@@ -192,7 +192,6 @@ def export_megatron(cfg: ExportMegatronConfig) -> dict:
         log.info("%s already holds this export: nothing to do", out)
         return {"megatron_dir": str(out), "already_complete": True}
     arch = checkpoint.read_arch(cfg.checkpoint)
-    _check_exportable(arch, "export-megatron")
     tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
     seq_length = cfg.seq_length or arch.max_position_embeddings
     arch.check_positions(seq_length, "seq_length")
@@ -227,7 +226,7 @@ def export_nemo(cfg: ExportNeMoConfig) -> dict:
         log.info("%s already holds this export: nothing to do", out)
         return {"nemo_dir": str(out), "already_complete": True}
     arch = checkpoint.read_arch(cfg.checkpoint)
-    _check_exportable(arch, "export-nemo")
+    _check_nemo_exportable(arch)
     version = nemo2.require_nemo()
     times: dict[str, float] = {}
     parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)

@@ -22,3 +22,13 @@ def compat_python() -> Path:
         pytest.fail(f"{COMPAT_PYTHON} is missing: run `bash scripts/install.sh` (it makes the venv of "
                     f"megatron-core {COMPAT_MCORE}, transformers 4.57 and NeMo 2.7.3)")
     return COMPAT_PYTHON
+
+
+@pytest.fixture(scope="session")
+def embedded_teacher(tmp_path_factory) -> Path:
+    """The embedded teacher (SmolLM2-135M from its GGUF) imported once per session; tests only read it."""
+    from commands import minitron
+
+    out = tmp_path_factory.mktemp("embedded_teacher") / "teacher"
+    minitron("import", "model=smollm2-135m", f"output_dir={out}")
+    return out

@@ -153,13 +153,11 @@ def depth_pruned_student(teacher: Path, out: Path, keep: list[int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
+def embedded(tmp_path_factory, embedded_teacher):
     from distributed import run_distributed
-    from commands import minitron
 
     root = tmp_path_factory.mktemp("embedded")
-    minitron("import", "model=smollm2-135m", f"output_dir={root / 'teacher'}")
-    run_distributed(depth_pruned_student, world_size=1, args=(root / "teacher", root / "student", [0, 1, 2, 3, 28, 29]))
+    run_distributed(depth_pruned_student, world_size=1, args=(embedded_teacher, root / "student", [0, 1, 2, 3, 28, 29]))
     return root
 
 

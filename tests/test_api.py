@@ -70,9 +70,8 @@ def calib(tmp_path_factory) -> Path:
     return write_sentence_docs(tmp_path_factory.mktemp("api_calib") / "calib.jsonl", 48)
 
 
-def test_api_example_on_smollm2_equals_the_cli(tmp_path, calib):
-    teacher = tmp_path / "teacher"
-    minitron("import", "model=smollm2-135m", f"output_dir={teacher}")
+def test_api_example_on_smollm2_equals_the_cli(tmp_path, calib, embedded_teacher):
+    teacher = embedded_teacher
     target = {"ffn_hidden_size": 768, "num_layers": 24}
     out = run_example(tmp_path, example_source(teacher, calib, tmp_path / "api", target))
     assert "pruned to {'num_layers': 24, 'hidden_size': 576, 'ffn_hidden_size': 768}" in out

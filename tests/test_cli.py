@@ -119,6 +119,7 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     from nemo_minitron.models.config import ModelArch
     from nemo_minitron.models.gguf_import import embedded_gguf_path, load_gguf_llama
     from nemo_minitron.models.hf_io import write_hf_directory
+    from nemo_minitron.stage import auto_dtype
 
     work = tmp_path / "run"
     args = ("pipeline", f"work_dir={work}", "eval.seq_len=128", "eval.max_tokens=512", "prune.calib.num_samples=8",
@@ -133,6 +134,9 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     ratio = summary["student"]["parameters"]["non_embedding"] / summary["teacher"]["parameters"]["non_embedding"]
     assert 0.45 < ratio < 0.55
     assert summary["distillation_tokens"] == 2 * 8 * 64
+    # training in bf16 where this CPU computes it natively, perplexity in fp32 (as transformers below)
+    assert summary["dtype"] == {"distill": auto_dtype(), "eval": "float32"}
+    assert f"{auto_dtype()} / float32" in first.stdout
     assert "held-out perplexity" in first.stdout and (work / "report.md").is_file()
     for plot in ("perplexity.png", "distillation.png"):
         assert (work / plot).stat().st_size > 1000, plot
@@ -154,22 +158,53 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     assert again["stage_seconds"]["prune"] == summary["stage_seconds"]["prune"]  # not re-run: time kept
     assert again["student"]["heldout_perplexity"] == summary["student"]["heldout_perplexity"]
 
-    # search instead of prune: the same teacher (copied, so import is skipped), a 50% budget
-    searched = tmp_path / "searched"
-    shutil.copytree(work / "teacher", searched / "teacher")
-    shutil.copy(work / "nemo_minitron_output.json", searched)  # the marker of a pipeline work_dir
-    budget = summary["teacher"]["parameters"]["non_embedding"] / 2
-    result = last_json(minitron(*[a.replace(str(work), str(searched)) for a in args], "search.enabled=true",
-                                f"search.budget.non_embedding_params={budget}", "search.search.max_candidates=2",
-                                "search.search.top_k=1", "search.search.retrain_steps=1",
-                                "search.prune.calib.num_samples=8", "search.prune.calib.seq_len=128",
-                                "search.prune.loss_samples=2",
-                                "search.distill.train.seq_length=64", "search.distill.optim.warmup_steps=0"))
+
+def test_pipeline_searches_instead_of_pruning(hf_dir, tmp_path):
+    """search.enabled=true: the search's winner under the budget is the student the pipeline distils,
+    exports and evaluates (the tiny teacher on a corpus of the user's file alone)."""
+    from nemo_minitron import checkpoint
+
+    docs = write_sentence_docs(tmp_path / "docs.jsonl", 120)
+    work = tmp_path / "searched"
+    budget = 6.5e4  # ~60% of the tiny teacher's non-embedding parameters
+    result = last_json(minitron(
+        "pipeline", f"work_dir={work}", f"teacher.hf_path={hf_dir}", "corpus.sources=[]",
+        f"corpus.user_paths=[{docs}]", "corpus.heldout_fraction=0.2", "corpus.calib_fraction=0.2",
+        "search.enabled=true", f"search.budget.non_embedding_params={budget}", "++search.budget.tolerance=0.15",
+        "++search.search.space.hidden_multiple=16", "++search.search.space.ffn_multiple=32",
+        "++search.search.space.choices.num_query_groups=[2]", "search.search.max_candidates=2", "search.search.top_k=1",
+        "search.search.retrain_steps=1", "search.prune.calib.num_samples=8", "search.prune.calib.seq_len=16",
+        "search.prune.loss_samples=2", "search.distill.train.seq_length=16", "search.distill.optim.warmup_steps=0",
+        "distill.train.steps=2", "distill.train.seq_length=16", "distill.optim.warmup_steps=1",
+        "distill.train.save_interval=0", "eval.seq_len=16", "eval.max_tokens=256"))
     assert "search" in result["stage_seconds"] and "prune" not in result["stage_seconds"]
-    assert result["pruned"]["checkpoint"] == str(searched / "search" / "winner")
+    assert result["pruned"]["checkpoint"] == str(work / "search" / "winner")
+    assert result["student"]["architecture"] == checkpoint.read_arch(work / "search" / "winner").shape()
     ratio = result["student"]["parameters"]["non_embedding"] / budget
-    assert 0.95 <= ratio <= 1.05  # search.budget.tolerance
-    assert "search/loss_vs_params.png" in (searched / "report.md").read_text()
+    assert 0.85 <= ratio <= 1.15  # search.budget.tolerance
+    assert "search/loss_vs_params.png" in (work / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("overrides", "top", "expected"), [
+    ([], None, {"distill": "auto", "teacher_correct": "auto", "prune": "float32", "eval": "float32"}),
+    (["dtype=float16"], "float16", dict.fromkeys(("distill", "teacher_correct", "prune", "eval"), "float16")),
+    (["+distill.dtype=float32", "eval.dtype=bfloat16"], None,
+     {"distill": "float32", "teacher_correct": "auto", "prune": "float32", "eval": "bfloat16"}),
+])
+def test_pipeline_dtype_is_each_stages_own_unless_set(overrides, top, expected):
+    """dtype=null leaves each stage its own (training auto, measuring float32); a block changes one
+    stage, a top-level dtype every stage."""
+    from hydra import compose, initialize_config_dir
+
+    from nemo_minitron.cli.compose import conf_dir, typed
+    from nemo_minitron.pipeline import PipelineConfig
+    from nemo_minitron.stage import auto_dtype
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = typed(PipelineConfig, compose(config_name="pipeline", overrides=overrides), "pipeline")
+    assert cfg.dtype == top
+    assert {stage: getattr(cfg, stage).dtype for stage in expected} == {
+        stage: auto_dtype() if dtype == "auto" else dtype for stage, dtype in expected.items()}
 
 
 def test_pipeline_stops_at_a_stage_interrupted_by_preemption(imported, text_file, tmp_path, monkeypatch):

@@ -1,11 +1,13 @@
 """Megatron-LM in and out: a save written the way Megatron-LM's pretrain_gpt.py writes one imports to
-the same weights and logits; import -> prune -> export-megatron (at TP=2) -> import is bit-exact;
-the exported flags parse back (with Megatron-LM's own flag definitions) to the pruned model; what
-nemo-minitron cannot import is refused naming the flag."""
+the same weights and logits (Llama, Nemotron-4, Qwen2, Qwen3, Mixtral, Qwen3-MoE, Qwen2-MoE);
+import -> prune -> export-megatron (at TP=2) -> import is bit-exact; the exported flags parse back
+(with Megatron-LM's own flag definitions) to the model; what nemo-minitron cannot import is refused
+naming the flag."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import random
 import re
@@ -20,7 +22,7 @@ from distributed import run_distributed
 from nemo_minitron import checkpoint
 from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge, megatron_lm
-from tiny import hf_model, tiny_arch, tiny_tokenizer, write_sentence_docs
+from tiny import hf_model, tiny_arch, tiny_moe_arch, tiny_tokenizer, write_sentence_docs
 
 TOKENS = torch.tensor([[5, 17, 200, 3, 64, 99, 250, 7, 12, 300, 41, 8]])
 
@@ -57,6 +59,18 @@ def megatron_parser() -> argparse.ArgumentParser:
                  "--multi-latent-attention", "--no-save-optim", "--no-save-rng"):
         p.add_argument(flag, action="store_true")
     p.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
+    for flag in ("--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size", "--moe-router-num-groups"):
+        p.add_argument(flag, type=int, default=None)
+    p.add_argument("--moe-router-topk", type=int, default=2)
+    p.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
+    p.add_argument("--moe-expert-capacity-factor", type=float, default=None)
+    p.add_argument("--moe-router-score-function", default="softmax", choices=["softmax", "sigmoid"])
+    p.add_argument("--moe-router-dtype", default=None, choices=["fp32", "fp64"])
+    # moe_freq_type: an int N (one MoE layer every N), or a Python list expression of 0s and 1s
+    p.add_argument("--moe-layer-freq", type=lambda x: int(x) if x.isdigit() else eval(x), default=1)
+    for flag in ("--moe-router-pre-softmax", "--moe-shared-expert-gate", "--moe-router-enable-expert-bias",
+                 "--moe-grouped-gemm"):
+        p.add_argument(flag, action="store_true")
     p.add_argument("--tokenizer-type", default=None)
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -120,10 +134,15 @@ def save_like_pretrain_gpt(root: Path, arch, args: argparse.Namespace, global_sd
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     rng = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
             "torch_rng_state": torch.get_rng_state()}]
+    sharded = model.sharded_state_dict(metadata={**metadata, "dp_cp_group": ps.get_data_parallel_group(
+        with_context_parallel=True)})
+    if arch.is_moe:  # Megatron-LM's TE spec keeps an MoE layer's pre-MLP norm apart, under its local key
+        fused = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
+        sharded = {name: dataclasses.replace(item, key="decoder.layers.pre_mlp_layernorm.weight")
+                   if getattr(item, "key", None) == fused else item for name, item in sharded.items()}
     state_dict = {
         "args": args, "checkpoint_version": 3.0, "iteration": iteration,
-        "model": model.sharded_state_dict(metadata={**metadata, "dp_cp_group": ps.get_data_parallel_group(
-            with_context_parallel=True)}),
+        "model": sharded,
         "rng_state": ShardedObject("rng_state", rng, (ps.get_pipeline_model_parallel_world_size(),
                                                      ps.get_tensor_model_parallel_world_size()),
                                    (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
@@ -300,13 +319,74 @@ def test_zero_centred_norms_are_shifted(run, tmp_path):
 @pytest.mark.parametrize("arch", [
     tiny_arch(tie=True), tiny_arch(tie=False, rope_scaling=True), tiny_arch(tie=False, family="nemotron"),
     tiny_arch(tie=True, hidden_size=48, num_attention_heads=2, num_query_groups=1),
-])
+    tiny_arch(family="qwen2"), tiny_arch(family="qwen3"), tiny_moe_arch("mixtral"), tiny_moe_arch("qwen3_moe"),
+    tiny_moe_arch("qwen2_moe"),
+], ids=lambda arch: arch.family)
 def test_args_and_flags_describe_the_model(arch, tmp_path):
     args = megatron_lm.megatron_args(arch, 300, 128, tmp_path / "tokenizer", tp=1, pp=1)
     assert megatron_lm.arch_from_args(argparse.Namespace(**args), arch.vocab_size).differences(arch) == []
     parsed = megatron_parser().parse_args(" ".join(megatron_lm.command_line_flags(args)).split())
-    assert {name: getattr(parsed, name) for name, _, _ in megatron_lm.FLAGS} == {
-        name: args[name] for name, _, _ in megatron_lm.FLAGS}
+    assert megatron_lm.arch_from_args(parsed, arch.vocab_size).differences(arch) == []
+    # every flag set is written; an unset one (a dense model's MoE flags) keeps Megatron-LM's default
+    assert {name: getattr(parsed, name) for name, _, _ in megatron_lm.FLAGS if args[name] is not None} == {
+        name: args[name] for name, _, _ in megatron_lm.FLAGS if args[name] is not None}
+
+
+# The attention extras and MoE layers of each family as pretrain_gpt.py flags, on top of llama_flags
+# (whose --ffn-hidden-size 96 an MoE model leaves unused; Mixtral's ffn_hidden_size is its experts').
+FAMILY_FLAGS = {
+    "qwen2": (tiny_arch(tie=False, family="qwen2"), ["--add-qkv-bias"]),
+    "qwen3": (tiny_arch(tie=False, family="qwen3"), ["--qk-layernorm"]),
+    "mixtral": (tiny_moe_arch("mixtral"), ["--num-experts", "4", "--moe-ffn-hidden-size", "32"]),
+    "qwen3_moe": (tiny_moe_arch("qwen3_moe"), ["--qk-layernorm", "--num-experts", "4", "--moe-router-topk", "2",
+                                               "--moe-ffn-hidden-size", "32", "--moe-router-dtype", "fp32",
+                                               "--moe-grouped-gemm", "--moe-layer-freq", "([1]*4)"]),
+    "qwen2_moe": (tiny_moe_arch("qwen2_moe"), ["--add-qkv-bias", "--num-experts", "4", "--moe-ffn-hidden-size", "32",
+                                               "--moe-shared-expert-intermediate-size", "48",
+                                               "--moe-shared-expert-gate", "--moe-router-pre-softmax"]),
+}
+
+
+def import_and_export(root: Path, tokenizer_dir: Path, family: str):
+    """A save of the family's tiny model written as pretrain_gpt.py writes it, imported, then exported
+    as a release save and read back: (imported arch, source / imported / re-read weights, source /
+    imported logits, the exported flags)."""
+    from nemo_minitron.models.gpt import build_gpt_model
+    from nemo_minitron.models.saved_weights import saved_shapes
+
+    arch, extra = FAMILY_FLAGS[family]
+    global_sd = bridge.hf_to_global(arch, hf_model(arch).state_dict())
+    flags = [*llama_flags(tokenizer_dir, tp=1), "--make-vocab-size-divisible-by", "32", *extra]  # 320 rows at TP=1
+    save_like_pretrain_gpt(root / "run", arch, launch(flags, 300), global_sd, 3)
+    ckpt, tokenizer = megatron_lm.read_checkpoint(root / "run", None, None)
+    model = build_gpt_model(ckpt.arch)
+    megatron_lm.load_weights(model, ckpt)
+    source = build_gpt_model(arch)
+    bridge.load_global(source, global_sd)
+    (root / "out" / megatron_lm.RELEASE).mkdir(parents=True)
+    args = megatron_lm.megatron_args(ckpt.arch, len(tokenizer), 128, tokenizer_dir, tp=1, pp=1)
+    megatron_lm.save_release(model, root / "out", args, tokenizer)
+    again, _ = megatron_lm.read_checkpoint(root / "out", None, None)
+    reread = build_gpt_model(again.arch)
+    megatron_lm.load_weights(reread, again)
+    keys = set(saved_shapes(root / "run" / "iter_0000003")) ^ set(saved_shapes(root / "out" / megatron_lm.RELEASE))
+    return (ckpt.arch, again.arch, global_sd, bridge.gather_global(model), bridge.gather_global(reread),
+            megatron_logits(source), megatron_logits(model), (root / "out" / megatron_lm.FLAGS_FILE).read_text(), keys)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_FLAGS))
+def test_qwen_and_moe_runs_import_and_export_exactly(run, tmp_path, family):
+    [(arch, reread_arch, source, imported, reread, expected, logits, flags, keys)] = run_distributed(
+        import_and_export, world_size=1, args=(tmp_path, run["tokenizer"], family))
+    assert keys == set()  # the export holds the tensors under Megatron-LM's own keys
+    assert arch.differences(FAMILY_FLAGS[family][0]) == [] and arch.family == family
+    assert reread_arch == arch
+    assert source.keys() == imported.keys() == reread.keys()
+    for name, tensor in source.items():
+        assert torch.equal(imported[name], tensor) and torch.equal(reread[name], tensor), name
+    assert torch.equal(logits, expected)
+    parsed = megatron_parser().parse_args(flags.split())
+    assert megatron_lm.arch_from_args(parsed, arch.vocab_size).differences(arch) == []
 
 
 LLAMA = ["--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear"]
@@ -314,11 +394,20 @@ LLAMA = ["--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear"]
 
 @pytest.mark.parametrize("extra,message", [
     (["--normalization", "RMSNorm", "--swiglu"], "linear biases (train with --disable-bias-linear)"),
-    ([*LLAMA, "--add-qkv-bias"], "QKV biases (--add-qkv-bias)"),
-    ([*LLAMA, "--num-experts", "8"], "mixture-of-experts layers (--num-experts)"),
+    ([*LLAMA, "--add-qkv-bias", "--qk-layernorm"],
+     "RMSNorm + swiglu layers with --add-qkv-bias, --qk-layernorm, which no Hugging Face family has"),
+    ([*LLAMA, "--num-experts", "8", "--moe-shared-expert-intermediate-size", "64", "--moe-shared-expert-gate"],
+     "layers with --num-experts, --moe-shared-expert-intermediate-size, which no Hugging Face family has"),
+    ([*LLAMA, "--add-qkv-bias", "--num-experts", "8", "--moe-shared-expert-intermediate-size", "64"],
+     "a shared expert without its gate (add --moe-shared-expert-gate"),
+    ([*LLAMA, "--num-experts", "8", "--moe-router-score-function", "sigmoid"],
+     "--moe-router-score-function sigmoid (softmax only)"),
+    ([*LLAMA, "--num-experts", "8", "--moe-layer-freq", "([0]+[1])"], "dense layers between the MoE layers"),
+    ([*LLAMA, "--num-experts", "8", "--moe-expert-capacity-factor", "1.0"], "token dropping"),
+    ([*LLAMA, "--num-experts", "8", "--moe-router-pre-softmax", "--moe-router-topk-scaling-factor", "2.5"],
+     "scaled routing weights (--moe-router-topk-scaling-factor)"),
     ([*LLAMA, "--position-embedding-type", "learned_absolute"],
      "--position-embedding-type learned_absolute (rotary only)"),
-    ([*LLAMA, "--qk-layernorm"], "query/key layer norms (--qk-layernorm)"),
     (["--normalization", "LayerNorm", "--swiglu", "--disable-bias-linear"],
      "--normalization LayerNorm with a swiglu MLP"),
     (["--normalization", "RMSNorm", "--disable-bias-linear"], "a GeLU-family MLP"),

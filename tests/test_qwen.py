@@ -307,9 +307,10 @@ def test_checkpoint_saved_at_tp2_loads_at_pp2(tmp_path):
                 assert torch.equal(got[name], tensor), name
 
 
-def test_cli_imports_qwen_and_framework_exports_refuse_it(tmp_path):
-    """`minitron import hf_path=` of a Qwen2 directory gives transformers' weights; export-megatron and
-    export-nemo, which write Llama-family layers only, refuse it in one line before any work."""
+def test_cli_imports_qwen_and_exports_it_to_megatron_lm(tmp_path):
+    """`minitron import hf_path=` of a Qwen2 directory gives transformers' weights; export-megatron
+    writes it with --add-qkv-bias and re-imports bit-exactly (tests/test_megatron_lm.py checks every
+    family); export-nemo, which writes Llama-family layers only, refuses it in one line before any work."""
     from commands import last_json, minitron
     from nemo_minitron import checkpoint
     from tiny import write_hf_dir
@@ -319,7 +320,12 @@ def test_cli_imports_qwen_and_framework_exports_refuse_it(tmp_path):
     result = last_json(minitron("import", f"hf_path={tmp_path / 'hf'}", f"output_dir={tmp_path / 'ckpt'}"))
     assert result["total"] == sum(p.numel() for p in model.parameters())
     assert checkpoint.read_arch(tmp_path / "ckpt") == ModelArch.from_hf_config(model.config)
-    for stage in ("export-megatron", "export-nemo"):
-        proc = minitron(stage, f"checkpoint={tmp_path / 'ckpt'}", f"output_dir={tmp_path / stage}", check=False)
-        last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 2 and last.startswith(f"error: {stage} does not write qwen2 models yet"), last
+    minitron("export-megatron", f"checkpoint={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'megatron'}")
+    assert "--add-qkv-bias" in (tmp_path / "megatron" / "megatron_args.txt").read_text().split()
+    minitron("import", f"megatron_path={tmp_path / 'megatron'}", f"output_dir={tmp_path / 'again'}")
+    assert checkpoint.read_arch(tmp_path / "again") == checkpoint.read_arch(tmp_path / "ckpt")
+    [[first, again]] = run_distributed(_load_all, world_size=1, args=([tmp_path / "ckpt", tmp_path / "again"],))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    proc = minitron("export-nemo", f"checkpoint={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'nemo'}", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: export-nemo does not write qwen2 models yet"), last

@@ -1,5 +1,6 @@
-"""`minitron search`: grid enumeration under budgets (closed-form counts) and a resumable search
-on a tiny teacher (zero-shot scoring, local retraining, slurm dry-run)."""
+"""`minitron search`: grid enumeration under budgets (closed-form counts), dense and
+mixture-of-experts, and resumable searches on tiny teachers (zero-shot scoring, local retraining,
+slurm dry-run; an MoE teacher's experts and expert width)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from nemo_minitron import checkpoint
 from nemo_minitron.prune import PUBLISHED_TEACHERS, count_from_shapes
 from nemo_minitron.search import Budget, SearchSpace, candidate_name, enumerate_candidates
 from commands import last_json, minitron
-from tiny import SENTENCES, tiny_arch, write_hf_dir
+from tiny import SENTENCES, tiny_arch, tiny_moe_arch, write_hf_dir
 
 LLAMA = PUBLISHED_TEACHERS["llama-3.1-8b"]
+QWEN3_MOE = PUBLISHED_TEACHERS["qwen3-30b-a3b"]
 
 
 def test_llama_4_5b_budget_finds_minitron_width():
@@ -44,6 +46,30 @@ def test_parallel_divisibility_and_other_budgets():
     assert all(abs(memory.memory(a) - 12e9) <= 0.6e9 for a in enumerate_candidates(LLAMA, space, memory))
     with pytest.raises(ValueError, match="exactly one of budget"):
         Budget(params=1e9, memory_bytes=1e9).validate()
+
+
+def test_moe_budget_searches_experts_and_expert_width():
+    """Qwen3-30B-A3B at its depth, hidden size and attention: the grid over routed experts (multiples
+    of 8 and of ep, at least the router's top-k) and expert FFN widths holds the recipe's 96-expert
+    cut; `ffn_hidden_size`, which MoE layers do not use, is not an axis."""
+    fixed = {"num_layers": [48], "hidden_size": [2048], "num_attention_heads": [32], "num_query_groups": [4]}
+    space = SearchSpace(choices=fixed)
+    found = enumerate_candidates(QWEN3_MOE, space, Budget(params=23.28e9, tolerance=0.03), ep=8)
+    assert "L48-H2048-A32-G4-E96-M768" in {candidate_name(a) for a in found}
+    for arch in found:
+        assert arch.num_moe_experts % 8 == 0 and arch.num_moe_experts >= 8 and arch.moe_ffn_hidden_size % 128 == 0
+        assert arch.ffn_hidden_size == QWEN3_MOE.ffn_hidden_size
+        assert abs(count_from_shapes(arch)["total"] - 23.28e9) <= 0.03 * 23.28e9  # from the tensor shapes
+    # Active parameters follow the top-8 experts' width, hardly the expert count: 2.5B +- 5% is
+    # expert FFN 384 (2.45B active) with any number of experts, 64 to 128.
+    active = enumerate_candidates(QWEN3_MOE, space, Budget(active_params=2.5e9), ep=8)
+    assert {a.moe_ffn_hidden_size for a in active} == {384}
+    assert {a.num_moe_experts for a in active} == set(range(64, 129, 8))
+    assert all(abs(a.num_parameters()["active"] - 2.5e9) <= 0.05 * 2.5e9 for a in active)
+    assert all(a.num_moe_experts % 16 == 0 for a in enumerate_candidates(QWEN3_MOE, space, Budget(params=23.28e9),
+                                                                         ep=16))
+    with pytest.raises(ValueError, match="unknown search.space.choices keys"):
+        SearchSpace(choices={"experts": [8]})
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +128,36 @@ def test_search_resumes_ranks_and_dry_runs_slurm(tiny, tmp_path):
     second = rows[1]["name"]
     assert f"student={out / 'candidates' / second / 'pruned'}" in sbatch[0]
     assert last_json(proc)["status"] == "retraining" and last_json(proc)["jobs"] == [second]
+
+
+def test_moe_search_prunes_experts_and_retrains_the_best(tmp_path):
+    """A tiny Qwen3-MoE (4 experts of 32, top-2): candidates differ in experts and expert width, the
+    best is retrained (at tp=1) and its pruned checkpoint is the winner; at tp=2 the search refuses
+    before any work, since MoE retraining there needs sequence parallelism."""
+    teacher = tiny_moe_arch("qwen3_moe")
+    write_hf_dir(tmp_path / "hf", teacher)
+    minitron("import", f"hf_path={tmp_path / 'hf'}", f"output_dir={tmp_path / 'teacher'}")
+    for split, shift in (("calib", 0), ("train", 1), ("valid", 2)):
+        docs = [" ".join(SENTENCES[(i + shift) % 4:] + SENTENCES[: (i + shift) % 4]) * 3 for i in range(16)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    # ~ the teacher with 3 experts of 16: on the grid (experts 2..4, widths 16 and 32) that budget
+    # admits a few candidates of different shapes
+    budget = teacher.replace(num_moe_experts=3, moe_ffn_hidden_size=16).num_parameters()["total"]
+    args = [*search_args(tmp_path, tmp_path / "out", "search.top_k=1", "search.space.expert_multiple=1",
+                         "search.space.moe_ffn_multiple=16", "search.space.choices.num_layers=[4]",
+                         "search.space.choices.hidden_size=[64]", "search.space.choices.num_attention_heads=[4]")]
+    args = [a for a in args if not a.startswith("budget.")] + [f"budget.params={budget}", "budget.tolerance=0.1"]
+    result = last_json(minitron(*args))
+    assert result["status"] == "done" and result["retrained"] == 1
+    rows = json.loads((tmp_path / "out" / "report.json").read_text())["candidates"]
+    assert len({(r["arch"]["num_moe_experts"], r["arch"]["moe_ffn_hidden_size"]) for r in rows}) == len(rows) > 1
+    assert all("ffn_hidden_size" not in r["arch"] and "active" in r["parameters"] for r in rows)
+    winner = checkpoint.read_arch(tmp_path / "out" / "winner")
+    assert candidate_name(winner) == result["winner"]["name"] and winner.is_moe
+    assert winner.num_moe_experts < 4 or winner.moe_ffn_hidden_size < 32
+    assert "| experts | expert ffn |" in (tmp_path / "out" / "report.md").read_text()
+
+    refused = minitron(*[a.replace(str(tmp_path / "out"), str(tmp_path / "tp2")) for a in args], "tp=2", nproc=2,
+                       check=False)
+    assert refused.returncode != 0 and "needs sequence parallelism" in refused.stderr
+    assert not (tmp_path / "tp2").exists()

@@ -81,7 +81,7 @@ def typed(cls, cfg: DictConfig, stage: str | None = None, nested: bool = False):
         raise UserError(f"missing required key: set {missing[0]}=...")
     plain = OmegaConf.to_container(cfg, resolve=True)
     nested_configs = {}
-    common = {k: cfg[k] for k in _COMMON_KEYS if k in cfg}
+    common = {k: cfg[k] for k in _COMMON_KEYS if cfg.get(k) is not None}  # the pipeline's dtype=null: each stage its own
     for key, sub_stage in NESTED_STAGES.get(stage, {}).items():
         block = plain.pop(key, None)
         composed = stage_config(sub_stage, block, **common)
@@ -137,6 +137,8 @@ def _store_recipe_stage(stage: str, name: str) -> str:
         raise UserError(f"recipe= applies to the stages {with_blocks}, not {stage}; "
                         f"a whole recipe runs as `minitron pipeline --config-name recipes/{name}`")
     config_name = f"{stage}_recipe_{name}"
+    # the recipe's dtype, when set, wins over its block's, as the pipeline gives it to every stage
+    dtype = {} if recipe.dtype is None else {"dtype": recipe.dtype}
     ConfigStore.instance().store(
-        name=config_name, node={"defaults": [stage, "_self_"], "dtype": recipe.dtype, **block_overrides(recipe[block])})
+        name=config_name, node={"defaults": [stage, "_self_"], **block_overrides(recipe[block]), **dtype})
     return config_name

@@ -20,7 +20,10 @@ Megatron-LM's `--ckpt-format torch_dist` layout (megatron/training/checkpointing
                                           optimizer nor RNG state from it
 
 The architecture is recorded only in `args`: `arch_from_args` maps it to a `ModelArch`, refusing
-what nemo-minitron cannot prune (biases, positions other than rotary, MoE, ...); `megatron_args`
+what nemo-minitron cannot prune (biases, positions other than rotary, routing beyond the Hugging Face
+families', ...); the family follows from the layers (`_family`): RMSNorm + SwiGLU is Llama, Qwen2
+with --add-qkv-bias, Qwen3 with --qk-layernorm; with --num-experts Mixtral, Qwen3-MoE (query/key
+norms) or Qwen2-MoE (QKV biases and a gated shared expert). `megatron_args`
 is its inverse, the `args` an export records, and `command_line_flags` the same settings as the
 `pretrain_gpt.py` flags that build the model (FLAGS_FILE). Megatron-LM pads the vocabulary to a
 multiple of `--make-vocab-size-divisible-by` x TP; the padded rows are kept (the model computes
@@ -31,6 +34,7 @@ shorter by less than one padding multiple.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import re
@@ -42,7 +46,7 @@ import torch
 
 from nemo_minitron import parallel
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import ModelArch, family_of_layers
+from nemo_minitron.models.config import FAMILY_ATTENTION, FAMILY_LAYERS, FAMILY_MOE, ModelArch, family_of_layers
 from nemo_minitron.models.gpt import unwrap_model
 from nemo_minitron.models.saved_weights import (check_padded_vocab, check_saved_shapes, common_state_readable,
                                                 load_model_weights, saved_shapes, shift_norm_weights)
@@ -61,8 +65,9 @@ CONTENT_METADATA = {"singleton_local_shards": False}
 _SAVE = re.compile(r"^(iter_\d{7,}|release)$")
 
 # pretrain_gpt.py flags (megatron/training/arguments.py, _add_network_size_args and friends) that
-# build a model: (args attribute, flag, kind). A "value" flag is written with its value, a
-# "store_true" flag when the attribute is true, a "store_false" flag when it is false.
+# build a model: (args attribute, flag, kind). A "value" flag is written with its value (unless
+# None: a dense model's MoE flags), a "store_true" flag when the attribute is true, a "store_false"
+# flag when it is false.
 FLAGS = (
     ("num_layers", "--num-layers", "value"),
     ("hidden_size", "--hidden-size", "value"),
@@ -84,6 +89,15 @@ FLAGS = (
     ("squared_relu", "--squared-relu", "store_true"),
     ("untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights", "store_true"),
     ("add_bias_linear", "--disable-bias-linear", "store_false"),
+    ("add_qkv_bias", "--add-qkv-bias", "store_true"),
+    ("qk_layernorm", "--qk-layernorm", "store_true"),
+    ("num_experts", "--num-experts", "value"),
+    ("moe_ffn_hidden_size", "--moe-ffn-hidden-size", "value"),
+    ("moe_router_topk", "--moe-router-topk", "value"),
+    ("moe_router_pre_softmax", "--moe-router-pre-softmax", "store_true"),
+    ("moe_router_dtype", "--moe-router-dtype", "value"),
+    ("moe_shared_expert_intermediate_size", "--moe-shared-expert-intermediate-size", "value"),
+    ("moe_shared_expert_gate", "--moe-shared-expert-gate", "store_true"),
     ("make_vocab_size_divisible_by", "--make-vocab-size-divisible-by", "value"),
     ("tokenizer_type", "--tokenizer-type", "value"),
     ("tokenizer_model", "--tokenizer-model", "value"),
@@ -91,9 +105,6 @@ FLAGS = (
 # args that make a model nemo-minitron cannot prune: attribute -> what it is. Megatron-LM's defaults
 # leave each of them false / None.
 _UNSUPPORTED = {
-    "num_experts": "mixture-of-experts layers (--num-experts)",
-    "add_qkv_bias": "QKV biases (--add-qkv-bias)",
-    "qk_layernorm": "query/key layer norms (--qk-layernorm)",
     "multi_latent_attention": "multi-latent attention (--multi-latent-attention)",
     "mtp_num_layers": "multi-token prediction layers (--mtp-num-layers)",
     "rotary_interleaved": "interleaved rotary embeddings (--rotary-interleaved)",
@@ -103,6 +114,11 @@ _UNSUPPORTED = {
     "apply_residual_connection_post_layernorm": "post-norm residuals (--apply-residual-connection-post-layernorm)",
     "heterogeneous_layers_config_path": "heterogeneous layers (--heterogeneous-layers-config-path)",
     "glu_linear_offset": "an offset in the GLU (--glu-linear-offset)",
+    # routing beyond the Hugging Face MoE families' (softmax over the router logits, top-k)
+    "moe_router_topk_scaling_factor": "scaled routing weights (--moe-router-topk-scaling-factor)",
+    "moe_router_num_groups": "group-limited routing (--moe-router-num-groups)",
+    "moe_router_enable_expert_bias": "expert biases in routing (--moe-router-enable-expert-bias)",
+    "moe_expert_capacity_factor": "token dropping (--moe-expert-capacity-factor)",
 }
 
 
@@ -200,7 +216,49 @@ def _problems(args: argparse.Namespace) -> list[str]:
     elif family_of_layers(*layers) is None:
         problems.append(f"--normalization {layers[0]} with a {activation} MLP (supported: RMSNorm with --swiglu, "
                         f"LayerNorm with --squared-relu)")
+    elif _family(args) is None:
+        flags = ("--add-qkv-bias", "--qk-layernorm", "--num-experts", "--moe-shared-expert-intermediate-size")
+        named = ", ".join(flag for flag, on in zip(flags, _extras(args)) if on)
+        problems.append(f"{layers[0]} + {activation} layers with {named}, which no Hugging Face family has "
+                        f"(RMSNorm + swiglu take --add-qkv-bias (Qwen2) or --qk-layernorm (Qwen3); with --num-experts, "
+                        f"--qk-layernorm (Qwen3-MoE), --add-qkv-bias with a gated shared expert (Qwen2-MoE) or "
+                        f"neither (Mixtral))")
+    if getattr(args, "num_experts", None):
+        problems += _moe_problems(args)
     return problems
+
+
+def _moe_problems(args: argparse.Namespace) -> list[str]:
+    """What in the MoE args of `args` no Hugging Face MoE family computes."""
+    problems = []
+    score = getattr(args, "moe_router_score_function", "softmax")
+    if score != "softmax":
+        problems.append(f"--moe-router-score-function {score} (softmax only)")
+    frequency = getattr(args, "moe_layer_freq", 1)
+    if frequency != 1 and not (isinstance(frequency, list) and set(frequency) == {1}):
+        problems.append(f"dense layers between the MoE layers (--moe-layer-freq {frequency}; every layer's MLP "
+                        f"must be an MoE layer)")
+    if getattr(args, "moe_shared_expert_intermediate_size", None) and not getattr(args, "moe_shared_expert_gate",
+                                                                               False):
+        problems.append("a shared expert without its gate (add --moe-shared-expert-gate, as Qwen2-MoE has)")
+    return problems
+
+
+def _extras(args: argparse.Namespace) -> tuple[bool, bool, bool, bool]:
+    """(QKV biases, query/key norms, MoE layers, a shared expert) of the run."""
+    return (bool(getattr(args, "add_qkv_bias", False)), bool(getattr(args, "qk_layernorm", False)),
+            bool(getattr(args, "num_experts", None)), getattr(args, "moe_shared_expert_intermediate_size", None)
+            is not None)
+
+
+def _family(args: argparse.Namespace) -> str | None:
+    """The first family (so Llama before Mistral) whose layers, attention extras and MoE layers are the
+    run's; None when no family has them."""
+    layers = (_arg(args, "normalization"), _activation(args))
+    qkv_bias, qk_norm, moe, shared = _extras(args)
+    return next((name for name, (norm, act, _) in FAMILY_LAYERS.items()
+                 if (norm, act) == layers and FAMILY_ATTENTION.get(name, (False, False)) == (qkv_bias, qk_norm)
+                 and (name in FAMILY_MOE) == moe and FAMILY_MOE.get(name, False) == shared), None)
 
 
 def arch_from_args(args: argparse.Namespace, vocab_size: int) -> ModelArch:
@@ -209,13 +267,20 @@ def arch_from_args(args: argparse.Namespace, vocab_size: int) -> ModelArch:
     problems = _problems(args)
     if problems:
         raise UserError("unsupported Megatron-LM model: " + "; ".join(problems))
-    family = family_of_layers(args.normalization, _activation(args))
+    family = _family(args)
     heads, hidden = _arg(args, "num_attention_heads"), _arg(args, "hidden_size")
     scaling = float(getattr(args, "rope_scaling_factor", 8.0)) if getattr(args, "use_rope_scaling", False) else None
+    moe = {}
+    if family in FAMILY_MOE:  # validate_args: the experts' width defaults to --ffn-hidden-size
+        moe = {"num_moe_experts": args.num_experts, "moe_router_topk": getattr(args, "moe_router_topk", 2),
+               "moe_ffn_hidden_size": getattr(args, "moe_ffn_hidden_size", None) or _arg(args, "ffn_hidden_size"),
+               "moe_shared_expert_intermediate_size": getattr(args, "moe_shared_expert_intermediate_size", None),
+               "moe_router_pre_softmax": bool(getattr(args, "moe_router_pre_softmax", False))}
+    ffn = moe["moe_ffn_hidden_size"] if family == "mixtral" else _arg(args, "ffn_hidden_size")  # one width there
     return ModelArch(
         num_layers=_arg(args, "num_layers"),
         hidden_size=hidden,
-        ffn_hidden_size=_arg(args, "ffn_hidden_size"),
+        ffn_hidden_size=ffn,
         num_attention_heads=heads,
         num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", False) else heads,
         kv_channels=getattr(args, "kv_channels", None) or hidden // heads,
@@ -227,6 +292,9 @@ def arch_from_args(args: argparse.Namespace, vocab_size: int) -> ModelArch:
         tie_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
         family=family,
         rotary_percent=float(getattr(args, "rotary_percent", 1.0)),
+        qkv_bias=FAMILY_ATTENTION.get(family, (False, False))[0],
+        qk_norm=FAMILY_ATTENTION.get(family, (False, False))[1],
+        **moe,
     )
 
 
@@ -269,7 +337,16 @@ def megatron_args(arch: ModelArch, tokens: int, seq_length: int, tokenizer_model
         "squared_relu": not arch.gated,
         "untie_embeddings_and_output_weights": not arch.tie_embeddings,
         "add_bias_linear": False,
-        "add_qkv_bias": False,
+        "add_qkv_bias": arch.qkv_bias,
+        "qk_layernorm": arch.qk_norm,
+        # MoE layers (None / False in a dense model: no flag); routing in fp32, as nemo-minitron runs it
+        "num_experts": arch.num_moe_experts,
+        "moe_ffn_hidden_size": arch.moe_ffn_hidden_size,
+        "moe_router_topk": arch.moe_router_topk,
+        "moe_router_pre_softmax": arch.moe_router_pre_softmax,
+        "moe_router_dtype": "fp32" if arch.is_moe else None,
+        "moe_shared_expert_intermediate_size": arch.moe_shared_expert_intermediate_size,
+        "moe_shared_expert_gate": arch.moe_shared_expert_intermediate_size is not None,
         "padded_vocab_size": arch.vocab_size,
         "make_vocab_size_divisible_by": vocab_divisor(arch.vocab_size, tokens),
         "tokenizer_type": "HuggingFaceTokenizer",
@@ -291,7 +368,7 @@ def command_line_flags(args: dict) -> list[str]:
     flags = []
     for name, flag, kind in FLAGS:
         value = args[name]
-        if kind == "value" and not (name == "rope_scaling_factor" and not args["use_rope_scaling"]):
+        if kind == "value" and value is not None and not (name == "rope_scaling_factor" and not args["use_rope_scaling"]):
             flags.append(f"{flag} {value}")
         elif (kind == "store_true" and value) or (kind == "store_false" and not value):
             flags.append(flag)
@@ -357,6 +434,24 @@ def load_weights(model, ckpt: MegatronLMCheckpoint) -> None:
 
 # --- writing ---------------------------------------------------------------------------------------
 
+# Megatron-LM builds its layers on the Transformer Engine spec by default. Its dense layers fuse the
+# pre-MLP norm into linear_fc1 (the key our checkpoints use); its MoE layers keep that norm as a
+# module of its own, saved under the local name. An MoE export writes that key so that a TE run
+# loads it (`saved_weights` reads either spelling on import).
+_FUSED_PRE_MLP_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
+_MOE_PRE_MLP_NORM = "decoder.layers.pre_mlp_layernorm.weight"
+
+
+def megatron_lm_state(model) -> dict:
+    """`model`'s sharded state dict under the keys Megatron-LM's default (TE) spec saves."""
+    unwrapped = unwrap_model(model)
+    sharded = unwrapped.sharded_state_dict()
+    if not unwrapped.config.num_moe_experts:
+        return sharded
+    return {name: dataclasses.replace(item, key=_MOE_PRE_MLP_NORM) if getattr(item, "key", None) == _FUSED_PRE_MLP_NORM
+            else item for name, item in sharded.items()}
+
+
 def save_release(model, root: Path, args: dict, tokenizer) -> None:
     """Write `model` (collective) into `root` as a Megatron-LM release save recording `args`: into the
     existing empty root/release/ the state dict generate_state_dict builds under --no-save-optim
@@ -366,7 +461,7 @@ def save_release(model, root: Path, args: dict, tokenizer) -> None:
     from nemo_minitron.models.hf_io import save_portable_tokenizer
 
     state = {"args": argparse.Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
-             "model": unwrap_model(model).sharded_state_dict(), "num_floating_point_operations_so_far": 0}
+             "model": megatron_lm_state(model), "num_floating_point_operations_so_far": 0}
     with writers_die_with_parent():
         dist_checkpointing.save(state, str(root / RELEASE), content_metadata=dict(CONTENT_METADATA))
     parallel.barrier()

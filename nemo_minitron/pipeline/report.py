@@ -16,6 +16,7 @@ def table(summary: dict) -> str:
         ("held-out perplexity", f"{t['heldout_perplexity']:.2f}", f"{s['heldout_perplexity']:.2f}"),
         ("  pruned, before distillation", "", f"{p['heldout_perplexity']:.2f}"),
         ("distillation tokens", "", f"{summary['distillation_tokens']:,}"),
+        ("dtype, distillation / evaluation", "", "{distill} / {eval}".format(**summary["dtype"])),
         *[(f"stage {k} (s)", "", f"{v:.1f}") for k, v in summary["stage_seconds"].items()],
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]

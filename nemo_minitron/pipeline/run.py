@@ -3,9 +3,15 @@
 import -> corpus -> [teacher-correct] -> prune (or search) -> distill -> [align] -> export-hf
 [-> export-megatron] [-> export-nemo] -> evaluate.
 Every stage is the same library function its own command calls, on the pipeline's settings for it
-with the paths under `work_dir` and the pipeline's layout, seed, dtype and `overwrite`. A stage whose
+with the paths under `work_dir` and the pipeline's layout, seed and `overwrite`. A stage whose
 output is complete with the same settings returns at once, so re-running resumes where the last run
 stopped; one whose settings changed refuses (naming the keys) unless `overwrite=true`.
+
+Precision: `dtype=null` (the default) leaves each stage its own, so the training stages run bf16
+mixed precision where the device computes bf16 natively (`dtype: auto` in their configs) while
+import, prune, export and evaluation stay fp32 (one perplexity per checkpoint, the one transformers
+computes). A stage block's `dtype` changes one stage (`eval.dtype=bfloat16`,
+`+distill.dtype=float32`); a top-level `dtype=NAME` runs every stage in it.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from nemo_minitron.outputs import claim_output
 from nemo_minitron.pipeline.report import table, write_report
 from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search.stage import SearchConfig, search_architecture
-from nemo_minitron.stage import CorpusConfig, StageConfig
+from nemo_minitron.stage import CorpusConfig, StageConfig, check_ranges
 from nemo_minitron.train.config import DataConfig
 
 log = logging.getLogger("nemo_minitron")
@@ -80,6 +86,13 @@ class PipelineConfig(StageConfig):
     align: AlignConfig = field(default_factory=AlignConfig)
     export: ExportTargets = field(default_factory=ExportTargets)
     eval: EvalConfig = field(default_factory=EvalConfig)   # held-out perplexity settings
+    dtype: str | None = None   # None: each stage its own (see the module docstring); a name: every stage
+
+    def __post_init__(self) -> None:
+        if self.dtype is None:
+            check_ranges(self)
+        else:
+            super().__post_init__()
 
     def check_inputs(self) -> None:
         """The recipes leave the teacher and the data to the user; say which key is missing. A job
@@ -139,7 +152,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 def _run_stages(cfg: PipelineConfig) -> dict:
     parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     work = claim_output(cfg.work_dir, "pipeline", [*cfg.teacher.paths, *cfg.corpus.user_paths], key="work_dir")
-    common = {"tp": cfg.tp, "pp": cfg.pp, "ep": cfg.ep, "seed": cfg.seed, "dtype": cfg.dtype, "overwrite": cfg.overwrite}
+    common = {"tp": cfg.tp, "pp": cfg.pp, "ep": cfg.ep, "seed": cfg.seed, "overwrite": cfg.overwrite,
+              **({"dtype": cfg.dtype} if cfg.dtype else {})}
     stages = Stages(work)
 
     teacher = work / "teacher"
@@ -173,8 +187,9 @@ def _run_stages(cfg: PipelineConfig) -> dict:
             prune, checkpoint=str(teacher), output_dir=str(pruned), **common)))
 
     distilled = work / "distill"
-    stages.run("distill", lambda: distill_checkpoint(dataclasses.replace(
-        cfg.distill, teacher=str(teacher), student=str(pruned), output_dir=str(distilled), data=data, **common)))
+    distill = dataclasses.replace(cfg.distill, teacher=str(teacher), student=str(pruned), output_dir=str(distilled),
+                                  data=data, **common)
+    stages.run("distill", lambda: distill_checkpoint(distill))
     student = distilled / "final"
 
     if cfg.enabled.align:
@@ -202,6 +217,7 @@ def _run_stages(cfg: PipelineConfig) -> dict:
             label, evaluate_checkpoint(evaluation)))
 
     summary = _summary(work, teacher, pruned, student, perplexity, stages, splits)
+    summary["dtype"] = {"distill": distill.dtype, "eval": perplexity["student"]["dtype"]}
     if parallel.is_main_process():
         (work / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_report(work, summary)

@@ -11,16 +11,23 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
+_HEADINGS = {"num_layers": "layers", "hidden_size": "hidden", "ffn_hidden_size": "ffn", "num_attention_heads": "heads",
+             "num_query_groups": "groups", "num_moe_experts": "experts", "moe_ffn_hidden_size": "expert ffn",
+             "moe_shared_expert_intermediate_size": "shared ffn"}
+_COUNTS = {"total": "params", "non_embedding": "non-emb params", "active": "active params"}
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| rank | candidate | layers | hidden | ffn | heads | groups | params | non-emb params | budget cost "
-             "| zero-shot loss | retrained loss |", "|" + " --- |" * 12]
+    """One row per candidate: its target's keys (a dense or an MoE model's), its parameter counts."""
+    keys = [k for k in _HEADINGS if k in rows[0]["arch"]]
+    counts = [k for k in _COUNTS if k in rows[0]["parameters"]]
+    headings = ["rank", "candidate", *(_HEADINGS[k] for k in keys), *(_COUNTS[k] for k in counts), "budget cost",
+                "zero-shot loss", "retrained loss"]
+    lines = ["| " + " | ".join(headings) + " |", "|" + " --- |" * len(headings)]
     for r in rows:
-        a = r["arch"]
-        lines.append(
-            f"| {r['rank']} | {r['name']} | {a['num_layers']} | {a['hidden_size']} | {a['ffn_hidden_size']} "
-            f"| {a['num_attention_heads']} | {a['num_query_groups']} | {r['parameters']['total']:,} "
-            f"| {r['parameters']['non_embedding']:,} | {r['cost']:.4g} | {_fmt(r.get('zero_shot_loss'))} "
-            f"| {_fmt(r.get('retrained_loss'))} |")
+        cells = [r["rank"], r["name"], *(r["arch"][k] for k in keys), *(f"{r['parameters'][k]:,}" for k in counts),
+                 f"{r['cost']:.4g}", _fmt(r.get("zero_shot_loss")), _fmt(r.get("retrained_loss"))]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 

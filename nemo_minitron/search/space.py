@@ -1,4 +1,11 @@
-"""Candidate architectures on hardware-friendly grids, filtered by a parameter or memory budget."""
+"""Candidate architectures on hardware-friendly grids, filtered by a parameter or memory budget.
+
+Axes: depth, hidden size, (attention heads, query groups) pairs and the MLP width. A dense teacher's
+MLP width is `ffn_hidden_size`; a mixture-of-experts teacher's is three axes instead (its layers do
+not use `ffn_hidden_size`): the number of routed experts, every expert's FFN width and, where it has
+one, the shared expert's FFN width (`MOE_SHAPE_KEYS`). A candidate is the prune stage's target
+(`target_of`), built by `PruneSpec.target_arch`, so the search proposes nothing the prune stage
+would refuse."""
 
 from __future__ import annotations
 
@@ -7,18 +14,21 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import SHAPE_KEYS, ModelArch
+from nemo_minitron.models.config import MOE_SHAPE_KEYS, SHAPE_KEYS, ModelArch
 from nemo_minitron.prune import PruneSpec
 
-# Every shape key but the head dimension, which pruning never changes.
+# Every shape key but the head dimension, which pruning never changes; MoE teachers swap
+# ffn_hidden_size for the MoE keys they have (`axes`).
 AXES = tuple(key for key in SHAPE_KEYS if key != "kv_channels")
+_KINDS = ("params", "non_embedding_params", "active_params", "memory_bytes")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 
 
 @dataclass
 class Budget:
-    """What a candidate may cost: exactly one of `params` (total), `non_embedding_params` or
-    `memory_bytes`, met within +-`tolerance` (a fraction of the budget).
+    """What a candidate may cost: exactly one of `params` (total), `non_embedding_params`,
+    `active_params` (the parameters one token runs through: an MoE model's top-k routed experts, a
+    dense model's total) or `memory_bytes`, met within +-`tolerance` (a fraction of the budget).
 
     Inference memory = weights (total parameters x bytes of `memory_dtype`) + the KV cache of
     `memory_batch_size` x `memory_seq_length` tokens: 2 (K and V) x layers x query groups x head_dim
@@ -28,6 +38,7 @@ class Budget:
 
     params: float | None = None
     non_embedding_params: float | None = None
+    active_params: float | None = None
     memory_bytes: float | None = None
     tolerance: float = 0.05
     memory_dtype: str = "bfloat16"
@@ -39,10 +50,9 @@ class Budget:
     def validate(self) -> None:
         """Raise UserError naming the budget key to fix (a config may carry an unset budget until a
         search runs with it)."""
-        given = [k for k in ("params", "non_embedding_params", "memory_bytes") if getattr(self, k) is not None]
+        given = [k for k in _KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise UserError(f"set exactly one of budget.params, budget.non_embedding_params, budget.memory_bytes "
-                             f"(got {given or 'none'})")
+            raise UserError(f"set exactly one of {', '.join(f'budget.{k}' for k in _KINDS)} (got {given or 'none'})")
         if getattr(self, given[0]) <= 0:
             raise UserError(f"budget.{given[0]}={getattr(self, given[0])} must be positive")
         if not 0 <= self.tolerance < 1:
@@ -52,7 +62,7 @@ class Budget:
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("params", "non_embedding_params", "memory_bytes") if getattr(self, k) is not None)
+        return next(k for k in _KINDS if getattr(self, k) is not None)
 
     @property
     def value(self) -> float:
@@ -67,7 +77,10 @@ class Budget:
     def cost(self, arch: ModelArch) -> float:
         if self.kind == "memory_bytes":
             return self.memory(arch)
-        return float(arch.num_parameters()["total" if self.kind == "params" else "non_embedding"])
+        counts = arch.num_parameters()
+        if self.kind == "active_params":
+            return float(counts.get("active", counts["total"]))
+        return float(counts["total" if self.kind == "params" else "non_embedding"])
 
     def admits(self, arch: ModelArch) -> bool:
         return abs(self.cost(arch) - self.value) <= self.tolerance * self.value
@@ -78,21 +91,26 @@ class SearchSpace:
     """Per-axis grids: multiples of the `*_multiple` keys between `min_fraction` of the teacher's
     value and the teacher's value (which is always allowed). Attention keeps whole query groups
     (a multiple of tp) with 1..teacher heads per group, so heads are a multiple of the groups.
-    `choices` replaces an axis's grid by an explicit list."""
+    Routed experts stay at least the router's top-k and a multiple of ep. `choices` replaces an
+    axis's grid by an explicit list."""
 
     layer_multiple: int = 1
     hidden_multiple: int = 256
     ffn_multiple: int = 512
+    expert_multiple: int = 8      # num_moe_experts grid step (expert-parallel sizes are powers of two)
+    moe_ffn_multiple: int = 128   # moe_ffn_hidden_size and moe_shared_expert_intermediate_size grid step
     min_fraction: float = 0.5
     choices: dict[str, list[int] | None] = field(default_factory=dict)
-    POSITIVE: ClassVar[tuple[str, ...]] = ("layer_multiple", "hidden_multiple", "ffn_multiple")
+    POSITIVE: ClassVar[tuple[str, ...]] = ("layer_multiple", "hidden_multiple", "ffn_multiple", "expert_multiple",
+                                           "moe_ffn_multiple")
 
     def __post_init__(self):
         if not 0 < self.min_fraction <= 1:
             raise UserError(f"search.space.min_fraction={self.min_fraction} must be in (0, 1]")
-        unknown = {k for k, v in self.choices.items() if v is not None} - set(AXES)
+        known = [*AXES, *MOE_SHAPE_KEYS]
+        unknown = {k for k, v in self.choices.items() if v is not None} - set(known)
         if unknown:
-            raise UserError(f"unknown search.space.choices keys {sorted(unknown)}: use {list(AXES)}")
+            raise UserError(f"unknown search.space.choices keys {sorted(unknown)}: use {known}")
 
     def _grid(self, teacher_value: int, multiple: int) -> list[int]:
         low = max(1, int(self.min_fraction * teacher_value + 0.999999))
@@ -104,7 +122,9 @@ class SearchSpace:
         if explicit is not None:
             return sorted(set(int(v) for v in explicit))
         multiple = {"num_layers": self.layer_multiple, "hidden_size": self.hidden_multiple,
-                    "ffn_hidden_size": self.ffn_multiple}[name]
+                    "ffn_hidden_size": self.ffn_multiple, "num_moe_experts": self.expert_multiple,
+                    "moe_ffn_hidden_size": self.moe_ffn_multiple,
+                    "moe_shared_expert_intermediate_size": self.moe_ffn_multiple}[name]
         return self._grid(getattr(teacher, name), multiple)
 
     def attention(self, teacher: ModelArch, tp: int) -> list[tuple[int, int]]:
@@ -116,37 +136,62 @@ class SearchSpace:
         return sorted(p for p in pairs if heads is None or p[0] in heads)
 
 
+def mlp_axes(arch: ModelArch) -> tuple[str, ...]:
+    """The MLP width axes: ffn_hidden_size, or the MoE shape keys the model has."""
+    if not arch.is_moe:
+        return ("ffn_hidden_size",)
+    return tuple(key for key in MOE_SHAPE_KEYS if getattr(arch, key) is not None)
+
+
+def axes(arch: ModelArch) -> tuple[str, ...]:
+    """The searched keys of `arch`, i.e. the prune target's."""
+    return (*(key for key in AXES if key != "ffn_hidden_size"), *mlp_axes(arch))
+
+
+_NAME_LETTERS = {"num_layers": "L", "hidden_size": "H", "ffn_hidden_size": "F", "num_attention_heads": "A",
+                 "num_query_groups": "G", "num_moe_experts": "E", "moe_ffn_hidden_size": "M",
+                 "moe_shared_expert_intermediate_size": "S"}
+_NAME_ORDER = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+               *MOE_SHAPE_KEYS)
+
+
 def candidate_name(arch: ModelArch) -> str:
-    return (f"L{arch.num_layers}-H{arch.hidden_size}-F{arch.ffn_hidden_size}"
-            f"-A{arch.num_attention_heads}-G{arch.num_query_groups}")
+    """e.g. L32-H3072-F9216-A32-G8; an MoE model's FFN is its experts: L48-H2048-A32-G4-E96-M768."""
+    keys = axes(arch)
+    return "-".join(f"{_NAME_LETTERS[key]}{getattr(arch, key)}" for key in _NAME_ORDER if key in keys)
 
 
 def target_of(arch: ModelArch) -> dict[str, Any]:
     """The prune stage's `target` block for `arch`."""
-    return {key: getattr(arch, key) for key in AXES}
+    return {key: getattr(arch, key) for key in axes(arch)}
 
 
 def enumerate_candidates(
-    teacher: ModelArch, space: SearchSpace, budget: Budget, tp: int = 1, pp: int = 1
+    teacher: ModelArch, space: SearchSpace, budget: Budget, tp: int = 1, pp: int = 1, ep: int = 1
 ) -> list[ModelArch]:
-    """Every grid architecture prunable from `teacher`, splittable over tp x pp and within the
+    """Every grid architecture prunable from `teacher`, splittable over tp x pp (x ep) and within the
     budget, largest first (closed-form counts: no weights are touched)."""
+    widths = mlp_axes(teacher)
+    # Divisibility the layout needs, filtered before the product; the prune stage checks the rest.
+    divisor = {"ffn_hidden_size": tp, "moe_ffn_hidden_size": tp, "moe_shared_expert_intermediate_size": tp,
+               "num_moe_experts": ep}
+    floor = {"num_moe_experts": teacher.moe_router_topk or 1}
     found = []
-    for layers, hidden, ffn, (heads, groups) in itertools.product(
+    for layers, hidden, (heads, groups), *sizes in itertools.product(
         [n for n in space.axis("num_layers", teacher) if n % pp == 0],
         space.axis("hidden_size", teacher),
-        [f for f in space.axis("ffn_hidden_size", teacher) if f % tp == 0],
         space.attention(teacher, tp),
+        *[[v for v in space.axis(key, teacher) if v % divisor[key] == 0 and v >= floor.get(key, 1)]
+          for key in widths],
     ):
-        arch = teacher.replace(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
-                               num_attention_heads=heads, num_query_groups=groups)
+        arch = teacher.replace(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                               num_query_groups=groups, **dict(zip(widths, sizes)))
         if not budget.admits(arch):
             continue
-        try:  # the pruning stage's own rules (sizes within the teacher's, divisibility)
-            PruneSpec.from_dict(target_of(arch)).target_arch(teacher, tp, pp)
+        try:  # the pruning stage's own rules (sizes within the teacher's, divisibility) and its arch
+            found.append(PruneSpec.from_dict(target_of(arch)).target_arch(teacher, tp, pp, ep))
         except ValueError:
             continue
-        found.append(arch)
     return sorted(found, key=lambda a: (-budget.cost(a), candidate_name(a)))
 
 

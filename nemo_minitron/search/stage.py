@@ -29,7 +29,7 @@ from nemo_minitron.prune.spec import PruneSpec
 from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search.cache import CandidateCache
 from nemo_minitron.search.report import REPORT_FILES, write_report
-from nemo_minitron.search.space import AXES, Budget, SearchSpace, candidate_name, enumerate_candidates, spread, target_of
+from nemo_minitron.search.space import Budget, SearchSpace, candidate_name, enumerate_candidates, spread, target_of
 from nemo_minitron.stage import StageConfig
 from nemo_minitron.train import stage as train_stage
 
@@ -183,7 +183,7 @@ def _rows(chosen: list[ModelArch], cache: CandidateCache, budget: Budget) -> lis
     for arch in chosen:
         name = candidate_name(arch)
         record = cache.get(name)
-        rows.append({"name": name, "arch": {k: getattr(arch, k) for k in AXES}, "parameters": arch.num_parameters(),
+        rows.append({"name": name, "arch": target_of(arch), "parameters": arch.num_parameters(),
                      "cost": budget.cost(arch), **{k: record.get(k) for k in (
                          "zero_shot_loss", "retrained_loss", "retrained_perplexity", "retrain_tokens")}})
     # Retrained candidates first, by retrained loss; the rest by zero-shot loss.
@@ -199,9 +199,10 @@ def search_architecture(cfg: SearchConfig) -> dict:
     cfg.search.validate()
     cfg.budget.validate()
     teacher = checkpoint.read_arch(cfg.checkpoint)
-    if teacher.is_moe:
-        raise UserError(f"search does not explore mixture-of-experts axes yet ({teacher.family}: experts, expert FFN): "
-                        f"prune to an explicit target with `minitron prune target.num_moe_experts=...`")
+    if teacher.is_moe and cfg.tp > 1 and cfg.search.top_k and not cfg.search.list_only:
+        # the trainer would refuse the retraining only after every zero-shot prune
+        raise UserError(f"retraining mixture-of-experts candidates at tp={cfg.tp} needs sequence parallelism, "
+                        f"which nemo-minitron does not run yet: search at tp=1 with ep=, or set search.top_k=0")
     budget = cfg.budget
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     if not cfg.search.list_only:
@@ -210,7 +211,7 @@ def search_architecture(cfg: SearchConfig) -> dict:
                      settings=settings_of(cfg, ignore=_HOW_TO_RUN, inputs=["checkpoint"]),
                      overwrite=cfg.overwrite, own=OUTPUT_ENTRIES)
     teacher.check_parallel(layout.tp, layout.pp, layout.ep)
-    found = enumerate_candidates(teacher, cfg.search.space, budget, layout.tp, layout.pp)
+    found = enumerate_candidates(teacher, cfg.search.space, budget, layout.tp, layout.pp, layout.ep)
     if not found:
         raise UserError(f"no grid architecture has {budget.kind} within {budget.tolerance:.0%} of {budget.value:.4g} "
                         f"(teacher: {budget.cost(teacher):.4g}): change budget.* or search.space.*")
