@@ -46,7 +46,8 @@ import torch
 
 from nemo_minitron import parallel
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import FAMILY_ATTENTION, FAMILY_LAYERS, FAMILY_MOE, ModelArch, family_of_layers
+from nemo_minitron.models.config import (FAMILY_ATTENTION, FAMILY_LAYERS, FAMILY_MOE, ModelArch, family_attention,
+                                         family_of_layers)
 from nemo_minitron.models.gpt import unwrap_model
 from nemo_minitron.models.saved_weights import (check_padded_vocab, check_saved_shapes, common_state_readable,
                                                 load_model_weights, saved_shapes, shift_norm_weights)
@@ -292,8 +293,7 @@ def arch_from_args(args: argparse.Namespace, vocab_size: int) -> ModelArch:
         tie_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
         family=family,
         rotary_percent=float(getattr(args, "rotary_percent", 1.0)),
-        qkv_bias=FAMILY_ATTENTION.get(family, (False, False))[0],
-        qk_norm=FAMILY_ATTENTION.get(family, (False, False))[1],
+        **family_attention(family),
         **moe,
     )
 

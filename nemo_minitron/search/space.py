@@ -148,17 +148,16 @@ def axes(arch: ModelArch) -> tuple[str, ...]:
     return (*(key for key in AXES if key != "ffn_hidden_size"), *mlp_axes(arch))
 
 
+# A candidate name's letter per key, in the name's order.
 _NAME_LETTERS = {"num_layers": "L", "hidden_size": "H", "ffn_hidden_size": "F", "num_attention_heads": "A",
                  "num_query_groups": "G", "num_moe_experts": "E", "moe_ffn_hidden_size": "M",
                  "moe_shared_expert_intermediate_size": "S"}
-_NAME_ORDER = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-               *MOE_SHAPE_KEYS)
 
 
 def candidate_name(arch: ModelArch) -> str:
     """e.g. L32-H3072-F9216-A32-G8; an MoE model's FFN is its experts: L48-H2048-A32-G4-E96-M768."""
     keys = axes(arch)
-    return "-".join(f"{_NAME_LETTERS[key]}{getattr(arch, key)}" for key in _NAME_ORDER if key in keys)
+    return "-".join(f"{letter}{getattr(arch, key)}" for key, letter in _NAME_LETTERS.items() if key in keys)
 
 
 def target_of(arch: ModelArch) -> dict[str, Any]:
