@@ -3,8 +3,9 @@
 # (nemo_minitron/conf/recipes/qwen3_8b_to_6b.yaml), or with --moe (the first argument) Qwen3-30B-A3B
 # with 96 experts per layer (qwen3_30b_a3b_96_experts.yaml): forward KL, peak LR 1e-4 -> 1e-5 cosine,
 # 40 warmup steps, global batch 1152 x 8192 tokens, 94B tokens. 16 nodes x 8 GPUs; --tp 8 by default
-# for the dense student, --tp 1 --ep 8 for the MoE (MoE training at tp > 1 needs sequence parallelism,
-# not run yet). The run spans several jobs: each checkpoints before its time limit and requeues itself.
+# for the dense student, --tp 1 --ep 8 for the MoE (its experts, most of its weights, split over 8
+# ranks; --tp > 1 works too, training with sequence parallelism). The run spans several jobs: each
+# checkpoints before its time limit and requeues itself.
 #   sbatch launchers/distill_qwen3.sh [--moe] [--tp T] [--pp P] [--ep E] [--dry-run] teacher=DIR student=DIR output_dir=DIR data.train=DATA
 # Other key=value arguments override the recipe (see launchers/common.sh).
 #SBATCH --job-name=minitron-distill-qwen3

@@ -222,12 +222,12 @@ def load_dist_weights(model, path: Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(path: str | Path, params_dtype: torch.dtype = torch.float32):
+def load_checkpoint(path: str | Path, params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False):
     """Build the model for the current TP/PP layout and load the weights (collective)."""
     from nemo_minitron.models.gpt import build_gpt_model
 
     path = Path(path)
-    model = build_gpt_model(read_arch(path), params_dtype=params_dtype)
+    model = build_gpt_model(read_arch(path), params_dtype=params_dtype, sequence_parallel=sequence_parallel)
     load_dist_weights(model, path)
     return model
 

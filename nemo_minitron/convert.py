@@ -64,11 +64,10 @@ class CheckConfig(StageConfig):
 
 
 def _check_nemo_exportable(arch: ModelArch) -> None:
-    """The NeMo 2 export writes dense Llama/Mistral/Nemotron layers: refuse Qwen's attention extras
-    and mixture-of-experts layers before any work rather than write a model without them."""
-    if arch.qkv_bias or arch.qk_norm or arch.is_moe:
-        raise UserError(f"export-nemo does not write {arch.family} models yet (their QKV biases / query-key norms / "
-                        f"expert layers): export it with export-hf or export-megatron")
+    """Refuse before any work a family NeMo 2 has no model class for."""
+    if arch.family not in nemo2.NEMO_CLASSES:
+        raise UserError(f"NeMo 2 has no {arch.family} model class, so export-nemo cannot write one: export it with "
+                        f"export-hf or export-megatron")
 
 
 def check_checkpoint(cfg: CheckConfig) -> dict:

@@ -1,13 +1,15 @@
 """The few CUDA-only spots of megatron-core, made to run on CPU.
 
 megatron-core assumes a GPU in a handful of places that have nothing to do with the maths. Every
-such spot is covered here, in one place, and only when CUDA is absent; on a GPU this module does
-nothing. Each shim names the megatron-core code it covers.
+such spot is covered here, in one place, and only when CUDA is absent. Two spots of the paths taken
+without Transformer Engine are covered on any machine: a name only TE defines, and the torch norm's
+refusal of sequence parallelism. Each shim names the megatron-core code it covers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import types
 
@@ -114,6 +116,34 @@ def _define_absent_te_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _torch_norm_under_sequence_parallelism() -> None:
+    """megatron's norm for machines without TE and apex (`megatron.core.transformer.torch_norm.
+    WrappedTorchNorm`, the local spec's) asserts `not config.sequence_parallel`, though a torch norm
+    computes the same on a sequence shard. What sequence parallelism needs besides is that the
+    norm's weight gradients, each from this rank's tokens only, are summed over TP: TE's and apex's
+    norms mark their parameters `sequence_parallel` for `finalize_model_grads` to do so. Build the
+    torch norm as for no sequence parallelism and mark its parameters the same way."""
+    from megatron.core.transformer import torch_norm
+
+    wrapped = torch_norm.WrappedTorchNorm
+    if getattr(wrapped.__new__, "marks_sequence_parallel", False):
+        return
+    build = wrapped.__new__
+
+    def __new__(cls, config, *args, **kwargs):
+        if not config.sequence_parallel:
+            return build(cls, config, *args, **kwargs)
+        plain = copy.copy(config)  # a shallow copy: TransformerConfig.__post_init__ does not run again
+        plain.sequence_parallel = False
+        norm = build(cls, plain, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    __new__.marks_sequence_parallel = True
+    wrapped.__new__ = __new__
+
+
 @contextlib.contextmanager
 def _cuda_type_names():
     """Within the block, `tensor.type()` names a CPU tensor as its CUDA counterpart
@@ -147,10 +177,12 @@ def _with_cuda_type_names(init):
 
 
 def apply_cpu_shims() -> None:
-    """Patch megatron-core's CUDA-only spots when no GPU is present (and its one name that only
-    Transformer Engine defines, on any machine). Idempotent."""
+    """Patch megatron-core's CUDA-only spots when no GPU is present (and, on any machine, its one name
+    that only Transformer Engine defines and its torch norm's refusal of sequence parallelism).
+    Idempotent."""
     global _applied
     _define_absent_te_gemm()
+    _torch_norm_under_sequence_parallelism()
     if _applied or torch.cuda.is_available():
         return
     from megatron.core import utils as mcore_utils

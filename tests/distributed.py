@@ -7,6 +7,7 @@ order. A failure on any rank is re-raised in the test with that rank's traceback
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import pickle
@@ -16,10 +17,26 @@ import traceback
 from typing import Any, Callable, Sequence
 
 
+# Rendezvous ports come from a block of this pytest process's own, below the kernel's ephemeral
+# range (32768+ by default), where bind(0), gloo's pair sockets and torchrun never land: a port
+# found free is still free when rank 0 binds it, even with pytest-xdist launching worlds in parallel.
+_PORT_BLOCK = 1000
+_PORT_BASE = 15000
+_next_port = itertools.count()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    block_start = _PORT_BASE + _PORT_BLOCK * (int(worker) if worker.isdigit() else 0)
+    for _ in range(_PORT_BLOCK):
+        port = block_start + next(_next_port) % _PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # still held by an earlier world's store, or by something else
+                continue
+        return port
+    raise RuntimeError(f"no free port in {block_start}..{block_start + _PORT_BLOCK - 1}")
 
 
 def _worker(rank: int, world_size: int, port: int, tp: int, pp: int, ep: int, fn: Callable, args: Sequence,

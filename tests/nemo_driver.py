@@ -1,8 +1,10 @@
 """NeMo 2's own conversions, run by NeMo itself (nemo_toolkit 2.7.3 in the venv scripts/install.sh
 makes), as the independent side of tests/test_nemo2.py. It imports nothing from nemo_minitron.
 
-    python tests/nemo_driver.py import-hf HF_DIR NEMO_DIR    # llm.import_ckpt: HF -> NeMo 2
-    python tests/nemo_driver.py export-hf NEMO_DIR HF_DIR    # llm.export_ckpt: NeMo 2 -> HF
+    python tests/nemo_driver.py import-hf HF_DIR NEMO_DIR [HF_DIR NEMO_DIR ...]   # llm.import_ckpt: HF -> NeMo 2
+    python tests/nemo_driver.py export-hf NEMO_DIR HF_DIR [NEMO_DIR HF_DIR ...]   # llm.export_ckpt: NeMo 2 -> HF
+
+Several pairs convert in one process, which pays NeMo's start-up once.
 
 What NeMo needs on a CPU without Transformer Engine or CUDA, and nothing more:
 - no-op `torch.cuda.synchronize / current_device / Stream` and NeMo's `_fix_tensors_device` (its
@@ -15,12 +17,23 @@ What NeMo needs on a CPU without Transformer Engine or CUDA, and nothing more:
   in-memory modules are `input_layernorm` / `pre_mlp_layernorm`, so NeMo's own mapping matches no
   norm and leaves them at their initial 1.0 with no error. Both directions are given the local names
   instead (`_local_norm_names`), which is what NeMo does on a GPU node with TE. On disk both specs
-  write the fused names (megatron-core's `sharded_state_dict_keys_map`).
+  write the fused names (megatron-core's `sharded_state_dict_keys_map`);
+- experts one MLP each. NeMo's Qwen3-MoE config asks for grouped GEMM and fused token permutation
+  (TE kernels); without them megatron-core builds its `SequentialMLP`, whose experts are
+  `experts.local_experts.E.linear_fc1.weight` in memory where the grouped layer holds
+  `experts.linear_fc1.weightE`, the names NeMo's Qwen3 mapping uses. Both directions are given the
+  sequential names (`_sequential_expert_names`); on disk the two layouts are the same (megatron-core
+  keeps them interchangeable), and NeMo's Mixtral mapping uses the sequential names already;
+- the TE spec's checkpoint key of an MoE layer's pre-MLP norm. TE fuses a dense layer's pre-MLP
+  norm into linear_fc1 but keeps an MoE layer's as a module of its own, saved as
+  `pre_mlp_layernorm.weight`; the local spec maps it to the fused key. The local spec NeMo builds
+  here is made to save and load the TE key (`_te_moe_norm_key`), as NeMo on a GPU node does.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -55,6 +68,24 @@ def _cpu_shims() -> None:
     torch.cuda.stream = lambda *a, **k: Stream()
 
 
+GROUPED_EXPERTS = {  # NeMo's grouped-GEMM expert name pattern -> megatron-core SequentialMLP's
+    "mlp.experts.linear_fc1.weight*": "mlp.experts.local_experts.*.linear_fc1.weight",
+    "mlp.experts.linear_fc2.weight*": "mlp.experts.local_experts.*.linear_fc2.weight",
+}
+# HF model_type -> the NeMo model class whose importer reads it
+IMPORTERS = {"qwen2": "Qwen2Model", "qwen3": "Qwen3Model", "qwen3_moe": "Qwen3Model", "mixtral": "MixtralModel"}
+
+
+def _sequential_expert_names(pattern):
+    """A mapping or transform key pattern (or a tuple of them) with grouped expert names made sequential."""
+    if isinstance(pattern, tuple):
+        return tuple(_sequential_expert_names(p) for p in pattern)
+    for grouped, sequential in GROUPED_EXPERTS.items():
+        if pattern.endswith(grouped):
+            return pattern[: -len(grouped)] + sequential
+    return pattern
+
+
 def _local_norm_names(mapping: dict[str, str], nemo_keys: set[str], nemo_is_source: bool) -> dict[str, str]:
     """`mapping` with each fused norm name on NeMo's side replaced by the local spec's name where
     NeMo's model (`nemo_keys`) holds the local one."""
@@ -68,8 +99,24 @@ def _local_norm_names(mapping: dict[str, str], nemo_keys: set[str], nemo_is_sour
     return renamed
 
 
+def _te_moe_norm_key() -> None:
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    local_spec = gpt_layer_specs.get_gpt_layer_local_spec
+
+    @functools.wraps(local_spec)
+    def get_gpt_layer_local_spec(*args, **kwargs):
+        spec = local_spec(*args, **kwargs)
+        if kwargs.get("num_experts"):
+            keys = spec.submodules.sharded_state_dict_keys_map
+            spec.submodules.sharded_state_dict_keys_map = {k: v for k, v in keys.items() if k != "pre_mlp_layernorm."}
+        return spec
+
+    gpt_layer_specs.get_gpt_layer_local_spec = get_gpt_layer_local_spec
+
+
 def _patch_nemo() -> None:
-    from nemo.collections.llm.gpt.model import llama
+    from nemo.collections.llm.gpt.model import llama, mixtral, qwen2, qwen3
     from nemo.lightning import MegatronStrategy, io
     from nemo.lightning.io import pl
 
@@ -79,14 +126,23 @@ def _patch_nemo() -> None:
         source_keys = set(source.state_dict())
         nemo_is_source = any(".decoder." in f".{k}" for k in source_keys)
         nemo_keys = source_keys if nemo_is_source else set(target.state_dict())
+        mapping = {_sequential_expert_names(k): _sequential_expert_names(v) for k, v in mapping.items()}
+        for transform in transforms or []:
+            transform.source_key = _sequential_expert_names(transform.source_key)
+            transform.target_key = _sequential_expert_names(transform.target_key)
         return original(source, target, mapping=_local_norm_names(mapping, nemo_keys, nemo_is_source),
                         transforms=transforms or [], **kwargs)
 
-    llama.io.apply_transforms = apply_transforms
+    io.apply_transforms = apply_transforms  # the module every model's connector calls it through
     pl._fix_tensors_device = lambda checkpoint: checkpoint  # moves tensors between CUDA devices
-    for config_class in (llama.LlamaConfig, llama.Llama31Config):
+    # the classes the importers and the contexts this project writes build (dataclasses: each its own __init__)
+    for config_class in (llama.LlamaConfig, llama.Llama31Config, qwen2.Qwen2Config, qwen3.Qwen3Config,
+                         mixtral.MixtralConfig, mixtral.MixtralConfig8x7B, mixtral.MixtralConfig8x22B):
         _with_defaults(config_class, apply_rope_fusion=False, persist_layer_norm=False)
+    _with_defaults(qwen3.Qwen3MoEConfig, apply_rope_fusion=False, persist_layer_norm=False, moe_grouped_gemm=False,
+                   moe_permute_fusion=False)
     _with_defaults(MegatronStrategy, ckpt_async_save=False)
+    _te_moe_norm_key()
 
 
 def _with_defaults(cls, **defaults) -> None:
@@ -106,7 +162,9 @@ def import_hf(hf_dir: str, nemo_dir: str) -> None:
     from nemo.collections import llm
 
     # Only the model's class chooses the importer; the importer builds the config from config.json.
-    model = llm.LlamaModel(llm.LlamaConfig(num_layers=1, hidden_size=64, num_attention_heads=1))
+    model_type = json.loads((Path(hf_dir) / "config.json").read_text())["model_type"]
+    model_class = getattr(llm, IMPORTERS.get(model_type, "LlamaModel"))
+    model = model_class(llm.GPTConfig(num_layers=1, hidden_size=64, num_attention_heads=1))
     llm.import_ckpt(model=model, source=f"hf://{hf_dir}", output_path=Path(nemo_dir))
 
 
@@ -117,7 +175,8 @@ def export_hf(nemo_dir: str, hf_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    command, source, output = sys.argv[1:]
+    command, *paths = sys.argv[1:]
     _cpu_shims()
     _patch_nemo()
-    {"import-hf": import_hf, "export-hf": export_hf}[command](source, output)
+    for source, output in zip(paths[::2], paths[1::2], strict=True):
+        {"import-hf": import_hf, "export-hf": export_hf}[command](source, output)

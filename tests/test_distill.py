@@ -1,8 +1,8 @@
 """Distillation with teacher and student on the same ranks: the same loss curve and weights at TP=2,
-PP=2 and TP=2 x PP=2 as at TP=1 (with intermediate losses carried between pipeline stages), bf16
-mixed precision tracking fp32 at TP=1, TP=2 and PP=2, exact resume after SIGTERM (in-process at
-PP=2 in fp32, and a killed `minitron distill` re-run in bf16), and clear errors for a tokenizer
-mismatch or misplaced layer pairs."""
+PP=2, and TP=2 and TP=2 x PP=2 with sequence parallelism as at TP=1 (with intermediate losses
+carried between pipeline stages), bf16 mixed precision tracking fp32 at TP=1, TP=2 and PP=2, exact
+resume after SIGTERM (in-process at PP=2 in fp32, and a killed `minitron distill` re-run in bf16),
+and clear errors for a tokenizer mismatch or misplaced layer pairs."""
 
 from __future__ import annotations
 
@@ -43,13 +43,14 @@ def _stream() -> torch.Tensor:
     return torch.tensor(ids)
 
 
-def _trainer(out: str, loss_wrapper=None, dtype: torch.dtype = torch.float32):
+def _trainer(out: str, loss_wrapper=None, dtype: torch.dtype = torch.float32, sequence_parallel: bool = False):
     from nemo_minitron.distill import DistillationLoss, DistillationModel, LogitLoss
     from nemo_minitron.models.gpt import build_gpt_model
     from nemo_minitron.train import OptimConfig, TokenWindows, TrainConfig, Trainer, TrainingData
 
     teacher_arch, teacher_sd, student_arch, student_sd = _models()
-    teacher, student = build_gpt_model(teacher_arch, dtype), build_gpt_model(student_arch, dtype)
+    teacher, student = (build_gpt_model(arch, dtype, sequence_parallel=sequence_parallel)
+                        for arch in (teacher_arch, student_arch))
     bridge.load_global(teacher, teacher_sd)
     bridge.load_global(student, student_sd)
     loss = DistillationLoss(LogitLoss("fwd_kl", lm_weight=0.2))
@@ -61,8 +62,8 @@ def _trainer(out: str, loss_wrapper=None, dtype: torch.dtype = torch.float32):
     )
 
 
-def distill_run(out: str, dtype: torch.dtype = torch.float32):
-    trainer = _trainer(out, dtype=dtype)
+def distill_run(out: str, dtype: torch.dtype = torch.float32, sequence_parallel: bool = False):
+    trainer = _trainer(out, dtype=dtype, sequence_parallel=sequence_parallel)
     metrics = [trainer.train_step() for _ in range(STEPS)]
     return metrics, trainer.validate(), bridge.gather_global(trainer.export_model)
 
@@ -73,13 +74,16 @@ def reference(tmp_path_factory):
     return result
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_loss_curve_and_weights_match_tp1(reference, tmp_path, tp, pp):
+@pytest.mark.parametrize("tp,pp,sequence_parallel", [(2, 1, False), (1, 2, False), (2, 1, True), (2, 2, True)])
+def test_loss_curve_and_weights_match_tp1(reference, tmp_path, tp, pp, sequence_parallel):
+    """With sequence parallelism (the training stages' way at tp > 1) each TP rank pairs its half of
+    the tokens' hidden states, and the stages carry sequence shards."""
     ref_metrics, ref_valid, ref_weights = reference
     # training moves: the student's hidden states turn towards the teacher's
     assert ref_metrics[-1]["train/intermediate_loss"] < 0.85 * ref_metrics[0]["train/intermediate_loss"]
     assert ref_metrics[0]["train/kd_loss"] > 0.1
-    results = run_distributed(distill_run, world_size=tp * pp, tp=tp, pp=pp, args=(str(tmp_path),))
+    results = run_distributed(distill_run, world_size=tp * pp, tp=tp, pp=pp,
+                              args=(str(tmp_path), torch.float32, sequence_parallel))
     for metrics, valid, weights in results:
         for ours, ref in zip(metrics, ref_metrics):
             for key in ("train/loss", "train/kd_loss", "train/lm_loss", "train/intermediate_loss", "train/grad_norm"):

@@ -4,7 +4,7 @@ An export-hf directory (`write_hf_directory` of `global_to_hf`, as the export st
 loads under transformers 4.57 (the venv scripts/compat.sh makes and scripts/install.sh installs,
 with megatron-core 0.15.3) and under this venv's transformers 5 to the megatron model's logits,
 with the same rotary frequencies, token ids and chat template; pruned shapes (hidden 448 with 9
-heads of 64) and Qwen2 / Qwen3 included, and the directory reads back bit-exactly. The same venv runs the core
+heads of 64), Qwen2 / Qwen3 and the MoE families included, and the directory reads back bit-exactly. The same venv runs the core
 tests on megatron-core 0.15.3 with transformers 4.57.
 """
 
@@ -26,7 +26,7 @@ from nemo_minitron.models.config import HF_ARCHITECTURES
 from nemo_minitron.models.hf_io import read_hf_directory, save_portable_tokenizer, write_hf_directory
 from nemo_minitron.prune import PruneSpec
 from nemo_minitron.prune.planner import PUBLISHED_RECIPES, PUBLISHED_TEACHERS, plan, published_student
-from tiny import hf_model, tiny_arch, tiny_tokenizer
+from tiny import hf_model, tiny_arch, tiny_moe_arch, tiny_tokenizer
 
 ROOT = Path(__file__).parents[1]
 
@@ -42,6 +42,9 @@ CASES = {
     "nemotron-pruned": tiny_arch(tie=False, family="nemotron", **PRUNED),
     "qwen2": tiny_arch(tie=False, family="qwen2"),
     "qwen3-pruned": tiny_arch(tie=True, family="qwen3", **PRUNED),
+    "mixtral": tiny_moe_arch("mixtral", tie=True),
+    "qwen2-moe": tiny_moe_arch("qwen2_moe", kv_channels=16),  # 4.57 builds Qwen2-MoE heads of hidden / heads only
+    "qwen3-moe": tiny_moe_arch("qwen3_moe"),
 }
 TEXTS = ["Hello, world!", "Room 101 and  42 items cost $3.50", "Café naïve — 日本語 🤖", "<|endoftext|>x", ""]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name two primes."}]
@@ -162,6 +165,9 @@ def test_export_notes_name_what_a_family_class_cannot_hold():
     assert CASES["nemotron-pruned"].hf_export_notes() == []  # NemotronConfig takes any head_dim
     [note] = CASES["nemotron"].replace(rope_scaling_factor=8.0).hf_export_notes()
     assert "transformers 4.x" in note
+    assert CASES["qwen2-moe"].hf_export_notes() == []  # 4 heads of 16 fill hidden 64
+    [note] = CASES["qwen2-moe"].replace(num_attention_heads=2, num_query_groups=1).hf_export_notes()
+    assert "Qwen2MoeForCausalLM" in note and "transformers 4.x" in note
     smollm2 = tiny_arch(tie=True, num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9,
                         num_query_groups=3, kv_channels=64)
     [note] = plan(smollm2, PruneSpec(hidden_size=512))["hf_export"]  # the planner warns before any pruning

@@ -19,20 +19,20 @@ import yaml
 
 from commands import ENV, last_json, minitron
 from distributed import run_distributed
-from nemo_minitron import checkpoint
+from nemo_minitron import checkpoint, convert
 from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge, nemo2
 from nemo_minitron.models.hf_io import write_hf_directory
-from tiny import hf_model, tiny_arch, tiny_tokenizer, write_sentence_docs
+from tiny import hf_model, tiny_arch, tiny_moe_arch, tiny_tokenizer, write_sentence_docs
 
 DRIVER = Path(__file__).parent / "nemo_driver.py"
 TOKENS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def nemo(python: Path, command: str, source: Path, output: Path) -> None:
-    """tests/nemo_driver.py COMMAND SOURCE OUTPUT in NeMo's environment."""
-    proc = subprocess.run([str(python), str(DRIVER), command, str(source), str(output)], cwd=output.parent,
-                          capture_output=True, text=True, env=ENV, timeout=600)
+def nemo(python: Path, command: str, source: Path, output: Path, *more: Path) -> None:
+    """tests/nemo_driver.py COMMAND SOURCE OUTPUT [SOURCE OUTPUT ...] in NeMo's environment."""
+    proc = subprocess.run([str(python), str(DRIVER), command, str(source), str(output), *map(str, more)],
+                          cwd=output.parent, capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, f"NeMo {command} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
@@ -113,6 +113,79 @@ def test_prune_export_nemo_then_nemos_export_equals_export_hf(teacher, imported,
         assert torch.equal(weights[name], tensor), name
 
 
+# NeMo's Qwen importers take the head dimension and (Qwen3-MoE) the experts from their config
+# classes, not from config.json: hidden / heads for Qwen2, Qwen3's 128, and Qwen3-30B-A3B's 128
+# experts with top-8, as every published Qwen has; the tiny models have them too. Mixtral's importer
+# pads the vocabulary to a multiple of 128 (320 -> 384 rows).
+FAMILIES = {
+    "qwen2": tiny_arch(tie=False, family="qwen2", kv_channels=16),
+    "qwen3_moe": tiny_moe_arch("qwen3_moe", num_layers=2, kv_channels=128, num_moe_experts=128, moe_router_topk=8,
+                               moe_ffn_hidden_size=16),
+    "mixtral": tiny_moe_arch("mixtral"),
+}
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory, compat_python) -> dict:
+    """Per family in FAMILIES: the HF model, its directory, NeMo's llm.import_ckpt of it and
+    `minitron import nemo_path=` of that."""
+    root = tmp_path_factory.mktemp("families")
+    found = {}
+    for family, arch in FAMILIES.items():
+        global_sd = bridge.hf_to_global(arch, hf_model(arch).state_dict())
+        # the published files' layout (one module per expert), which transformers 4.57 under NeMo reads
+        write_hf_directory(arch, bridge.global_to_hf(arch, global_sd), tiny_tokenizer(arch.vocab_size),
+                           root / f"{family}-hf")
+        found[family] = {"arch": arch, "hf": root / f"{family}-hf", "nemo": root / f"{family}-nemo",
+                         "ours": root / f"{family}-ours", "global_sd": global_sd}
+    nemo(compat_python, "import-hf", *[p for f in found.values() for p in (f["hf"], f["nemo"])])
+    for f in found.values():
+        f["result"] = last_json(minitron("import", f"nemo_path={f['nemo']}", f"output_dir={f['ours']}"))
+    return found
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_import_of_nemos_qwen_and_moe_checkpoints_equals_the_hf_model(families, family):
+    """Qwen2's QKV biases, Qwen3-MoE's query/key norms, 128 experts and router, Mixtral's experts,
+    as NeMo's own importers wrote them, read back to the HF weights and logits."""
+    f = families[family]
+    arch = checkpoint.read_arch(f["ours"])
+    vocab = f["arch"].vocab_size
+    # NeMo's Qwen3 importer also leaves seq_length, the positions NeMo builds, at its class's 4096
+    assert arch.max_position_embeddings == (4096 if family == "qwen3_moe" else f["arch"].max_position_embeddings)
+    assert arch.differences(f["arch"].replace(vocab_size=arch.vocab_size,
+                                              max_position_embeddings=arch.max_position_embeddings)) == []
+    [(weights, logits)] = run_distributed(weights_and_logits, world_size=1, args=(f["ours"],))
+    assert weights.keys() == f["global_sd"].keys()
+    for name, tensor in f["global_sd"].items():  # the HF rows; padding rows follow
+        assert torch.equal(weights[name][: tensor.shape[0]], tensor), name
+    torch.testing.assert_close(logits[..., :vocab], hf_logits(f["hf"]), rtol=0, atol=1e-5)
+
+
+def test_export_nemo_of_qwen_and_moe_is_restored_by_nemo(families, compat_python, tmp_path):
+    """`minitron export-nemo` writes NeMo's own model classes (Qwen2Model, Qwen3Model with the MoE
+    config, MixtralModel) and TE-spec keys; NeMo's llm.export_ckpt restores each and its HF model
+    gives the original logits. Qwen2-MoE, which NeMo 2 has no class for, is refused."""
+    pairs = []
+    for family, f in families.items():
+        result = last_json(minitron("export-nemo", f"checkpoint={f['ours']}", f"output_dir={tmp_path / family}",
+                                    python=str(compat_python)))
+        assert result["nemo_toolkit"] == "2.7.3"
+        pairs += [tmp_path / family, tmp_path / f"{family}-hf"]
+    model_yaml = yaml.safe_load((tmp_path / "qwen3_moe" / "context" / "model.yaml").read_text())
+    assert model_yaml["_target_"].endswith("qwen3.Qwen3Model")
+    assert model_yaml["config"]["_target_"].endswith("qwen3.Qwen3MoEConfig")
+    assert (model_yaml["config"]["num_moe_experts"], model_yaml["config"]["moe_router_topk"]) == (128, 8)
+    nemo(compat_python, "export-hf", *pairs)
+    for family, f in families.items():
+        vocab = f["arch"].vocab_size
+        torch.testing.assert_close(hf_logits(tmp_path / f"{family}-hf")[..., :vocab], hf_logits(f["hf"]),
+                                   rtol=0, atol=1e-5, msg=lambda m, family=family: f"{family}: {m}")
+    qwen2_moe = tiny_moe_arch("qwen2_moe")
+    with pytest.raises(UserError, match="NeMo 2 has no qwen2_moe model class"):
+        convert._check_nemo_exportable(qwen2_moe)
+
+
 def test_export_nemo_without_nemo_says_so_in_one_line(imported, tmp_path):
     proc = minitron("export-nemo", f"checkpoint={imported[0]}", f"output_dir={tmp_path / 'x'}", check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -133,8 +206,12 @@ def edited(teacher: dict, tmp_path: Path, **config) -> Path:
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"num_moe_experts": 8}, r"unsupported NeMo 2 model: mixture-of-experts layers \(num_moe_experts=8\)"),
-    ({"add_qkv_bias": True}, r"QKV biases"),
+    ({"num_moe_experts": 8, "moe_router_score_function": "sigmoid"},
+     r"unsupported NeMo 2 model: moe_router_score_function='sigmoid' \(supported: 'softmax'\)"),
+    ({"add_qkv_bias": True, "qk_layernorm": True}, r"RMSNorm \+ swiglu layers with add_qkv_bias=True, qk_layernorm=True, "
+                                                   r"which no Hugging Face family has"),
+    ({"add_qkv_bias": True}, r"imply decoder.layers.self_attention.linear_qkv.bias of shape \(4, \d+\), but the "
+                             r"checkpoint lacks it"),
     ({"window_size": [64, 0]}, r"sliding-window attention \(window_size=\[64, 0\] is shorter than seq_length=256\)"),
     ({"position_embedding_type": "learned_absolute"}, r"position_embedding_type=learned_absolute \(rotary only\)"),
     ({"hidden_size": 32}, r"context/model.yaml: its model config fields imply embedding.word_embeddings.weight of "

@@ -175,14 +175,14 @@ def align_checkpoint(cfg: AlignConfig) -> dict:
         None if valid_set is None else ds.RepeatedDataset(
             valid_set, max(len(valid_set), train_cfg.eval_batches * train_cfg.global_batch_size), cfg.seed, unit),
     )
-    policy = checkpoint.load_checkpoint(cfg.checkpoint, params_dtype=cfg.torch_dtype)
+    policy = train_stage.load_for_training(cfg.checkpoint, cfg)
     module = policy
     if cfg.preference:
         from nemo_minitron.distill import DistillationModel, check_same_tokenizer
 
         reference_dir = cfg.reference or cfg.checkpoint
         check_same_tokenizer(checkpoint.load_tokenizer(reference_dir), tokenizer)
-        module = DistillationModel(policy, checkpoint.load_checkpoint(reference_dir, params_dtype=cfg.torch_dtype))
+        module = DistillationModel(policy, train_stage.load_for_training(reference_dir, cfg))
     before = held_out_score(cfg, policy, valid_set)
     log.info("align method=%s on %s (%d training / %d held-out records) at %s; before: %s", cfg.method,
              cfg.checkpoint, len(train_set) // unit, 0 if valid_set is None else len(valid_set) // unit,

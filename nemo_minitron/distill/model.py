@@ -73,6 +73,12 @@ class DistillationModel(torch.nn.Module):
         s_dtype, t_dtype = next(student.parameters()).dtype, next(teacher.parameters()).dtype
         if s_dtype != t_dtype:
             raise UserError(f"student ({s_dtype}) and teacher ({t_dtype}) must share the parameter dtype")
+        self.sequence_parallel = student.config.sequence_parallel
+        if teacher.config.sequence_parallel != self.sequence_parallel:
+            # what travels between stages and the hidden states paired must be split alike
+            raise UserError(f"student (sequence_parallel={self.sequence_parallel}) and teacher "
+                            f"(sequence_parallel={teacher.config.sequence_parallel}) must both be built with "
+                            f"sequence parallelism or both without")
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.pairs = tuple(pairs)
@@ -96,6 +102,7 @@ class DistillationModel(torch.nn.Module):
                     bound = 1.0 / s_arch.hidden_size ** 0.5
                     generator = torch.Generator().manual_seed(projection_seed + i)
                     proj.weight.copy_(torch.empty_like(proj.weight).uniform_(-bound, bound, generator=generator))
+                proj.weight.sequence_parallel = self.sequence_parallel  # see _intermediate_losses
                 self.projections[str(i)] = proj.to(device=next(student.parameters()).device, dtype=s_dtype)
         self._captured: dict[tuple[str, int], torch.Tensor] = {}
         for i in self.local_pairs:
@@ -146,7 +153,15 @@ class DistillationModel(torch.nn.Module):
         return DistillationOutput(student_out, teacher_out, losses)
 
     def _intermediate_losses(self, like: torch.Tensor) -> torch.Tensor:
-        """[n_pairs]: the losses received from earlier stages plus this stage's pairs."""
+        """[n_pairs]: the losses received from earlier stages plus this stage's pairs.
+
+        Under sequence parallelism each TP rank holds 1/tp of the tokens' hidden states, so a pair's
+        loss is the mean of the ranks' means (all-reduced; the backward keeps each rank's own
+        1/tp share), and a projection's gradient, from this rank's tokens only, is summed over TP by
+        `finalize_model_grads` (its weight is marked `sequence_parallel`)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
         if self._received_losses is not None:
             losses = self._received_losses.float()
         else:
@@ -155,9 +170,12 @@ class DistillationModel(torch.nn.Module):
             hidden = self._captured[("student", i)]
             if str(i) in self.projections:
                 hidden = self.projections[str(i)](hidden)
+            loss = cosine_loss(hidden, self._captured[("teacher", i)])
+            if self.sequence_parallel:
+                loss = reduce_from_tensor_model_parallel_region(loss) / ps.get_tensor_model_parallel_world_size()
             one_hot = torch.zeros(len(self.pairs), device=like.device)
             one_hot[i] = 1.0
-            losses = losses + one_hot * cosine_loss(hidden, self._captured[("teacher", i)])
+            losses = losses + one_hot * loss
         return losses
 
 

@@ -120,11 +120,11 @@ def distill_checkpoint(cfg: DistillConfig) -> dict:
     if done is not None:
         return done
     tokenizer = checkpoint.load_tokenizer(cfg.student)
-    student = checkpoint.load_checkpoint(cfg.student, params_dtype=cfg.torch_dtype)
+    student = train_stage.load_for_training(cfg.student, cfg)
     if cache is None:
         check_same_tokenizer(checkpoint.load_tokenizer(cfg.teacher), tokenizer)
         data = train_stage.training_data(cfg, tokenizer)
-        teacher = checkpoint.load_checkpoint(cfg.teacher, params_dtype=cfg.torch_dtype)
+        teacher = train_stage.load_for_training(cfg.teacher, cfg)
         model = DistillationModel(student, teacher, pairs, projection_seed=cfg.seed)
         source = f"{cfg.teacher} ({teacher_arch.num_parameters()['total']:,} params)"
     else:
@@ -222,7 +222,7 @@ def correct_teacher(cfg: TeacherCorrectConfig) -> dict:
         return done
     tokenizer = checkpoint.load_tokenizer(cfg.teacher)
     data = train_stage.training_data(cfg, tokenizer)
-    model = checkpoint.load_checkpoint(cfg.teacher, params_dtype=cfg.torch_dtype)
+    model = train_stage.load_for_training(cfg.teacher, cfg)
     log.info("correcting %s at %s: lr %.3g -> %.3g, %d warmup steps", cfg.teacher, layout.describe(),
              cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps)
     trainer = Trainer(

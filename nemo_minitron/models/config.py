@@ -60,11 +60,26 @@ FAMILY_ATTENTION = {"qwen2": (True, False), "qwen3": (False, True), "qwen2_moe":
 FAMILY_MOE = {"mixtral": False, "qwen2_moe": True, "qwen3_moe": False}
 
 
+def family_of(normalization: str | None, activation: str | None, qkv_bias: bool = False, qk_norm: bool = False,
+              moe: bool = False, shared_expert: bool = False) -> str | None:
+    """The first family (so Llama before Mistral) whose layers are `normalization` + `activation`, as a
+    framework config names them ("RMSNorm", "swiglu"), with these attention extras and MoE layers
+    (with or without a shared expert); None when no family has them."""
+    return next((name for name, (norm, act, _) in FAMILY_LAYERS.items()
+                 if (norm, act) == (normalization, activation)
+                 and FAMILY_ATTENTION.get(name, (False, False)) == (qkv_bias, qk_norm)
+                 and (name in FAMILY_MOE) == moe and FAMILY_MOE.get(name, False) == shared_expert), None)
+
+
+def computes_alike(family: str, other: str) -> bool:
+    """Whether two families' layers compute the same (Llama and Mistral do; Qwen3 and Qwen3-MoE do not)."""
+    return (FAMILY_LAYERS[family][:2] == FAMILY_LAYERS[other][:2] and family_attention(family) == family_attention(other)
+            and FAMILY_MOE.get(family) == FAMILY_MOE.get(other))
+
+
 def family_of_layers(normalization: str | None, activation: str | None) -> str | None:
-    """The plain family (no attention extras) whose layers are `normalization` + `activation`, as a
-    framework config names them ("RMSNorm", "swiglu"); None when no family has them."""
-    return next((name for name, (norm, act, _) in FAMILY_LAYERS.items() if (norm, act) == (normalization, activation)
-                 and name not in FAMILY_ATTENTION and name not in FAMILY_MOE), None)
+    """The plain family (no attention extras, no experts) whose layers are `normalization` + `activation`."""
+    return family_of(normalization, activation)
 
 
 def family_attention(family: str) -> dict[str, bool]:
@@ -373,6 +388,12 @@ class ModelArch:
                 f"rope_scaling_factor={self.rope_scaling_factor}: transformers 4.x's NemotronForCausalLM ignores "
                 f"rope scaling, so the exported model gives other logits there (transformers >= 5 applies it)"
             )
+        if self.family == "qwen2_moe" and self.kv_channels * self.num_attention_heads != self.hidden_size:
+            notes.append(
+                f"kv_channels={self.kv_channels} x num_attention_heads={self.num_attention_heads} != hidden_size="
+                f"{self.hidden_size}: transformers 4.x's Qwen2MoeForCausalLM sizes heads as hidden_size / "
+                f"num_attention_heads and refuses the export (transformers >= 5 reads head_dim)"
+            )
         return notes
 
     def hf_rope_fields(self) -> dict[str, Any]:
@@ -438,8 +459,11 @@ class ModelArch:
 
     # --- megatron config -------------------------------------------------------------------------
 
-    def transformer_config(self, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32, ep: int = 1):
-        """The megatron `TransformerConfig` for this architecture at a parallel layout."""
+    def transformer_config(self, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32, ep: int = 1,
+                           sequence_parallel: bool = False):
+        """The megatron `TransformerConfig` for this architecture at a parallel layout. With
+        `sequence_parallel` (tp > 1) the activations outside attention and MLP are split along the
+        sequence over the TP ranks, as training an MoE at tp > 1 needs."""
         from megatron.core.transformer import TransformerConfig
 
         self.check_parallel(tp, pp, ep)
@@ -461,6 +485,7 @@ class ModelArch:
             hidden_dropout=0.0,
             attention_dropout=0.0,
             tensor_model_parallel_size=tp,
+            sequence_parallel=sequence_parallel and tp > 1,
             pipeline_model_parallel_size=pp,
             expert_model_parallel_size=ep,
             pipeline_dtype=params_dtype,
@@ -484,14 +509,24 @@ class ModelArch:
         computes it; no load-balancing loss (HF adds none unless `output_router_logits`); the
         all-gather token dispatcher, which every backend runs (gloo included); experts as one MLP
         each (`gpt.layer_spec`)."""
+        from megatron.core.transformer import TransformerConfig
+
         if not self.is_moe:
             return {}
+        shared = {}
+        if self.moe_shared_expert_intermediate_size is not None:
+            # megatron-core 0.16 made the shared expert's gate a config field; before, its MoE spec
+            # builds every shared expert without one
+            if "moe_shared_expert_gate" not in TransformerConfig.__dataclass_fields__:
+                raise UserError(f"{self.family}'s gated shared expert needs megatron-core >= 0.16 (this one builds "
+                                f"shared experts without their gate)")
+            shared = dict(moe_shared_expert_intermediate_size=self.moe_shared_expert_intermediate_size,
+                          moe_shared_expert_gate=True)
         return dict(
             num_moe_experts=self.num_moe_experts,
             moe_router_topk=self.moe_router_topk,
             moe_ffn_hidden_size=self.moe_ffn_hidden_size,
-            moe_shared_expert_intermediate_size=self.moe_shared_expert_intermediate_size,
-            moe_shared_expert_gate=self.moe_shared_expert_intermediate_size is not None,
+            **shared,
             moe_router_pre_softmax=self.moe_router_pre_softmax,
             moe_router_dtype="fp32",
             moe_router_load_balancing_type="none",

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import (FAMILY_LAYERS, FAMILY_MOE, IDENTITY_KEYS, MOE_SHAPE_KEYS, ModelArch,
-                                         family_attention, megatron_squared_relu)
+from nemo_minitron.models.config import (IDENTITY_KEYS, MOE_SHAPE_KEYS, ModelArch, computes_alike, family_attention,
+                                         family_of, megatron_squared_relu)
 
 # model -> {family, bos_token_id, eos_token_id} of the weights it holds (see `remember_identity`).
 _IDENTITY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -70,14 +70,17 @@ def build_gpt_model(
     arch: ModelArch,
     params_dtype: torch.dtype = torch.float32,
     use_te: bool | None = None,
+    sequence_parallel: bool = False,
 ):
-    """The stage of `arch` that this rank holds under the initialised TP/PP layout."""
+    """The stage of `arch` that this rank holds under the initialised TP/PP layout (`sequence_parallel`:
+    see `ModelArch.transformer_config`)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    config = arch.transformer_config(tp=tp, pp=pp, params_dtype=params_dtype, ep=ps.get_expert_model_parallel_world_size())
+    config = arch.transformer_config(tp=tp, pp=pp, params_dtype=params_dtype, ep=ps.get_expert_model_parallel_world_size(),
+                                     sequence_parallel=sequence_parallel)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch.normalization, use_te, arch.qk_norm, arch.num_moe_experts),
@@ -166,11 +169,10 @@ def _family(config) -> str:
         raise UserError(f"unsupported MLP: activation {name} with gated_linear_unit={config.gated_linear_unit} "
                         f"(nemo-minitron prunes SwiGLU and squared-ReLU MLPs)")
     extras = {"qkv_bias": bool(config.add_qkv_bias), "qk_norm": bool(getattr(config, "qk_layernorm", False))}
-    moe = (config.num_moe_experts is not None, config.moe_shared_expert_intermediate_size is not None)
-    for family, (normalization, activation_kind, _) in FAMILY_LAYERS.items():
-        if ((normalization, activation_kind) == (config.normalization, kind) and family_attention(family) == extras
-                and (family in FAMILY_MOE, FAMILY_MOE.get(family, False)) == moe):
-            return family
+    family = family_of(config.normalization, kind, extras["qkv_bias"], extras["qk_norm"],
+                       config.num_moe_experts is not None, config.moe_shared_expert_intermediate_size is not None)
+    if family is not None:
+        return family
     raise UserError(f"unsupported layers: normalization={config.normalization} with a {kind} MLP, "
                     f"add_qkv_bias={extras['qkv_bias']}, qk_layernorm={extras['qk_norm']}, "
                     f"num_moe_experts={config.num_moe_experts} and moe_shared_expert_intermediate_size="
@@ -200,7 +202,7 @@ def _qk_norm_problem(model) -> str | None:
 def _check_supported(model) -> None:
     """UserError naming every feature of `model` that nemo-minitron cannot prune or convert."""
     config = model.config
-    problems = _moe_problems(config) if config.num_moe_experts else []
+    problems = moe_problems(config) if config.num_moe_experts else []
     if getattr(config, "multi_latent_attention", False):
         problems.append("multi-latent attention (MLA)")
     if config.add_bias_linear:
@@ -220,8 +222,9 @@ def _check_supported(model) -> None:
         raise UserError("unsupported model: " + "; ".join(problems))
 
 
-def _moe_problems(config) -> list[str]:
-    """The MoE settings of `config` that no supported family has (each as the field = value)."""
+def moe_problems(config) -> list[str]:
+    """The MoE settings of `config` (a `TransformerConfig`, or any object with its field names, such
+    as NeMo 2's model config) that no supported family has (each as the field = value)."""
     wanted = {
         "moe_layer_freq": 1,  # every layer an MoE layer
         "moe_router_score_function": "softmax",
@@ -234,7 +237,8 @@ def _moe_problems(config) -> list[str]:
     }
     problems = [f"{key}={getattr(config, key)!r} (supported: {value!r})" for key, value in wanted.items()
                 if getattr(config, key, value) != value]
-    if config.moe_shared_expert_intermediate_size is not None and not config.moe_shared_expert_gate:
+    if (getattr(config, "moe_shared_expert_intermediate_size", None) is not None
+            and not getattr(config, "moe_shared_expert_gate", False)):
         problems.append("a shared expert without its gate (moe_shared_expert_gate=False)")
     return problems
 
@@ -258,8 +262,7 @@ def arch_of(model) -> ModelArch:
     identity: dict[str, Any] = dict(_IDENTITY.get(model, {}))
     family = _family(config)
     remembered = identity.get("family")
-    if (remembered and FAMILY_LAYERS[remembered][:2] == FAMILY_LAYERS[family][:2]
-            and family_attention(remembered) == family_attention(family)):
+    if remembered and computes_alike(remembered, family):
         family = remembered  # e.g. Mistral, which computes like Llama
     heads = config.num_attention_heads
     return ModelArch(

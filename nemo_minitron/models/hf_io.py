@@ -47,10 +47,14 @@ def read_hf_directory(path: str | Path, dtype: torch.dtype = torch.float32):
 
 def _write_portable_config(config_file: Path, arch: ModelArch) -> None:
     """Rewrite a saved config.json so transformers 4.57 and 5.x build the same model from it: the
-    rotary settings in both their forms (`ModelArch.hf_rope_fields`) and the dtype under both its
-    names (4.57 and 5 read `dtype`, older 4.x `torch_dtype`)."""
+    rotary settings in both their forms (`ModelArch.hf_rope_fields`), a Qwen MoE's expert count
+    under both its names (5.x saves `num_local_experts`, which 4.57 ignores, building its default
+    128 experts from `num_experts`) and the dtype under both its names (4.57 and 5 read `dtype`,
+    older 4.x `torch_dtype`)."""
     config = json.loads(config_file.read_text())
     config.update(arch.hf_rope_fields())
+    if arch.is_moe and arch.family != "mixtral":
+        config["num_experts"] = config["num_local_experts"] = arch.num_moe_experts
     dtype = config.get("dtype") or config.get("torch_dtype")
     if dtype is not None:
         config["dtype"] = config["torch_dtype"] = dtype
@@ -83,12 +87,16 @@ def _save_expert_files(arch: ModelArch, hf_state: dict[str, torch.Tensor], out_d
     """config.json and safetensors shards (at most 5 GB each, with an index when there are several)
     of an MoE model, one module per expert, written directly: the layout of the published files,
     which transformers 4.x loads as is and 5.x converts to its fused experts on load (a 5.x model
-    object holds other names, so it cannot take these weights by `load_state_dict`)."""
+    object holds other names, so it cannot take these weights by `load_state_dict`). Beside them
+    generation_config.json, as `save_pretrained` writes it for a dense model (NeMo's importers read it)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
+    from transformers import GenerationConfig
 
     out_dir.mkdir(parents=True)
-    arch.to_hf_config().save_pretrained(str(out_dir))
+    config = arch.to_hf_config()
+    config.save_pretrained(str(out_dir))
+    GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
     state = {name: tensor.contiguous() for name, tensor in hf_state.items()
              if not (arch.tie_embeddings and name == "lm_head.weight")}
     split = split_torch_state_dict_into_shards(state, max_shard_size="5GB")

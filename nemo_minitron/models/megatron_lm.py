@@ -34,7 +34,6 @@ shorter by less than one padding multiple.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import re
@@ -46,11 +45,10 @@ import torch
 
 from nemo_minitron import parallel
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import (FAMILY_ATTENTION, FAMILY_LAYERS, FAMILY_MOE, ModelArch, family_attention,
-                                         family_of_layers)
-from nemo_minitron.models.gpt import unwrap_model
+from nemo_minitron.models.config import FAMILY_MOE, ModelArch, family_attention, family_of, family_of_layers
 from nemo_minitron.models.saved_weights import (check_padded_vocab, check_saved_shapes, common_state_readable,
-                                                load_model_weights, saved_shapes, shift_norm_weights)
+                                                load_model_weights, saved_shapes, shift_norm_weights,
+                                                te_spec_sharded_state)
 from nemo_minitron.writer_processes import writers_die_with_parent
 
 log = logging.getLogger("nemo_minitron")
@@ -255,11 +253,7 @@ def _extras(args: argparse.Namespace) -> tuple[bool, bool, bool, bool]:
 def _family(args: argparse.Namespace) -> str | None:
     """The first family (so Llama before Mistral) whose layers, attention extras and MoE layers are the
     run's; None when no family has them."""
-    layers = (_arg(args, "normalization"), _activation(args))
-    qkv_bias, qk_norm, moe, shared = _extras(args)
-    return next((name for name, (norm, act, _) in FAMILY_LAYERS.items()
-                 if (norm, act) == layers and FAMILY_ATTENTION.get(name, (False, False)) == (qkv_bias, qk_norm)
-                 and (name in FAMILY_MOE) == moe and FAMILY_MOE.get(name, False) == shared), None)
+    return family_of(_arg(args, "normalization"), _activation(args), *_extras(args))
 
 
 def arch_from_args(args: argparse.Namespace, vocab_size: int) -> ModelArch:
@@ -434,24 +428,6 @@ def load_weights(model, ckpt: MegatronLMCheckpoint) -> None:
 
 # --- writing ---------------------------------------------------------------------------------------
 
-# Megatron-LM builds its layers on the Transformer Engine spec by default. Its dense layers fuse the
-# pre-MLP norm into linear_fc1 (the key our checkpoints use); its MoE layers keep that norm as a
-# module of its own, saved under the local name. An MoE export writes that key so that a TE run
-# loads it (`saved_weights` reads either spelling on import).
-_FUSED_PRE_MLP_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
-_MOE_PRE_MLP_NORM = "decoder.layers.pre_mlp_layernorm.weight"
-
-
-def megatron_lm_state(model) -> dict:
-    """`model`'s sharded state dict under the keys Megatron-LM's default (TE) spec saves."""
-    unwrapped = unwrap_model(model)
-    sharded = unwrapped.sharded_state_dict()
-    if not unwrapped.config.num_moe_experts:
-        return sharded
-    return {name: dataclasses.replace(item, key=_MOE_PRE_MLP_NORM) if getattr(item, "key", None) == _FUSED_PRE_MLP_NORM
-            else item for name, item in sharded.items()}
-
-
 def save_release(model, root: Path, args: dict, tokenizer) -> None:
     """Write `model` (collective) into `root` as a Megatron-LM release save recording `args`: into the
     existing empty root/release/ the state dict generate_state_dict builds under --no-save-optim
@@ -461,7 +437,7 @@ def save_release(model, root: Path, args: dict, tokenizer) -> None:
     from nemo_minitron.models.hf_io import save_portable_tokenizer
 
     state = {"args": argparse.Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
-             "model": megatron_lm_state(model), "num_floating_point_operations_so_far": 0}
+             "model": te_spec_sharded_state(model), "num_floating_point_operations_so_far": 0}
     with writers_die_with_parent():
         dist_checkpointing.save(state, str(root / RELEASE), content_metadata=dict(CONTENT_METADATA))
     parallel.barrier()

@@ -28,10 +28,12 @@ at whatever TP/PP the export runs (a distributed checkpoint loads at any layout)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import shutil
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +43,13 @@ import torch
 from nemo_minitron import parallel
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.bridge import local_parameters
-from nemo_minitron.models.config import _MEGATRON_LLAMA3_ROPE, FAMILY_LAYERS, ModelArch, family_of_layers
-from nemo_minitron.models.gpt import unwrap_model
+from nemo_minitron.models.config import (_MEGATRON_LLAMA3_ROPE, FAMILY_MOE, ModelArch, computes_alike, family_attention,
+                                         family_of, family_of_layers)
+from nemo_minitron.models.gpt import moe_problems
 from nemo_minitron.models.hf_io import make_portable
 from nemo_minitron.models.saved_weights import (check_padded_vocab, check_saved_shapes, common_state_readable,
-                                                load_model_weights, saved_shapes, shift_norm_weights)
+                                                load_model_weights, saved_shapes, shift_norm_weights,
+                                                te_spec_sharded_state)
 from nemo_minitron.writer_processes import writers_die_with_parent
 
 log = logging.getLogger("nemo_minitron")
@@ -59,15 +63,13 @@ PREFIX = "module."  # NeMo's MegatronParallel wraps the GPTModel as `module`
 # What NeMo's MegatronStrategy records beside a save (megatron's sharded_state_dict metadata).
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
                     "distrib_optim_sharding_type": "dp_reshardable"}
-# NeMo 2 model class -> our family. Classes not listed are read by their layers (FAMILY_LAYERS).
+# NeMo 2 model class -> our family. The family is the one the layers compute (`config.family_of`);
+# the class only tells apart families that compute alike (Mistral's from Llama's).
 MODEL_FAMILIES = {"MistralModel": "mistral", "LlamaModel": "llama", "NemotronModel": "nemotron"}
 # TransformerConfig fields that make a model nemo-minitron cannot prune: field -> what it is. NeMo's
 # defaults leave each false / None.
 _UNSUPPORTED = {
-    "num_moe_experts": "mixture-of-experts layers",
     "add_bias_linear": "linear biases",
-    "add_qkv_bias": "QKV biases",
-    "qk_layernorm": "query/key layer norms",
     "multi_latent_attention": "multi-latent attention",
     "mtp_num_layers": "multi-token prediction layers",
     "rotary_interleaved": "interleaved rotary embeddings",
@@ -147,7 +149,25 @@ def _problems(config: dict[str, Any]) -> list[str]:
     elif family_of_layers(*layers) is None:
         problems.append(f"normalization={layers[0]} with a {activation} MLP (supported: RMSNorm with SwiGLU, "
                         f"LayerNorm with squared ReLU)")
+    elif _family(config) is None:
+        named = ", ".join(f"{key}={config.get(key)}" for key in _EXTRAS if config.get(key))
+        problems.append(f"{layers[0]} + {activation} layers with {named}, which no Hugging Face family has "
+                        f"(RMSNorm + swiglu take add_qkv_bias (Qwen2) or qk_layernorm (Qwen3); with num_moe_experts, "
+                        f"qk_layernorm (Qwen3-MoE), add_qkv_bias with a gated shared expert (Qwen2-MoE) or neither "
+                        f"(Mixtral))")
+    if config.get("num_moe_experts"):
+        problems += moe_problems(types.SimpleNamespace(**config))
     return problems
+
+
+# model.yaml config fields that pick among the families of the same layers (`_family`)
+_EXTRAS = ("add_qkv_bias", "qk_layernorm", "num_moe_experts", "moe_shared_expert_intermediate_size")
+
+
+def _family(config: dict[str, Any]) -> str | None:
+    qkv_bias, qk_norm, experts, shared = (config.get(key) for key in _EXTRAS)
+    return family_of(config.get("normalization"), _activation(config), bool(qkv_bias), bool(qk_norm), bool(experts),
+                     shared is not None)
 
 
 def _rope_scaling_factor(config: dict[str, Any]) -> float | None:
@@ -175,14 +195,21 @@ def arch_from_config(model: dict[str, Any], vocab_size: int) -> ModelArch:
     missing = [k for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads") if not config.get(k)]
     if missing:
         raise UserError(f"the model config lacks {missing}")
-    by_layers = family_of_layers(config["normalization"], _activation(config))
+    by_layers = _family(config)
     by_class = MODEL_FAMILIES.get(_target_name(model).rsplit(".", 1)[-1])
-    family = by_class if by_class and FAMILY_LAYERS[by_class][:2] == FAMILY_LAYERS[by_layers][:2] else by_layers
+    family = by_class if by_class and computes_alike(by_class, by_layers) else by_layers
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    moe = {}
+    if family in FAMILY_MOE:  # TransformerConfig: the experts' width defaults to ffn_hidden_size, top-k to 2
+        moe = {"num_moe_experts": config["num_moe_experts"], "moe_router_topk": config.get("moe_router_topk", 2),
+               "moe_ffn_hidden_size": config.get("moe_ffn_hidden_size") or config["ffn_hidden_size"],
+               "moe_shared_expert_intermediate_size": config.get("moe_shared_expert_intermediate_size"),
+               "moe_router_pre_softmax": bool(config.get("moe_router_pre_softmax", False))}
     return ModelArch(
         num_layers=config["num_layers"],
         hidden_size=hidden,
-        ffn_hidden_size=config["ffn_hidden_size"],
+        # Mixtral has one intermediate size, the experts'
+        ffn_hidden_size=moe["moe_ffn_hidden_size"] if family == "mixtral" else config["ffn_hidden_size"],
         num_attention_heads=heads,
         num_query_groups=config.get("num_query_groups") or heads,
         kv_channels=config.get("kv_channels") or hidden // heads,
@@ -194,6 +221,8 @@ def arch_from_config(model: dict[str, Any], vocab_size: int) -> ModelArch:
         tie_embeddings=bool(config.get("share_embeddings_and_output_weights", False)),
         family=family,
         rotary_percent=float(config.get("rotary_percent", 1.0)),
+        **family_attention(family),
+        **moe,
     )
 
 
@@ -298,8 +327,20 @@ def vocab_divisor(vocab_size: int) -> int:
     return math.gcd(vocab_size, 128)
 
 
+# family -> (NeMo 2's model class, its config class), as attribute paths in nemo.collections.llm.
+# Qwen3-MoE is NeMo's Qwen3Model with the MoE config (which llm does not re-export); NeMo 2 has no
+# Qwen2-MoE model.
+NEMO_CLASSES = {
+    "llama": ("LlamaModel", "LlamaConfig"), "mistral": ("MistralModel", "MistralConfig7B"),
+    "nemotron": ("NemotronModel", "NemotronConfig"), "qwen2": ("Qwen2Model", "Qwen2Config"),
+    "qwen3": ("Qwen3Model", "Qwen3Config"), "qwen3_moe": ("Qwen3Model", "gpt.model.qwen3.Qwen3MoEConfig"),
+    "mixtral": ("MixtralModel", "MixtralConfig"),
+}
+
+
 def _nemo_config(arch: ModelArch, dtype: torch.dtype):
-    """NeMo's config object (the class of `arch`'s family) for `arch`."""
+    """NeMo's model class and config object (the classes of `arch`'s family) for `arch`. An MoE's
+    routing follows `arch`; its training settings (dispatcher, load balancing) stay NeMo's defaults."""
     from nemo.collections import llm
 
     from nemo_minitron.models.gpt import transformer_engine_available
@@ -313,15 +354,19 @@ def _nemo_config(arch: ModelArch, dtype: torch.dtype):
         make_vocab_size_divisible_by=vocab_divisor(arch.vocab_size), params_dtype=dtype,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
     )
+    if arch.is_moe:
+        fields.update(num_moe_experts=arch.num_moe_experts, moe_router_topk=arch.moe_router_topk,
+                      moe_ffn_hidden_size=arch.moe_ffn_hidden_size, moe_router_pre_softmax=arch.moe_router_pre_softmax)
     if not transformer_engine_available():  # NeMo's config refuses its fused kernels without TE
         fields.update(apply_rope_fusion=False, persist_layer_norm=False)
-    if arch.family == "nemotron":
-        return llm.NemotronModel, llm.NemotronConfig(**fields)
+        if arch.is_moe:  # grouped GEMM and fused token permutation need TE too
+            fields.update(moe_grouped_gemm=False, moe_permute_fusion=False)
+    model_class, config_class = NEMO_CLASSES[arch.family]
     if arch.family == "mistral":
-        return llm.MistralModel, llm.MistralConfig7B(window_size=None, **fields)
-    if arch.rope_scaling_factor is not None:
-        return llm.LlamaModel, llm.Llama31Config(scale_factor=arch.rope_scaling_factor, **fields)
-    return llm.LlamaModel, llm.LlamaConfig(**fields)
+        fields["window_size"] = None
+    if arch.family == "llama" and arch.rope_scaling_factor is not None:
+        config_class, fields["scale_factor"] = "Llama31Config", arch.rope_scaling_factor
+    return functools.reduce(getattr, model_class.split("."), llm), functools.reduce(getattr, config_class.split("."), llm)(**fields)
 
 
 def write_context(arch: ModelArch, tokenizer_dir: Path, context_dir: Path, dtype: torch.dtype) -> None:
@@ -356,7 +401,7 @@ def save_weights(model, weights_dir: Path, zero_centred_gamma: bool) -> None:
     import lightning
     from megatron.core import dist_checkpointing
 
-    sharded = unwrap_model(model).sharded_state_dict(prefix=PREFIX)
+    sharded = te_spec_sharded_state(model, prefix=PREFIX)
     if zero_centred_gamma:
         sharded = _stored_norms(sharded, -1.0)
     state = {"state_dict": sharded, "epoch": 0, "global_step": 0, "optimizer_states": {}, "lr_schedulers": [],

@@ -121,6 +121,25 @@ def load_model_weights(model, path: Path, prefix: str = "") -> None:
         raise UserError(f"{path} lacks the weights {missing[:3]} of the model its config describes")
 
 
+# Megatron-LM and NeMo 2 build their layers on the Transformer Engine spec on GPUs. Its dense layers
+# fuse the pre-MLP norm into linear_fc1 (the key our checkpoints use); its MoE layers keep that norm
+# as a module of its own, saved under the local name. An MoE export writes that key so that a TE run
+# loads it (`load_model_weights` reads either spelling).
+_FUSED_PRE_MLP_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
+_MOE_PRE_MLP_NORM = "decoder.layers.pre_mlp_layernorm.weight"
+
+
+def te_spec_sharded_state(model, prefix: str = "") -> dict[str, Any]:
+    """`model`'s sharded state dict (keys `prefix` + ours) under the keys a TE-spec model saves."""
+    unwrapped = unwrap_model(model)
+    sharded = unwrapped.sharded_state_dict(prefix=prefix)
+    if not unwrapped.config.num_moe_experts:
+        return sharded
+    fused = prefix + _FUSED_PRE_MLP_NORM
+    return {name: dataclasses.replace(item, key=prefix + _MOE_PRE_MLP_NORM) if getattr(item, "key", None) == fused
+            else item for name, item in sharded.items()}
+
+
 @torch.no_grad()
 def shift_norm_weights(model, offset: float) -> None:
     """Add `offset` to every per-layer and final norm weight of `model` (a zero-centred gamma, as

@@ -199,10 +199,6 @@ def search_architecture(cfg: SearchConfig) -> dict:
     cfg.search.validate()
     cfg.budget.validate()
     teacher = checkpoint.read_arch(cfg.checkpoint)
-    if teacher.is_moe and cfg.tp > 1 and cfg.search.top_k and not cfg.search.list_only:
-        # the trainer would refuse the retraining only after every zero-shot prune
-        raise UserError(f"retraining mixture-of-experts candidates at tp={cfg.tp} needs sequence parallelism, "
-                        f"which nemo-minitron does not run yet: search at tp=1 with ep=, or set search.top_k=0")
     budget = cfg.budget
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     if not cfg.search.list_only:

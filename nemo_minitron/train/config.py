@@ -47,12 +47,15 @@ class TrainConfig:
                                            "keep_checkpoints")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("steps", "eval_interval", "eval_batches", "save_interval")
 
-    def validate(self, dp: int) -> None:
-        """Raise UserError naming the key to fix when a value is out of range or the batch does not
-        split over `dp` replicas."""
+    def validate(self, dp: int, sequence_shards: int = 1) -> None:
+        """Raise UserError naming the key to fix when a value is out of range, the batch does not
+        split over `dp` replicas or the sequence over `sequence_shards` TP ranks (sequence parallelism)."""
         check_ranges(self, "train.")
         if self.steps < 1:
             raise UserError(f"train.steps must be at least 1, got {self.steps}")
+        if self.seq_length % sequence_shards:
+            raise UserError(f"train.seq_length={self.seq_length} is not a multiple of tp={sequence_shards}: training "
+                            f"at tp > 1 splits every sequence over the TP ranks (sequence parallelism)")
         if self.spike.action not in SPIKE_ACTIONS:
             raise UserError(f"train.spike.action={self.spike.action!r} is not one of {', '.join(SPIKE_ACTIONS)}")
         if self.global_batch_size % (self.micro_batch_size * dp):

@@ -83,7 +83,7 @@ class Trainer:
                  output_dir: str | Path, *, export_model=None, tokenizer=None, metadata: dict | None = None,
                  signature: dict | None = None):
         self.layout = parallel.layout()
-        train.validate(self.layout.dp)
+        train.validate(self.layout.dp, self.layout.tp if module.config.sequence_parallel else 1)
         optim.validate(train.steps)
         self.module, self.loss, self.data = module, loss, data
         self.train_cfg, self.optim_cfg = train, optim
@@ -97,9 +97,9 @@ class Trainer:
         if module.config.num_moe_experts and self.layout.tp > 1 and not module.config.sequence_parallel:
             # megatron's MoE layer refuses it too, as "performance may degrade": without sequence
             # parallelism its all-gathered tokens repeat once per TP rank, and so do expert gradients.
-            raise UserError(f"training a mixture-of-experts model at tp={self.layout.tp} needs sequence parallelism, "
-                            f"which nemo-minitron does not run yet: use tp=1 and split the experts with ep= "
-                            f"(and the layers with pp=)")
+            raise UserError(f"training a mixture-of-experts model at tp={self.layout.tp} needs sequence parallelism: "
+                            f"build it with sequence_parallel=True (build_gpt_model, checkpoint.load_checkpoint; "
+                            f"the training stages do at tp > 1)")
         self.ddp = wrap_data_parallel(module)
         dtype = module.config.params_dtype
         name = str(dtype).removeprefix("torch.")

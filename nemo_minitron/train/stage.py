@@ -54,7 +54,8 @@ def start_run(cfg: TrainingStageConfig, stage: str, inputs: Iterable[str | Path 
     """Check the run's settings, then claim `cfg.output_dir` for a run of `stage` with them and the
     content of its input `checkpoints` (config keys) (collective, after `parallel.initialize`; see
     `outputs.claim_output`). Returns the earlier result if that run has finished, else None."""
-    cfg.train.validate(parallel.layout().dp)
+    layout = parallel.layout()
+    cfg.train.validate(layout.dp, layout.tp)
     cfg.optim.validate(cfg.train.steps)
     settings = settings_of(cfg, ignore=[f"train.{key}" for key in CADENCE_KEYS], inputs=checkpoints)
     claim_output(cfg.output_dir, stage, inputs, settings=settings, overwrite=cfg.overwrite, own=RUN_ENTRIES)
@@ -70,6 +71,14 @@ def finished(output_dir: str | Path) -> dict[str, Any] | None:
     if not checkpoint.is_complete(final):
         return None
     return {**result(checkpoint.read_metadata(final)["result"]), "already_complete": True}
+
+
+def load_for_training(path: str | Path, cfg: TrainingStageConfig):
+    """A model of a training run (the trained one, or a frozen teacher or reference beside it),
+    sequence parallel at tp > 1 as megatron trains there: activations outside attention and MLP
+    split along the sequence over the TP ranks, which an MoE's experts need (each rank routes its
+    own tokens) and which cuts activation memory by TP (collective)."""
+    return checkpoint.load_checkpoint(path, params_dtype=cfg.torch_dtype, sequence_parallel=parallel.layout().tp > 1)
 
 
 def training_data(cfg: TrainingStageConfig, tokenizer) -> TrainingData:
