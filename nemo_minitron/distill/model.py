@@ -80,6 +80,7 @@ class DistillationModel(torch.nn.Module):
                             f"(sequence_parallel={teacher.config.sequence_parallel}) must both be built with "
                             f"sequence parallelism or both without")
         self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.tp = ps.get_tensor_model_parallel_world_size()
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.pairs = tuple(pairs)
         for pair in self.pairs:
@@ -159,7 +160,6 @@ class DistillationModel(torch.nn.Module):
         loss is the mean of the ranks' means (all-reduced; the backward keeps each rank's own
         1/tp share), and a projection's gradient, from this rank's tokens only, is summed over TP by
         `finalize_model_grads` (its weight is marked `sequence_parallel`)."""
-        from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
         if self._received_losses is not None:
@@ -172,7 +172,7 @@ class DistillationModel(torch.nn.Module):
                 hidden = self.projections[str(i)](hidden)
             loss = cosine_loss(hidden, self._captured[("teacher", i)])
             if self.sequence_parallel:
-                loss = reduce_from_tensor_model_parallel_region(loss) / ps.get_tensor_model_parallel_world_size()
+                loss = reduce_from_tensor_model_parallel_region(loss) / self.tp
             one_hot = torch.zeros(len(self.pairs), device=like.device)
             one_hot[i] = 1.0
             losses = losses + one_hot * loss

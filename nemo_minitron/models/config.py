@@ -71,6 +71,16 @@ def family_of(normalization: str | None, activation: str | None, qkv_bias: bool 
                  and (name in FAMILY_MOE) == moe and FAMILY_MOE.get(name, False) == shared_expert), None)
 
 
+def no_family_problem(normalization: str, activation: str, named: str, spellings: tuple[str, str, str]) -> str:
+    """The problem phrase for `normalization` + `activation` layers with the extras `named` (as the
+    source lists them) that `family_of` matches to no family; `spellings` are the source's names for
+    QKV biases, query/key norms and experts."""
+    qkv_bias, qk_norm, experts = spellings
+    return (f"{normalization} + {activation} layers with {named}, which no Hugging Face family has (RMSNorm + swiglu "
+            f"take {qkv_bias} (Qwen2) or {qk_norm} (Qwen3); with {experts}, {qk_norm} (Qwen3-MoE), {qkv_bias} with a "
+            f"gated shared expert (Qwen2-MoE) or neither (Mixtral))")
+
+
 def computes_alike(family: str, other: str) -> bool:
     """Whether two families' layers compute the same (Llama and Mistral do; Qwen3 and Qwen3-MoE do not)."""
     return (FAMILY_LAYERS[family][:2] == FAMILY_LAYERS[other][:2] and family_attention(family) == family_attention(other)

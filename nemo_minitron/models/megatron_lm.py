@@ -45,7 +45,8 @@ import torch
 
 from nemo_minitron import parallel
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import FAMILY_MOE, ModelArch, family_attention, family_of, family_of_layers
+from nemo_minitron.models.config import (FAMILY_MOE, ModelArch, family_attention, family_of, family_of_layers,
+                                         no_family_problem)
 from nemo_minitron.models.saved_weights import (check_padded_vocab, check_saved_shapes, common_state_readable,
                                                 load_model_weights, saved_shapes, shift_norm_weights,
                                                 te_spec_sharded_state)
@@ -218,10 +219,7 @@ def _problems(args: argparse.Namespace) -> list[str]:
     elif _family(args) is None:
         flags = ("--add-qkv-bias", "--qk-layernorm", "--num-experts", "--moe-shared-expert-intermediate-size")
         named = ", ".join(flag for flag, on in zip(flags, _extras(args)) if on)
-        problems.append(f"{layers[0]} + {activation} layers with {named}, which no Hugging Face family has "
-                        f"(RMSNorm + swiglu take --add-qkv-bias (Qwen2) or --qk-layernorm (Qwen3); with --num-experts, "
-                        f"--qk-layernorm (Qwen3-MoE), --add-qkv-bias with a gated shared expert (Qwen2-MoE) or "
-                        f"neither (Mixtral))")
+        problems.append(no_family_problem(*layers, named, flags[:3]))
     if getattr(args, "num_experts", None):
         problems += _moe_problems(args)
     return problems

@@ -44,7 +44,7 @@ from nemo_minitron import parallel
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.bridge import local_parameters
 from nemo_minitron.models.config import (_MEGATRON_LLAMA3_ROPE, FAMILY_MOE, ModelArch, computes_alike, family_attention,
-                                         family_of, family_of_layers)
+                                         family_of, family_of_layers, no_family_problem)
 from nemo_minitron.models.gpt import moe_problems
 from nemo_minitron.models.hf_io import make_portable
 from nemo_minitron.models.saved_weights import (check_padded_vocab, check_saved_shapes, common_state_readable,
@@ -151,10 +151,7 @@ def _problems(config: dict[str, Any]) -> list[str]:
                         f"LayerNorm with squared ReLU)")
     elif _family(config) is None:
         named = ", ".join(f"{key}={config.get(key)}" for key in _EXTRAS if config.get(key))
-        problems.append(f"{layers[0]} + {activation} layers with {named}, which no Hugging Face family has "
-                        f"(RMSNorm + swiglu take add_qkv_bias (Qwen2) or qk_layernorm (Qwen3); with num_moe_experts, "
-                        f"qk_layernorm (Qwen3-MoE), add_qkv_bias with a gated shared expert (Qwen2-MoE) or neither "
-                        f"(Mixtral))")
+        problems.append(no_family_problem(*layers, named, _EXTRAS[:3]))
     if config.get("num_moe_experts"):
         problems += moe_problems(types.SimpleNamespace(**config))
     return problems
@@ -366,7 +363,10 @@ def _nemo_config(arch: ModelArch, dtype: torch.dtype):
         fields["window_size"] = None
     if arch.family == "llama" and arch.rope_scaling_factor is not None:
         config_class, fields["scale_factor"] = "Llama31Config", arch.rope_scaling_factor
-    return functools.reduce(getattr, model_class.split("."), llm), functools.reduce(getattr, config_class.split("."), llm)(**fields)
+    def in_llm(path: str):
+        return functools.reduce(getattr, path.split("."), llm)
+
+    return in_llm(model_class), in_llm(config_class)(**fields)
 
 
 def write_context(arch: ModelArch, tokenizer_dir: Path, context_dir: Path, dtype: torch.dtype) -> None:
