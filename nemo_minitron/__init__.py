@@ -16,55 +16,61 @@ Each stage of the Minitron job is also one library function over a typed config
 ...), which the `minitron` command line composes from YAML and calls.
 """
 
-from nemo_minitron import parallel
-from nemo_minitron.align.stage import AlignConfig, GenerateConfig, align_checkpoint, generate_text
-from nemo_minitron.checkpoint import load_checkpoint, load_weights, save_checkpoint, verify_checkpoint
-from nemo_minitron.convert import (
-    CheckConfig,
-    ExportHFConfig,
-    ExportMegatronConfig,
-    ExportNeMoConfig,
-    ImportConfig,
-    check_checkpoint,
-    export_hf,
-    export_megatron,
-    export_nemo,
-    import_checkpoint,
-)
-from nemo_minitron.distill import (
-    DistillationLoss,
-    DistillationModel,
-    LayerPair,
-    LogitLoss,
-    TeacherCache,
-    TopKTeacher,
-    write_teacher_cache,
-)
-from nemo_minitron.distill.stage import (
-    DistillConfig,
-    TeacherCorrectConfig,
-    TeacherLogitsConfig,
-    cache_teacher_logits,
-    correct_teacher,
-    distill_checkpoint,
-)
-from nemo_minitron.errors import UserError
-from nemo_minitron.eval.perplexity import evaluate_perplexity
-from nemo_minitron.eval.stage import EvalConfig, evaluate_checkpoint
-from nemo_minitron.importance import (
-    Aggregation,
-    ImportanceScores,
-    contiguous_block_scores,
-    estimate_importance,
-    layer_loss_scores,
-    loss_metric,
-    perplexity_loop,
-)
-from nemo_minitron.models.config import ModelArch
-from nemo_minitron.models.gpt import arch_of, build_gpt_model
-from nemo_minitron.pipeline import PipelineConfig, run_pipeline
-from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
-from nemo_minitron.search.stage import SearchConfig, search_architecture
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # megatron-core warns at import, module by module, that Transformer Engine and Apex are absent
+    # (always so on CPU): eight lines of noise before anything else; `minitron` says it in one line.
+    _warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    from nemo_minitron import parallel
+    from nemo_minitron.align.stage import AlignConfig, GenerateConfig, align_checkpoint, generate_text
+    from nemo_minitron.checkpoint import load_checkpoint, load_weights, save_checkpoint, verify_checkpoint
+    from nemo_minitron.convert import (
+        CheckConfig,
+        ExportHFConfig,
+        ExportMegatronConfig,
+        ExportNeMoConfig,
+        ImportConfig,
+        check_checkpoint,
+        export_hf,
+        export_megatron,
+        export_nemo,
+        import_checkpoint,
+    )
+    from nemo_minitron.distill import (
+        DistillationLoss,
+        DistillationModel,
+        LayerPair,
+        LogitLoss,
+        TeacherCache,
+        TopKTeacher,
+        write_teacher_cache,
+    )
+    from nemo_minitron.distill.stage import (
+        DistillConfig,
+        TeacherCorrectConfig,
+        TeacherLogitsConfig,
+        cache_teacher_logits,
+        correct_teacher,
+        distill_checkpoint,
+    )
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.eval.perplexity import evaluate_perplexity
+    from nemo_minitron.eval.stage import EvalConfig, evaluate_checkpoint
+    from nemo_minitron.importance import (
+        Aggregation,
+        ImportanceScores,
+        contiguous_block_scores,
+        estimate_importance,
+        layer_loss_scores,
+        loss_metric,
+        perplexity_loop,
+    )
+    from nemo_minitron.models.config import ModelArch
+    from nemo_minitron.models.gpt import arch_of, build_gpt_model
+    from nemo_minitron.pipeline import PipelineConfig, run_pipeline
+    from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
+    from nemo_minitron.search.stage import SearchConfig, search_architecture
 
 # Bound last: `nemo_minitron.prune` is the one-call pruning function (the subpackage of the same
 # name stays importable as `nemo_minitron.prune.<module>` through `from ... import`).

@@ -186,6 +186,7 @@ def verify_checkpoint(path: str | Path, checksums: bool = True) -> dict[str, Any
             problems += _file_problems(path, mine, checksums=True)
     if not problems:
         problems += _shape_problems(path, arch)
+    problems += _tokenizer_problems(path)
     if dist.is_initialized():
         gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
         dist.all_gather_object(gathered, problems)
@@ -199,13 +200,35 @@ def verify_checkpoint(path: str | Path, checksums: bool = True) -> dict[str, Any
             "tensors": len(checkpoint_shapes(arch)), **arch.shape()}
 
 
+def _tokenizer_problems(path: Path) -> list[str]:
+    """The JSON files of the checkpoint's tokenizer (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json, ...) readable as JSON, each problem naming the file. (A checkpoint may
+    be saved without a tokenizer; `load_tokenizer` says so when one is needed.)"""
+    problems = []
+    for file in sorted((path / TOKENIZER_DIR).glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            problems.append(f"{file} is not readable JSON ({type(err).__name__}: {str(err).splitlines()[0]})")
+    return problems
+
+
 def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer; a damaged one is a CheckpointError naming the file, not a
+    traceback from transformers."""
     from transformers import AutoTokenizer
 
-    tok_dir = Path(path) / TOKENIZER_DIR
-    if not tok_dir.is_dir():
+    path = Path(path)
+    if not (path / TOKENIZER_DIR).is_dir():
         raise CheckpointError(f"checkpoint={path} has no tokenizer/ directory")
-    return AutoTokenizer.from_pretrained(str(tok_dir))
+    problems = _tokenizer_problems(path)
+    if problems:
+        raise CheckpointError(f"checkpoint={path} has a damaged tokenizer: {problems[0]}")
+    try:
+        return AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
+    except Exception as err:  # noqa: BLE001 - whatever transformers makes of files it cannot use
+        raise CheckpointError(f"checkpoint={path}: its tokenizer/ does not load ({type(err).__name__}: "
+                              f"{(str(err).splitlines() or [''])[0]})") from err
 
 
 def load_dist_weights(model, path: Path) -> None:

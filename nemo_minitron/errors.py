@@ -5,7 +5,9 @@ as one `error: ...` line and exits 2. It subclasses ValueError so that library c
 ValueError keep working. `TrainingDiverged` stops a training stage at the first non-finite loss or
 gradient norm (exit 3). A training stage stopped by a pre-emption signal after saving a checkpoint
 returns `interrupted: true` and the command exits 75 (EX_TEMPFAIL: run it again to resume), so
-`minitron distill ... && minitron export-hf ...` does not go on to a `final/` that does not exist.
+`minitron distill ... && minitron export-hf ...` does not go on to a `final/` that does not exist;
+stopped by Ctrl-C it does the same and exits 130 (128 + SIGINT, the shell's code for it), also when a
+second Ctrl-C or one outside training aborts without a checkpoint.
 Anything else that escapes a stage is a bug in nemo-minitron or a library below it and keeps its
 traceback.
 """
@@ -13,6 +15,7 @@ traceback.
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 75
+EXIT_KEYBOARD_INTERRUPT = 130
 
 
 class UserError(ValueError):

@@ -37,8 +37,12 @@ _METADATA_FILE = "metadata.json"  # checkpoint.METADATA_FILE (checkpoint imports
 UNRECORDED_KEYS = frozenset({"output_dir", "work_dir", "overwrite", "tp", "pp", "progress_bar"})
 
 
-def _resolved(path: str | Path) -> Path:
-    return Path(path).expanduser().resolve()
+def _resolved(path: str | Path, key: str = "path") -> Path:
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as err:  # a symbolic link loop: RuntimeError up to Python 3.12, OSError after
+        raise UserError(f"{key}={path} cannot be resolved ({err}): a symbolic link that points back at itself? "
+                        f"Remove or fix the link, or choose another {key}") from None
 
 
 def _record(path: Path) -> dict[str, Any]:
@@ -107,7 +111,7 @@ def check_output(path: str | Path, stage: str, inputs: Iterable[str | Path | Non
                  own: Iterable[str] | None = None) -> Path:
     """The resolved `path` if `stage` may write it with `settings` (see the module docstring);
     UserError otherwise. `own`: the entries the stage writes, which `overwrite` may replace."""
-    out = _resolved(path)
+    out = _resolved(path, key)
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
         raise UserError(f"{key}={path} is the current directory or one above it: {stage} would write into "

@@ -8,33 +8,24 @@
 #   bash scripts/compat.sh 0.15.3             # make or update the venv, run the core tests
 #   bash scripts/compat.sh 0.15.3 --no-tests  # only make the venv (scripts/install.sh does this)
 #
-# Idempotent: a venv whose recorded install line matches is reused without calling pip.
-# torch 2.13.0 (the CPU build here) goes in first and stays pinned on the next pip line, so no
-# dependency can pull a CUDA wheel or another torch.
+# Idempotent and pinned to the torch CPU build as every venv here (scripts/venv.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/venv.sh
 USAGE="usage: scripts/compat.sh MEGATRON_CORE_VERSION [--no-tests]"
 MCORE=${1:?$USAGE}
 TESTS=${2:-}
 case "$TESTS" in ""|--no-tests) ;; *) echo "$USAGE" >&2; exit 2 ;; esac
 VENV=.venv-mcore-$MCORE
-PY=${PYTHON:-python3}
-PACKAGES=(-e . "megatron-core==$MCORE" "transformers==4.57.*" torch==2.13.0 pytest pytest-timeout)
+PACKAGES=(-e . "megatron-core==$MCORE" "transformers==4.57.*" pytest pytest-timeout filelock)
 # NeMo 2.7.3 (the last release with the LLM collection) pins megatron-core 0.15.x; it needs numpy 1
 # and cannot resolve the newest pyarrow / leptonai on its own.
 if [ "$MCORE" = 0.15.3 ]; then
   PACKAGES+=("nemo_toolkit[nlp,run]==2.7.3" "numpy<2" "pyarrow<23" "leptonai<0.47")
 fi
-# Reinstall when the request or the project's dependencies change.
-STAMP="${PACKAGES[*]} $(sha256sum pyproject.toml | cut -c1-16)"
-if [ "$(cat "$VENV/.compat-stamp" 2>/dev/null)" != "$STAMP" ]; then
-  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
-  "$VENV/bin/pip" install -q --disable-pip-version-check "${PACKAGES[@]}"
-  echo "$STAMP" > "$VENV/.compat-stamp"
-fi
+install_venv "$VENV" "${PACKAGES[@]}"
 [ "$TESTS" = --no-tests ] && exit 0
 "$VENV/bin/python" -c 'import megatron.core, transformers, torch; print("megatron-core", megatron.core.__version__, "transformers", transformers.__version__, "torch", torch.__version__)'
 start=$(date +%s)
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_bridge.py tests/test_parallel.py tests/test_checkpoint.py
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "" tests/test_bridge.py tests/test_parallel.py tests/test_checkpoint.py
 echo "megatron-core $MCORE: core tests passed in $(( $(date +%s) - start )) s"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-# The venv scripts/install.sh makes with `scripts/compat.sh 0.15.3 --no-tests`: megatron-core 0.15.3,
+# The venv scripts/test.sh makes with `scripts/compat.sh 0.15.3 --no-tests`: megatron-core 0.15.3,
 # transformers 4.57 and NeMo 2.7.3, the stack of the NGC NeMo containers (the `compat_python` fixture).
 COMPAT_MCORE = "0.15.3"
 COMPAT_PYTHON = Path(__file__).parents[1] / f".venv-mcore-{COMPAT_MCORE}" / "bin" / "python"

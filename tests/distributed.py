@@ -3,6 +3,11 @@
 `run_distributed(fn, world_size=4, tp=2, pp=2, args=(...))` (and `ep=` for expert parallelism) spawns the processes, initialises
 `nemo_minitron.parallel` in each, calls `fn(*args)` and returns the per-rank results in rank
 order. A failure on any rank is re-raised in the test with that rank's traceback.
+
+A world of one runs in the test's own process (a process costs ~5 s of imports; `parallel` makes a
+plain process a world of one): arguments and results still travel by value, torch runs one thread
+as in a spawned rank, and megatron's groups are torn down afterwards. `spawn=True` forces a
+process where the test needs one of its own (signals, peak memory).
 """
 
 from __future__ import annotations
@@ -66,9 +71,39 @@ def _worker(rank: int, world_size: int, port: int, tp: int, pp: int, ep: int, fn
         parallel.destroy()
 
 
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")
+
+
+def _in_process(fn: Callable, tp: int, pp: int, ep: int, args: Sequence) -> list[Any]:
+    """A world of one in this process, as `_worker` would run it."""
+    import torch
+
+    from nemo_minitron import parallel
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # A plain process is a world of one only without a launcher's variables (parallel.initialize).
+    launcher = {key: os.environ.pop(key) for key in _LAUNCHER_VARIABLES if key in os.environ}
+    try:
+        parallel.initialize(tp=tp, pp=pp, ep=ep)
+        result = pickle.dumps(fn(*pickle.loads(pickle.dumps(args))))
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001 - reported as a spawned rank's failure is
+        raise RuntimeError(f"rank 0 failed:\n{traceback.format_exc()}") from None
+    finally:
+        parallel.destroy()
+        torch.set_num_threads(threads)
+        os.environ.update(launcher)
+    return [pickle.loads(result)]
+
+
 def run_distributed(
-    fn: Callable, world_size: int, tp: int = 1, pp: int = 1, args: Sequence = (), timeout: float = 600, ep: int = 1
+    fn: Callable, world_size: int, tp: int = 1, pp: int = 1, args: Sequence = (), timeout: float = 600, ep: int = 1,
+    spawn: bool = False,
 ) -> list[Any]:
+    if world_size == 1 and not spawn:
+        return _in_process(fn, tp, pp, ep, args)
     # Not daemonic: megatron's checkpoint writer starts worker processes of its own.
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

@@ -1,4 +1,4 @@
-"""NeMo 2's own conversions, run by NeMo itself (nemo_toolkit 2.7.3 in the venv scripts/install.sh
+"""NeMo 2's own conversions, run by NeMo itself (nemo_toolkit 2.7.3 in the venv scripts/test.sh
 makes), as the independent side of tests/test_nemo2.py. It imports nothing from nemo_minitron.
 
     python tests/nemo_driver.py import-hf HF_DIR NEMO_DIR [HF_DIR NEMO_DIR ...]   # llm.import_ckpt: HF -> NeMo 2

@@ -165,6 +165,7 @@ ALIGN_ARGS = ("train.seq_length=176", "train.global_batch_size=8", "train.micro_
               "builtin.train_examples=128", "builtin.heldout_examples=32")
 
 
+@pytest.mark.slow
 def test_sft_lowers_heldout_response_loss(embedded):
     from commands import last_json, minitron
 
@@ -174,6 +175,7 @@ def test_sft_lowers_heldout_response_loss(embedded):
     assert result["heldout_response_loss_after"] < result["heldout_response_loss_before"] - 1.0
 
 
+@pytest.mark.slow
 def test_dpo_raises_heldout_preference_accuracy(embedded):
     from commands import last_json, minitron
 

@@ -56,7 +56,7 @@ def ours(kind: str):
     return loss.detach(), policy.grad, metrics
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_losses_and_grads_equal_reference(tp):
     for kind in KINDS:
         policy = POLICY.double().clone().requires_grad_(True)

@@ -15,7 +15,8 @@ import torch
 
 from commands import ENV, last_json, minitron
 from nemo_minitron import checkpoint
-from tiny import tiny_arch, write_hf_dir, write_sentence_docs
+from shared import copy_tiny_teacher
+from tiny import tiny_arch, write_sentence_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_MARK = "<!-- example: prune_example.py"
@@ -70,6 +71,7 @@ def calib(tmp_path_factory) -> Path:
     return write_sentence_docs(tmp_path_factory.mktemp("api_calib") / "calib.jsonl", 48)
 
 
+@pytest.mark.slow
 def test_api_example_on_smollm2_equals_the_cli(tmp_path, calib, embedded_teacher):
     teacher = embedded_teacher
     target = {"ffn_hidden_size": 768, "num_layers": 24}
@@ -81,13 +83,12 @@ def test_api_example_on_smollm2_equals_the_cli(tmp_path, calib, embedded_teacher
 
 
 @pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("api_tiny")
-    write_hf_dir(root / "hf", tiny_arch(tie=True))  # 2 query groups: TP=2 splits them
-    minitron("import", f"hf_path={root / 'hf'}", f"output_dir={root / 'teacher'}")
-    return root / "teacher"
+def tiny_teacher(tmp_path_factory, tiny_teacher_source) -> Path:
+    # tiny_arch(tie=True): 2 query groups, which TP=2 splits
+    return copy_tiny_teacher(tiny_teacher_source, tmp_path_factory.mktemp("api_tiny"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [{"TP": "2"}, {"PP": "2"}], ids=["tp2", "pp2"])
 def test_api_example_at_tp2_and_pp2_equals_the_cli_at_tp1(tmp_path, tiny_teacher, calib, layout):
     target = {"ffn_hidden_size": 48, "hidden_size": 48, "num_layers": 2, "num_attention_heads": 2}
@@ -185,6 +186,7 @@ def test_load_weights_checks_the_architecture(tiny_teacher, tmp_path):
         mt.load_weights(wrong, tmp_path)
 
 
+@pytest.mark.slow
 def test_non_editable_install_finds_its_configs(tmp_path):
     """`pip install .` (no -e) into a target directory: `minitron prune --help` composes the YAML
     that ships inside the package."""
@@ -199,3 +201,12 @@ def test_non_editable_install_finds_its_configs(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "nemo_minitron.cli.main", "prune", "--help"], capture_output=True,
                                text=True, env=env, cwd=tmp_path, check=True, timeout=300).stdout
     assert "num_samples: 256" in help_text and "target:" in help_text
+
+
+def test_float_settings_compare_within_float32_rounding():
+    """A caller's config with the published norm epsilon (1e-5) is the checkpoint's, whose value
+    went through float32 (9.999999747378752e-06); another epsilon is a difference."""
+    arch = tiny_arch()
+    assert arch.differences(arch.replace(norm_eps=float(torch.tensor(1e-5, dtype=torch.float32)))) == []
+    assert arch.differences(arch.replace(norm_eps=1e-6, rope_theta=10000)) == ["rope_theta=50000.0 vs 10000",
+                                                                              "norm_eps=1e-05 vs 1e-06"]

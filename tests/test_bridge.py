@@ -41,6 +41,7 @@ def test_logits_match_transformers_tp1(tie, rope_scaling, family):
         assert torch.equal(regathered[name], tensor), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,family", [(2, 1, "llama"), (1, 2, "llama"), (2, 2, "llama"), (2, 2, "nemotron")])
 def test_logits_match_transformers_parallel(tp, pp, family):
     arch = tiny_arch(tie=family == "llama", family=family)

@@ -26,6 +26,7 @@ def load_and_gather(path):
     return bridge.gather_global(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "tie,save_layout,load_layout", [(True, (2, 1), (1, 2)), (False, (2, 2), (1, 1)), (True, (1, 1), (2, 2))]
 )

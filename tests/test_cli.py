@@ -36,6 +36,7 @@ def text_file(tmp_path_factory) -> Path:
     return write_sentence_docs(path, 12)
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_and_reimports_exactly(hf_dir, imported, tmp_path):
     exported = tmp_path / "export"
     minitron("export-hf", f"checkpoint={imported}", f"output_dir={exported}")
@@ -56,6 +57,7 @@ def test_export_loads_in_transformers_and_reimports_exactly(hf_dir, imported, tm
     assert all(torch.equal(first[k], third[k]) for k in first)
 
 
+@pytest.mark.slow
 def test_eval_matches_transformers_at_tp1_and_tp2(hf_dir, imported, text_file):
     args = ("eval", f"checkpoint={imported}", f"data={text_file}", "seq_len=32", "micro_batch_size=2")
     tp1 = last_json(minitron(*args))
@@ -75,6 +77,9 @@ def test_eval_matches_transformers_at_tp1_and_tp2(hf_dir, imported, text_file):
         (("eval", "data=x.txt"), "missing required key: set checkpoint="),
         (("import", "hf_path=/nonexistent", "output_dir=/tmp/x"), "hf_path=/nonexistent has no config.json"),
         (("import", "model=nope", "output_dir=/tmp/x"), "model=nope is not a built-in model"),
+        (("eval", "checkpoint=/tmp/café", "data=x.txt"),
+         """cannot parse 'checkpoint=/tmp/café': quote a value with spaces, non-ASCII letters or other special """
+         """characters, e.g. checkpoint="/tmp/café" """),
         (("import", "hf_path=HF", "output_dir=/tmp/x", "tp=2"), "tp=2 x pp=1 does not divide the world size 1"),
         (("pipeline", "--config-name", "recipes/mn_minitron_8b"), "no teacher: set teacher.hf_path=DIR"),
         (("pipeline", "--config-name", "recipes/mn_minitron_8b", "teacher.hf_path=/m"),
@@ -87,6 +92,8 @@ def test_bad_input_is_one_clear_line(args, message, hf_dir):
     assert proc.stderr.strip().splitlines()[-1] == f"error: {proc.stderr.strip().splitlines()[-1][7:]}"
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+    # megatron's warnings about absent Transformer Engine / Apex: one line of ours, not eight of its
+    assert "UserWarning" not in proc.stderr and proc.stderr.count("Transformer Engine and Apex are not installed") <= 1
 
 
 def test_wrong_architecture_and_vocab_mismatch(tmp_path, hf_dir):
@@ -103,6 +110,7 @@ def test_wrong_architecture_and_vocab_mismatch(tmp_path, hf_dir):
     assert proc.returncode == 2 and "tokenizer" in proc.stderr and "vocab_size is 300" in proc.stderr
 
 
+@pytest.mark.slow
 def test_tp_must_divide_query_groups(hf_dir, imported, text_file):
     # tiny_arch has 2 query groups; 4 processes at tp=4 cannot split them
     proc = minitron("eval", f"checkpoint={imported}", f"data={text_file}", "seq_len=64", "tp=4", nproc=4, check=False)
@@ -111,6 +119,7 @@ def test_tp_must_divide_query_groups(hf_dir, imported, text_file):
     assert "nemo_minitron/" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     """The README's main job at a tiny size: SmolLM2 from GGUF, the Debian corpus, prune, distill,
     export, evaluate. Every stage leaves its output; the teacher's held-out perplexity equals
@@ -159,6 +168,7 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     assert again["student"]["heldout_perplexity"] == summary["student"]["heldout_perplexity"]
 
 
+@pytest.mark.slow
 def test_pipeline_searches_instead_of_pruning(hf_dir, tmp_path):
     """search.enabled=true: the search's winner under the budget is the student the pipeline distils,
     exports and evaluates (the tiny teacher on a corpus of the user's file alone)."""
@@ -231,3 +241,21 @@ def test_pipeline_stops_at_a_stage_interrupted_by_preemption(imported, text_file
     result = run_pipeline(PipelineConfig(work_dir=str(work), corpus=CorpusConfig(sources=[], user_paths=[str(text_file)])))
     assert result == {"status": "interrupted", "interrupted": True, "stage": "distill", "work_dir": str(work)}
     assert called == ["distill"] and not (work / "results.json").exists()
+
+
+def test_harness_tasks_without_lm_eval_say_how_to_install_it(monkeypatch, tmp_path):
+    """lm-evaluation-harness is the `eval` extra, not part of the main job's install."""
+    import importlib.util
+    import sys
+
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.eval.stage import EvalConfig, HarnessConfig, evaluate_checkpoint
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` meets where it is not installed
+    with pytest.raises(UserError, match=r"harness.tasks needs lm-evaluation-harness 0.4.13.*pip install -e '.\[eval\]'"):
+        evaluate_checkpoint(EvalConfig(checkpoint=str(tmp_path), harness=HarnessConfig(tasks=["tiny_mc"])))
+    monkeypatch.delitem(sys.modules, "lm_eval")
+    if importlib.util.find_spec("lm_eval") is not None:  # and a missing task directory, before the model loads
+        with pytest.raises(UserError, match=f"harness.include_path={tmp_path / 'tasks'} is not a directory"):
+            evaluate_checkpoint(EvalConfig(checkpoint=str(tmp_path), harness=HarnessConfig(
+                tasks=["tiny_mc"], include_path=str(tmp_path / "tasks"))))

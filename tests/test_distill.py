@@ -19,7 +19,8 @@ import torch
 from distributed import run_distributed
 from nemo_minitron.distill.model import LayerPair, _check_pair, check_same_tokenizer
 from nemo_minitron.models import bridge
-from tiny import SENTENCES, hf_model, keep_layers, tiny_arch, tiny_tokenizer, write_hf_dir
+from shared import copy_tiny_teacher
+from tiny import SENTENCES, hf_model, keep_layers, tiny_arch, tiny_tokenizer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 STEPS = 4
@@ -74,6 +75,7 @@ def reference(tmp_path_factory):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,sequence_parallel", [(2, 1, False), (1, 2, False), (2, 1, True), (2, 2, True)])
 def test_loss_curve_and_weights_match_tp1(reference, tmp_path, tp, pp, sequence_parallel):
     """With sequence parallelism (the training stages' way at tp > 1) each TP rank pairs its half of
@@ -114,7 +116,7 @@ def bf16_distill_run(out: str):
     }
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize("tp,pp", [(1, 1), pytest.param(2, 1, marks=pytest.mark.slow), pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_bf16_tracks_fp32_with_fp32_main_weights(reference, tmp_path, tp, pp):
     ref_metrics, ref_valid, _ = reference
     results = run_distributed(bf16_distill_run, world_size=tp * pp, tp=tp, pp=pp, args=(str(tmp_path),))
@@ -164,6 +166,7 @@ def interrupted_then_resumed(out: str, reference_out: str):
             {k: v.detach().clone() for k, v in uninterrupted.extra.items()})
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoint_and_resume_are_bitwise_exact_at_pp2(tmp_path):
     results = run_distributed(interrupted_then_resumed, world_size=2, pp=2,
                               args=(str(tmp_path / "run"), str(tmp_path / "reference")))
@@ -188,12 +191,10 @@ def _final_weights(*paths: str):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> Path:
+def checkpoints(tmp_path_factory, tiny_teacher_source) -> Path:
     """A tiny teacher checkpoint and a student made from it by depth pruning (layers 0 and 3)."""
     root = tmp_path_factory.mktemp("distill_cli")
-    write_hf_dir(root / "hf", tiny_arch(tie=True))
-    subprocess.run([sys.executable, "-m", "nemo_minitron.cli.main", "import", f"hf_path={root / 'hf'}",
-                    f"output_dir={root / 'teacher'}"], check=True, capture_output=True, env=ENV)
+    copy_tiny_teacher(tiny_teacher_source, root)
     run_distributed(depth_prune, world_size=1, args=(str(root / "teacher"), str(root / "student"), [0, 3]))
     docs = [" ".join(SENTENCES[i % 4:] + SENTENCES[: i % 4]) * 3 for i in range(40)]
     for name, part in (("train", docs[:32]), ("valid", docs[32:])):
@@ -220,32 +221,38 @@ def _distill_command(root: Path, out: Path) -> list[str]:
             "optim.warmup_steps=2", "loss.intermediate=[1:3]", "loss.kind=jsd", "dtype=bfloat16"]
 
 
-def test_killed_distill_command_resumes_to_identical_weights(checkpoints, tmp_path):
-    command = _distill_command(checkpoints, tmp_path / "killed")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    for line in proc.stderr:
-        if "step 3:" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 75, stderr[-3000:]  # EX_TEMPFAIL: checkpointed, run again to resume
-    stopped = json.loads(stdout.strip().splitlines()[-1])
-    assert stopped["interrupted"] and 3 <= stopped["step"] < 30
-    # resuming with other settings is refused, naming the key
-    other = subprocess.run(command + ["optim.lr=5e-4"], capture_output=True, text=True, env=ENV, timeout=300)
-    assert other.returncode == 2 and "optim.lr: 0.0001 -> 0.0005" in other.stderr.splitlines()[-1]
-    resumed = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"(step {stopped['step']})" in resumed.stderr
-    finished = json.loads(resumed.stdout.strip().splitlines()[-1])
+@pytest.mark.slow
+def test_stopped_distill_command_resumes_to_identical_weights(checkpoints, tmp_path):
+    """A pre-emption signal (SIGTERM) and Ctrl-C (SIGINT) each stop `minitron distill` at a checkpoint
+    after the step it is in, without a traceback, exiting 75 and 130; re-run, each resumes to the
+    weights of an uninterrupted run, and resuming with other settings is refused naming the key."""
     uninterrupted = subprocess.run(_distill_command(checkpoints, tmp_path / "whole"), capture_output=True, text=True,
                                    env=ENV, timeout=300)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     expected = json.loads(uninterrupted.stdout.strip().splitlines()[-1])
-    assert finished["step"] == expected["step"] == 30 and finished["valid"] == expected["valid"]
-    [(ours, ref)] = run_distributed(_final_weights, world_size=1,
-                                    args=(str(tmp_path / "killed" / "final"), str(tmp_path / "whole" / "final")))
-    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
+    for sig, code in ((signal.SIGTERM, 75), (signal.SIGINT, 130)):
+        command = _distill_command(checkpoints, tmp_path / sig.name)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        for line in proc.stderr:
+            if "step 3:" in line:
+                proc.send_signal(sig)
+                break
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == code, stderr[-3000:]  # 75 EX_TEMPFAIL (a launcher requeues it), 130 Ctrl-C
+        assert "Traceback" not in stderr
+        stopped = json.loads(stdout.strip().splitlines()[-1])
+        assert stopped["interrupted"] and 3 <= stopped["step"] < 30
+        if sig == signal.SIGTERM:
+            other = subprocess.run(command + ["optim.lr=5e-4"], capture_output=True, text=True, env=ENV, timeout=300)
+            assert other.returncode == 2 and "optim.lr: 0.0001 -> 0.0005" in other.stderr.splitlines()[-1]
+        resumed = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"(step {stopped['step']})" in resumed.stderr
+        finished = json.loads(resumed.stdout.strip().splitlines()[-1])
+        assert finished["step"] == expected["step"] == 30 and finished["valid"] == expected["valid"]
+        [(ours, ref)] = run_distributed(_final_weights, world_size=1,
+                                        args=(str(tmp_path / sig.name / "final"), str(tmp_path / "whole" / "final")))
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours), sig.name
 
 
 def test_tokenizer_mismatch_is_a_clear_error():

@@ -83,7 +83,7 @@ def sharded_cached(specs, k: int):
     return results
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_values_and_grads_equal_full_vocabulary_definition(tp):
     per_rank = run_distributed(sharded, world_size=tp, tp=tp, args=(SPECS,))
     for i, spec in enumerate(SPECS):
@@ -96,7 +96,7 @@ def test_values_and_grads_equal_full_vocabulary_definition(tp):
             assert grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_cached_top_k_equals_online_loss(tp):
     """The teacher's sorted logits, log-partition and tail mass reproduce torch.topk exactly, and
     every top-k loss computed from them (truncated to the loss's k) equals the online loss."""

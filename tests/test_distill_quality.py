@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from distributed import run_distributed
+
+pytestmark = pytest.mark.slow  # minutes on the embedded teacher
 from tiny import keep_layers
 
 KEEP = list(range(6)) + list(range(21, 30))  # drop the contiguous block 6..20: 15 of 30 layers

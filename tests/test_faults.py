@@ -35,7 +35,7 @@ def snapshot(root: Path) -> dict[str, str]:
 def _damaged(teacher: Path, root: Path) -> dict[str, Path]:
     """Copies of `teacher`, each damaged one way."""
     out = {}
-    for name in ("truncated", "deleted", "edited", "missing_field", "bad_json"):
+    for name in ("truncated", "deleted", "edited", "missing_field", "bad_json", "bad_tokenizer"):
         out[name] = root / f"ckpt_{name}"
         shutil.copytree(teacher, out[name])
     shard = sorted((out["truncated"] / "weights").glob("*.distcp"))[0]
@@ -46,6 +46,7 @@ def _damaged(teacher: Path, root: Path) -> dict[str, Path]:
         config = out[name] / "model_config.json"
         config.write_text(json.dumps(change(json.loads(config.read_text()))))
     (out["bad_json"] / "model_config.json").write_text("{\n  num_layers: 4\n")
+    (out["bad_tokenizer"] / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0", "truncated')
     return out
 
 
@@ -63,6 +64,15 @@ def inputs(tmp_path_factory) -> Path:
     pair = {"prompt": "Say hi.", "chosen_response": "Hi!", "rejected_response": "  "}
     (root / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
     (root / "a_file").write_text("not a directory\n")
+    for name, config in (("hf_bad_json", '{"model_type": "llama",'), ("hf_no_sizes", '{"model_type": "llama"}')):
+        shutil.copytree(root / "hf", root / name)
+        (root / name / "config.json").write_text(config)
+    (root / "loop").symlink_to(root / "loop")
+    os.mkfifo(root / "fifo")  # what `data=<(cat file)` passes
+    (root / "empty.jsonl").write_text("")
+    (root / "four_tokens.txt").write_text("The quick")
+    (root / "garbage.idx").write_bytes(b"not an index" * 8)
+    (root / "garbage.bin").write_bytes(b"\0" * 64)
     return root
 
 
@@ -76,6 +86,8 @@ HOSTILE = [
     ("eval-negative-micro-batch", ["eval", "checkpoint=T", "data=R/docs.jsonl", "micro_batch_size=-1"],
      "micro_batch_size=-1 must be positive"),
     ("eval-non-utf8-data", ["eval", "checkpoint=T", "data=R/latin1.txt", "seq_len=64"], "R/latin1.txt:3: not UTF-8 text"),
+    ("eval-data-from-a-pipe", ["eval", "checkpoint=T", "data=R/fifo", "seq_len=16"],
+     "R/fifo is not a regular file (a pipe or process substitution?)"),
     ("eval-fractional-tp", ["eval", "checkpoint=T", "data=R/docs.jsonl", "tp=1.5"],
      "tp: Value '1.5' of type 'float' could not be converted to Integer"),
     ("generate-zero-new-tokens", ["generate", "checkpoint=T", "prompt=hi", "max_new_tokens=0"],
@@ -101,6 +113,16 @@ HOSTILE = [
     ("distill-seq-beyond-positions", ["distill", "teacher=T", "student=T", "output_dir=O", "data.train=R/docs.jsonl",
                                       "train.steps=2", f"train.seq_length={MAX_POSITIONS * 2}"],
      f"train.seq_length={MAX_POSITIONS * 2} exceeds the model's max_position_embeddings"),
+    ("distill-empty-data", ["distill", "teacher=T", "student=T", "output_dir=O", "data.train=R/empty.jsonl",
+                            "train.steps=2", "train.seq_length=32", "optim.warmup_steps=0"],
+     "data.train=R/empty.jsonl holds 0 tokens, fewer than one sequence of train.seq_length=32 + 1"),
+    ("distill-data-shorter-than-a-sequence", ["distill", "teacher=T", "student=T", "output_dir=O",
+                                              "data.train=R/docs.jsonl", "data.valid=R/four_tokens.txt",
+                                              "train.steps=2", "train.seq_length=32", "optim.warmup_steps=0"],
+     "data.valid=R/four_tokens.txt holds 6 tokens, fewer than one sequence of train.seq_length=32 + 1"),
+    ("teacher-correct-garbage-indexed-data", ["teacher-correct", "teacher=T", "output_dir=O", "data.train=R/garbage",
+                                              "train.steps=2", "train.seq_length=32", "optim.warmup_steps=0"],
+     "data.train=R/garbage: R/garbage.idx is not a megatron indexed-dataset index (AssertionError: bad header"),
     ("distill-into-current-directory", ["distill", "teacher=T", "student=T", "output_dir=.", "data.train=R/docs.jsonl",
                                         "train.steps=2", "train.seq_length=32", "optim.warmup_steps=0"],
      "output_dir=. is the current directory"),
@@ -108,6 +130,13 @@ HOSTILE = [
                                   "train.steps=1", "train.micro_batch_size=2", "train.global_batch_size=2",
                                   "train.seq_length=64", "optim.warmup_steps=0"],
      "R/pairs.jsonl:1: field 'rejected_response' is empty"),
+    ("import-config-not-json", ["import", "hf_path=R/hf_bad_json", "output_dir=O"],
+     "hf_path=R/hf_bad_json: R/hf_bad_json/config.json is not valid JSON (JSONDecodeError: Expecting property name"),
+    ("import-config-without-sizes", ["import", "hf_path=R/hf_no_sizes", "output_dir=O"],
+     "hf_path=R/hf_no_sizes: the llama config lacks num_hidden_layers, hidden_size, intermediate_size, "
+     "num_attention_heads, vocab_size"),
+    ("import-into-a-symlink-loop", ["import", "hf_path=R/hf", "output_dir=R/loop/teacher"],
+     "output_dir=R/loop/teacher cannot be resolved"),
     ("import-under-a-file", ["import", "hf_path=R/hf", "output_dir=R/a_file/teacher"],
      "output_dir=R/a_file/teacher cannot be written: R/a_file is a file"),
     ("export-into-its-input", ["export-hf", "checkpoint=T", "output_dir=T"], "output_dir=T overlaps the input T"),
@@ -120,6 +149,11 @@ HOSTILE = [
      "R/ckpt_edited/model_config.json implies decoder.layers.mlp.linear_fc1.weight of shape"),
     ("load-config-missing-field", ["eval", "checkpoint=R/ckpt_missing_field", "data=R/docs.jsonl"],
      "R/ckpt_missing_field/model_config.json: model config lacks the keys ['hidden_size']"),
+    ("check-bad-tokenizer", ["check", "checkpoint=R/ckpt_bad_tokenizer"],
+     "R/ckpt_bad_tokenizer/tokenizer/tokenizer.json is not readable JSON (JSONDecodeError: Unterminated string"),
+    ("export-bad-tokenizer", ["export-hf", "checkpoint=R/ckpt_bad_tokenizer", "output_dir=O"],
+     "checkpoint=R/ckpt_bad_tokenizer has a damaged tokenizer: R/ckpt_bad_tokenizer/tokenizer/tokenizer.json is not "
+     "readable JSON"),
     ("load-config-bad-json", ["check", "checkpoint=R/ckpt_bad_json"],
      "R/ckpt_bad_json/model_config.json is not valid JSON (Expecting property name enclosed in double quotes "
      "at line 2 column 3)"),
@@ -176,6 +210,7 @@ def test_check_verifies_a_sound_checkpoint_and_every_load_checks_it(inputs):
         verify_checkpoint(flipped)
 
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_and_overwrite(inputs, tmp_path):
     """A finished output re-run: same settings do nothing, other settings are refused naming the
     keys, overwrite=true replaces only the stage's own files."""
@@ -232,6 +267,7 @@ def nan_checkpoint(teacher: str, out: str) -> None:
     checkpoint.save_checkpoint(model, out, checkpoint.load_tokenizer(teacher), {"stage": "import"})
 
 
+@pytest.mark.slow
 def test_eval_of_a_nan_model_is_an_error_not_a_number(inputs, tmp_path):
     run_distributed(nan_checkpoint, world_size=1, args=(str(inputs / "teacher"), str(tmp_path / "nan")))
     proc = minitron("eval", f"checkpoint={tmp_path / 'nan'}", f"data={inputs / 'docs.jsonl'}", "seq_len=64",
@@ -287,6 +323,7 @@ class _NoMonitor:
         pass
 
 
+@pytest.mark.slow
 def test_loss_spike_is_skipped_or_stops_the_run(tmp_path):
     [skipped] = run_distributed(spiky_run, world_size=1, args=("skip", 4, str(tmp_path / "skip")))
     assert skipped["skipped"] == 1.0
@@ -338,6 +375,7 @@ def _final_weights(*paths: str):
     return [bridge.gather_global(checkpoint.load_checkpoint(path)) for path in paths]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_leaves_no_process_and_resumes_exactly(inputs, tmp_path):
     # steps 3, 6, 9 save a checkpoint right after their log line: a kill there lands inside a save
     kill_steps = sorted(random.Random(14).sample([2, 3, 5, 6, 8, 9], 2))

@@ -75,7 +75,7 @@ def setup(tmp_path_factory):
     return arch, global_sd, task_dir, reference
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize("tp,pp", [(1, 1), pytest.param(2, 1, marks=pytest.mark.slow), pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_matches_lm_eval_hf_backend(setup, tp, pp):
     arch, global_sd, task_dir, reference = setup
     results = run_distributed(ours, world_size=tp * pp, tp=tp, pp=pp, args=(arch, global_sd, task_dir, 16))
@@ -93,6 +93,7 @@ def test_unknown_task_is_a_clear_error(setup):
         run_harness(None, None, ["no_such_task"], include_path=str(setup[2]))
 
 
+@pytest.mark.slow
 def test_eval_cli_runs_harness_tasks(setup, tmp_path):
     """`minitron eval harness.tasks=[...]` on a checkpoint, next to perplexity, JSON on the last line."""
     from commands import last_json, minitron

@@ -1,7 +1,7 @@
 """Exports every consumer reads, and the older megatron-core.
 
 An export-hf directory (`write_hf_directory` of `global_to_hf`, as the export stage writes it)
-loads under transformers 4.57 (the venv scripts/compat.sh makes and scripts/install.sh installs,
+loads under transformers 4.57 (the venv scripts/compat.sh makes and scripts/test.sh installs,
 with megatron-core 0.15.3) and under this venv's transformers 5 to the megatron model's logits,
 with the same rotary frequencies, token ids and chat template; pruned shapes (hidden 448 with 9
 heads of 64), Qwen2 / Qwen3 and the MoE families included, and the directory reads back bit-exactly. The same venv runs the core
@@ -175,9 +175,10 @@ def test_export_notes_name_what_a_family_class_cannot_hold():
     assert plan(smollm2, PruneSpec(ffn_hidden_size=768, num_layers=24))["hf_export"] == []
 
 
+@pytest.mark.nemo
 @pytest.mark.timeout(1800)
 def test_core_tests_pass_on_megatron_core_0_15_with_transformers_4_57():
-    """scripts/compat.sh in the venv install.sh made: the bridge (against transformers 4.57's
+    """scripts/compat.sh in the venv test.sh made: the bridge (against transformers 4.57's
     models), the parallel schedules and the checkpoints on megatron-core 0.15.3."""
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "compat.sh"), COMPAT_MCORE], cwd=ROOT,
                           capture_output=True, text=True, timeout=1700)

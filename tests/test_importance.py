@@ -285,6 +285,7 @@ def test_taylor_scores_equal_autograd_on_transformers(taylor_run):
             torch.testing.assert_close(scores[name], expected[name], rtol=1e-4, atol=1e-8, msg=f"{arch.family} {name}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (1, 2, 2), (1, 1, 2)])
 def test_taylor_scores_match_across_layouts(taylor_run, tp, pp, world):
     """TP shards, pipeline stages (with the tied embedding's two copies) and data-parallel replicas

@@ -88,7 +88,8 @@ def test_hf_round_trip_is_exact_in_both_expert_layouts(tmp_path):
         assert shapes["decoder.layers.mlp.router.weight"] == (4, 4, 64)
 
 
-@pytest.mark.parametrize("tp,pp,ep", [(1, 1, 1), (2, 2, 1), (2, 1, 2)])
+@pytest.mark.parametrize("tp,pp,ep", [(1, 1, 1), pytest.param(2, 2, 1, marks=pytest.mark.slow),
+                                      pytest.param(2, 1, 2, marks=pytest.mark.slow)])
 def test_logits_match_transformers(tp, pp, ep):
     """All three families in one process group per layout; sharding then gathering is the identity."""
     cases, expected = [], []
@@ -120,6 +121,7 @@ def _load_at(path):
     return bridge.gather_global(checkpoint.load_checkpoint(path))
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_at_ep2_loads_at_tp2_and_tp1(tmp_path):
     arch, hf = teachers()[2]  # Qwen2-MoE: routed and shared experts
     global_sd = bridge.hf_to_global(arch, hf.state_dict())
@@ -272,6 +274,7 @@ def hf_routing(hf, arch, windows) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(counts), torch.stack(mass)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)])
 def test_importance_equals_tp1_and_transformers_routing(tp, ep):
     """Expert, expert-neuron, shared-neuron, head and hidden scores at TP=2 (experts split over
@@ -296,6 +299,7 @@ def test_importance_equals_tp1_and_transformers_routing(tp, ep):
 
 # --- the command line ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_import_prune_export_and_eval_agree_with_transformers(tmp_path):
     """A Qwen3-MoE directory imported, pruned to 3 experts of 16 neurons by activation importance,
     exported: transformers loads the export, and its perplexity on a text equals `minitron eval`'s
@@ -332,6 +336,7 @@ def test_cli_import_prune_export_and_eval_agree_with_transformers(tmp_path):
 
 # --- a real pretrained MoE: the embedded SmolLM2 split into experts -------------------------------
 
+@pytest.mark.slow
 def test_smollm2_split_into_experts_computes_the_dense_model(tmp_path):
     """SmolLM2-135M with every FFN split into 8 experts of 192 neurons (zero router, top-8, down
     projections x 8) computes the dense model: megatron's MoE logits and transformers' Mixtral of the
@@ -393,6 +398,7 @@ def _distill_moe(out: str, sequence_parallel: bool = False):
     return losses, bridge.gather_global(student)
 
 
+@pytest.mark.slow
 def test_distillation_at_ep2_and_sequence_parallel_tp2_equals_tp1(tmp_path):
     """EP=2 (two data-parallel ranks, each holding half of every layer's experts) and TP=2 with
     sequence parallelism (each TP rank routes its half of every sequence; experts, norms and the

@@ -1,4 +1,4 @@
-"""NeMo 2 in and out, against the real NeMo (nemo_toolkit 2.7.3 in the venv scripts/install.sh makes):
+"""NeMo 2 in and out, against the real NeMo (nemo_toolkit 2.7.3 in the venv scripts/test.sh makes):
 NeMo's own `llm.import_ckpt` turns a Hugging Face Llama into a NeMo 2 checkpoint, and
 `minitron import nemo_path=` of it (at TP=1 and TP=2) holds the HF weights and gives the HF logits;
 a pruned student written by `minitron export-nemo` (at TP=2, in NeMo's environment) is restored by

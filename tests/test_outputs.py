@@ -86,12 +86,18 @@ def test_rerunning_a_stage_into_its_own_output_still_works(teacher, tmp_path):
     for _ in range(2):
         export_hf(ExportHFConfig(checkpoint=str(teacher), output_dir=str(out)))
     assert (out / "config.json").is_file() and (out / MARKER_FILE).is_file()
+    # every exported file, weights included, with the permissions of any file this process writes
+    (tmp_path / "plain").write_text("")
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in out.iterdir() if path.is_file()}
+    assert set(modes.values()) == {oct((tmp_path / "plain").stat().st_mode & 0o777)}, modes
+    assert "model.safetensors" in modes
     empty = tmp_path / "empty"
     empty.mkdir()
     export_hf(ExportHFConfig(checkpoint=str(teacher), output_dir=str(empty)))
     assert (empty / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_command_line_reports_one_line_and_distill_refuses_its_student(teacher, tmp_path):
     data = write_sentence_docs(tmp_path / "train.jsonl", 8)
     before = snapshot(teacher)
@@ -120,6 +126,7 @@ def _claim(path: str) -> bool:
     return (Path(path) / MARKER_FILE).is_file()
 
 
+@pytest.mark.slow
 def test_claim_on_several_ranks_sees_no_half_written_marker(tmp_path):
     """Every rank checks the new directory before rank 0 marks it, so no rank mistakes rank 0's
     marker-in-progress for foreign files."""

@@ -35,6 +35,7 @@ def reference():
     return arch, global_sd, loss, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
 def test_grads_match_single_rank(reference, tp, pp):
     arch, global_sd, ref_loss, ref_grads = reference
@@ -53,6 +54,9 @@ def test_grads_match_single_rank(reference, tp, pp):
 def test_srun_without_torchrun_derives_rendezvous(monkeypatch):
     from nemo_minitron import parallel
 
+    # A copy of the environment: what the function sets must not outlive the test (a RANK left
+    # behind would make every later world of one in this process wait for its other ranks).
+    monkeypatch.setattr(parallel.os, "environ", dict(parallel.os.environ))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "3")

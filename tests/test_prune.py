@@ -244,11 +244,13 @@ def layout_reference():
     return _layout_reference("llama")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (1, 2, 2), (2, 2, 4), (1, 1, 2)])
 def test_scores_and_pruned_weights_match_across_layouts(layout_reference, tp, pp, world):
     _check_layout(layout_reference, tp, pp, world)
 
 
+@pytest.mark.slow
 def test_nemotron_scores_and_pruned_weights_match_at_tp2_pp2():
     """LayerNorm biases and the unstrided squared-ReLU fc1 shard and prune like TP=1."""
     _check_layout(_layout_reference("nemotron"), 2, 2, 4)

@@ -15,17 +15,15 @@ from distributed import run_distributed
 from nemo_minitron import checkpoint
 from nemo_minitron.importance import ImportanceScores
 from commands import last_json, minitron
+from shared import copy_tiny_teacher
 from tiny import tiny_arch, write_hf_dir, write_sentence_docs
 
 TARGET = ["target.num_layers=2", "target.hidden_size=48", "target.ffn_hidden_size=64", "target.num_attention_heads=2"]
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prune_cli")
-    write_hf_dir(root / "hf", tiny_arch(tie=True))
-    minitron("import", f"hf_path={root / 'hf'}", f"output_dir={root / 'teacher'}")
-    return root / "teacher"
+def teacher(tmp_path_factory, tiny_teacher_source) -> Path:
+    return copy_tiny_teacher(tiny_teacher_source, tmp_path_factory.mktemp("prune_cli"))
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +37,7 @@ def prune_args(teacher: Path, calib: Path, out: Path, *extra: str) -> list[str]:
             "calib.seq_len=16", "calib.micro_batch_size=2", "loss_samples=4", *extra]
 
 
+@pytest.mark.slow
 def test_prune_writes_checkpoint_report_and_reuses_scores(teacher, calib, tmp_path):
     first = last_json(minitron(*prune_args(teacher, calib, tmp_path / "a", *TARGET)))
     out = tmp_path / "a"
@@ -79,6 +78,7 @@ def test_prune_writes_checkpoint_report_and_reuses_scores(teacher, calib, tmp_pa
     assert not other["importance"]["reused"]
 
 
+@pytest.mark.slow
 def test_scores_are_reused_across_output_dirs_from_the_cache(teacher, calib, tmp_path):
     """A prune of the same teacher content with the same calibration and importance settings into a
     new directory takes the scores from the cache (with the depth scores the first one added);
@@ -110,6 +110,7 @@ def load_both(first, second):
     return tuple(bridge.gather_global(checkpoint.load_checkpoint(path)) for path in (first, second))
 
 
+@pytest.mark.slow
 def test_prune_at_tp2_pp2_equals_tp1(teacher, calib, tmp_path):
     args = [*TARGET, "depth.method=loss"]
     minitron(*prune_args(teacher, calib, tmp_path / "tp1", *args))
@@ -142,6 +143,7 @@ def test_plan_only_counts_without_weights(teacher, tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.slow
 def test_nemotron_import_prune_export_matches_transformers(calib, tmp_path):
     """Nemotron-4 end to end at a tiny size: HF import -> prune (width, heads, depth) -> HF export,
     and the exported model's perplexity in transformers equals `minitron eval` on the checkpoint."""

@@ -10,6 +10,8 @@ import torch
 
 from distributed import run_distributed
 
+pytestmark = pytest.mark.slow  # minutes on the embedded teacher
+
 WIDTH = {"hidden_size": 512, "ffn_hidden_size": 1024, "num_attention_heads": 6}
 DROP = 6  # of 30 layers
 

@@ -115,7 +115,7 @@ def test_hf_roundtrip_exact_and_qkv_bias_is_group_major(family):
         assert shapes["decoder.layers.self_attention.q_layernorm.weight"] == (4, d)
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("tp,pp", [(1, 1), pytest.param(2, 2, marks=pytest.mark.slow)])
 def test_logits_match_transformers(tp, pp):
     """Both families, tied and untied embeddings, in one process group per layout (TP=2 x PP=2:
     QKV biases and q/k norms sharded across TP on both pipeline stages)."""
@@ -269,6 +269,7 @@ def test_magnitude_head_scores_count_the_q_bias():
     assert torch.equal(with_bias.hidden, plain.hidden) and torch.equal(with_bias.neurons, plain.neurons)
 
 
+@pytest.mark.slow
 def test_scores_and_pruned_weights_at_tp2_equal_tp1():
     """Activation scores, then prune_model (gather, surgery, reshard) at TP=2 give TP=1's scores and
     bit-identical pruned weights: the QKV bias shards and prunes with its groups' rows."""
@@ -290,6 +291,7 @@ def _load_all(paths):
     return [load_and_gather(path) for path in paths]
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_at_tp2_loads_at_pp2(tmp_path):
     from nemo_minitron import checkpoint
 
@@ -307,6 +309,7 @@ def test_checkpoint_saved_at_tp2_loads_at_pp2(tmp_path):
                 assert torch.equal(got[name], tensor), name
 
 
+@pytest.mark.slow
 def test_cli_imports_qwen_and_exports_it_to_megatron_lm(tmp_path):
     """`minitron import hf_path=` of a Qwen2 directory gives transformers' weights; export-megatron
     writes it with --add-qkv-bias and re-imports bit-exactly (tests/test_megatron_lm.py checks every

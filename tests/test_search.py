@@ -13,7 +13,8 @@ from nemo_minitron import checkpoint
 from nemo_minitron.prune import PUBLISHED_TEACHERS, count_from_shapes
 from nemo_minitron.search import Budget, SearchSpace, candidate_name, enumerate_candidates
 from commands import last_json, minitron
-from tiny import SENTENCES, tiny_arch, tiny_moe_arch, write_hf_dir
+from shared import copy_tiny_teacher
+from tiny import SENTENCES, tiny_moe_arch, write_hf_dir
 
 LLAMA = PUBLISHED_TEACHERS["llama-3.1-8b"]
 QWEN3_MOE = PUBLISHED_TEACHERS["qwen3-30b-a3b"]
@@ -73,10 +74,9 @@ def test_moe_budget_searches_experts_and_expert_width():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
+def tiny(tmp_path_factory, tiny_teacher_source) -> Path:
     root = tmp_path_factory.mktemp("search")
-    write_hf_dir(root / "hf", tiny_arch(tie=True))
-    minitron("import", f"hf_path={root / 'hf'}", f"output_dir={root / 'teacher'}")
+    copy_tiny_teacher(tiny_teacher_source, root)
     for split, shift in (("calib", 0), ("train", 1), ("valid", 2)):
         docs = [" ".join(SENTENCES[(i + shift) % 4:] + SENTENCES[: (i + shift) % 4]) * 3 for i in range(16)]
         (root / f"{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -96,6 +96,7 @@ def search_args(root: Path, out: Path, *extra: str) -> list[str]:
             "++distill.optim.warmup_steps=0", *extra]
 
 
+@pytest.mark.slow
 def test_search_resumes_ranks_and_dry_runs_slurm(tiny, tmp_path):
     out = tmp_path / "out"
     listed = last_json(minitron(*search_args(tiny, out, "search.list_only=true")))
@@ -130,6 +131,7 @@ def test_search_resumes_ranks_and_dry_runs_slurm(tiny, tmp_path):
     assert last_json(proc)["status"] == "retraining" and last_json(proc)["jobs"] == [second]
 
 
+@pytest.mark.slow
 def test_moe_search_prunes_experts_and_retrains_the_best(tmp_path):
     """A tiny Qwen3-MoE (4 experts of 32, top-2): candidates differ in experts and expert width, the
     best is retrained and its pruned checkpoint is the winner; at tp=2 (retraining with sequence
@@ -165,3 +167,23 @@ def test_moe_search_prunes_experts_and_retrains_the_best(tmp_path):
     for ours, ref in zip(rows_tp2, rows):
         for key in ("zero_shot_loss", "retrained_loss"):
             assert ours[key] == (ref[key] and pytest.approx(ref[key], rel=1e-4)), (ours["name"], key)
+
+
+def test_retraining_settings_are_checked_before_any_candidate_is_pruned(tiny_teacher_source, tmp_path):
+    """A warm-up longer than search.retrain_steps (or a sequence TP cannot split) is refused before
+    the zero-shot prunes, naming the keys, and the output directory is not touched."""
+    from nemo_minitron import UserError, parallel
+    from nemo_minitron.search.space import Budget
+    from nemo_minitron.search.stage import SearchConfig, SearchSettings, search_architecture
+
+    cfg = SearchConfig(checkpoint=str(tiny_teacher_source / "teacher"), output_dir=str(tmp_path / "out"),
+                       budget=Budget(non_embedding_params=6.5e4, tolerance=0.15),
+                       search=SearchSettings(top_k=3, retrain_steps=5))
+    cfg.distill.optim.warmup_steps = 10
+    try:
+        with pytest.raises(UserError, match=r"retraining \(distill\.\* keys, train\.steps = search\.retrain_steps=5\): "
+                                            r"optim\.warmup_steps=10 must be below train\.steps=5"):
+            search_architecture(cfg)
+    finally:
+        parallel.destroy()
+    assert not (tmp_path / "out").exists()

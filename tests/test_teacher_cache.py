@@ -45,10 +45,11 @@ def _data(root: Path) -> dict:
 
 
 def write_cache(root: str, out: str, fail_after: int | None = None, how: str = "crash",
-                file_bytes: int | None = None) -> dict:
+                file_bytes: int | None = None, held_out: bool = True) -> dict:
     """`minitron teacher-logits` in this process; with `fail_after`, after that many micro-batches
     the teacher's top-k fails (`crash`) or the process gets SIGTERM (`sigterm`, as from Slurm);
-    `file_bytes` caps the cache's files (1: one global batch per file)."""
+    `file_bytes` caps the cache's files (1: one global batch per file); `held_out=False` leaves
+    `data.valid` unset."""
     import functools
     import os
     import signal
@@ -56,6 +57,7 @@ def write_cache(root: str, out: str, fail_after: int | None = None, how: str = "
     from nemo_minitron.distill import stage, teacher_cache
     from nemo_minitron.train.config import DataConfig
 
+    originals = {"write_teacher_cache": teacher_cache.write_teacher_cache, "teacher_top_k": teacher_cache.teacher_top_k}
     if file_bytes is not None:
         teacher_cache.write_teacher_cache = functools.partial(teacher_cache.write_teacher_cache, file_bytes=file_bytes)
 
@@ -72,7 +74,7 @@ def write_cache(root: str, out: str, fail_after: int | None = None, how: str = "
 
         teacher_cache.teacher_top_k = failing
     cfg = stage.TeacherLogitsConfig(teacher=str(Path(root) / "teacher"), output_dir=out, top_k=K, dtype="float32",
-                                    data=DataConfig(**_data(Path(root))),
+                                    data=DataConfig(**_data(Path(root)) | ({} if held_out else {"valid": None})),
                                     train=stage.CachedRunConfig(**TRAIN, progress_bar=False))
     from megatron.core import parallel_state as ps
 
@@ -81,6 +83,9 @@ def write_cache(root: str, out: str, fail_after: int | None = None, how: str = "
         return stage.cache_teacher_logits(cfg)
     except RuntimeError as err:
         return {"failed": str(err)}
+    finally:  # a world of one runs in the test's process (distributed.py): leave the module as found
+        for name, value in originals.items():
+            setattr(teacher_cache, name, value)
 
 
 def read_cache(out: str) -> dict[str, list[dict[str, torch.Tensor]]]:
@@ -128,6 +133,7 @@ def test_cache_round_trip_reproduces_the_teachers_top_k_exactly(root):
     assert all(s["loss_mask"].sum() == SEQ for s in train)
 
 
+@pytest.mark.slow
 def test_any_layout_writes_the_same_cache(root, tmp_path):
     [reference] = run_distributed(read_cache, world_size=1, args=(str(root / "cache"),))
     # TP=2 x PP=2; and two data-parallel writers with one global batch per file
@@ -161,9 +167,10 @@ def test_interrupted_write_resumes_to_identical_files(root, tmp_path):
     assert again["already_complete"] and again["tokens_written"] == 0
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_a_finished_batch(root, tmp_path):
     out = tmp_path / "cache"
-    [stopped] = run_distributed(write_cache, world_size=1, args=(str(root), str(out), BATCH + 1, "sigterm"))
+    [stopped] = run_distributed(write_cache, world_size=1, args=(str(root), str(out), BATCH + 1, "sigterm"), spawn=True)
     # the signal arrives in the first training batch, which still finishes
     assert stopped["interrupted"] and stopped["tokens_written"] == 2 * BATCH * SEQ
     assert json.loads((out / "progress.json").read_text()) == {"valid": 1, "train": 1}
@@ -201,6 +208,7 @@ def distill(root: str, out: str, source: str, loss: dict) -> tuple[list[dict], d
     return metrics, bridge.gather_global(checkpoint.load_checkpoint(Path(out) / "final"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fwd_kl", "topk_kl"])
 def test_distilling_from_the_cache_equals_online_top_k_at_tp1_and_tp2(root, tmp_path, kind):
     loss = dict(kind=kind, top_k=K, lm_weight=0.3)
@@ -253,3 +261,45 @@ def test_misuse_of_a_cache_is_refused_naming_the_key(root, tmp_path):
         ({"data.train": "other.jsonl"}, "the samples come from the cache; leave data.train unset"),
     ]
     run_distributed(distill_refuses, world_size=1, args=(str(root), str(tmp_path / "out"), cases))
+
+
+def distill_from_cache(root: str, cache: str, out: str) -> dict:
+    from nemo_minitron.distill.stage import DistillConfig, distill_checkpoint
+    from nemo_minitron.train.config import OptimConfig, TrainConfig
+
+    return distill_checkpoint(DistillConfig(student=str(Path(root) / "student"), teacher_cache=cache, output_dir=out,
+                                            dtype="float32", train=TrainConfig(**TRAIN, progress_bar=False),
+                                            optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1)))
+
+
+def test_a_cache_without_held_out_data_distills_with_the_defaults(root, tmp_path):
+    """`teacher-logits` without data.valid writes no held-out split; `distill teacher_cache=` with
+    the default train.eval_batches then trains without validation, as `distill teacher=` without
+    held-out data does, instead of asking for held-out samples the cache cannot have."""
+    [written] = run_distributed(write_cache, world_size=1, args=(str(root), str(tmp_path / "cache"), None, "crash",
+                                                                 None, False))
+    assert written["samples"] == {"train": STEPS * BATCH}
+    [result] = run_distributed(distill_from_cache, world_size=1,
+                               args=(str(root), str(tmp_path / "cache"), str(tmp_path / "out")))
+    assert result["step"] == STEPS and result["valid"] == {} and (tmp_path / "out" / "final").is_dir()
+
+
+def test_a_truncated_or_missing_cache_file_is_refused_naming_it(root, tmp_path):
+    """Checked when the cache is opened (`distill teacher_cache=` does before any work), not when a
+    run reaches the file."""
+    import shutil
+
+    from nemo_minitron.distill.teacher_cache import TeacherCache
+    from nemo_minitron.errors import UserError
+
+    for damage in ("truncate", "delete"):
+        damaged = tmp_path / damage
+        shutil.copytree(root / "cache", damaged)
+        values = sorted(damaged.rglob("values.npy"))[-1]
+        if damage == "truncate":
+            values.write_bytes(values.read_bytes()[:-100])
+        else:
+            values.unlink()
+        with pytest.raises(UserError, match=f"{values} is damaged or missing"):
+            TeacherCache(damaged)
+    TeacherCache(root / "cache")  # the sound one opens

@@ -75,7 +75,8 @@ def test_lr_warms_up_then_decays_to_min_lr_with_cosine(reference):
     assert all(0 < m["train/grad_norm"] for m in metrics) and all(m["train/tokens_per_s"] > 0 for m in metrics)
 
 
-@pytest.mark.parametrize("world,micro_batch_size", [(1, 4), (2, 1)], ids=["one-micro-batch", "dp2"])
+@pytest.mark.parametrize("world,micro_batch_size", [(1, 4), pytest.param(2, 1, marks=pytest.mark.slow)],
+                         ids=["one-micro-batch", "dp2"])
 def test_accumulation_and_data_parallel_give_the_same_steps(tiny, reference, tmp_path, world, micro_batch_size):
     arch, sd = tiny
     ref_metrics, ref_weights = reference
@@ -137,6 +138,7 @@ def test_bad_batch_geometry_names_the_key():
 
 # --- teacher correction: the same loop, LM loss, through the CLI ---------------------------------
 
+@pytest.mark.slow
 def test_teacher_correct_command(tmp_path):
     write_hf_dir(tmp_path / "hf", tiny_arch(tie=True))
     docs = [" ".join(SENTENCES[i % 4:] + SENTENCES[: i % 4]) * 3 for i in range(12)]
@@ -186,3 +188,23 @@ def test_teacher_correct_command(tmp_path):
     assert saved == [f"step_{s:07d}" for s in range(1, step)]  # only steps before the divergence
     rows = [json.loads(line) for line in (tmp_path / "diverged" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == step and not all(math.isfinite(rows[-1][k]) for k in ("train/loss", "train/grad_norm"))
+
+
+def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_aborts():
+    """SIGINT is recorded like a pre-emption signal (the loop checkpoints after the step; exit 130,
+    not the requeue code 75); a second Ctrl-C raises KeyboardInterrupt at once; handlers are restored."""
+    import os
+    import signal
+
+    from nemo_minitron.train import signals
+
+    before = signal.getsignal(signal.SIGINT)
+    with signals.PreemptionHandler() as handler:
+        assert not handler.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert handler.requested() and signals.exit_code() == 75
+        os.kill(os.getpid(), signal.SIGINT)
+        assert handler.received == signal.SIGINT and signals.exit_code() == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ from typing import Any, Callable
 
 from nemo_minitron.cli.compose import conf_dir, stage_config_name
 from nemo_minitron.cli.stages import STAGES
-from nemo_minitron.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR, TrainingDiverged, UserError
+from nemo_minitron.errors import EXIT_DIVERGED, EXIT_KEYBOARD_INTERRUPT, EXIT_USER_ERROR, TrainingDiverged, UserError
 
 log = logging.getLogger("nemo_minitron")
 
@@ -35,6 +36,10 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if not any(importlib.util.find_spec(name) for name in ("transformer_engine", "apex")):
+        # megatron-core's own warning, once per module it imports, is silenced (`main`, the package)
+        log.info("Transformer Engine and Apex are not installed: megatron-core runs its local implementations "
+                 "(expected on CPU)")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -62,8 +67,10 @@ def _format_error(err: BaseException) -> str:
 
 def run_stage(stage_fn: Callable[[Any], dict | None], cfg) -> None:
     """Run a stage command; print its result as JSON on the last stdout line (rank 0). Exit codes:
-    0 done, 2 bad input, 3 training diverged, 75 stopped at a pre-emption checkpoint (re-run)."""
+    0 done, 2 bad input, 3 training diverged, 75 stopped at a pre-emption checkpoint (re-run), 130
+    stopped by Ctrl-C (at a checkpoint where training was running; re-run to resume)."""
     from nemo_minitron import parallel
+    from nemo_minitron.train import signals
 
     _quiet_libraries()
     try:
@@ -72,11 +79,17 @@ def run_stage(stage_fn: Callable[[Any], dict | None], cfg) -> None:
         _print_user_error(err)
         parallel.destroy()
         sys.exit(EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        if os.environ.get("MINITRON_DEBUG"):
+            raise
+        print("error: interrupted by Ctrl-C; nothing was published after the last checkpoint (outputs are "
+              "written aside and renamed when complete): run the command again to resume", file=sys.stderr)
+        sys.exit(EXIT_KEYBOARD_INTERRUPT)
     parallel.destroy()
     if result is not None and parallel.launch_rank() == 0:
         print(json.dumps(result, default=str), flush=True)
     if isinstance(result, dict) and result.get("interrupted"):
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(signals.exit_code())
 
 
 def _config_options_first(args: list[str]) -> list[str]:
@@ -93,6 +106,24 @@ def _config_options_first(args: list[str]) -> list[str]:
         (front if args[i].startswith(("--config-name=", "--config-dir=")) else rest).append(args[i])
         i += 1
     return front + rest
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    """Each key=value parsed as Hydra will, so a value its grammar cannot take (a path with spaces or
+    non-ASCII letters, unquoted) is one error line saying how to quote it, not Hydra's lexer report."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:  # Hydra's own options and their values (--cfg job)
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException:
+            key, _, value = arg.partition("=")
+            raise UserError(f"cannot parse {arg!r}: quote a value with spaces, non-ASCII letters or other special "
+                            f"characters, e.g. {key}=\"{value}\" (in a shell: '{key}=\"{value}\"')") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config_dir = conf_dir()
         config_name, overrides = stage_config_name(stage, overrides)
+        _check_overrides(_config_options_first(overrides))
     except user_errors() as err:
         _print_user_error(err)
         sys.exit(EXIT_USER_ERROR)

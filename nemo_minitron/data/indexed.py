@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder, _IndexReader
 from tqdm.auto import tqdm
 
 from nemo_minitron.data.corpus import iter_file_texts, user_files
@@ -168,6 +168,24 @@ def _indexed_prefix(path: PathLike) -> str | None:
     if Path(text + ".idx").is_file() and Path(text + ".bin").is_file():
         return text
     return None
+
+
+def indexed_token_count(prefix: str, key: str) -> int:
+    """The number of tokens the indexed dataset `prefix` holds, read from its .idx and checked
+    against the .bin's size; a damaged pair is a UserError naming `key`, the file and the fix."""
+    try:
+        index = _IndexReader(prefix + ".idx", multimodal=False)
+        tokens = int(np.asarray(index.sequence_lengths, dtype=np.int64).sum())
+        expected = tokens * index.dtype_size
+    except Exception as err:  # noqa: BLE001 - megatron asserts on a bad header, numpy fails on short files
+        raise UserError(f"{key}={prefix}: {prefix}.idx is not a megatron indexed-dataset index "
+                        f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); rebuild the dataset "
+                        f"(preprocess_data.py) or give the .jsonl/.txt files") from None
+    size = Path(prefix + ".bin").stat().st_size
+    if size != expected:
+        raise UserError(f"{key}={prefix}: {prefix}.bin has {size} bytes, but its .idx describes {expected} "
+                        f"(a truncated or mismatched pair); rebuild the dataset or give the .jsonl/.txt files")
+    return tokens
 
 
 def load_token_stream(

@@ -115,11 +115,13 @@ def distill_checkpoint(cfg: DistillConfig) -> dict:
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     teacher_arch = train_stage.checkpoint_arch(cfg, "teacher") if cache is None else None
     student_arch = train_stage.checkpoint_arch(cfg, "student")
+    tokenizer = checkpoint.load_tokenizer(cfg.student)
+    if cache is None:
+        train_stage.check_data(cfg, tokenizer)
     done = train_stage.start_run(cfg, "distill", [cfg.teacher, cfg.teacher_cache, cfg.student, cfg.data.train,
                                                   cfg.data.valid], ["teacher", "student"] if cache is None else ["student"])
     if done is not None:
         return done
-    tokenizer = checkpoint.load_tokenizer(cfg.student)
     student = train_stage.load_for_training(cfg.student, cfg)
     if cache is None:
         check_same_tokenizer(checkpoint.load_tokenizer(cfg.teacher), tokenizer)
@@ -130,6 +132,8 @@ def distill_checkpoint(cfg: DistillConfig) -> dict:
     else:
         _check_cache_student(cache, student_arch, tokenizer)
         data = TrainingData(cache.samples("train"), cache.samples("valid") if cfg.train.eval_batches else None)
+        if cfg.train.eval_batches and data.valid is None:
+            log.info("the teacher cache holds no held-out samples (written without data.valid): no validation")
         model = student
         source = f"the top-{loss.logits.top_k} logits in {cfg.teacher_cache}"
     log.info("distilling %s (%s params) from %s at %s, loss %s", cfg.student,
@@ -185,9 +189,10 @@ def cache_teacher_logits(cfg: TeacherLogitsConfig) -> dict:
     cfg.train.validate(layout.dp)
     arch = train_stage.checkpoint_arch(cfg, "teacher")
     settings = settings_of(cfg, inputs=["teacher"])
+    tokenizer = checkpoint.load_tokenizer(cfg.teacher)
+    train_stage.check_data(cfg, tokenizer)
     claim_output(cfg.output_dir, "teacher-logits", [cfg.teacher, cfg.data.train, cfg.data.valid], settings=settings,
                  overwrite=cfg.overwrite, own=teacher_cache.ENTRIES)
-    tokenizer = checkpoint.load_tokenizer(cfg.teacher)
     data = train_stage.training_data(cfg, tokenizer)
     # Norms too, as the teacher beside a student runs (megatron's Float16Module converts all of it).
     teacher = checkpoint.load_checkpoint(cfg.teacher, params_dtype=cfg.torch_dtype).to(cfg.torch_dtype)
@@ -217,10 +222,11 @@ def correct_teacher(cfg: TeacherCorrectConfig) -> dict:
     if cfg.optim.min_lr is None:
         cfg.optim.min_lr = cfg.optim.lr / 10
     train_stage.checkpoint_arch(cfg, "teacher")
+    tokenizer = checkpoint.load_tokenizer(cfg.teacher)
+    train_stage.check_data(cfg, tokenizer)
     done = train_stage.start_run(cfg, "teacher-correct", [cfg.teacher, cfg.data.train, cfg.data.valid], ["teacher"])
     if done is not None:
         return done
-    tokenizer = checkpoint.load_tokenizer(cfg.teacher)
     data = train_stage.training_data(cfg, tokenizer)
     model = train_stage.load_for_training(cfg.teacher, cfg)
     log.info("correcting %s at %s: lr %.3g -> %.3g, %d warmup steps", cfg.teacher, layout.describe(),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -130,7 +131,28 @@ class TeacherCache:
             done = "; ".join(f"{s}: {n} global batches" for s, n in missing.items())
             raise UserError(f"teacher_cache={path} is incomplete ({done}): run the same `minitron teacher-logits` "
                             f"command again to finish it")
+        self._check_files()
         self.id = hashlib.sha256((self.path / MANIFEST_FILE).read_bytes()).hexdigest()[:16]
+
+    def _check_files(self) -> None:
+        """Every array file present, readable and of the dtype and shape the layout implies (its
+        header and size, not its rows): a truncated or missing file is refused here, naming it,
+        instead of failing in the middle of a run."""
+        shapes, dtypes = _shapes(self.seq_length, self.k), _dtypes(self.manifest["values_dtype"])
+        for split, layout in self.layouts.items():
+            files = -(-layout.batches * layout.per_writer // layout.rows_per_file)
+            for writer, file, (name, dtype) in itertools.product(range(layout.writers), range(files), dtypes.items()):
+                path = _file_dir(self.path, split, writer, file) / f"{name}.npy"
+                expected = (layout.file_rows(file), *shapes[name])
+                try:
+                    array = np.load(path, mmap_mode="r")
+                except (OSError, ValueError) as err:
+                    raise UserError(f"teacher_cache={self.path}: {path} is damaged or missing ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0]}): write the cache again with `minitron "
+                                    f"teacher-logits` into a new output_dir") from None
+                if array.shape != expected or array.dtype != np.dtype(dtype):
+                    raise UserError(f"teacher_cache={self.path}: {path} holds {array.dtype} {array.shape}, not "
+                                    f"{np.dtype(dtype)} {expected}: write the cache again into a new output_dir")
 
     @property
     def k(self) -> int:
@@ -146,17 +168,18 @@ class TeacherCache:
         return CachedSamples(self, split, layout) if layout and layout.samples else None
 
     def check_run(self, seq_length: int, train_samples: int, valid_samples: int) -> None:
-        """UserError naming the key unless a run of these sizes can draw its samples from the cache."""
+        """UserError naming the key unless a run of these sizes can draw its samples from the cache.
+        A cache written without held-out data (`teacher-logits` without `data.valid`) holds no valid
+        split: a run from it validates on nothing, as a run with `teacher=` and no held-out data does."""
         if seq_length != self.seq_length:
             raise UserError(f"train.seq_length={seq_length} differs from the teacher cache's {self.seq_length}: "
                             f"set train.seq_length={self.seq_length}")
         for split, needed, keys in (("train", train_samples, "train.steps x train.global_batch_size"),
                                     ("valid", valid_samples, "train.eval_batches x train.global_batch_size")):
             held = self.layouts[split].samples if split in self.layouts else 0
-            if needed > held:
-                fewer = "set train.eval_batches=0" if split == "valid" and not held else "train on fewer samples"
+            if needed > held and not (split == "valid" and held == 0):
                 raise UserError(f"{keys} = {needed} {split} samples, but teacher_cache={self.path} holds {held}: "
-                                f"write a cache for the larger run, or {fewer}")
+                                f"write a cache for the larger run, or train on fewer samples")
 
 
 class CachedSamples:

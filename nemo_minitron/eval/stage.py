@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -43,11 +44,26 @@ class EvalConfig(StageConfig):
     POSITIVE: ClassVar[tuple[str, ...]] = (*StageConfig.POSITIVE, "seq_len", "micro_batch_size", "max_tokens")
 
 
+def _require_harness() -> None:
+    """lm-evaluation-harness is an extra (`scripts/install.sh` installs the main job only)."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise UserError("harness.tasks needs lm-evaluation-harness 0.4.13, which is not installed: "
+                        "pip install -e '.[eval]' (scripts/test.sh installs it too)") from None
+
+
 def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     cfg.require("checkpoint")
     tasks = list(cfg.harness.tasks)
     if not cfg.data and not tasks:
         raise UserError("nothing to evaluate: set data=FILE (perplexity) and/or harness.tasks=[...]")
+    if tasks:
+        _require_harness()
+        include = cfg.harness.include_path
+        if include is not None and not Path(include).is_dir():
+            raise UserError(f"harness.include_path={include} is not a directory: point it at the directory of "
+                            f"your task YAML files")
     arch = checkpoint.read_arch(cfg.checkpoint)
     arch.check_positions(cfg.seq_len, "seq_len")
     tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)

@@ -22,7 +22,11 @@ Where each axis is read (activations are sequence-first [s, b, .]):
   it adds to the residual stream (its `linear_fc2` output, summed over expert-TP ranks first). The
   all-gather token dispatcher hands every expert each token once per TP rank (tokens are
   replicated across TP without sequence parallelism), so expert statistics are divided by TP.
-  A shared expert's neurons are read like a dense MLP's.
+  A shared expert's neurons are read like a dense MLP's. Grouped-GEMM experts (Transformer
+  Engine's `TEGroupedMLP`) compute all local experts in one `linear_fc2` call over the tokens
+  sorted by expert, with the per-expert token counts as its second argument: its input and output
+  are split by those counts and read per expert as above. Megatron's legacy `GroupedMLP` (the
+  `grouped_gemm` package) has no module to hook and is refused.
 
 Every rank accumulates into global-size tensors (global layer index, global head / neuron offset);
 hidden and layer statistics, replicated across TP, count on TP rank 0 only. One all-reduce over
@@ -85,12 +89,13 @@ class ImportanceRecorder:
         if not arch.is_moe:
             self.neurons = BatchStats((L, arch.ffn_hidden_size))
             return
-        grouped = [type(layer.mlp.experts).__name__ for layer in model.decoder.layers
-                   if not hasattr(layer.mlp.experts, "local_experts")]
-        if grouped:  # checked before any hook is registered
-            raise UserError(f"importance hooks read routed experts one module each (megatron's SequentialMLP); "
-                            f"this model's are {grouped[0]} (grouped GEMM): build it with the local layer spec, "
-                            f"or moe_grouped_gemm=False, to estimate importance")
+        unhookable = [type(layer.mlp.experts).__name__ for layer in model.decoder.layers
+                      if not hasattr(layer.mlp.experts, "local_experts") and not hasattr(layer.mlp.experts, "linear_fc2")]
+        if unhookable:  # checked before any hook is registered
+            raise UserError(f"importance hooks read routed experts through their linear_fc2 modules (megatron's "
+                            f"SequentialMLP or Transformer Engine's TEGroupedMLP); this model's are {unhookable[0]} "
+                            f"(legacy grouped GEMM): build it with moe_use_legacy_grouped_gemm=False, or "
+                            f"moe_grouped_gemm=False, to estimate importance")
         E = arch.num_moe_experts
         self.duplicates = tp
         self.etp_rank = ps.get_expert_tensor_parallel_rank()
@@ -165,26 +170,54 @@ class ImportanceRecorder:
 
         return hook
 
-    def _expert_neuron_hook(self, layer: int, expert: int):
+    def _add_expert_neurons(self, layer: int, expert: int, scaled: torch.Tensor) -> None:
+        """`scaled`: [tokens routed to `expert`, this rank's expert FFN] = p * act(x)."""
         offset = self.etp_rank * self.expert_ffn_local
+        self.expert_neurons_sq[layer, expert, offset:offset + self.expert_ffn_local] += (
+            scaled.detach().double().square().sum(0).cpu() / self.duplicates)
 
+    def _expert_fc2_output(self, output) -> torch.Tensor | None:
+        """What routed experts' `linear_fc2` adds to the residual stream: the output summed over
+        expert-TP ranks (row-parallel partial sums; collective), on expert-TP rank 0, else None."""
+        from megatron.core import parallel_state as ps
+
+        out = (output[0] if isinstance(output, tuple) else output).detach().float()
+        if self.etp > 1:
+            out = out.clone()
+            dist.all_reduce(out, group=ps.get_expert_tensor_parallel_group())
+        return out if self.etp_rank == 0 else None
+
+    def _add_expert_output(self, layer: int, expert: int, out: torch.Tensor) -> None:
+        self.expert_output[layer, expert] += out.norm(dim=-1).double().sum().cpu() / self.duplicates
+
+    def _expert_neuron_hook(self, layer: int, expert: int):
         def hook(module, args):
-            scaled = args[0].detach().double()  # [routed tokens, local ffn] = p * act(x)
-            self.expert_neurons_sq[layer, expert, offset:offset + self.expert_ffn_local] += (
-                scaled.square().sum(0).cpu() / self.duplicates)
+            self._add_expert_neurons(layer, expert, args[0])
 
         return hook
 
     def _expert_output_hook(self, layer: int, expert: int):
-        from megatron.core import parallel_state as ps
-
         def hook(module, args, output):
-            out = (output[0] if isinstance(output, tuple) else output).detach().float()
-            if self.etp > 1:  # a row-parallel partial sum: the expert's output is the sum over expert-TP
-                out = out.clone()
-                dist.all_reduce(out, group=ps.get_expert_tensor_parallel_group())
-            if self.etp_rank == 0:
-                self.expert_output[layer, expert] += out.norm(dim=-1).double().sum().cpu() / self.duplicates
+            out = self._expert_fc2_output(output)
+            if out is not None:
+                self._add_expert_output(layer, expert, out)
+
+        return hook
+
+    def _grouped_neuron_hook(self, layer: int, experts: list[int]):
+        """`linear_fc2(x, tokens_per_expert)` of grouped experts: x's rows by local expert."""
+        def hook(module, args):
+            for expert, chunk in zip(experts, torch.split(args[0], list(args[1]))):
+                self._add_expert_neurons(layer, expert, chunk)
+
+        return hook
+
+    def _grouped_output_hook(self, layer: int, experts: list[int]):
+        def hook(module, args, output):
+            out = self._expert_fc2_output(output)
+            if out is not None:
+                for expert, chunk in zip(experts, torch.split(out, list(args[1]))):
+                    self._add_expert_output(layer, expert, chunk)
 
         return hook
 
@@ -192,10 +225,15 @@ class ImportanceRecorder:
         """The hooks of one MoE layer (its hidden-channel hook included)."""
         handles = [mlp.register_forward_pre_hook(self._moe_input_hook(layer), with_kwargs=True),
                    mlp.router.register_forward_hook(self._router_hook(layer))]
-        for local_index, expert in enumerate(mlp.experts.local_experts):
-            index = mlp.local_expert_indices[local_index]
-            handles += [expert.linear_fc2.register_forward_pre_hook(self._expert_neuron_hook(layer, index)),
-                        expert.linear_fc2.register_forward_hook(self._expert_output_hook(layer, index))]
+        if hasattr(mlp.experts, "local_experts"):
+            for local_index, expert in enumerate(mlp.experts.local_experts):
+                index = mlp.local_expert_indices[local_index]
+                handles += [expert.linear_fc2.register_forward_pre_hook(self._expert_neuron_hook(layer, index)),
+                            expert.linear_fc2.register_forward_hook(self._expert_output_hook(layer, index))]
+        else:  # grouped GEMM: one linear_fc2 for this rank's experts, in local_expert_indices order
+            fc2, indices = mlp.experts.linear_fc2, list(mlp.local_expert_indices)
+            handles += [fc2.register_forward_pre_hook(self._grouped_neuron_hook(layer, indices)),
+                        fc2.register_forward_hook(self._grouped_output_hook(layer, indices))]
         if self.shared is not None:
             handles.append(mlp.shared_experts.linear_fc2.register_forward_pre_hook(
                 self._sharded_hook(self.shared, layer, self.shared_local)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -99,6 +100,16 @@ def family_attention(family: str) -> dict[str, bool]:
 # megatron's RotaryEmbedding hard-codes these Llama-3.1 rope-scaling constants; only `factor` is
 # configurable, so checkpoints with other values are refused rather than silently changed.
 _MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+# The sizes every supported Hugging Face config states (the rest have defaults).
+_HF_SIZE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+
+
+def _same_setting(mine: Any, other: Any) -> bool:
+    if isinstance(mine, float) or isinstance(other, float):
+        return isinstance(mine, (int, float)) and isinstance(other, (int, float)) and math.isclose(mine, other, rel_tol=1e-6)
+    return mine == other
 
 
 @dataclass
@@ -272,9 +283,11 @@ class ModelArch:
         return counts
 
     def differences(self, other: "ModelArch") -> list[str]:
-        """`key=mine vs other` for every field that changes what the two models compute."""
+        """`key=mine vs other` for every field that changes what the two models compute. Floats
+        (norm epsilon, rotary base and scaling) are the same within a relative 1e-6: a value that
+        went through float32 somewhere (a GGUF file, a config built in bf16 code) is the same setting."""
         return [f"{f.name}={getattr(self, f.name)} vs {getattr(other, f.name)}" for f in dataclasses.fields(self)
-                if f.name not in IDENTITY_KEYS and getattr(self, f.name) != getattr(other, f.name)]
+                if f.name not in IDENTITY_KEYS and not _same_setting(getattr(self, f.name), getattr(other, f.name))]
 
     def shape(self) -> dict[str, int]:
         """The shape keys, and the MoE ones a mixture-of-experts model has."""
@@ -334,6 +347,9 @@ class ModelArch:
                 f"unsupported architecture model_type={model_type!r}: nemo-minitron imports "
                 f"{sorted(HF_ARCHITECTURES)} checkpoints"
             )
+        missing = [key for key in _HF_SIZE_KEYS if key not in cfg]
+        if missing:
+            raise UserError(f"the {model_type} config lacks {', '.join(missing)}: not a complete Hugging Face config.json")
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             # (Qwen2's q/k/v biases are not this switch: its class always has them, and no o_proj bias.)
             raise UserError("attention_bias / mlp_bias checkpoints are not supported (a bias on o_proj or the MLP)")

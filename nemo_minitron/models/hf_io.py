@@ -22,7 +22,18 @@ def read_hf_directory(path: str | Path, dtype: torch.dtype = torch.float32):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"hf_path={path} has no config.json: point hf_path= at a Hugging Face model directory")
-    arch = ModelArch.from_hf_config(json.loads((path / "config.json").read_text()))
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"hf_path={path}: {config_file} is not valid JSON ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"hf_path={path}: {config_file} holds a JSON {type(config).__name__}, not a config object")
+    try:
+        arch = ModelArch.from_hf_config(config)
+    except UserError as err:
+        raise UserError(f"hf_path={path}: {err}") from None
     files = sorted(path.glob("*.safetensors"))
     if files:
         state = {}
@@ -128,6 +139,8 @@ def write_hf_directory(arch: ModelArch, hf_state: dict[str, torch.Tensor], token
         if missing:
             raise ValueError(f"export is missing weights for {missing[:5]}")
         model.save_pretrained(str(partial), safe_serialization=True)
+    for weights in partial.glob("*.safetensors"):  # safetensors writes 0600 (a temp file it renames)
+        weights.chmod(0o644)
     _write_portable_config(partial / "config.json", arch)
     if tokenizer is not None:
         save_portable_tokenizer(tokenizer, partial)

@@ -43,6 +43,26 @@ class _Unreadable:
 
 
 @contextmanager
+def allowed_classes(classes: Sequence[Any], alone: bool = False) -> Iterator[None]:
+    """Inside the block torch's weights-only loader accepts `classes` (types, or (type, name)
+    pairs), also alone, without anything allowed before (`alone`: to check what a file needs);
+    afterwards its allowlist is exactly what it was. (torch's own `safe_globals` removes its classes
+    on exit even when they were allowed before, such as the `argparse.Namespace` megatron-core
+    allows at import, which a later megatron load of a Megatron-LM save in this process needs.)"""
+    from torch import serialization
+
+    before = serialization.get_safe_globals()
+    if alone:
+        serialization.clear_safe_globals()
+    serialization.add_safe_globals(list(classes))
+    try:
+        yield
+    finally:
+        serialization.clear_safe_globals()
+        serialization.add_safe_globals(before)
+
+
+@contextmanager
 def common_state_readable(path: Path, allowed: Sequence[type] = ()) -> Iterator[Path]:
     """Inside the block, torch's weights-only loader (which megatron-core reads the common state with)
     accepts every class in `path`/common.pt: those in `allowed` as themselves, the others as
@@ -54,7 +74,7 @@ def common_state_readable(path: Path, allowed: Sequence[type] = ()) -> Iterator[
         raise UserError(f"{path} has no {COMMON_FILE}: the save is incomplete")
     names = {f"{cls.__module__}.{cls.__qualname__}" for cls in allowed}
     unknown = [name for name in serialization.get_unsafe_globals_in_checkpoint(file) if name not in names]
-    with serialization.safe_globals([*allowed, *[(_Unreadable, name) for name in unknown]]):
+    with allowed_classes([*allowed, *[(_Unreadable, name) for name in unknown]]):
         yield file
 
 

@@ -105,12 +105,24 @@ def _zero_shot(cfg: SearchConfig, arch: ModelArch, cache: CandidateCache, import
     return record
 
 
+def _retraining_train(cfg: SearchConfig):
+    return dataclasses.replace(cfg.distill.train, steps=cfg.search.retrain_steps)
+
+
 def _retraining(cfg: SearchConfig, name: str, cache: CandidateCache) -> DistillConfig:
     return dataclasses.replace(
         cfg.distill, teacher=str(Path(cfg.checkpoint).absolute()), student=str(cache.dir(name) / "pruned"),
-        output_dir=str(cache.dir(name) / "distill"), train=dataclasses.replace(cfg.distill.train,
-                                                                                steps=cfg.search.retrain_steps),
-        **_common(cfg))
+        output_dir=str(cache.dir(name) / "distill"), train=_retraining_train(cfg), **_common(cfg))
+
+
+def _check_retraining(cfg: SearchConfig, layout: parallel.ParallelLayout) -> None:
+    """The retraining's settings checked before the first zero-shot prune, not after all of them."""
+    train = _retraining_train(cfg)
+    try:
+        train.validate(layout.dp, layout.tp)
+        cfg.distill.optim.validate(train.steps)
+    except UserError as err:
+        raise UserError(f"the retraining (distill.* keys, train.steps = search.retrain_steps={train.steps}): {err}") from None
 
 
 def _retrain_local(cfg: SearchConfig, name: str, cache: CandidateCache) -> bool:
@@ -201,6 +213,8 @@ def search_architecture(cfg: SearchConfig) -> dict:
     teacher = checkpoint.read_arch(cfg.checkpoint)
     budget = cfg.budget
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
+    if cfg.search.top_k and not cfg.search.list_only:
+        _check_retraining(cfg, layout)
     if not cfg.search.list_only:
         claim_output(cfg.output_dir, "search", [cfg.checkpoint, cfg.importance_from, cfg.prune.calib.data,
                                                 cfg.distill.data.train, cfg.distill.data.valid],

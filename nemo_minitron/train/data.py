@@ -21,7 +21,7 @@ import torch
 
 from nemo_minitron import parallel
 from nemo_minitron.data.corpus import default_cache_dir, ensure_corpus, user_files
-from nemo_minitron.data.indexed import _indexed_prefix, build_gpt_datasets, tokenize_to_indexed
+from nemo_minitron.data.indexed import _indexed_prefix, build_gpt_datasets, indexed_token_count, tokenize_to_indexed
 from nemo_minitron.errors import UserError
 
 
@@ -97,6 +97,21 @@ def indexed_prefix(path: str | os.PathLike, tokenizer, cache_dir: Path, text_key
         tokenize_to_indexed(files, tokenizer, out, text_key=text_key)
     parallel.barrier()
     return str(out)
+
+
+def check_training_data(train: str | os.PathLike | None, valid: str | os.PathLike | None, tokenizer, *,
+                        seq_length: int, cache_dir: str | os.PathLike | None = None, text_key: str = "text") -> None:
+    """Before a run claims its output: `data.train` and `data.valid`, where set, are readable
+    (an indexed pair whose .idx and .bin agree) and hold at least one sequence of `seq_length` + 1
+    tokens. Text input is tokenized into the cache here, which the run then reuses (collective)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_data_cache()
+    for key, path in (("data.train", train), ("data.valid", valid)):
+        if path is None:
+            continue
+        tokens = indexed_token_count(indexed_prefix(path, tokenizer, cache, text_key), key)
+        if tokens < seq_length + 1:
+            raise UserError(f"{key}={path} holds {tokens} tokens, fewer than one sequence of train.seq_length="
+                            f"{seq_length} + 1: give more text, or a shorter train.seq_length")
 
 
 @dataclass

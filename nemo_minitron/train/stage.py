@@ -16,7 +16,7 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.outputs import claim_output, settings_of
 from nemo_minitron.stage import StageConfig
 from nemo_minitron.train.config import DataConfig, OptimConfig, TrainConfig
-from nemo_minitron.train.data import TrainingData, gpt_training_data
+from nemo_minitron.train.data import TrainingData, check_training_data, gpt_training_data
 from nemo_minitron.train.loop import CADENCE_KEYS, FINAL_DIR, RUN_ENTRIES
 
 log = logging.getLogger("nemo_minitron")
@@ -79,6 +79,12 @@ def load_for_training(path: str | Path, cfg: TrainingStageConfig):
     split along the sequence over the TP ranks, which an MoE's experts need (each rank routes its
     own tokens) and which cuts activation memory by TP (collective)."""
     return checkpoint.load_checkpoint(path, params_dtype=cfg.torch_dtype, sequence_parallel=parallel.layout().tp > 1)
+
+
+def check_data(cfg: TrainingStageConfig, tokenizer) -> None:
+    """`data.train` / `data.valid` readable and long enough, before any work (collective)."""
+    check_training_data(cfg.data.train, cfg.data.valid, tokenizer, seq_length=cfg.train.seq_length,
+                        cache_dir=cfg.data.cache_dir, text_key=cfg.data.text_key)
 
 
 def training_data(cfg: TrainingStageConfig, tokenizer) -> TrainingData:

@@ -96,6 +96,10 @@ def user_files(path: str | os.PathLike[str]) -> list[Path]:
         if not files:
             raise CorpusError(f"{path}: no {' or '.join(USER_SUFFIXES)} files found")
         return files
+    if path.exists() and not path.is_file():  # a pipe (`data=<(cat f)`), a device, a socket
+        raise CorpusError(f"{path} is not a regular file (a pipe or process substitution?): nemo-minitron reads "
+                          f"data files more than once and keys its caches by their size and time; write the text "
+                          f"to a file and pass that")
     if not path.is_file():
         raise CorpusError(f"{path}: no such file or directory")
     return [path]

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install what the tests need (idempotent) and run them; CI runs `bash scripts/test.sh`.
+#
+#   bash scripts/test.sh            # the full suite: every tier, two pytest-xdist workers
+#   bash scripts/test.sh --fast     # the default tier only (what plain `pytest` runs), no NeMo venv
+#   bash scripts/test.sh ... ARGS   # ARGS go to pytest (a file, -k EXPR, --durations=20, ...)
+#
+# The tiers are pytest markers (pyproject.toml): plain `pytest` leaves out `slow` (process-starting
+# equivalence checks, measurements on the embedded teacher) and `nemo` (the megatron-core 0.15.3 +
+# NeMo 2.7.3 venv, which scripts/compat.sh makes); `gpu` tests run only where CUDA is present
+# (scripts/gpu_check.sh). Each test file runs on one worker (--dist loadfile), so a file's shared
+# fixtures are built once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TIER=(-m "")
+if [ "${1:-}" = --fast ]; then TIER=(); shift; fi
+bash scripts/install.sh --test
+if [ ${#TIER[@]} -gt 0 ]; then bash scripts/compat.sh 0.15.3 --no-tests; fi
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "${TIER[@]}" "$@"
