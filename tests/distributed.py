@@ -58,17 +58,29 @@ def _worker(rank: int, world_size: int, port: int, tp: int, pp: int, ep: int, fn
 
     # Processes share two cores; more threads each only adds contention.
     torch.set_num_threads(1)
+    results.put((rank, *_run_rank(fn, tp, pp, ep, args)))
+
+
+def _run_rank(fn: Callable, tp: int, pp: int, ep: int, args: Sequence) -> tuple[bool, bytes | str]:
+    """(True, the pickled result) or (False, the traceback) of `fn(*args)` on this rank, between
+    `parallel.initialize` and `parallel.destroy`. The result goes by value: a queue's torch pickler
+    would pass tensors as file descriptors served by this process, which may have exited by the
+    time the parent unpickles them."""
     from nemo_minitron import parallel
 
     try:
         parallel.initialize(tp=tp, pp=pp, ep=ep)
-        # By value: the queue's torch pickler would pass tensors as file descriptors served by this
-        # process, which may have exited by the time the parent unpickles them.
-        results.put((rank, True, pickle.dumps(fn(*args))))
-    except BaseException:  # noqa: BLE001 - everything is reported to the parent
-        results.put((rank, False, traceback.format_exc()))
+        return True, pickle.dumps(fn(*args))
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001 - everything is reported to the caller
+        return False, traceback.format_exc()
     finally:
         parallel.destroy()
+
+
+def _failed(rank: int, trace: str) -> RuntimeError:
+    return RuntimeError(f"rank {rank} failed:\n{trace}")
 
 
 _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")
@@ -78,24 +90,18 @@ def _in_process(fn: Callable, tp: int, pp: int, ep: int, args: Sequence) -> list
     """A world of one in this process, as `_worker` would run it."""
     import torch
 
-    from nemo_minitron import parallel
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # A plain process is a world of one only without a launcher's variables (parallel.initialize).
     launcher = {key: os.environ.pop(key) for key in _LAUNCHER_VARIABLES if key in os.environ}
     try:
-        parallel.initialize(tp=tp, pp=pp, ep=ep)
-        result = pickle.dumps(fn(*pickle.loads(pickle.dumps(args))))
-    except KeyboardInterrupt:
-        raise
-    except BaseException:  # noqa: BLE001 - reported as a spawned rank's failure is
-        raise RuntimeError(f"rank 0 failed:\n{traceback.format_exc()}") from None
+        ok, value = _run_rank(fn, tp, pp, ep, pickle.loads(pickle.dumps(args)))
     finally:
-        parallel.destroy()
         torch.set_num_threads(threads)
         os.environ.update(launcher)
-    return [pickle.loads(result)]
+    if not ok:
+        raise _failed(0, value)
+    return [pickle.loads(value)]
 
 
 def run_distributed(
@@ -122,7 +128,7 @@ def run_distributed(
             except queue.Empty:
                 raise TimeoutError(f"distributed test timed out after {timeout}s; finished ranks: {sorted(collected)}")
             if not ok:
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
+                raise _failed(rank, value)
             collected[rank] = pickle.loads(value)
     finally:
         for p in procs:

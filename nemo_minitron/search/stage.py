@@ -117,12 +117,11 @@ def _retraining(cfg: SearchConfig, name: str, cache: CandidateCache) -> DistillC
 
 def _check_retraining(cfg: SearchConfig, layout: parallel.ParallelLayout) -> None:
     """The retraining's settings checked before the first zero-shot prune, not after all of them."""
-    train = _retraining_train(cfg)
     try:
-        train.validate(layout.dp, layout.tp)
-        cfg.distill.optim.validate(train.steps)
+        train_stage.check_settings(dataclasses.replace(cfg.distill, train=_retraining_train(cfg)), layout)
     except UserError as err:
-        raise UserError(f"the retraining (distill.* keys, train.steps = search.retrain_steps={train.steps}): {err}") from None
+        raise UserError(f"the retraining (distill.* keys, train.steps = search.retrain_steps="
+                        f"{cfg.search.retrain_steps}): {err}") from None
 
 
 def _retrain_local(cfg: SearchConfig, name: str, cache: CandidateCache) -> bool:

@@ -49,14 +49,18 @@ def checkpoint_arch(cfg, key: str):
     return arch
 
 
+def check_settings(cfg: TrainingStageConfig, layout: parallel.ParallelLayout) -> None:
+    """`train.*` and `optim.*` against each other and the parallel layout (UserError naming the key)."""
+    cfg.train.validate(layout.dp, layout.tp)
+    cfg.optim.validate(cfg.train.steps)
+
+
 def start_run(cfg: TrainingStageConfig, stage: str, inputs: Iterable[str | Path | None],
               checkpoints: Iterable[str]) -> dict[str, Any] | None:
     """Check the run's settings, then claim `cfg.output_dir` for a run of `stage` with them and the
     content of its input `checkpoints` (config keys) (collective, after `parallel.initialize`; see
     `outputs.claim_output`). Returns the earlier result if that run has finished, else None."""
-    layout = parallel.layout()
-    cfg.train.validate(layout.dp, layout.tp)
-    cfg.optim.validate(cfg.train.steps)
+    check_settings(cfg, parallel.layout())
     settings = settings_of(cfg, ignore=[f"train.{key}" for key in CADENCE_KEYS], inputs=checkpoints)
     claim_output(cfg.output_dir, stage, inputs, settings=settings, overwrite=cfg.overwrite, own=RUN_ENTRIES)
     done = finished(cfg.output_dir)
