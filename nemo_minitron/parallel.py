@@ -180,6 +180,19 @@ def from_main(value):
     return box[0]
 
 
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` replaced in place by its sum over all ranks (collective; a no-op in a world of one).
+    NCCL reduces device tensors only, so a host tensor makes the trip through the rank's GPU."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
+        on_device = tensor.to(device())
+        dist.all_reduce(on_device)
+        return tensor.copy_(on_device)
+    dist.all_reduce(tensor)
+    return tensor
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op in a process without torch.distributed)."""
     if dist.is_initialized():

@@ -5,6 +5,7 @@ wrapper works, through DDP is refused; a non-editable install finds its configs.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from commands import ENV, last_json, minitron
+from distributed import run_distributed
 from nemo_minitron import checkpoint
 from shared import copy_tiny_teacher
 from tiny import tiny_arch, write_sentence_docs
@@ -95,6 +97,33 @@ def test_api_example_at_tp2_and_pp2_equals_the_cli_at_tp1(tmp_path, tiny_teacher
     out = run_example(tmp_path, example_source(tiny_teacher, calib, tmp_path / "api", target), nproc=2, **layout)
     assert "pruned to {'num_layers': 2, 'hidden_size': 48, 'ffn_hidden_size': 48}" in out
     assert_same_as_cli(tmp_path / "api", tiny_teacher, calib, tmp_path / "cli", target, eval_seq=32)
+
+
+def reconstructed_in_place(teacher: Path, calib: Path, target: dict) -> dict[str, torch.Tensor]:
+    """mt.prune with reconstruct_loop on the tiny teacher, as a plugin user writes it."""
+    import nemo_minitron as mt
+    from nemo_minitron.data.indexed import load_token_stream
+    from nemo_minitron.importance import sample_windows
+    from nemo_minitron.models import bridge
+
+    model = checkpoint.load_checkpoint(teacher)
+    windows = sample_windows(load_token_stream(calib, checkpoint.load_tokenizer(teacher)), 64, 16, seed=0)
+    scores = mt.estimate_importance(model, mt.perplexity_loop(windows, 4, progress=False))
+    mt.prune(model, scores, **target, depth_method="block_importance",
+             reconstruct_loop=mt.perplexity_loop(windows, 4, progress=False), reconstruct_depth=True)
+    return bridge.gather_global(model)
+
+
+def test_prune_in_place_with_reconstruction_equals_the_cli(tmp_path, tiny_teacher, calib):
+    target = {"ffn_hidden_size": 48, "hidden_size": 48, "num_layers": 2, "num_attention_heads": 2}
+    [ours] = run_distributed(reconstructed_in_place, world_size=1, args=(tiny_teacher, calib, target))
+    minitron("prune", f"checkpoint={tiny_teacher}", f"output_dir={tmp_path / 'cli'}", f"calib.data={calib}",
+             "calib.num_samples=16", "calib.seq_len=64", "depth.method=block_importance", "report_loss=false",
+             "reconstruct=true", "reconstruct_depth=true", *[f"target.{k}={v}" for k, v in target.items()])
+    cli = global_weights(tmp_path / "cli")
+    assert ours.keys() == cli.keys() and all(torch.equal(ours[k], cli[k]) for k in ours)
+    errors = json.loads((tmp_path / "cli" / "report.json").read_text())["reconstruction"]["errors"]
+    assert set(errors) == {"mlp", "attention"}
 
 
 # --- arch_of, wrappers, errors (in process) -------------------------------------------------------

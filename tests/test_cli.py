@@ -162,6 +162,9 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     assert summary["teacher"]["heldout_perplexity"] == pytest.approx(expected, rel=1e-4)
     assert 5 < expected < 200  # a real language model on real English text
     assert summary["pruned"]["heldout_perplexity"] > summary["teacher"]["heldout_perplexity"]
+    # the main job refits after pruning: every refit consumer's calibration error fell
+    errors = json.loads((work / "pruned" / "report.json").read_text())["reconstruction"]["errors"]
+    assert all(after < before for record in errors.values() for before, after in zip(record["before"], record["after"]))
 
     again = last_json(minitron(*args))
     assert again["stage_seconds"]["prune"] == summary["stage_seconds"]["prune"]  # not re-run: time kept

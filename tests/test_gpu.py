@@ -133,6 +133,22 @@ def test_importance_on_grouped_gemm_experts_equals_one_module_per_expert():
     assert sequential.experts["frequency"].sum() > 0
 
 
+def test_reconstruction_with_the_te_spec_equals_the_local_spec():
+    """Reconstruction's hooks on Transformer Engine's linears (fc2, proj) and layers record what
+    the local spec's do: the same refit weights, depth bridge included, on the GPU."""
+    needs_transformer_engine()
+    from test_reconstruct import RIDGE, _teacher, pruned_with_reconstruction
+
+    teacher, _, sd, target, indices = _teacher()
+    [(te, te_errors)] = run_distributed(pruned_with_reconstruction, world_size=1,
+                                        args=(teacher, sd, target, indices, RIDGE, True, True))
+    [(local, errors)] = run_distributed(pruned_with_reconstruction, world_size=1,
+                                        args=(teacher, sd, target, indices, RIDGE, True, False))
+    for name, tensor in local.items():
+        torch.testing.assert_close(te[name].float().cpu(), tensor.float().cpu(), rtol=1e-3, atol=1e-4, msg=name)
+    assert te_errors.keys() == errors.keys()
+
+
 def test_bf16_distillation_on_the_gpu_tracks_fp32(tmp_path):
     from test_distill import distill_run
 

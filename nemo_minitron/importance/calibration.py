@@ -49,14 +49,16 @@ def sample_windows(stream: np.ndarray, seq_len: int, num_samples: int, seed: int
 ForwardLoop = Callable[[object], "dict | None"]  # forward_loop(model) -> optional info for the scores
 
 
-def perplexity_loop(windows: torch.Tensor, micro_batch_size: int = 4, progress: bool = True) -> ForwardLoop:
-    """A forward loop over token windows ([n, s + 1]) that reports tokens, speed and LM loss."""
+def perplexity_loop(windows: torch.Tensor, micro_batch_size: int = 4, progress: bool = True,
+                    purpose: str = "importance") -> ForwardLoop:
+    """A forward loop over token windows ([n, s + 1]) that reports tokens, speed and LM loss
+    (its log lines start with `purpose`)."""
 
     def forward_loop(model) -> dict:
-        log.info("importance: calibration forward over %d windows of %d tokens", len(windows), windows.shape[1] - 1)
+        log.info("%s: calibration forward over %d windows of %d tokens", purpose, len(windows), windows.shape[1] - 1)
         result = evaluate_perplexity(model, windows, micro_batch_size, progress=progress)
-        log.info("importance: %d tokens in %.1f s (%.0f tokens/s), calibration loss %.4f",
-                 result.tokens, result.seconds, result.tokens_per_s, result.nll)
+        log.info("%s: %d tokens in %.1f s (%.0f tokens/s), calibration loss %.4f",
+                 purpose, result.tokens, result.seconds, result.tokens_per_s, result.nll)
         return {"windows": len(windows), "seq_len": windows.shape[1] - 1, "tokens": result.tokens,
                 "tokens_per_s": round(result.tokens_per_s, 1), "calibration_loss": result.nll}
 

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nemo_minitron.errors import UserError
+from nemo_minitron.parallel import sum_over_ranks
 from nemo_minitron.importance.aggregation import Aggregation, BatchStats
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.models.gpt import arch_of, unwrap_model
@@ -294,9 +295,7 @@ class ImportanceRecorder:
         else:
             mlp_parts = [*self.neurons.tensors()]
         parts = [*self.hidden.tensors(), *self.attention.tensors(), *mlp_parts, self.bi_sum, self.bi_tokens]
-        flat = torch.cat([p.flatten() for p in parts])
-        if dist.is_initialized():
-            dist.all_reduce(flat)
+        flat = sum_over_ranks(torch.cat([p.flatten() for p in parts]))
         for p, chunk in zip(parts, flat.split([p.numel() for p in parts])):
             p.copy_(chunk.view_as(p))
         if (self.hidden.count == 0).any():

@@ -12,6 +12,7 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.models.gpt import arch_of, remember_identity, unwrap_model
 from nemo_minitron.prune.indices import choose_dropped_layers, select_indices
+from nemo_minitron.prune.reconstruct import record_statistics
 from nemo_minitron.prune.spec import PruneSpec
 from nemo_minitron.prune.surgery import prune_model
 
@@ -44,6 +45,9 @@ def prune(
     depth_method: str = "block_importance",
     expert_method: str = "output",
     head_residual: bool = False,
+    reconstruct_loop=None,
+    reconstruct_ridge: float = 1.0e-2,
+    reconstruct_depth: bool = False,
 ):
     """Prune `model` in place to the given sizes (None keeps a size) and return its new
     `TransformerConfig`. Collective: every rank of the TP x PP layout calls it with the same scores.
@@ -54,6 +58,12 @@ def prune(
     `scores.layers`). A mixture-of-experts model keeps the `num_moe_experts` experts per layer that
     `expert_method` ranks highest (`scores.experts`), each with its best `moe_ffn_hidden_size`
     neurons, and the shared expert's best `moe_shared_expert_intermediate_size`.
+
+    Reconstruction: with `reconstruct_loop` (a forward loop, like `estimate_importance`'s), the
+    unpruned model runs it once more with recording hooks, and the kept columns of every kept
+    layer's `linear_fc2` and `linear_proj` are refit to reproduce the unpruned outputs on those
+    tokens (ridge least squares towards the plain prune, `reconstruct_ridge`; prune/reconstruct.py);
+    `reconstruct_depth` also fits the MLP before each dropped block to what the block added.
     """
     from megatron.core import parallel_state as ps
 
@@ -73,7 +83,12 @@ def prune(
                               ps.get_pipeline_model_parallel_world_size(), ps.get_expert_model_parallel_world_size())
     dropped = (sorted(drop_layers) if drop_layers is not None
                else choose_dropped_layers(scores, teacher, spec.num_dropped(teacher), depth_method))
-    pruned = prune_model(model, target, select_indices(scores, teacher, target, dropped, expert_method), head_residual)
+    indices = select_indices(scores, teacher, target, dropped, expert_method)
+    reconstruction = None
+    if reconstruct_loop is not None:
+        reconstruction = record_statistics(model, indices, reconstruct_loop, reconstruct_ridge,
+                                           bridge=reconstruct_depth)
+    pruned = prune_model(model, target, indices, head_residual, reconstruction)
     inner = unwrap_model(model)
     inner.__dict__.clear()
     inner.__dict__.update(pruned.__dict__)

@@ -44,6 +44,7 @@ from nemo_minitron.models.config import ModelArch
 from nemo_minitron.outputs import check_output, content_id, settings_of
 from nemo_minitron.prune.indices import DEPTH_METHODS, choose_dropped_layers, select_indices
 from nemo_minitron.prune.planner import plan
+from nemo_minitron.prune.reconstruct import record_statistics
 from nemo_minitron.prune.report import REPORT_FILES, write_report
 from nemo_minitron.prune.spec import PruneSpec
 from nemo_minitron.prune.surgery import prune_model
@@ -90,6 +91,9 @@ class PruneConfig(StageConfig):
     importance_from: str | None = None
     aggregation: Aggregation = field(default_factory=Aggregation)
     head_residual: bool = False
+    reconstruct: bool = False        # refit the consumers of pruned neurons and heads (prune/reconstruct.py)
+    reconstruct_ridge: float = 1.0e-2
+    reconstruct_depth: bool = False  # the MLP before each dropped block also carries what the block added
     depth: DepthConfig = field(default_factory=DepthConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
@@ -107,6 +111,10 @@ class PruneConfig(StageConfig):
             raise UserError(f"depth.method={self.depth.method} is not one of {list(DEPTH_METHODS)}")
         if self.experts.method not in EXPERT_METHODS:
             raise UserError(f"experts.method={self.experts.method} is not one of {list(EXPERT_METHODS)}")
+        if self.reconstruct and self.head_residual:
+            raise UserError("head_residual=true and reconstruct=true both rewrite linear_proj's kept heads: choose one")
+        if self.reconstruct and not self.reconstruct_ridge > 0:
+            raise UserError(f"reconstruct_ridge={self.reconstruct_ridge} must be > 0")
 
 
 def _calibration_path(cfg: PruneConfig) -> Path:
@@ -284,6 +292,11 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     times: dict[str, float] = {}
     teacher = checkpoint.read_arch(cfg.checkpoint)
     teacher.check_positions(cfg.calib.seq_len, "calib.seq_len")
+    reconstruct = cfg.reconstruct
+    if reconstruct and teacher.is_moe:  # the pipeline's default is on: an MoE teacher still prunes
+        log.warning("reconstruct=true: reconstruction does not refit mixtures of experts; pruning this MoE teacher "
+                    "without it")
+        reconstruct = False
     spec = cfg.target
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     teacher.check_parallel(layout.tp, layout.pp, layout.ep)
@@ -307,15 +320,21 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     loss = None
     if cfg.report_loss:
         loss = {"windows": len(calibration.loss_windows()), "teacher": calibration.metric()(model)}
+    reconstruction = None
+    if reconstruct:
+        with timed(times, "reconstruct_s"):
+            forward_loop = perplexity_loop(calibration.windows(), cfg.calib.micro_batch_size, purpose="reconstruction")
+            reconstruction = record_statistics(model, indices, forward_loop, cfg.reconstruct_ridge,
+                                               bridge=cfg.reconstruct_depth)
     with timed(times, "prune_s"):
-        pruned = prune_model(model, target, indices, cfg.head_residual)
+        pruned = prune_model(model, target, indices, cfg.head_residual, reconstruction)
     del model
     if loss is not None:
         loss["pruned"] = calibration.metric()(pruned)
     depth_method = "explicit" if spec.drop_layers is not None else cfg.depth.method
     metadata = {"stage": "prune", "teacher": str(Path(cfg.checkpoint).absolute()), "target": spec.as_dict(),
                 "dropped_layers": dropped, "importance": scores.method, "depth_method": depth_method,
-                "head_residual": cfg.head_residual, "settings": settings}
+                "head_residual": cfg.head_residual, "reconstruct": reconstruct, "settings": settings}
     with timed(times, "save_s"):
         checkpoint.save_checkpoint(pruned, output, tokenizer, metadata=metadata)
     report = {
@@ -333,6 +352,9 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
                              "scores": {k: v.tolist() for k, v in scores.experts.items()}}
     if loss is not None:
         report["loss"] = loss
+    if reconstruction is not None:
+        report["reconstruction"] = {"ridge": cfg.reconstruct_ridge, "windows": len(calibration.windows()),
+                                    "errors": reconstruction.errors}
     files = {}
     if parallel.is_main_process():
         scores.save(output / FILE_NAME)

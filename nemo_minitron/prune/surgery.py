@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import torch
 
+from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.prune.indices import PruneIndices
+from nemo_minitron.prune.reconstruct import Reconstruction
 
 
 def keep_qkv_heads(qkv: torch.Tensor, heads: torch.Tensor, teacher: ModelArch) -> torch.Tensor:
@@ -130,11 +132,19 @@ def prune_global(
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def prune_model(model, target: ModelArch, indices: PruneIndices, head_residual: bool = False):
-    """The pruned model for the current TP x PP layout (collective: every rank calls it)."""
+def prune_model(model, target: ModelArch, indices: PruneIndices, head_residual: bool = False,
+                reconstruction: Reconstruction | None = None):
+    """The pruned model for the current TP x PP layout (collective: every rank calls it), its kept
+    consumer columns refit first when a `reconstruction` is given."""
     from nemo_minitron.models.gpt import arch_of, rebuild_gpt_model
 
-    pruned_sd = prune_global(bridge.gather_global(model), arch_of(model), target, indices, head_residual)
+    teacher = arch_of(model)
+    sd = bridge.gather_global(model)
+    if reconstruction is not None:
+        if head_residual:
+            raise UserError("head_residual and reconstruct both rewrite linear_proj's kept heads: choose one")
+        sd = reconstruction.apply(sd, indices, teacher.kv_channels)
+    pruned_sd = prune_global(sd, teacher, target, indices, head_residual)
     pruned = rebuild_gpt_model(model, target)
     bridge.load_global(pruned, pruned_sd)
     return pruned

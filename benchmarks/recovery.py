@@ -1,0 +1,185 @@
+"""Quality per distillation token (issue 25): held-out perplexity against distillation tokens.
+
+Every arm is one `minitron pipeline` run on the embedded default (SmolLM2-135M, the Debian corpus)
+with the main job's settings plus the arm's overrides, distilling for the largest token count
+asked, a step checkpoint kept at every other count. Each checkpoint (and the pruned model, at 0
+tokens) is evaluated as the main job evaluates: fp32, windows of 512, the first `--eval-tokens`
+tokens of the corpus's held-out split and of the two out-of-corpus texts of
+`benchmarks/main_job.py` (the Jargon File, the Debian constitution).
+
+Reported per arm and text: perplexity at each token count, the fraction of the lost
+log-perplexity recovered, (ln pruned - ln p) / (ln pruned - ln teacher) with the recipe arm's
+pruned model as the common start, and tokens-to-reach: the tokens the arm needs to reach the
+recipe arm's perplexity at the reference count (log-perplexity interpolated linearly in tokens
+between checkpoints). The learning rate follows one schedule over the whole run, so a point
+before the end is a checkpoint of the longer run, not a run of that length.
+
+    .venv/bin/python benchmarks/recovery.py --work runs/recovery \
+        --arm recipe= --arm "reconstruct=prune.reconstruct=true" \
+        [--tokens 0 24576 49152 98304 196608] [--reference 196608] [--out FILE] [--plot FILE]
+
+`--arm NAME=OVERRIDES` (space-separated pipeline overrides; the first arm is the recipe the
+others are compared with). `--target width` prunes to 30 layers at FFN 512 instead of the
+default 24 layers at FFN 768 (the same parameter count). A finished arm is not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from main_job import MAX_TOKENS, SEQ_LEN, write_texts  # noqa: E402
+from pruning import write_report  # noqa: E402
+
+TOKENS_PER_STEP = 8 * 256  # the main job's global batch x sequence length
+TARGETS = {"default": [], "width": ["prune.target.num_layers=30", "prune.target.ffn_hidden_size=512"]}
+
+
+def steps_of(tokens: list[int]) -> list[int]:
+    steps = [t // TOKENS_PER_STEP for t in tokens]
+    if any(s * TOKENS_PER_STEP != t for s, t in zip(steps, tokens)):
+        raise SystemExit(f"--tokens must be multiples of {TOKENS_PER_STEP} (the main job's tokens per step)")
+    return steps
+
+
+def run_arm(work: Path, overrides: list[str], steps: list[int]) -> None:
+    """The pipeline with a step checkpoint at every count (their gcd as the save interval)."""
+    interval = math.gcd(*[s for s in steps if s])
+    command = [sys.executable, "-m", "nemo_minitron.cli.main", "pipeline", f"work_dir={work}",
+               f"distill.train.steps={max(steps)}", f"distill.train.save_interval={interval}",
+               f"+distill.train.keep_checkpoints={max(steps) // interval + 1}", *overrides]
+    print("$", shlex.join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def checkpoints(work: Path, steps: list[int]) -> dict[int, Path]:
+    """{tokens: checkpoint}: the pruned model at 0, then the step checkpoints (the last is final)."""
+    found = {}
+    for step in steps:
+        path = (work / "pruned" if step == 0 else work / "distill" / "final" if step == max(steps)
+                else work / "distill" / "checkpoints" / f"step_{step:07d}" / "model")
+        if not path.is_dir():
+            raise SystemExit(f"{path} is missing: was {work} run with other --tokens?")
+        found[step * TOKENS_PER_STEP] = path
+    return found
+
+
+def evaluate(path: Path, texts: dict[str, Path], eval_tokens: int) -> dict[str, float]:
+    from nemo_minitron.eval.stage import EvalConfig, evaluate_checkpoint
+
+    return {name: evaluate_checkpoint(EvalConfig(checkpoint=str(path), data=str(data), seq_len=SEQ_LEN,
+                                                 max_tokens=eval_tokens))["perplexity"]
+            for name, data in texts.items()}
+
+
+def measure(work: Path, steps: list[int], texts: dict[str, Path], eval_tokens: int) -> dict:
+    """{"teacher": {text: ppl}, "curve": {tokens: {text: ppl}}}, cached in work/recovery.json."""
+    cache = work / "recovery.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("eval_tokens") == eval_tokens and saved.get("texts") == sorted(texts):
+            saved["curve"] = {int(k): v for k, v in saved["curve"].items()}
+            if set(saved["curve"]) >= {s * TOKENS_PER_STEP for s in steps}:
+                return saved
+    result = {"eval_tokens": eval_tokens, "texts": sorted(texts), "teacher": evaluate(work / "teacher", texts, eval_tokens),
+              "curve": {tokens: evaluate(path, texts, eval_tokens) for tokens, path in checkpoints(work, steps).items()}}
+    cache.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def recovered(pruned: float, teacher: float, value: float) -> float:
+    """The fraction of the lost log-perplexity won back."""
+    return (math.log(pruned) - math.log(value)) / (math.log(pruned) - math.log(teacher))
+
+
+def tokens_to_reach(curve: dict[int, float], goal: float) -> float | None:
+    """The first token count where the curve reaches `goal`, log-perplexity linear between
+    checkpoints; None if it never does."""
+    points = sorted(curve.items())
+    for (t0, p0), (t1, p1) in zip(points, points[1:]):
+        if p0 <= goal:
+            return t0
+        if p1 <= goal:
+            return t0 + (t1 - t0) * (math.log(p0) - math.log(goal)) / (math.log(p0) - math.log(p1))
+    return points[0][0] if points[0][1] <= goal else None
+
+
+def report(arms: dict[str, dict], reference: int) -> list[str]:
+    names = next(iter(arms.values()))["texts"]
+    recipe = next(iter(arms.values()))
+    tokens = sorted(recipe["curve"])
+    lines = []
+    for text in names:
+        teacher, start = recipe["teacher"][text], recipe["curve"][0][text]
+        goal = recipe["curve"][reference][text]
+        lines += [f"**{text}** (teacher {teacher:.2f}; recovered: of ln {start:.1f} - ln {teacher:.2f}, from the recipe's "
+                  f"pruned model; reach: tokens to the recipe's {reference:,}-token {goal:.2f})", "",
+                  "| arm | " + " | ".join(f"{t:,}" for t in tokens) + " | reach |",
+                  "| --- |" + " ---: |" * (len(tokens) + 1)]
+        for arm, result in arms.items():
+            curve = {t: result["curve"][t][text] for t in tokens}
+            cells = [f"{curve[t]:.1f} ({recovered(start, teacher, curve[t]):.0%})" for t in tokens]
+            reach = tokens_to_reach(curve, goal)
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {'-' if reach is None else f'{reach:,.0f}'} |")
+        lines.append("")
+    return lines
+
+
+def plot(arms: dict[str, dict], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = next(iter(arms.values()))["texts"]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
+    for ax, text in zip(axes, names):
+        for arm, result in arms.items():
+            points = sorted(result["curve"].items())
+            ax.plot([t for t, _ in points], [v[text] for _, v in points], marker="o", label=arm)
+        ax.axhline(next(iter(arms.values()))["teacher"][text], color="gray", linestyle="--", label="teacher")
+        ax.set(title=text, xlabel="distillation tokens", ylabel="perplexity", yscale="log")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="runs/recovery", help="one pipeline work_dir per arm goes under it")
+    parser.add_argument("--arm", action="append", required=True, help="NAME=OVERRIDES (the first: the recipe)")
+    parser.add_argument("--target", choices=sorted(TARGETS), default="default")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[0, 24576, 49152, 98304, 196608, 393216])
+    parser.add_argument("--reference", type=int, default=196608, help="the recipe's token count to reach")
+    parser.add_argument("--eval-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--out", help="also write the Markdown section here")
+    parser.add_argument("--plot", help="write the curves here (PNG)")
+    args = parser.parse_args()
+    steps = steps_of(sorted(set([0, *args.tokens])))
+    if args.reference // TOKENS_PER_STEP not in steps:
+        raise SystemExit("--reference must be one of --tokens")
+    work = Path(args.work)
+    texts = write_texts(work / "texts")
+    arms = {}
+    for item in args.arm:
+        name, _, overrides = item.partition("=")
+        arm_dir = work / re.sub(r"[^A-Za-z0-9.-]+", "_", f"{args.target}-{name}")  # a Hydra-safe work_dir
+        if not (arm_dir / "results.json").is_file():
+            run_arm(arm_dir, [*TARGETS[args.target], *shlex.split(overrides)], steps)
+        arms[name] = measure(arm_dir, steps, {**texts, "heldout": arm_dir / "corpus" / "heldout.jsonl"},
+                             args.eval_tokens)
+    write_report(report(arms, args.reference), args.out)
+    if args.plot:
+        plot(arms, args.plot)
+
+
+if __name__ == "__main__":
+    main()
