@@ -314,13 +314,17 @@ def test_cli_import_prune_export_and_eval_agree_with_transformers(tmp_path):
     docs = write_sentence_docs(tmp_path / "docs.jsonl", 12)
     fp32 = "dtype=float32"
     minitron("import", f"hf_path={tmp_path / 'hf'}", f"output_dir={tmp_path / 'teacher'}", fp32)
-    pruned = last_json(minitron(
+    prune = minitron(
         "prune", f"checkpoint={tmp_path / 'teacher'}", f"output_dir={tmp_path / 'pruned'}", fp32,
         "target.num_moe_experts=3", "target.moe_ffn_hidden_size=16", f"calib.data={docs}", "calib.num_samples=8",
-        "calib.seq_len=32", "loss_samples=4", "scores_cache=false"))
+        "calib.seq_len=32", "loss_samples=4", "scores_cache=false", "reconstruct=true")
+    pruned = last_json(prune)
+    # the main job's reconstruct=true does not stop an MoE teacher: it prunes without it, saying so
+    assert "does not refit mixtures of experts" in prune.stderr
     assert pruned["parameters"]["total"] == arch.replace(num_moe_experts=3, moe_ffn_hidden_size=16).num_parameters()["total"]
     report = json.loads((tmp_path / "pruned" / "report.json").read_text())
     assert report["experts"]["method"] == "output" and len(report["experts"]["kept"]["0"]) == 3
+    assert "reconstruction" not in report
     minitron("export-hf", f"checkpoint={tmp_path / 'pruned'}", f"output_dir={tmp_path / 'export'}")
     ours = last_json(minitron("eval", f"checkpoint={tmp_path / 'pruned'}", f"data={docs}", "seq_len=32", fp32))
 

@@ -191,6 +191,19 @@ def test_bytes_per_layer_are_stated_for_an_8b_ffn():
     assert bytes_per_layer(4096, 9216) / 1e9 == pytest.approx(0.982, abs=1e-3)
 
 
+def _prune_model_refusals(teacher, target, indices) -> tuple[str, str]:
+    """prune_model's messages for a non-positive ridge and for reconstruction with head_residual."""
+    from nemo_minitron.models.gpt import build_gpt_model
+    from nemo_minitron.prune import prune_model
+
+    messages = []
+    for ridge, head_residual in ((-1.0, False), (1.0, True)):
+        with pytest.raises(UserError) as err:
+            prune_model(build_gpt_model(teacher), target, indices, head_residual, Reconstruction({}, ridge))
+        messages.append(str(err.value))
+    return tuple(messages)
+
+
 def test_refused_combinations_are_one_line():
     from nemo_minitron.prune.reconstruct import check_reconstructable
     from nemo_minitron.prune.stage import PruneConfig
@@ -199,10 +212,11 @@ def test_refused_combinations_are_one_line():
         check_reconstructable(tiny_moe_arch())
     with pytest.raises(UserError, match="choose one"):
         PruneConfig(checkpoint="c", output_dir="o", reconstruct=True, head_residual=True).validate()
-    with pytest.raises(UserError, match="reconstruct_ridge=0"):
+    with pytest.raises(UserError, match="reconstruct_ridge=0 must be > 0"):
         PruneConfig(checkpoint="c", output_dir="o", reconstruct=True, reconstruct_ridge=0).validate()
-    with pytest.raises(UserError, match="ridge"):
-        Reconstruction({}, 0.0).apply({}, PruneIndices(torch.arange(2), [], {}, {}), 4)
+    teacher, _, _, target, indices = _teacher()
+    [(ridge, residual)] = run_distributed(_prune_model_refusals, world_size=1, args=(teacher, target, indices))
+    assert "reconstruct_ridge=-1.0 must be > 0" in ridge and "choose one" in residual
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.models.gpt import arch_of, remember_identity, unwrap_model
 from nemo_minitron.prune.indices import choose_dropped_layers, select_indices
-from nemo_minitron.prune.reconstruct import record_statistics
+from nemo_minitron.prune.reconstruct import check_options, record_statistics
 from nemo_minitron.prune.spec import PruneSpec
 from nemo_minitron.prune.surgery import prune_model
 
@@ -68,6 +68,8 @@ def prune(
     from megatron.core import parallel_state as ps
 
     _check_not_data_parallel(model)
+    if reconstruct_loop is not None:
+        check_options(reconstruct_ridge, head_residual)
     teacher = arch_of(model)
     differences = scores.arch.differences(teacher)
     if differences:

@@ -89,8 +89,6 @@ def refit_global(sd: dict[str, torch.Tensor], indices: PruneIndices, statistics:
                  kv_channels: int, ridge: float) -> tuple[dict[str, torch.Tensor], dict]:
     """A copy of the teacher's global state dict whose kept consumer columns are refit (the
     surgery then selects them as usual), and per consumer the calibration error before and after."""
-    if ridge <= 0:
-        raise UserError(f"reconstruct_ridge={ridge} must be > 0 (it keeps the least-squares system solvable)")
     out = dict(sd)
     errors: dict[str, dict[str, list[float]]] = {}
     for (layer, consumer), stats in sorted(statistics.items()):
@@ -126,6 +124,14 @@ def dropped_runs(indices: PruneIndices, num_layers: int) -> dict[int, int]:
                 end += 1
             runs[layer - 1] = end
     return runs
+
+
+def check_options(ridge: float, head_residual: bool) -> None:
+    """Refuse settings reconstruction cannot take (before any calibration work)."""
+    if not ridge > 0:
+        raise UserError(f"reconstruct_ridge={ridge} must be > 0 (it keeps the least-squares system solvable)")
+    if head_residual:
+        raise UserError("head_residual=true and reconstruct=true both rewrite linear_proj's kept heads: choose one")
 
 
 def check_reconstructable(arch) -> None:

@@ -44,7 +44,7 @@ from nemo_minitron.models.config import ModelArch
 from nemo_minitron.outputs import check_output, content_id, settings_of
 from nemo_minitron.prune.indices import DEPTH_METHODS, choose_dropped_layers, select_indices
 from nemo_minitron.prune.planner import plan
-from nemo_minitron.prune.reconstruct import record_statistics
+from nemo_minitron.prune.reconstruct import check_options, record_statistics
 from nemo_minitron.prune.report import REPORT_FILES, write_report
 from nemo_minitron.prune.spec import PruneSpec
 from nemo_minitron.prune.surgery import prune_model
@@ -111,10 +111,8 @@ class PruneConfig(StageConfig):
             raise UserError(f"depth.method={self.depth.method} is not one of {list(DEPTH_METHODS)}")
         if self.experts.method not in EXPERT_METHODS:
             raise UserError(f"experts.method={self.experts.method} is not one of {list(EXPERT_METHODS)}")
-        if self.reconstruct and self.head_residual:
-            raise UserError("head_residual=true and reconstruct=true both rewrite linear_proj's kept heads: choose one")
-        if self.reconstruct and not self.reconstruct_ridge > 0:
-            raise UserError(f"reconstruct_ridge={self.reconstruct_ridge} must be > 0")
+        if self.reconstruct:
+            check_options(self.reconstruct_ridge, self.head_residual)
 
 
 def _calibration_path(cfg: PruneConfig) -> Path:

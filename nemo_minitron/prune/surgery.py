@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.prune.indices import PruneIndices
-from nemo_minitron.prune.reconstruct import Reconstruction
+from nemo_minitron.prune.reconstruct import Reconstruction, check_options
 
 
 def keep_qkv_heads(qkv: torch.Tensor, heads: torch.Tensor, teacher: ModelArch) -> torch.Tensor:
@@ -141,8 +140,7 @@ def prune_model(model, target: ModelArch, indices: PruneIndices, head_residual: 
     teacher = arch_of(model)
     sd = bridge.gather_global(model)
     if reconstruction is not None:
-        if head_residual:
-            raise UserError("head_residual and reconstruct both rewrite linear_proj's kept heads: choose one")
+        check_options(reconstruction.ridge, head_residual)
         sd = reconstruction.apply(sd, indices, teacher.kv_channels)
     pruned_sd = prune_global(sd, teacher, target, indices, head_residual)
     pruned = rebuild_gpt_model(model, target)
