@@ -17,7 +17,7 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge, megatron_lm, nemo2
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.gpt import build_gpt_model
-from nemo_minitron.outputs import MARKER_FILE, check_output, settings_of
+from nemo_minitron.outputs import MARKER_FILE, check_output, releases_output_locks, settings_of
 from nemo_minitron.stage import StageConfig, timed, torch_dtype
 
 log = logging.getLogger("nemo_minitron")
@@ -122,6 +122,7 @@ def load_source_weights(model, arch: ModelArch, weights) -> None:
         bridge.load_global(model, bridge.hf_to_global(arch, weights))
 
 
+@releases_output_locks
 def import_checkpoint(cfg: ImportConfig) -> dict:
     cfg.require("output_dir")
     settings = settings_of(cfg)
@@ -151,6 +152,7 @@ def import_checkpoint(cfg: ImportConfig) -> dict:
     return {"checkpoint": str(output_dir.absolute()), **arch.num_parameters(), **times}
 
 
+@releases_output_locks
 def export_hf(cfg: ExportHFConfig) -> dict:
     cfg.require("checkpoint", "output_dir")
     settings = settings_of(cfg, inputs=["checkpoint"])
@@ -180,6 +182,7 @@ def export_hf(cfg: ExportHFConfig) -> dict:
     return {"hf_dir": str(out.absolute()), **times}
 
 
+@releases_output_locks
 def export_megatron(cfg: ExportMegatronConfig) -> dict:
     """A checkpoint -> a Megatron-LM release save that pretrain_gpt.py loads with `--load`, plus the
     flags that build its model (`models/megatron_lm.py`; docs/design.md section 17)."""
@@ -214,6 +217,7 @@ def export_megatron(cfg: ExportMegatronConfig) -> dict:
             "make_vocab_size_divisible_by": args["make_vocab_size_divisible_by"], **times}
 
 
+@releases_output_locks
 def export_nemo(cfg: ExportNeMoConfig) -> dict:
     """A checkpoint -> a NeMo 2 checkpoint directory that NeMo 2 restores (`models/nemo2.py`;
     docs/design.md section 18). Needs NeMo 2 importable: it writes context/ with NeMo itself."""

@@ -14,21 +14,37 @@ without where it writes and the parallel layout). Re-running a stage into its ow
 with the same settings resumes it, or does nothing if it is finished; with other settings it is an
 error naming the keys that differ, unless `overwrite=true`, which replaces the earlier output. Even
 then only the stage's own entries go (`own`): a file the user added beside them makes it refuse.
+
+One writer at a time: `check_output` ends by locking the directory for this process (`lock_output`),
+so a second run into it, started while the first works, is refused at once instead of crashing
+after all its work. The lock is an exclusive `flock` on a hidden sibling file, `.NAME.lock`, which
+survives the `NAME.partial` -> `NAME` swap that publishes a checkpoint; rank 0 takes it (a
+launcher ends the other ranks when rank 0 exits). The kernel releases it when the process ends,
+however it ends; a stage function decorated with `@releases_output_locks` releases the locks it
+took when it returns, and removes their files.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import fcntl
+import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
-from collections.abc import Iterable
+import socket
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from nemo_minitron import atomic, parallel
 from nemo_minitron.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MARKER_FILE = "nemo_minitron_output.json"
 _METADATA_FILE = "metadata.json"  # checkpoint.METADATA_FILE (checkpoint imports this module)
@@ -135,6 +151,7 @@ def check_output(path: str | Path, stage: str, inputs: Iterable[str | Path | Non
     problem = _unwritable(out)
     if problem:
         raise UserError(f"{key}={path} cannot be written: {problem}; choose another {key}")
+    lock_output(out, f"{key}={path}")
     return out
 
 
@@ -142,7 +159,7 @@ def _check_earlier_output(out: Path, path, stage: str, key: str, recorded: dict 
                           overwrite: bool, own: Iterable[str]) -> None:
     """`stage`'s earlier output in `out`: the same settings, or `overwrite` over only its own entries."""
     if overwrite:
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in {*own, MARKER_FILE})
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in {*own, MARKER_FILE} and not _is_lock(p))
         if foreign:
             raise UserError(f"overwrite=true replaces only what {stage} wrote, but {key}={path} also holds "
                             f"{foreign}: move them away first")
@@ -181,3 +198,85 @@ def claim_output(path: str | Path, stage: str, inputs: Iterable[str | Path | Non
             atomic.write_text(out / MARKER_FILE, json.dumps({"stage": stage, "settings": settings}, indent=1) + "\n")
     parallel.barrier()
     return out
+
+
+# The output locks this process holds, innermost scope last: {output directory: lock file descriptor}.
+# The first scope is the process's own, released at exit.
+_held: list[dict[Path, int]] = [{}]
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of output directory `out`: `.NAME.lock` beside it."""
+    return out.with_name(f".{out.name}.lock")
+
+
+def _is_lock(entry: Path) -> bool:
+    """A lock file of a sub-output (left by a killed run: it is ours, and free)."""
+    return entry.name.startswith(".") and entry.name.endswith(".lock") and entry.is_file()
+
+
+def _is_writer() -> bool:
+    """Rank 0: of the started world, else as the launcher numbered this process."""
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0 if dist.is_initialized() else parallel.launch_rank() == 0
+
+
+def lock_output(out: Path, named: str) -> None:
+    """Take `out`'s lock for this process (re-entrant), or refuse naming the holder (`named`: how
+    the user gave the directory). The file is reopened if its holder removed it between our open
+    and our lock, so two runs never hold different files of one name. A parent where no file can
+    be made gets a warning and no lock."""
+    if not _is_writer() or any(out in scope for scope in _held):
+        return
+    lock = lock_path(out)
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            log.warning("%s: cannot create the lock file %s (%s): nothing stops a second run from writing "
+                        "there at the same time", named, lock, err.strerror)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 1024).decode(errors="replace").strip() or "a process that has not yet said which"
+            os.close(fd)
+            raise UserError(f"{named} is being written by another run ({holder}): wait for it to end, or choose "
+                            f"another directory") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    _held[-1][out] = fd
+
+
+def _release(scope: dict[Path, int]) -> None:
+    """Remove each lock file while still holding it, then let it go."""
+    for out, fd in scope.items():
+        lock_path(out).unlink(missing_ok=True)
+        os.close(fd)
+    scope.clear()
+
+
+def releases_output_locks(stage: Callable) -> Callable:
+    """Decorate a stage function: the output locks it takes are released when it returns or raises
+    (a lock this process already held stays with its holder)."""
+
+    @functools.wraps(stage)
+    def run(*args, **kwargs):
+        _held.append({})
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            _release(_held.pop())
+
+    return run
+
+
+atexit.register(lambda: _release(_held[0]))

@@ -1,16 +1,22 @@
 """Output safety: no stage writes into the current directory, into or around its inputs, or into a
 directory holding what it did not write; every refusal leaves the files byte for byte as they were
-and is one `error:` line on the command line. Re-running a stage into its own output still works."""
+and is one `error:` line on the command line. Re-running a stage into its own output still works.
+A second run into a directory that another run is writing is refused at once."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from commands import last_json, minitron
+from commands import ENV, last_json, minitron
 from tiny import tiny_arch, write_hf_dir, write_sentence_docs
 
 
@@ -135,3 +141,69 @@ def test_claim_on_several_ranks_sees_no_half_written_marker(tmp_path):
     out = str(tmp_path / "run")
     assert run_distributed(_claim, world_size=2, tp=2, args=(out,)) == [True, True]
     assert run_distributed(_claim, world_size=2, tp=2, args=(out,)) == [True, True]  # a re-run is its own output
+
+
+_HOLD = """import sys
+from pathlib import Path
+from nemo_minitron.outputs import lock_output
+lock_output(Path(sys.argv[1]).resolve(), "output_dir=" + sys.argv[1])
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def written_by_another_run(out: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding `out`'s output lock until the block ends (it then exits normally)."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=ENV)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+def test_a_second_writer_is_refused_at_once_and_runs_when_the_first_ends(teacher, tmp_path):
+    from nemo_minitron.outputs import lock_path
+
+    out = tmp_path / "export"
+    with written_by_another_run(out) as holder:
+        proc = minitron("export-hf", f"checkpoint={teacher}", f"output_dir={out}", check=False)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+        assert errors[0].startswith(f"error: output_dir={out} is being written by another run (pid {holder.pid} on ")
+        assert errors[0].endswith("wait for it to end, or choose another directory")
+        assert not out.exists() and lock_path(out).is_file()
+    assert not lock_path(out).exists()  # its holder removed it on exit
+    assert last_json(minitron("export-hf", f"checkpoint={teacher}", f"output_dir={out}"))["hf_dir"] == str(out)
+    assert not lock_path(out).exists() and (out / "config.json").is_file()
+
+
+def test_output_locks_are_reentrant_end_with_their_stage_and_outlive_a_killed_holder(tmp_path):
+    from nemo_minitron import UserError
+    from nemo_minitron.outputs import MARKER_FILE, check_output, lock_output, lock_path, releases_output_locks
+
+    out = tmp_path / "out"
+
+    @releases_output_locks
+    def stage() -> bool:
+        lock_output(out, "output_dir=out")
+        lock_output(out, "output_dir=out")  # this process already writes it: no conflict with itself
+        return lock_path(out).is_file()
+
+    assert stage() and not lock_path(out).exists()
+    with written_by_another_run(out) as holder:
+        with pytest.raises(UserError, match=rf"output_dir=out is being written by another run \(pid {holder.pid} "):
+            stage()
+        assert lock_path(out).is_file()  # the holder's, untouched by the refused run
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=60)
+    assert lock_path(out).is_file()  # a killed holder leaves its file, and the kernel its lock
+    assert stage() and not lock_path(out).exists()
+    # a sub-output's lock file that a killed run left is not "foreign" to overwrite=true
+    out.mkdir()
+    (out / MARKER_FILE).write_text('{"stage": "pipeline", "entries": ["pruned"]}')
+    (out / ".pruned.lock").write_text("pid 1 on elsewhere")
+    releases_output_locks(check_output)(out, "pipeline", overwrite=True, own=["pruned"])

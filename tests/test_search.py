@@ -169,6 +169,25 @@ def test_moe_search_prunes_experts_and_retrains_the_best(tmp_path):
             assert ours[key] == (ref[key] and pytest.approx(ref[key], rel=1e-4)), (ours["name"], key)
 
 
+def test_the_retraining_warm_up_follows_retrain_steps_unless_set():
+    """search.yaml leaves the retraining's warm-up unset: a tenth of search.retrain_steps, so a short
+    retraining is not refused for the distill stage's 10 warm-up steps; a value set is kept."""
+    from hydra import initialize_config_dir
+
+    from nemo_minitron.cli.compose import conf_dir, stage_config, typed
+    from nemo_minitron.search.stage import SearchConfig, _retraining_train
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        for retrain_steps, warmup, expected in ((5, None, 0), (100, None, 10), (100, 3, 3)):
+            block = {"retrain_steps": retrain_steps}
+            optim = {} if warmup is None else {"optim": {"warmup_steps": warmup}}
+            cfg = typed(SearchConfig, stage_config("search", None, checkpoint="c", output_dir="o", search=block,
+                                                   distill=optim), "search")
+            steps = _retraining_train(cfg).steps
+            assert (steps, cfg.distill.optim.warmup_for(steps)) == (retrain_steps, expected)
+            cfg.distill.optim.validate(steps)
+
+
 def test_retraining_settings_are_checked_before_any_candidate_is_pruned(tiny_teacher_source, tmp_path):
     """A warm-up longer than search.retrain_steps (or a sequence TP cannot split) is refused before
     the zero-shot prunes, naming the keys, and the output directory is not touched."""

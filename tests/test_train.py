@@ -75,6 +75,22 @@ def test_lr_warms_up_then_decays_to_min_lr_with_cosine(reference):
     assert all(0 < m["train/grad_norm"] for m in metrics) and all(m["train/tokens_per_s"] > 0 for m in metrics)
 
 
+def test_an_unset_warm_up_is_a_tenth_of_the_run():
+    from nemo_minitron.train.optim import build_scheduler
+
+    def rates(warmup_steps: int | None) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+        scheduler = build_scheduler(optimizer, OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=warmup_steps), 40)
+        out = []
+        for _ in range(40):
+            scheduler.step(1)
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    assert OptimConfig(warmup_steps=None).warmup_for(40) == 4
+    assert rates(None) == rates(4) and rates(None)[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
 @pytest.mark.parametrize("world,micro_batch_size", [(1, 4), pytest.param(2, 1, marks=pytest.mark.slow)],
                          ids=["one-micro-batch", "dp2"])
 def test_accumulation_and_data_parallel_give_the_same_steps(tiny, reference, tmp_path, world, micro_batch_size):

@@ -38,7 +38,7 @@ def commands(cfg, nemo_root: str = "/opt/NeMo") -> list[list[str]]:
         f"model.tensor_model_parallel_size={cfg.tp}", f"model.pipeline_model_parallel_size={cfg.pp}",
         f"model.global_batch_size={t.global_batch_size}", f"model.micro_batch_size={t.micro_batch_size}",
         f"model.encoder_seq_length={t.seq_length}", f"model.optim.lr={o.lr}",
-        f"model.optim.sched.min_lr={o.min_lr}", f"model.optim.sched.warmup_steps={o.warmup_steps}",
+        f"model.optim.sched.min_lr={o.min_lr}", f"model.optim.sched.warmup_steps={o.warmup_for(t.steps)}",
         f"model.optim.weight_decay={o.weight_decay}", f"exp_manager.explicit_log_dir={out / 'nemo_aligner' / 'logs'}",
     ]
     if cfg.preference:

@@ -24,6 +24,7 @@ from nemo_minitron.align.losses import PreferenceLoss
 from nemo_minitron.data.corpus import default_cache_dir, ensure_corpus
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval.generate import greedy_generate
+from nemo_minitron.outputs import releases_output_locks
 from nemo_minitron.stage import StageConfig
 from nemo_minitron.train import Trainer
 from nemo_minitron.train import stage as train_stage
@@ -142,6 +143,7 @@ def held_out_score(cfg: AlignConfig, model, valid) -> dict[str, float]:
     return {"heldout_response_loss": response_loss(model, valid, cfg.train.micro_batch_size)}
 
 
+@releases_output_locks
 def align_checkpoint(cfg: AlignConfig) -> dict:
     """Align `cfg.checkpoint` with `cfg.method`; the aligned model lands in OUTPUT/final."""
     cfg.require("method", "checkpoint", "output_dir")

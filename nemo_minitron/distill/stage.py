@@ -15,7 +15,7 @@ from nemo_minitron.distill import teacher_cache
 from nemo_minitron.distill.losses import LogitLoss
 from nemo_minitron.distill.model import DistillationLoss, DistillationModel, LayerPair, check_same_tokenizer
 from nemo_minitron.errors import UserError
-from nemo_minitron.outputs import claim_output, content_id, settings_of
+from nemo_minitron.outputs import claim_output, content_id, releases_output_locks, settings_of
 from nemo_minitron.stage import StageConfig
 from nemo_minitron.train import LMLoss, Trainer
 from nemo_minitron.train import stage as train_stage
@@ -102,6 +102,7 @@ class TeacherCorrectConfig(train_stage.TrainingStageConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=None, min_lr=None, warmup_steps=120))
 
 
+@releases_output_locks
 def distill_checkpoint(cfg: DistillConfig) -> dict:
     """Train `cfg.student` on the logits of `cfg.teacher`, or of the teacher cache
     `cfg.teacher_cache`; the student lands in OUTPUT/final."""
@@ -179,6 +180,7 @@ def _check_cache_student(cache: teacher_cache.TeacherCache, student_arch, tokeni
                         f"with: distillation needs the student to keep the teacher's tokenizer")
 
 
+@releases_output_locks
 def cache_teacher_logits(cfg: TeacherLogitsConfig) -> dict:
     """Write `cfg.teacher`'s top-`cfg.top_k` logits over a distillation run's samples into
     `cfg.output_dir` (resumable: re-running the same command continues)."""
@@ -212,6 +214,7 @@ def cache_teacher_logits(cfg: TeacherLogitsConfig) -> dict:
     )
 
 
+@releases_output_locks
 def correct_teacher(cfg: TeacherCorrectConfig) -> dict:
     """Fine-tune `cfg.teacher` with the LM loss at 1/5 of its original peak LR (by default) with
     the loop of distillation; the corrected teacher lands in OUTPUT/final."""
@@ -230,7 +233,7 @@ def correct_teacher(cfg: TeacherCorrectConfig) -> dict:
     data = train_stage.training_data(cfg, tokenizer)
     model = train_stage.load_for_training(cfg.teacher, cfg)
     log.info("correcting %s at %s: lr %.3g -> %.3g, %d warmup steps", cfg.teacher, layout.describe(),
-             cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps)
+             cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_for(cfg.train.steps))
     trainer = Trainer(
         model, LMLoss(), data, cfg.train, cfg.optim, cfg.output_dir, tokenizer=tokenizer,
         metadata={"stage": "teacher-correct", "teacher": str(cfg.teacher)},

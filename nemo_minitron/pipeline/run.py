@@ -32,7 +32,7 @@ from nemo_minitron.distill.stage import DistillConfig, TeacherCorrectConfig, cor
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval.stage import EvalConfig, HarnessConfig, evaluate_checkpoint
 from nemo_minitron.models import nemo2
-from nemo_minitron.outputs import claim_output
+from nemo_minitron.outputs import claim_output, releases_output_locks
 from nemo_minitron.pipeline.report import table, write_report
 from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search.stage import SearchConfig, search_architecture
@@ -136,6 +136,7 @@ class Stages:
         log.info("stage %s done in %.1f s", name, self.seconds[name])
 
 
+@releases_output_locks
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """The whole job under `cfg.work_dir`; a re-run resumes. Returns the summary (also written as
     results.json and report.md), or {"status": "interrupted"} after a pre-emption checkpoint."""

@@ -41,7 +41,7 @@ from nemo_minitron.importance import (
 from nemo_minitron.importance.scores import EXPERT_METHODS, FILE_NAME, METHODS
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
-from nemo_minitron.outputs import check_output, content_id, settings_of
+from nemo_minitron.outputs import check_output, content_id, releases_output_locks, settings_of
 from nemo_minitron.prune.indices import DEPTH_METHODS, choose_dropped_layers, select_indices
 from nemo_minitron.prune.planner import plan
 from nemo_minitron.prune.reconstruct import check_options, record_statistics
@@ -274,6 +274,7 @@ def _dropped_layers(cfg: PruneConfig, spec: PruneSpec, teacher: ModelArch, model
     return choose_dropped_layers(scores, teacher, k, method)
 
 
+@releases_output_locks
 def prune_checkpoint(cfg: PruneConfig) -> dict:
     """Prune `cfg.checkpoint` to `cfg.target` into `cfg.output_dir` (collective)."""
     cfg.require("checkpoint", "output_dir")

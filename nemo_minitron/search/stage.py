@@ -24,7 +24,7 @@ from nemo_minitron.atomic import replace_dir
 from nemo_minitron.distill.stage import DistillConfig, distill_checkpoint
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelArch
-from nemo_minitron.outputs import claim_output, settings_of
+from nemo_minitron.outputs import claim_output, releases_output_locks, settings_of
 from nemo_minitron.prune.spec import PruneSpec
 from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search.cache import CandidateCache
@@ -204,6 +204,7 @@ def _rows(chosen: list[ModelArch], cache: CandidateCache, budget: Budget) -> lis
     return rows
 
 
+@releases_output_locks
 def search_architecture(cfg: SearchConfig) -> dict:
     """Find the best architecture under `cfg.budget`; its pruned checkpoint lands in OUTPUT/winner."""
     cfg.require("checkpoint", "output_dir")

@@ -78,7 +78,7 @@ class OptimConfig:
 
     lr: float | None = 1e-4     # None only where a stage derives it (teacher correction)
     min_lr: float | None = 1e-5
-    warmup_steps: int = 0
+    warmup_steps: int | None = 0  # None: a tenth of the run's steps (`warmup_for`)
     decay_style: str = "cosine"   # cosine | linear | constant
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
@@ -88,6 +88,11 @@ class OptimConfig:
     POSITIVE: ClassVar[tuple[str, ...]] = ("lr", "adam_eps")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("min_lr", "warmup_steps", "weight_decay", "clip_grad")
 
+    def warmup_for(self, steps: int) -> int:
+        """The warm-up steps of a run of `steps` steps: `warmup_steps`, or a tenth of the run when unset
+        (so a retraining sized by another key, such as search.retrain_steps, warms up in proportion)."""
+        return steps // 10 if self.warmup_steps is None else self.warmup_steps
+
     def validate(self, steps: int) -> None:
         for key in ("lr", "min_lr"):
             if getattr(self, key) is None:
@@ -95,7 +100,7 @@ class OptimConfig:
         check_ranges(self, "optim.")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"optim.min_lr={self.min_lr} must lie between 0 and optim.lr={self.lr}")
-        if not 0 <= self.warmup_steps < steps:
+        if not 0 <= self.warmup_for(steps) < steps:
             raise UserError(f"optim.warmup_steps={self.warmup_steps} must be below train.steps={steps}")
         if self.decay_style not in ("cosine", "linear", "constant"):
             raise UserError(f"optim.decay_style={self.decay_style!r} is not one of cosine, linear, constant")

@@ -88,7 +88,7 @@ def _use_fused_torch_adam(optimizer) -> None:
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, steps: int):
-    """Linear warmup from 0 over `warmup_steps`, then `decay_style` down to `min_lr` at `steps`.
+    """Linear warmup from 0 over `cfg.warmup_for(steps)`, then `decay_style` down to `min_lr` at `steps`.
 
     The loop advances it before each optimizer step, so step k (1-based) uses the rate at k.
     """
@@ -99,7 +99,7 @@ def build_scheduler(optimizer, cfg: OptimConfig, steps: int):
         init_lr=0.0,
         max_lr=cfg.lr,
         min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.warmup_steps,
+        lr_warmup_steps=cfg.warmup_for(steps),
         lr_decay_steps=steps,
         lr_decay_style=cfg.decay_style,
         start_wd=cfg.weight_decay,

@@ -13,7 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from nemo_minitron import parallel
-from nemo_minitron.outputs import claim_output
+from nemo_minitron.outputs import claim_output, releases_output_locks
 from nemo_minitron.atomic import atomic_file, write_text
 from nemo_minitron.data.corpus.debian import _cache_root, package_version
 from nemo_minitron.data.corpus.document import Document
@@ -142,6 +142,7 @@ def build_corpus(
     return paths
 
 
+@releases_output_locks
 def ensure_corpus(
     output_dir: str | os.PathLike[str] | None = None,
     *,
