@@ -53,7 +53,7 @@ from nemo_minitron.data.indexed import load_token_stream
 from nemo_minitron.eval.perplexity import evaluate_perplexity
 from nemo_minitron.importance import ImportanceScores, estimate_importance, perplexity_loop, sample_windows
 from nemo_minitron.models.gpt import arch_of
-from nemo_minitron.prune import PruneSpec, lowest_layers, prune_model, select_indices
+from nemo_minitron.pruning import PruneSpec, lowest_layers, prune_model, select_indices
 from nemo_minitron.stage import CorpusConfig
 from pruning import write_report  # benchmarks/pruning.py
 

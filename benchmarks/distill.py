@@ -105,8 +105,8 @@ def setup(seq: int, train_windows: int):
     from nemo_minitron.eval.perplexity import windows_from_stream
     from nemo_minitron.models import bridge
     from nemo_minitron.models.gpt import build_gpt_model
-    from nemo_minitron.prune.indices import PruneIndices
-    from nemo_minitron.prune.surgery import prune_global
+    from nemo_minitron.pruning.indices import PruneIndices
+    from nemo_minitron.pruning.surgery import prune_global
     from nemo_minitron.train import TokenWindows
 
     parallel.initialize(1, 1)

@@ -37,7 +37,7 @@ from nemo_minitron.importance import estimate_importance, magnitude_scores, perp
 from nemo_minitron.models import bridge
 from nemo_minitron.models.gpt import build_gpt_model
 from nemo_minitron.models.upcycle import split_into_experts
-from nemo_minitron.prune import PruneSpec, prune_global, select_indices
+from nemo_minitron.pruning import PruneSpec, prune_global, select_indices
 from pruning import overhead  # benchmarks/pruning.py: the same alternating measurement
 
 EXPERTS = 8

@@ -32,7 +32,7 @@ from nemo_minitron.importance import (
 )
 from nemo_minitron.models import bridge
 from nemo_minitron.models.gpt import arch_of
-from nemo_minitron.prune import PruneSpec, best_block, lowest_layers, prune_model, select_indices
+from nemo_minitron.pruning import PruneSpec, best_block, lowest_layers, prune_model, select_indices
 
 # ~50% of SmolLM2-135M's 106.2M non-embedding parameters
 TARGETS = {

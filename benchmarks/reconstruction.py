@@ -51,8 +51,8 @@ def perplexities(checkpoint: Path, texts: dict[str, Path], eval_tokens: int) -> 
 
 
 def run_arm(work: Path, name: str, settings: dict, texts: dict[str, Path], eval_tokens: int) -> dict:
-    from nemo_minitron.prune.spec import PruneSpec
-    from nemo_minitron.prune.stage import CalibConfig, PruneConfig, prune_checkpoint
+    from nemo_minitron.pruning.spec import PruneSpec
+    from nemo_minitron.pruning.stage import CalibConfig, PruneConfig, prune_checkpoint
     from nemo_minitron.stage import CorpusConfig
 
     settings = dict(settings)

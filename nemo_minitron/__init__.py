@@ -14,75 +14,53 @@ The plugin API works on any megatron-core GPTModel the caller built (docs/api.md
 Each stage of the Minitron job is also one library function over a typed config
 (`prune_checkpoint(PruneConfig(...))`, `distill_checkpoint`, `search_architecture`, `run_pipeline`,
 ...), which the `minitron` command line composes from YAML and calls.
+
+Names are imported on first use (`mt.prune` loads pruning and megatron-core, `mt.ModelArch` neither),
+so `import nemo_minitron` and the `minitron` command start without loading every stage.
 """
 
+import importlib as _importlib
 import warnings as _warnings
 
-with _warnings.catch_warnings():
-    # megatron-core warns at import, module by module, that Transformer Engine and Apex are absent
-    # (always so on CPU): eight lines of noise before anything else; `minitron` says it in one line.
-    _warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    from nemo_minitron import parallel
-    from nemo_minitron.align.stage import AlignConfig, GenerateConfig, align_checkpoint, generate_text
-    from nemo_minitron.checkpoint import load_checkpoint, load_weights, save_checkpoint, verify_checkpoint
-    from nemo_minitron.convert import (
-        CheckConfig,
-        ExportHFConfig,
-        ExportMegatronConfig,
-        ExportNeMoConfig,
-        ImportConfig,
-        check_checkpoint,
-        export_hf,
-        export_megatron,
-        export_nemo,
-        import_checkpoint,
-    )
-    from nemo_minitron.distill import (
-        DistillationLoss,
-        DistillationModel,
-        LayerPair,
-        LogitLoss,
-        TeacherCache,
-        TopKTeacher,
-        write_teacher_cache,
-    )
-    from nemo_minitron.distill.stage import (
-        DistillConfig,
-        TeacherCorrectConfig,
-        TeacherLogitsConfig,
-        cache_teacher_logits,
-        correct_teacher,
-        distill_checkpoint,
-    )
-    from nemo_minitron.errors import UserError
-    from nemo_minitron.eval.perplexity import evaluate_perplexity
-    from nemo_minitron.eval.stage import EvalConfig, evaluate_checkpoint
-    from nemo_minitron.importance import (
-        Aggregation,
-        ImportanceScores,
-        contiguous_block_scores,
-        estimate_importance,
-        layer_loss_scores,
-        loss_metric,
-        perplexity_loop,
-    )
-    from nemo_minitron.models.config import ModelArch
-    from nemo_minitron.models.gpt import arch_of, build_gpt_model
-    from nemo_minitron.pipeline import PipelineConfig, run_pipeline
-    from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
-    from nemo_minitron.search.stage import SearchConfig, search_architecture
+# name -> the module that defines it (a module itself where the name is the module's last part)
+_EXPORTS: dict[str, str] = {
+    "parallel": "nemo_minitron.parallel",
+    **dict.fromkeys(["AlignConfig", "GenerateConfig", "align_checkpoint", "generate_text"], "nemo_minitron.align.stage"),
+    **dict.fromkeys(["load_checkpoint", "load_weights", "save_checkpoint", "verify_checkpoint"], "nemo_minitron.checkpoint"),
+    **dict.fromkeys(["CheckConfig", "ExportHFConfig", "ExportMegatronConfig", "ExportNeMoConfig", "ImportConfig",
+                     "check_checkpoint", "export_hf", "export_megatron", "export_nemo", "import_checkpoint"],
+                    "nemo_minitron.convert"),
+    **dict.fromkeys(["DistillationLoss", "DistillationModel", "LayerPair", "LogitLoss", "TeacherCache", "TopKTeacher",
+                     "write_teacher_cache"], "nemo_minitron.distill"),
+    **dict.fromkeys(["DistillConfig", "TeacherCorrectConfig", "TeacherLogitsConfig", "cache_teacher_logits",
+                     "correct_teacher", "distill_checkpoint"], "nemo_minitron.distill.stage"),
+    "UserError": "nemo_minitron.errors",
+    "evaluate_perplexity": "nemo_minitron.eval.perplexity",
+    **dict.fromkeys(["EvalConfig", "evaluate_checkpoint"], "nemo_minitron.eval.stage"),
+    **dict.fromkeys(["Aggregation", "ImportanceScores", "contiguous_block_scores", "estimate_importance",
+                     "layer_loss_scores", "loss_metric", "perplexity_loop"], "nemo_minitron.importance"),
+    "ModelArch": "nemo_minitron.models.config",
+    **dict.fromkeys(["arch_of", "build_gpt_model"], "nemo_minitron.models.gpt"),
+    **dict.fromkeys(["PipelineConfig", "run_pipeline"], "nemo_minitron.pipeline"),
+    "prune": "nemo_minitron.pruning.inplace",
+    **dict.fromkeys(["PruneConfig", "prune_checkpoint"], "nemo_minitron.pruning.stage"),
+    **dict.fromkeys(["SearchConfig", "search_architecture"], "nemo_minitron.search.stage"),
+}
+__all__ = sorted(_EXPORTS)
 
-# Bound last: `nemo_minitron.prune` is the one-call pruning function (the subpackage of the same
-# name stays importable as `nemo_minitron.prune.<module>` through `from ... import`).
-from nemo_minitron.prune.inplace import prune  # noqa: E402  isort: skip
 
-__all__ = [
-    "Aggregation", "AlignConfig", "CheckConfig", "DistillConfig", "DistillationLoss", "DistillationModel",
-    "EvalConfig", "ExportHFConfig", "ExportMegatronConfig", "ExportNeMoConfig", "GenerateConfig", "ImportConfig", "ImportanceScores",
-    "LayerPair", "LogitLoss", "ModelArch", "PipelineConfig", "PruneConfig", "SearchConfig", "TeacherCache",
-    "TeacherCorrectConfig", "TeacherLogitsConfig", "TopKTeacher", "UserError", "align_checkpoint", "arch_of",
-    "build_gpt_model", "cache_teacher_logits", "check_checkpoint", "contiguous_block_scores", "correct_teacher", "distill_checkpoint", "estimate_importance", "evaluate_checkpoint", "evaluate_perplexity",
-    "export_hf", "export_megatron", "export_nemo", "generate_text", "import_checkpoint", "layer_loss_scores", "load_checkpoint",
-    "load_weights", "loss_metric", "parallel", "perplexity_loop", "prune", "prune_checkpoint", "run_pipeline",
-    "save_checkpoint", "search_architecture", "verify_checkpoint", "write_teacher_cache",
-]
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nemo_minitron' has no attribute {name!r}")
+    with _warnings.catch_warnings():
+        # megatron-core warns at import, module by module, that Transformer Engine and Apex are absent
+        # (always so on CPU): eight lines of noise; `minitron` says it in one line.
+        _warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+        module = _importlib.import_module(_EXPORTS[name])
+    value = module if module.__name__.rpartition(".")[2] == name else getattr(module, name)
+    globals()[name] = value  # found once; later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

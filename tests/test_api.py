@@ -178,8 +178,8 @@ def test_prune_in_place_through_float16module_and_refused_under_ddp():
     from megatron.core.transformer.module import Float16Module
     from nemo_minitron.models import bridge
     from nemo_minitron.models.gpt import build_gpt_model
-    from nemo_minitron.prune.indices import select_indices
-    from nemo_minitron.prune.surgery import prune_global
+    from nemo_minitron.pruning.indices import select_indices
+    from nemo_minitron.pruning.surgery import prune_global
     from nemo_minitron.train.optim import wrap_data_parallel
 
     mt.parallel.initialize()

@@ -179,7 +179,7 @@ def test_hostile_input_is_one_line_and_touches_nothing(inputs, args, message, tm
 
 def test_configs_made_in_python_are_range_checked_with_their_full_key():
     from nemo_minitron import DistillConfig, EvalConfig, PruneConfig, UserError
-    from nemo_minitron.prune.spec import PruneSpec
+    from nemo_minitron.pruning.spec import PruneSpec
     from nemo_minitron.train import TrainConfig
 
     with pytest.raises(UserError, match=r"^train.micro_batch_size=0 must be positive$"):

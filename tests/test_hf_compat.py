@@ -24,8 +24,8 @@ from distributed import run_distributed
 from nemo_minitron.models import bridge, gguf_import
 from nemo_minitron.models.config import HF_ARCHITECTURES
 from nemo_minitron.models.hf_io import read_hf_directory, save_portable_tokenizer, write_hf_directory
-from nemo_minitron.prune import PruneSpec
-from nemo_minitron.prune.planner import PUBLISHED_RECIPES, PUBLISHED_TEACHERS, plan, published_student
+from nemo_minitron.pruning import PruneSpec
+from nemo_minitron.pruning.planner import PUBLISHED_RECIPES, PUBLISHED_TEACHERS, plan, published_student
 from tiny import hf_model, tiny_arch, tiny_moe_arch, tiny_tokenizer
 
 ROOT = Path(__file__).parents[1]

@@ -297,7 +297,7 @@ def test_taylor_scores_match_across_layouts(taylor_run, tp, pp, world):
 
 
 def test_taylor_scores_are_cached_with_their_calibration(tmp_path):
-    from nemo_minitron.prune.stage import PruneConfig, _request
+    from nemo_minitron.pruning.stage import PruneConfig, _request
 
     requests = {method: _request(PruneConfig(checkpoint=str(tmp_path), importance=method))
                 for method in ("activation", "taylor", "magnitude")}

@@ -17,7 +17,7 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.hf_io import read_hf_directory, write_hf_directory
-from nemo_minitron.prune import PruneIndices, PruneSpec, count_from_shapes, prune_global
+from nemo_minitron.pruning import PruneIndices, PruneSpec, count_from_shapes, prune_global
 from test_prune import logits_of, random_indices, random_subset, reference_prune_hf
 from test_qwen import TOKENS, logits_and_weights
 from tiny import hf_model, tiny_moe_arch, tiny_tokenizer
@@ -40,7 +40,7 @@ def hub_layout(tmp_path, arch, hf) -> dict[str, torch.Tensor]:
 # --- config and bridge ---------------------------------------------------------------------------
 
 def _counts_on_meta(archs):
-    from nemo_minitron.prune import count_on_meta
+    from nemo_minitron.pruning import count_on_meta
 
     return [count_on_meta(arch) for arch in archs]
 
@@ -249,7 +249,7 @@ def _scores(arch, global_sd, windows):
     """Activation scores, and the weights of the model pruned by them (2 experts of 16 neurons, shared 24)."""
     from nemo_minitron.importance import estimate_importance, perplexity_loop
     from nemo_minitron.models.gpt import build_gpt_model
-    from nemo_minitron.prune import prune_model, select_indices
+    from nemo_minitron.pruning import prune_model, select_indices
 
     model = build_gpt_model(arch)
     bridge.load_global(model, global_sd)
@@ -428,7 +428,7 @@ def _prune_in_place(arch, global_sd, windows):
     import nemo_minitron as mt
     from nemo_minitron.importance import perplexity_loop
     from nemo_minitron.models.gpt import build_gpt_model
-    from nemo_minitron.prune import select_indices
+    from nemo_minitron.pruning import select_indices
 
     model = build_gpt_model(arch)
     bridge.load_global(model, global_sd)

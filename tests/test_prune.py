@@ -10,8 +10,8 @@ import torch
 from distributed import run_distributed
 from nemo_minitron.importance import Aggregation
 from nemo_minitron.models import bridge
-from nemo_minitron.prune import PruneIndices, PruneSpec, prune_global
-from nemo_minitron.prune.surgery import merge_pruned_heads
+from nemo_minitron.pruning import PruneIndices, PruneSpec, prune_global
+from nemo_minitron.pruning.surgery import merge_pruned_heads
 from tiny import hf_model, tiny_arch
 
 TOKENS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -214,7 +214,7 @@ AGGREGATIONS = [Aggregation(), Aggregation(seq="l2", batch="var", heads="input")
 def scores_and_pruned(teacher, global_sd, target):
     from nemo_minitron.importance import contiguous_block_scores, estimate_importance, layer_loss_scores, loss_metric, perplexity_loop
     from nemo_minitron.models.gpt import build_gpt_model
-    from nemo_minitron.prune import lowest_layers, prune_model, select_indices
+    from nemo_minitron.pruning import lowest_layers, prune_model, select_indices
 
     model = build_gpt_model(teacher)
     bridge.load_global(model, global_sd)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from distributed import run_distributed
-from nemo_minitron.prune import PUBLISHED_RECIPES, PUBLISHED_TEACHERS, PruneSpec, count_from_shapes, plan
-from nemo_minitron.prune.planner import published_student
+from nemo_minitron.pruning import PUBLISHED_RECIPES, PUBLISHED_TEACHERS, PruneSpec, count_from_shapes, plan
+from nemo_minitron.pruning.planner import published_student
 from tiny import tiny_arch
 
 # (layers, hidden, ffn, heads, groups, vocab) of the published students
@@ -24,7 +24,7 @@ PUBLISHED_SHAPES = {
 
 
 def meta_counts(archs):
-    from nemo_minitron.prune import count_on_meta
+    from nemo_minitron.pruning import count_on_meta
 
     return [count_on_meta(arch) for arch in archs]
 

@@ -26,8 +26,8 @@ def prune_and_evaluate(calib_path, heldout_path):
     )
     from nemo_minitron.models import bridge
     from nemo_minitron.models.gpt import build_gpt_model
-    from nemo_minitron.prune import PruneSpec, best_block, lowest_layers, prune_model, select_indices
-    from nemo_minitron.prune.reconstruct import record_statistics
+    from nemo_minitron.pruning import PruneSpec, best_block, lowest_layers, prune_model, select_indices
+    from nemo_minitron.pruning.reconstruct import record_statistics
 
     torch.set_num_threads(2)
     arch, hf_state, tokenizer, _ = read_source("smollm2-135m", None, torch.float32)

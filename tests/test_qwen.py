@@ -15,7 +15,7 @@ from distributed import run_distributed
 from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
-from nemo_minitron.prune import PUBLISHED_TEACHERS, PruneSpec, count_from_shapes, prune_global
+from nemo_minitron.pruning import PUBLISHED_TEACHERS, PruneSpec, count_from_shapes, prune_global
 from test_prune import logits_of, random_indices, reference_prune_hf
 from tiny import hf_model, tiny_arch
 

@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nemo_minitron.prune import PruneSpec
-from nemo_minitron.prune.planner import PUBLISHED_TEACHERS
+from nemo_minitron.pruning import PruneSpec
+from nemo_minitron.pruning.planner import PUBLISHED_TEACHERS
 
 CONF = Path(__file__).resolve().parents[1] / "nemo_minitron" / "conf"
 

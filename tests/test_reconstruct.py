@@ -1,4 +1,4 @@
-"""Post-prune reconstruction (prune/reconstruct.py) against an independent solve: transformers'
+"""Post-prune reconstruction (pruning/reconstruct.py) against an independent solve: transformers'
 own model gives the activations, numpy's least squares the refit weights."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from distributed import run_distributed
 from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge
-from nemo_minitron.prune import PruneIndices, PruneSpec, prune_global
-from nemo_minitron.prune.reconstruct import Reconstruction, Statistics, bytes_per_layer, kept_columns, refit
+from nemo_minitron.pruning import PruneIndices, PruneSpec, prune_global
+from nemo_minitron.pruning.reconstruct import Reconstruction, Statistics, bytes_per_layer, kept_columns, refit
 from tiny import hf_model, tiny_arch, tiny_moe_arch
 
 WINDOWS = torch.randint(0, 320, (16, 33), generator=torch.Generator().manual_seed(2))
@@ -43,8 +43,8 @@ def pruned_with_reconstruction(teacher, sd, target, indices, ridge=RIDGE, depth=
     """Megatron: record the statistics on WINDOWS at this rank's layout, prune, gather."""
     from nemo_minitron.importance import perplexity_loop
     from nemo_minitron.models.gpt import build_gpt_model
-    from nemo_minitron.prune import prune_model
-    from nemo_minitron.prune.reconstruct import record_statistics
+    from nemo_minitron.pruning import prune_model
+    from nemo_minitron.pruning.reconstruct import record_statistics
 
     model = build_gpt_model(teacher, use_te=use_te)
     bridge.load_global(model, sd)
@@ -162,7 +162,7 @@ def test_without_reconstruction_the_prune_is_the_plain_surgery():
 
     def plain(teacher, sd, target, indices):
         from nemo_minitron.models.gpt import build_gpt_model
-        from nemo_minitron.prune import prune_model
+        from nemo_minitron.pruning import prune_model
 
         model = build_gpt_model(teacher)
         bridge.load_global(model, sd)
@@ -194,7 +194,7 @@ def test_bytes_per_layer_are_stated_for_an_8b_ffn():
 def _prune_model_refusals(teacher, target, indices) -> tuple[str, str]:
     """prune_model's messages for a non-positive ridge and for reconstruction with head_residual."""
     from nemo_minitron.models.gpt import build_gpt_model
-    from nemo_minitron.prune import prune_model
+    from nemo_minitron.pruning import prune_model
 
     messages = []
     for ridge, head_residual in ((-1.0, False), (1.0, True)):
@@ -205,8 +205,8 @@ def _prune_model_refusals(teacher, target, indices) -> tuple[str, str]:
 
 
 def test_refused_combinations_are_one_line():
-    from nemo_minitron.prune.reconstruct import check_reconstructable
-    from nemo_minitron.prune.stage import PruneConfig
+    from nemo_minitron.pruning.reconstruct import check_reconstructable
+    from nemo_minitron.pruning.stage import PruneConfig
 
     with pytest.raises(UserError, match="mixtures of experts"):
         check_reconstructable(tiny_moe_arch())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nemo_minitron import checkpoint
-from nemo_minitron.prune import PUBLISHED_TEACHERS, count_from_shapes
+from nemo_minitron.pruning import PUBLISHED_TEACHERS, count_from_shapes
 from nemo_minitron.search import Budget, SearchSpace, candidate_name, enumerate_candidates
 from commands import last_json, minitron
 from shared import copy_tiny_teacher

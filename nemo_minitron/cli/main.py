@@ -70,7 +70,6 @@ def run_stage(stage_fn: Callable[[Any], dict | None], cfg) -> None:
     0 done, 2 bad input, 3 training diverged, 75 stopped at a pre-emption checkpoint (re-run), 130
     stopped by Ctrl-C (at a checkpoint where training was running; re-run to resume)."""
     from nemo_minitron import parallel
-    from nemo_minitron.train import signals
 
     _quiet_libraries()
     try:
@@ -89,6 +88,8 @@ def run_stage(stage_fn: Callable[[Any], dict | None], cfg) -> None:
     if result is not None and parallel.launch_rank() == 0:
         print(json.dumps(result, default=str), flush=True)
     if isinstance(result, dict) and result.get("interrupted"):
+        from nemo_minitron.train import signals
+
         sys.exit(signals.exit_code())
 
 

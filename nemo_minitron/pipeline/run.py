@@ -34,7 +34,7 @@ from nemo_minitron.eval.stage import EvalConfig, HarnessConfig, evaluate_checkpo
 from nemo_minitron.models import nemo2
 from nemo_minitron.outputs import claim_output, releases_output_locks
 from nemo_minitron.pipeline.report import table, write_report
-from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
+from nemo_minitron.pruning.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search.stage import SearchConfig, search_architecture
 from nemo_minitron.stage import CorpusConfig, StageConfig, check_ranges
 from nemo_minitron.train.config import DataConfig

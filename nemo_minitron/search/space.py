@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import MOE_SHAPE_KEYS, SHAPE_KEYS, ModelArch
-from nemo_minitron.prune import PruneSpec
+from nemo_minitron.pruning import PruneSpec
 
 # Every shape key but the head dimension, which pruning never changes; MoE teachers swap
 # ffn_hidden_size for the MoE keys they have (`axes`).

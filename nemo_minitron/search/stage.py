@@ -25,8 +25,8 @@ from nemo_minitron.distill.stage import DistillConfig, distill_checkpoint
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.outputs import claim_output, releases_output_locks, settings_of
-from nemo_minitron.prune.spec import PruneSpec
-from nemo_minitron.prune.stage import PruneConfig, prune_checkpoint
+from nemo_minitron.pruning.spec import PruneSpec
+from nemo_minitron.pruning.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search.cache import CandidateCache
 from nemo_minitron.search.report import REPORT_FILES, write_report
 from nemo_minitron.search.space import Budget, SearchSpace, candidate_name, enumerate_candidates, spread, target_of

@@ -42,12 +42,12 @@ from nemo_minitron.importance.scores import EXPERT_METHODS, FILE_NAME, METHODS
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.outputs import check_output, content_id, releases_output_locks, settings_of
-from nemo_minitron.prune.indices import DEPTH_METHODS, choose_dropped_layers, select_indices
-from nemo_minitron.prune.planner import plan
-from nemo_minitron.prune.reconstruct import check_options, record_statistics
-from nemo_minitron.prune.report import REPORT_FILES, write_report
-from nemo_minitron.prune.spec import PruneSpec
-from nemo_minitron.prune.surgery import prune_model
+from nemo_minitron.pruning.indices import DEPTH_METHODS, choose_dropped_layers, select_indices
+from nemo_minitron.pruning.planner import plan
+from nemo_minitron.pruning.reconstruct import check_options, record_statistics
+from nemo_minitron.pruning.report import REPORT_FILES, write_report
+from nemo_minitron.pruning.spec import PruneSpec
+from nemo_minitron.pruning.surgery import prune_model
 from nemo_minitron.stage import CorpusConfig, StageConfig, timed
 
 log = logging.getLogger("nemo_minitron")
@@ -91,7 +91,7 @@ class PruneConfig(StageConfig):
     importance_from: str | None = None
     aggregation: Aggregation = field(default_factory=Aggregation)
     head_residual: bool = False
-    reconstruct: bool = False        # refit the consumers of pruned neurons and heads (prune/reconstruct.py)
+    reconstruct: bool = False        # refit the consumers of pruned neurons and heads (pruning/reconstruct.py)
     reconstruct_ridge: float = 1.0e-2
     reconstruct_depth: bool = False  # the MLP before each dropped block also carries what the block added
     depth: DepthConfig = field(default_factory=DepthConfig)

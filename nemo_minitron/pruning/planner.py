@@ -16,7 +16,7 @@ import torch
 from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
-from nemo_minitron.prune.spec import PruneSpec
+from nemo_minitron.pruning.spec import PruneSpec
 
 log = logging.getLogger("nemo_minitron")
 

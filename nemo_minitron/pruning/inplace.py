@@ -11,10 +11,10 @@ from __future__ import annotations
 from nemo_minitron.errors import UserError
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.models.gpt import arch_of, remember_identity, unwrap_model
-from nemo_minitron.prune.indices import choose_dropped_layers, select_indices
-from nemo_minitron.prune.reconstruct import check_options, record_statistics
-from nemo_minitron.prune.spec import PruneSpec
-from nemo_minitron.prune.surgery import prune_model
+from nemo_minitron.pruning.indices import choose_dropped_layers, select_indices
+from nemo_minitron.pruning.reconstruct import check_options, record_statistics
+from nemo_minitron.pruning.spec import PruneSpec
+from nemo_minitron.pruning.surgery import prune_model
 
 _DATA_PARALLEL_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "TorchFullyShardedDataParallel")
 
@@ -62,7 +62,7 @@ def prune(
     Reconstruction: with `reconstruct_loop` (a forward loop, like `estimate_importance`'s), the
     unpruned model runs it once more with recording hooks, and the kept columns of every kept
     layer's `linear_fc2` and `linear_proj` are refit to reproduce the unpruned outputs on those
-    tokens (ridge least squares towards the plain prune, `reconstruct_ridge`; prune/reconstruct.py);
+    tokens (ridge least squares towards the plain prune, `reconstruct_ridge`; pruning/reconstruct.py);
     `reconstruct_depth` also fits the MLP before each dropped block to what the block added.
     """
     from megatron.core import parallel_state as ps

@@ -28,8 +28,8 @@ import torch
 
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
-from nemo_minitron.prune.indices import PruneIndices
-from nemo_minitron.prune.reconstruct import Reconstruction, check_options
+from nemo_minitron.pruning.indices import PruneIndices
+from nemo_minitron.pruning.reconstruct import Reconstruction, check_options
 
 
 def keep_qkv_heads(qkv: torch.Tensor, heads: torch.Tensor, teacher: ModelArch) -> torch.Tensor:

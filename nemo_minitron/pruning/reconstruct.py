@@ -37,7 +37,7 @@ import torch.distributed as dist
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.gpt import arch_of, unwrap_model
 from nemo_minitron.parallel import sum_over_ranks
-from nemo_minitron.prune.indices import PruneIndices
+from nemo_minitron.pruning.indices import PruneIndices
 
 log = logging.getLogger("nemo_minitron")
 

@@ -10,7 +10,7 @@ import torch
 
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.models.config import SHAPE_KEYS
-from nemo_minitron.prune.indices import PruneIndices
+from nemo_minitron.pruning.indices import PruneIndices
 
 
 
