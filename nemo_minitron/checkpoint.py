@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from nemo_minitron import parallel
 from nemo_minitron.atomic import replace_dir
-from nemo_minitron.errors import UserError
+from nemo_minitron.errors import UserError, read_json
 from nemo_minitron.models.bridge import checkpoint_shapes
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.gpt import arch_of, remember_identity, unwrap_model
@@ -111,14 +111,7 @@ def read_arch(path: str | Path) -> ModelArch:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    file = Path(path) / METADATA_FILE
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} does not hold a JSON object")
-    return data
+    return read_json(Path(path) / METADATA_FILE, CheckpointError)
 
 
 # --- integrity -------------------------------------------------------------------------------------
@@ -207,9 +200,9 @@ def _tokenizer_problems(path: Path) -> list[str]:
     problems = []
     for file in sorted((path / TOKENIZER_DIR).glob("*.json")):
         try:
-            json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            problems.append(f"{file} is not readable JSON ({type(err).__name__}: {str(err).splitlines()[0]})")
+            read_json(file, CheckpointError, kind=None)
+        except CheckpointError as err:
+            problems.append(str(err))
     return problems
 
 

@@ -131,7 +131,7 @@ HOSTILE = [
                                   "train.seq_length=64", "optim.warmup_steps=0"],
      "R/pairs.jsonl:1: field 'rejected_response' is empty"),
     ("import-config-not-json", ["import", "hf_path=R/hf_bad_json", "output_dir=O"],
-     "hf_path=R/hf_bad_json: R/hf_bad_json/config.json is not valid JSON (JSONDecodeError: Expecting property name"),
+     "hf_path=R/hf_bad_json: R/hf_bad_json/config.json is not valid JSON (Expecting property name"),
     ("import-config-without-sizes", ["import", "hf_path=R/hf_no_sizes", "output_dir=O"],
      "hf_path=R/hf_no_sizes: the llama config lacks num_hidden_layers, hidden_size, intermediate_size, "
      "num_attention_heads, vocab_size"),
@@ -150,13 +150,13 @@ HOSTILE = [
     ("load-config-missing-field", ["eval", "checkpoint=R/ckpt_missing_field", "data=R/docs.jsonl"],
      "R/ckpt_missing_field/model_config.json: model config lacks the keys ['hidden_size']"),
     ("check-bad-tokenizer", ["check", "checkpoint=R/ckpt_bad_tokenizer"],
-     "R/ckpt_bad_tokenizer/tokenizer/tokenizer.json is not readable JSON (JSONDecodeError: Unterminated string"),
+     "R/ckpt_bad_tokenizer/tokenizer/tokenizer.json is not valid JSON (Unterminated string"),
     ("export-bad-tokenizer", ["export-hf", "checkpoint=R/ckpt_bad_tokenizer", "output_dir=O"],
      "checkpoint=R/ckpt_bad_tokenizer has a damaged tokenizer: R/ckpt_bad_tokenizer/tokenizer/tokenizer.json is not "
-     "readable JSON"),
+     "valid JSON (Unterminated string starting at: line 1 column 20)"),
     ("load-config-bad-json", ["check", "checkpoint=R/ckpt_bad_json"],
-     "R/ckpt_bad_json/model_config.json is not valid JSON (Expecting property name enclosed in double quotes "
-     "at line 2 column 3)"),
+     "R/ckpt_bad_json/model_config.json is not valid JSON (Expecting property name enclosed in double quotes: "
+     "line 2 column 3)"),
 ]
 
 
@@ -405,3 +405,22 @@ def test_sigkill_at_random_points_leaves_no_process_and_resumes_exactly(inputs, 
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))  # one row per step, however often it was killed
     assert os.listdir(out / "checkpoints") and not [p for p in os.listdir(out / "checkpoints") if "partial" in p]
+
+
+def test_every_json_file_is_read_with_one_wording(tmp_path):
+    from nemo_minitron.checkpoint import CheckpointError
+    from nemo_minitron.errors import UserError, read_json
+
+    cases = {"cut.json": ('{"a": 1,', "is not valid JSON (Expecting property name enclosed in double quotes: line 1 "
+                                      "column 9)"),
+             "latin1.json": ('"caf\xe9"'.encode("latin-1"), "is not valid JSON (not UTF-8 text: byte 4)"),
+             "list.json": ("[1, 2]", "holds a JSON list, not a JSON dict")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(CheckpointError) as err:
+            read_json(path, CheckpointError)
+        assert str(err.value) == f"{path} {message}"
+    with pytest.raises(UserError, match=rf"^cannot read {tmp_path / 'absent.json'}: No such file or directory$"):
+        read_json(tmp_path / "absent.json")
+    assert read_json(tmp_path / "list.json", kind=None) == [1, 2]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from nemo_minitron.errors import UserError
+from nemo_minitron.errors import UserError, read_json
 # The keys that give a decoder its shape: what pruning changes, reports and plans compare.
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels")
 # The shape keys of mixture-of-experts layers (megatron-core's names; None in a dense model, and the
@@ -303,12 +303,7 @@ class ModelArch:
     @classmethod
     def load(cls, path: Path) -> "ModelArch":
         """The architecture in the JSON file `path`; a UserError naming the file and the problem."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"cannot read {path}: {err}") from None
+        data = read_json(path, kind=None)  # from_dict says what a config that is not an object is
         try:
             return cls.from_dict(data)
         except UserError as err:

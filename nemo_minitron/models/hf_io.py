@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from nemo_minitron.atomic import replace_dir
-from nemo_minitron.errors import UserError
+from nemo_minitron.errors import UserError, read_json
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.outputs import MARKER_FILE
 
@@ -22,14 +22,10 @@ def read_hf_directory(path: str | Path, dtype: torch.dtype = torch.float32):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"hf_path={path} has no config.json: point hf_path= at a Hugging Face model directory")
-    config_file = path / "config.json"
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"hf_path={path}: {config_file} is not valid JSON ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0]})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"hf_path={path}: {config_file} holds a JSON {type(config).__name__}, not a config object")
+        config = read_json(path / "config.json")
+    except UserError as err:
+        raise UserError(f"hf_path={path}: {err}") from None
     try:
         arch = ModelArch.from_hf_config(config)
     except UserError as err:
