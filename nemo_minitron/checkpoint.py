@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,12 +34,12 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron import parallel
-from nemo_minitron.atomic import replace_dir
 from nemo_minitron.errors import UserError, read_json
 from nemo_minitron.models.bridge import checkpoint_shapes
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.gpt import arch_of, remember_identity, unwrap_model
 from nemo_minitron.models.hf_io import save_portable_tokenizer
+from nemo_minitron.outputs import publishing
 from nemo_minitron.writer_processes import writers_die_with_parent
 
 CONFIG_FILE = "model_config.json"
@@ -59,45 +58,31 @@ def is_complete(path: str | Path) -> bool:
     return (path / METADATA_FILE).is_file() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_DIR).is_dir()
 
 
-def start_partial(path: str | Path, subdir: str) -> tuple[Path, Path]:
-    """(absolute `path`, a fresh `path.partial/subdir` to write into) for an atomic save (collective);
-    `replace_dir(partial, path)` publishes it."""
-    path = Path(path).absolute()
-    partial = path.with_name(path.name + ".partial")
-    if parallel.is_main_process():
-        shutil.rmtree(partial, ignore_errors=True)
-        (partial / subdir).mkdir(parents=True)
-    parallel.barrier()
-    return path, partial
-
-
 def save_checkpoint(model, path: str | Path, tokenizer=None, metadata: dict[str, Any] | None = None) -> Path:
     """Save `model` (collective: every rank calls it) with its config, tokenizer and metadata."""
     from megatron.core import dist_checkpointing
 
     arch = arch_of(model)
     model = unwrap_model(model)
-    path, partial = start_partial(path, WEIGHTS_DIR)
-    with writers_die_with_parent():
-        dist_checkpointing.save(model.sharded_state_dict(), str(partial / WEIGHTS_DIR))
-    parallel.barrier()
-    if parallel.is_main_process():
-        arch.save(partial / CONFIG_FILE)
-        if tokenizer is not None:  # readable by transformers 4.x too (the NGC NeMo containers' line)
-            save_portable_tokenizer(tokenizer, partial / TOKENIZER_DIR)
-        layout = parallel.layout()
-        info = {
-            "format": "nemo_minitron/1",
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "saved_with": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            **(metadata or {}),
-            "files": file_records(partial),
-        }
-        (partial / METADATA_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-        replace_dir(partial, path)
-    parallel.barrier()
-    return path
+    with publishing(path, WEIGHTS_DIR) as partial:
+        with writers_die_with_parent():
+            dist_checkpointing.save(model.sharded_state_dict(), str(partial / WEIGHTS_DIR))
+        parallel.barrier()
+        if parallel.is_main_process():
+            arch.save(partial / CONFIG_FILE)
+            if tokenizer is not None:  # readable by transformers 4.x too (the NGC NeMo containers' line)
+                save_portable_tokenizer(tokenizer, partial / TOKENIZER_DIR)
+            layout = parallel.layout()
+            info = {
+                "format": "nemo_minitron/1",
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "saved_with": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                **(metadata or {}),
+                "files": file_records(partial),
+            }
+            (partial / METADATA_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return Path(path).absolute()
 
 
 def read_arch(path: str | Path) -> ModelArch:

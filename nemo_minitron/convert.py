@@ -5,19 +5,17 @@ and verifying a checkpoint without loading the model (`check_checkpoint`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from nemo_minitron import checkpoint, parallel
-from nemo_minitron.atomic import replace_dir
 from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge, megatron_lm, nemo2
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.gpt import build_gpt_model
-from nemo_minitron.outputs import MARKER_FILE, check_output, releases_output_locks, settings_of
+from nemo_minitron.outputs import check_output, publishing, releases_output_locks, settings_of, write_marker
 from nemo_minitron.stage import StageConfig, timed, torch_dtype
 
 log = logging.getLogger("nemo_minitron")
@@ -176,8 +174,8 @@ def export_hf(cfg: ExportHFConfig) -> dict:
         hf_state = {k: v.to(dtype) for k, v in bridge.global_to_hf(arch, global_sd).items()}
         with timed(times, "write_s"):
             write_hf_directory(arch, hf_state, tokenizer, out,
-                               provenance={"stage": "export-hf", "checkpoint": str(Path(cfg.checkpoint).absolute()),
-                                           "settings": settings})
+                               marker={"stage": "export-hf", "settings": settings,
+                                       "checkpoint": str(Path(cfg.checkpoint).absolute())})
         log.info("wrote %s", out)
     return {"hf_dir": str(out.absolute()), **times}
 
@@ -203,16 +201,13 @@ def export_megatron(cfg: ExportMegatronConfig) -> dict:
         model = checkpoint.load_checkpoint(cfg.checkpoint, params_dtype=cfg.torch_dtype)
     args = megatron_lm.megatron_args(arch, len(tokenizer), seq_length, out / megatron_lm.TOKENIZER_DIR,
                                      layout.tp, layout.pp)
-    out, partial = checkpoint.start_partial(out, megatron_lm.RELEASE)
-    with timed(times, "save_s"):
-        megatron_lm.save_release(model, partial, args, tokenizer)
-    if parallel.is_main_process():
-        marker = {"stage": "export-megatron", "checkpoint": str(Path(cfg.checkpoint).absolute()), "settings": settings,
-                  "entries": list(megatron_lm.ENTRIES)}
-        (partial / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        replace_dir(partial, out)
-        log.info("wrote %s: load it with --load %s and the flags in %s", out, out, megatron_lm.FLAGS_FILE)
-    parallel.barrier()
+    with publishing(out, megatron_lm.RELEASE) as partial:
+        with timed(times, "save_s"):
+            megatron_lm.save_release(model, partial, args, tokenizer)
+        if parallel.is_main_process():
+            write_marker(partial, "export-megatron", settings, megatron_lm.ENTRIES,
+                         checkpoint=str(Path(cfg.checkpoint).absolute()))
+    log.info("wrote %s: load it with --load %s and the flags in %s", out, out, megatron_lm.FLAGS_FILE)
     return {"megatron_dir": str(out), "flags": str(out / megatron_lm.FLAGS_FILE),
             "make_vocab_size_divisible_by": args["make_vocab_size_divisible_by"], **times}
 
@@ -235,17 +230,14 @@ def export_nemo(cfg: ExportNeMoConfig) -> dict:
     parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     with timed(times, "load_s"):
         model = checkpoint.load_checkpoint(cfg.checkpoint, params_dtype=cfg.torch_dtype)
-    out, partial = checkpoint.start_partial(out, nemo2.WEIGHTS_DIR)
     zero_centred = arch.family == "nemotron"  # NeMo's NemotronConfig stores zero-centred gammas
-    with timed(times, "save_s"):
-        nemo2.save_weights(model, partial / nemo2.WEIGHTS_DIR, zero_centred)
-    if parallel.is_main_process():
-        nemo2.write_context(arch, Path(cfg.checkpoint) / checkpoint.TOKENIZER_DIR, partial / nemo2.CONTEXT_DIR,
-                            cfg.torch_dtype)
-        marker = {"stage": "export-nemo", "checkpoint": str(Path(cfg.checkpoint).absolute()), "settings": settings,
-                  "nemo_toolkit": version, "entries": list(nemo2.ENTRIES)}
-        (partial / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        replace_dir(partial, out)
-        log.info("wrote %s: a NeMo 2 checkpoint (nemo_toolkit %s)", out, version)
-    parallel.barrier()
+    with publishing(out, nemo2.WEIGHTS_DIR) as partial:
+        with timed(times, "save_s"):
+            nemo2.save_weights(model, partial / nemo2.WEIGHTS_DIR, zero_centred)
+        if parallel.is_main_process():
+            nemo2.write_context(arch, Path(cfg.checkpoint) / checkpoint.TOKENIZER_DIR, partial / nemo2.CONTEXT_DIR,
+                                cfg.torch_dtype)
+            write_marker(partial, "export-nemo", settings, nemo2.ENTRIES, checkpoint=str(Path(cfg.checkpoint).absolute()),
+                         nemo_toolkit=version)
+    log.info("wrote %s: a NeMo 2 checkpoint (nemo_toolkit %s)", out, version)
     return {"nemo_dir": str(out), "nemo_toolkit": version, **times}

@@ -22,6 +22,9 @@ survives the `NAME.partial` -> `NAME` swap that publishes a checkpoint; rank 0 t
 launcher ends the other ranks when rank 0 exits). The kernel releases it when the process ends,
 however it ends; a stage function decorated with `@releases_output_locks` releases the locks it
 took when it returns, and removes their files.
+
+Every output is published whole (`publishing`: written into `NAME.partial`, renamed to `NAME` when
+complete) and every marker has one shape (`write_marker`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -195,9 +199,45 @@ def claim_output(path: str | Path, stage: str, inputs: Iterable[str | Path | Non
         if overwrite:
             _remove_own(out, own)
         if overwrite or "settings" not in _record(out):
-            atomic.write_text(out / MARKER_FILE, json.dumps({"stage": stage, "settings": settings}, indent=1) + "\n")
+            write_marker(out, stage, settings)
     parallel.barrier()
     return out
+
+
+def write_marker(directory: Path, stage: str, settings: dict[str, Any] | None, entries: Iterable[str] | None = None,
+                 **extra: Any) -> None:
+    """Mark `directory` as `stage`'s output made with `settings` (atomically), in the one shape every
+    marker has: {"stage", "settings", "entries" (what overwrite=true may replace; absent: nothing),
+    and `extra` (what the output was made from)}."""
+    record = {"stage": stage, "settings": settings, **extra}
+    if entries is not None:
+        record["entries"] = sorted(entries)
+    atomic.write_text(directory / MARKER_FILE, json.dumps(record, indent=1, default=str) + "\n")
+
+
+@contextmanager
+def publishing(target: str | Path, *subdirs: str, collective: bool = True) -> Iterator[Path]:
+    """Write an output aside, publish it whole: yields a fresh `TARGET.partial` (with `subdirs` made)
+    that replaces `target` when the block ends without an exception; after one, it stays as it is
+    (the next publish removes it) and `target` is untouched. `collective`: every rank enters the
+    block, rank 0 prepares and publishes, the others wait; otherwise the caller alone does it all."""
+    target = Path(target).absolute()
+    partial = target.with_name(target.name + ".partial")
+    leads = parallel.is_main_process() or not collective
+    if leads:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for subdir in subdirs:
+            (partial / subdir).mkdir(parents=True)
+    if collective:
+        parallel.barrier()
+    yield partial
+    if collective:
+        parallel.barrier()  # every rank's share is written
+    if leads:
+        atomic.replace_dir(partial, target)
+    if collective:
+        parallel.barrier()
 
 
 # The output locks this process holds, innermost scope last: {output directory: lock file descriptor}.

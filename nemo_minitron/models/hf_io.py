@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from nemo_minitron.atomic import replace_dir
 from nemo_minitron.errors import UserError, read_json
 from nemo_minitron.models.config import ModelArch
-from nemo_minitron.outputs import MARKER_FILE
+from nemo_minitron.outputs import publishing, write_marker
 
 
 def read_hf_directory(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -100,7 +98,7 @@ def _save_expert_files(arch: ModelArch, hf_state: dict[str, torch.Tensor], out_d
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     config = arch.to_hf_config()
     config.save_pretrained(str(out_dir))
     GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
@@ -115,14 +113,20 @@ def _save_expert_files(arch: ModelArch, hf_state: dict[str, torch.Tensor], out_d
 
 
 def write_hf_directory(arch: ModelArch, hf_state: dict[str, torch.Tensor], tokenizer, out_dir: str | Path,
-                       provenance: dict | None = None) -> Path:
-    """Write a directory `AutoModelForCausalLM.from_pretrained` loads; atomic like checkpoints.
-    `provenance` (which stage wrote it, from what) goes into the output marker file."""
+                       marker: dict | None = None) -> Path:
+    """Write a directory `AutoModelForCausalLM.from_pretrained` loads, published whole like checkpoints
+    (by the calling process alone). `marker`: `outputs.write_marker`'s arguments (which stage wrote it,
+    with what settings, from what); the entries are the files written."""
+    with publishing(out_dir, collective=False) as partial:
+        _write_hf_files(arch, hf_state, tokenizer, partial)
+        if marker is not None:
+            write_marker(partial, entries=[p.name for p in partial.iterdir()], **marker)
+    return Path(out_dir).absolute()
+
+
+def _write_hf_files(arch: ModelArch, hf_state: dict[str, torch.Tensor], tokenizer, partial: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    out_dir = Path(out_dir).absolute()
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     if arch.is_moe:
         _save_expert_files(arch, hf_state, partial)
     else:
@@ -140,8 +144,3 @@ def write_hf_directory(arch: ModelArch, hf_state: dict[str, torch.Tensor], token
     _write_portable_config(partial / "config.json", arch)
     if tokenizer is not None:
         save_portable_tokenizer(tokenizer, partial)
-    if provenance is not None:  # `entries`: what overwrite=true may replace
-        entries = sorted(p.name for p in partial.iterdir())
-        (partial / MARKER_FILE).write_text(json.dumps({**provenance, "entries": entries}, indent=2) + "\n")
-    replace_dir(partial, out_dir)
-    return out_dir

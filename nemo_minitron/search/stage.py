@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from nemo_minitron import checkpoint, parallel
-from nemo_minitron.atomic import replace_dir
 from nemo_minitron.distill.stage import DistillConfig, distill_checkpoint
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelArch
-from nemo_minitron.outputs import claim_output, releases_output_locks, settings_of
+from nemo_minitron.outputs import claim_output, publishing, releases_output_locks, settings_of
 from nemo_minitron.pruning.spec import PruneSpec
 from nemo_minitron.pruning.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search.cache import CandidateCache
@@ -282,10 +281,8 @@ def search_architecture(cfg: SearchConfig) -> dict:
     }
     files = {}
     if parallel.is_main_process():
-        partial_dir = output / f"{WINNER_DIR}.partial"
-        shutil.rmtree(partial_dir, ignore_errors=True)
-        shutil.copytree(cache.dir(winner) / "pruned", partial_dir)
-        replace_dir(partial_dir, target)
+        with publishing(target, collective=False) as partial:
+            shutil.copytree(cache.dir(winner) / "pruned", partial, dirs_exist_ok=True)
         files = write_report(output, report)
     parallel.barrier()
     return {"status": "done", "winner": report["winner"], "enumerated": len(found), "scored": len(rows),

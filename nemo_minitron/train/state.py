@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron import checkpoint, parallel
-from nemo_minitron.atomic import replace_dir
 from nemo_minitron.errors import UserError
+from nemo_minitron.outputs import publishing
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
@@ -85,22 +85,19 @@ def save(path: Path, *, model, tokenizer, metadata: dict, optimizer, scheduler,
     """Write a training checkpoint to `path` (collective)."""
     from megatron.core import parallel_state as ps
 
-    path, partial = checkpoint.start_partial(path, STATE_DIR)
-    checkpoint.save_checkpoint(model, partial / MODEL_DIR, tokenizer, metadata)
-    state: dict[str, Any] = {"rng": rng_state()}
-    if ps.get_data_parallel_rank() == 0:
-        state.update(
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            extra={name: t.detach().cpu().clone() for name, t in extra.items()},
-        )
-    torch.save(state, _rank_file(partial, dist.get_rank() if dist.is_initialized() else 0))
-    parallel.barrier()
-    if parallel.is_main_process():
-        (partial / TRAINER_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-        replace_dir(partial, path)
-    parallel.barrier()
-    return path
+    with publishing(path, STATE_DIR) as partial:
+        checkpoint.save_checkpoint(model, partial / MODEL_DIR, tokenizer, metadata)
+        state: dict[str, Any] = {"rng": rng_state()}
+        if ps.get_data_parallel_rank() == 0:
+            state.update(
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                extra={name: t.detach().cpu().clone() for name, t in extra.items()},
+            )
+        torch.save(state, _rank_file(partial, dist.get_rank() if dist.is_initialized() else 0))
+        if parallel.is_main_process():
+            (partial / TRAINER_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return Path(path).absolute()
 
 
 def check_resumable(path: Path, layout: parallel.ParallelLayout, signature: dict) -> dict:
