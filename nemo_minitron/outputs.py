@@ -116,6 +116,17 @@ def changed_settings(recorded: dict[str, Any], settings: dict[str, Any]) -> list
             for key in sorted(set(recorded) | set(settings)) if recorded.get(key, unset) != settings.get(key, unset)]
 
 
+def check_same_settings(named: str, what: str, recorded: dict[str, Any], settings: dict[str, Any],
+                        otherwise: str) -> None:
+    """The one refusal of a re-run whose settings differ from those its output recorded: `named`
+    (the directory, as the user gave it) holds `what` made with other settings, every changed key
+    listed as `key: recorded -> now`, then `otherwise` (what else the user can do)."""
+    changed = changed_settings(recorded, settings)
+    if changed:
+        raise UserError(f"{named} holds {what} made with other settings ({'; '.join(changed)}): repeat those "
+                        f"settings, {otherwise}")
+
+
 def _unwritable(path: Path) -> str | None:
     """Why directory `path` cannot be written or created (judged on it, or else on its nearest
     existing parent), or None."""
@@ -168,10 +179,9 @@ def _check_earlier_output(out: Path, path, stage: str, key: str, recorded: dict 
             raise UserError(f"overwrite=true replaces only what {stage} wrote, but {key}={path} also holds "
                             f"{foreign}: move them away first")
         return
-    changed = changed_settings(recorded, settings) if recorded is not None and settings is not None else []
-    if changed:
-        raise UserError(f"{key}={path} holds a {stage} output made with other settings ({'; '.join(changed)}): "
-                        f"repeat those settings, set overwrite=true to replace it, or choose another {key}")
+    if recorded is not None and settings is not None:
+        check_same_settings(f"{key}={path}", f"a {stage} output", recorded, settings,
+                            f"set overwrite=true to replace it, or choose another {key}")
 
 
 def _remove_own(out: Path, own: Iterable[str]) -> None:

@@ -91,6 +91,22 @@ def test_an_unset_warm_up_is_a_tenth_of_the_run():
     assert rates(None) == rates(4) and rates(None)[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
 
 
+def test_a_trainer_refuses_to_resume_other_settings_as_a_stage_does(tmp_path):
+    from nemo_minitron import UserError, parallel
+    from nemo_minitron.train import state
+
+    step = tmp_path / "run" / "checkpoints" / "step_0000002"
+    step.mkdir(parents=True)
+    (step / state.TRAINER_FILE).write_text(json.dumps({"layout": {"tp": 1, "pp": 1, "dp": 1},
+                                                       "signature": {"optim.lr": 0.001, "train.seq_length": 64}}))
+    layout = parallel.ParallelLayout(world_size=1, rank=0, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0)
+    with pytest.raises(UserError) as err:
+        state.check_resumable(step, layout, {"optim.lr": 0.0003, "train.seq_length": 64, "loss.kind": "fwd_kl"})
+    assert str(err.value) == (f"output_dir={tmp_path / 'run'} holds a training run made with other settings "
+                              f"(loss.kind: '<unset>' -> 'fwd_kl'; optim.lr: 0.001 -> 0.0003): repeat those settings, "
+                              f"or choose another output_dir")
+
+
 @pytest.mark.parametrize("world,micro_batch_size", [(1, 4), pytest.param(2, 1, marks=pytest.mark.slow)],
                          ids=["one-micro-batch", "dp2"])
 def test_accumulation_and_data_parallel_give_the_same_steps(tiny, reference, tmp_path, world, micro_batch_size):

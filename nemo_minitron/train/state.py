@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from nemo_minitron import checkpoint, parallel
 from nemo_minitron.errors import UserError
-from nemo_minitron.outputs import publishing
+from nemo_minitron.outputs import check_same_settings, publishing
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
@@ -101,7 +101,8 @@ def save(path: Path, *, model, tokenizer, metadata: dict, optimizer, scheduler,
 
 
 def check_resumable(path: Path, layout: parallel.ParallelLayout, signature: dict) -> dict:
-    """trainer.json of `path`; ValueError naming the key when the run cannot continue from it."""
+    """trainer.json of step checkpoint `path`; a UserError when the run cannot continue from it (another
+    layout, or settings that differ: the same refusal, listing every changed key, as a stage's)."""
     info = json.loads((Path(path) / TRAINER_FILE).read_text())
     saved = info["layout"]
     now = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
@@ -111,13 +112,8 @@ def check_resumable(path: Path, layout: parallel.ParallelLayout, signature: dict
             f"tp={now['tp']} pp={now['pp']} dp={now['dp']}: resume with the same tp=, pp= and number of processes, "
             f"or start from {Path(path) / MODEL_DIR} in a new output_dir"
         )
-    changed = sorted(k for k in set(signature) | set(info["signature"]) if signature.get(k) != info["signature"].get(k))
-    if changed:
-        key = changed[0]
-        raise UserError(
-            f"output_dir holds a run with {key}={info['signature'].get(key)} but this command has "
-            f"{key}={signature.get(key)}: re-run with the same settings to resume, or use a new output_dir"
-        )
+    check_same_settings(f"output_dir={Path(path).parent.parent}", "a training run", info["signature"], signature,
+                        "or choose another output_dir")
     return info
 
 
