@@ -71,3 +71,17 @@ def test_no_reference_to_documents_outside_the_repository():
              and not any(part.startswith(".") or part.endswith(".egg-info") for part in p.relative_to(ROOT).parts)]
     offending = [str(p.relative_to(ROOT)) for p in files if p != Path(__file__) and outside.search(p.read_text())]
     assert offending == []
+
+
+def test_readme_and_design_list_every_stage_and_recipe():
+    """The README's command table and design.md's stage table name every `minitron` stage, and both
+    name every published recipe file, so a new stage or recipe cannot go undocumented."""
+    from nemo_minitron.cli.compose import recipe_names
+    from nemo_minitron.cli.stages import STAGES
+
+    readme, design = (ROOT / "README.md").read_text(), (ROOT / "docs" / "design.md").read_text()
+    stage_table = design.split("## 1. What the project does")[1].split("## 2.")[0]
+    for name, text in (("README.md", readme), ("design.md section 1", stage_table)):
+        assert [s for s in STAGES if f"`minitron {s}" not in text] == [], name
+    for name, text in (("README.md", readme), ("design.md", design)):
+        assert [r for r in recipe_names() if f"`{r}`" not in text] == [], name
