@@ -198,6 +198,21 @@ def test_pipeline_searches_instead_of_pruning(hf_dir, tmp_path):
     assert "search/loss_vs_params.png" in (work / "report.md").read_text()
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["distill.optim.warmup_steps=200"], "the distill block (distill.* keys): optim.warmup_steps=200 must be below "
+                                         "train.steps=96"),
+    (["teacher_correct.enabled=true", "teacher_correct.optim.warmup_steps=50"],
+     "the teacher_correct block (teacher_correct.* keys): optim.warmup_steps=50 must be below train.steps=20"),
+    (["search.enabled=true", "search.search.retrain_steps=1", "+search.distill.optim.warmup_steps=5"],
+     "the search block (search.* keys): the retraining (distill.* keys, train.steps = search.retrain_steps=1): "
+     "optim.warmup_steps=5 must be below train.steps=1"),
+], ids=["distill", "teacher-correct", "search-retraining"])
+def test_a_late_stage_mistake_stops_the_pipeline_before_its_first_stage(overrides, message, tmp_path):
+    proc = minitron("pipeline", f"work_dir={tmp_path / 'run'}", *overrides, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: {message}", proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # nothing imported, claimed or built
+
+
 @pytest.mark.parametrize(("overrides", "top", "expected"), [
     ([], None, {"distill": "auto", "teacher_correct": "auto", "prune": "float32", "eval": "float32"}),
     (["dtype=float16"], "float16", dict.fromkeys(("distill", "teacher_correct", "prune", "eval"), "float16")),

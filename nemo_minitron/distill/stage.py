@@ -6,6 +6,7 @@ result without work."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +101,13 @@ class TeacherCorrectConfig(train_stage.TrainingStageConfig):
     teacher: str | None = None
     original_peak_lr: float = 3.0e-4   # the teacher's pre-training peak LR; optim.lr defaults to 1/5 of it
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=None, min_lr=None, warmup_steps=120))
+
+    def with_schedule(self) -> "TeacherCorrectConfig":
+        """A copy whose unset `optim.lr` is 1/5 of `original_peak_lr` (the practice paper's) and unset
+        `optim.min_lr` a tenth of that."""
+        lr = self.optim.lr if self.optim.lr is not None else self.original_peak_lr / 5
+        min_lr = self.optim.min_lr if self.optim.min_lr is not None else lr / 10
+        return dataclasses.replace(self, optim=dataclasses.replace(self.optim, lr=lr, min_lr=min_lr))
 
 
 @releases_output_locks
@@ -220,10 +228,7 @@ def correct_teacher(cfg: TeacherCorrectConfig) -> dict:
     the loop of distillation; the corrected teacher lands in OUTPUT/final."""
     cfg.require("teacher", "output_dir")
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
-    if cfg.optim.lr is None:
-        cfg.optim.lr = cfg.original_peak_lr / 5
-    if cfg.optim.min_lr is None:
-        cfg.optim.min_lr = cfg.optim.lr / 10
+    cfg = cfg.with_schedule()
     train_stage.checkpoint_arch(cfg, "teacher")
     tokenizer = checkpoint.load_tokenizer(cfg.teacher)
     train_stage.check_data(cfg, tokenizer)

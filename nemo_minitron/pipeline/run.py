@@ -35,8 +35,10 @@ from nemo_minitron.models import nemo2
 from nemo_minitron.outputs import claim_output, releases_output_locks
 from nemo_minitron.pipeline.report import table, write_report
 from nemo_minitron.pruning.stage import PruneConfig, prune_checkpoint
+from nemo_minitron.search import stage as search_stage
 from nemo_minitron.search.stage import SearchConfig, search_architecture
 from nemo_minitron.stage import CorpusConfig, StageConfig, check_ranges
+from nemo_minitron.train import stage as train_stage
 from nemo_minitron.train.config import DataConfig
 
 log = logging.getLogger("nemo_minitron")
@@ -150,8 +152,27 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 "work_dir": str(Path(cfg.work_dir).absolute())}
 
 
+def check_stages(cfg: PipelineConfig, layout: parallel.ParallelLayout) -> None:
+    """Every stage's settings that can be checked without its inputs, before the first stage runs:
+    a mistake in a late block stops the job at once, naming the block, not after the teacher's
+    import, the corpus and the pruning have run."""
+    checks: dict[str, Callable[[], None]] = {
+        "search": lambda: search_stage.check_settings(cfg.search, layout)} if cfg.enabled.search else {
+        "prune": cfg.prune.validate}
+    if cfg.enabled.teacher_correct:
+        checks["teacher_correct"] = lambda: train_stage.check_settings(cfg.teacher_correct.with_schedule(), layout)
+    checks["distill"] = lambda: train_stage.check_settings(cfg.distill, layout)
+    if cfg.enabled.align:
+        checks["align"] = lambda: train_stage.check_settings(cfg.align, layout)
+    for block, check in checks.items():
+        try:
+            check()
+        except UserError as err:
+            raise UserError(f"the {block} block ({block}.* keys): {err}") from None
+
+
 def _run_stages(cfg: PipelineConfig) -> dict:
-    parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
+    check_stages(cfg, parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep))
     work = claim_output(cfg.work_dir, "pipeline", [*cfg.teacher.paths, *cfg.corpus.user_paths], key="work_dir")
     common = {"tp": cfg.tp, "pp": cfg.pp, "ep": cfg.ep, "seed": cfg.seed, "overwrite": cfg.overwrite,
               **({"dtype": cfg.dtype} if cfg.dtype else {})}

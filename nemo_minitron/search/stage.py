@@ -114,8 +114,13 @@ def _retraining(cfg: SearchConfig, name: str, cache: CandidateCache) -> DistillC
         output_dir=str(cache.dir(name) / "distill"), train=_retraining_train(cfg), **_common(cfg))
 
 
-def _check_retraining(cfg: SearchConfig, layout: parallel.ParallelLayout) -> None:
-    """The retraining's settings checked before the first zero-shot prune, not after all of them."""
+def check_settings(cfg: SearchConfig, layout: parallel.ParallelLayout) -> None:
+    """The search's settings and its retraining's, before the first zero-shot prune, not after all of
+    them (a pipeline calls it before its first stage)."""
+    cfg.search.validate()
+    cfg.budget.validate()
+    if not cfg.search.top_k or cfg.search.list_only:
+        return
     try:
         train_stage.check_settings(dataclasses.replace(cfg.distill, train=_retraining_train(cfg)), layout)
     except UserError as err:
@@ -207,13 +212,10 @@ def _rows(chosen: list[ModelArch], cache: CandidateCache, budget: Budget) -> lis
 def search_architecture(cfg: SearchConfig) -> dict:
     """Find the best architecture under `cfg.budget`; its pruned checkpoint lands in OUTPUT/winner."""
     cfg.require("checkpoint", "output_dir")
-    cfg.search.validate()
-    cfg.budget.validate()
+    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
+    check_settings(cfg, layout)
     teacher = checkpoint.read_arch(cfg.checkpoint)
     budget = cfg.budget
-    layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
-    if cfg.search.top_k and not cfg.search.list_only:
-        _check_retraining(cfg, layout)
     if not cfg.search.list_only:
         claim_output(cfg.output_dir, "search", [cfg.checkpoint, cfg.importance_from, cfg.prune.calib.data,
                                                 cfg.distill.data.train, cfg.distill.data.valid],
