@@ -2,19 +2,16 @@
 
 Writes OUTPUT/ = a normal checkpoint of the pruned model, plus importance.pt (the teacher's scores),
 report.json, report.md and plots. Scores are reused, not recomputed, from `importance_from=DIR`, from
-OUTPUT/importance.pt, or from the scores cache: every prune keeps its teacher's scores there under a
-key of what they depend on (`_request`: the teacher's content id, the method, the aggregation, the
-calibration windows and the depth-scoring samples), so pruning the same teacher to another target
-into another directory skips the importance pass (`scores_cache=false` turns it off).
+OUTPUT/importance.pt, or from the scores cache (`importance/cache.py`), under a key of what they
+depend on (`_request`: the teacher's content id, the method, the aggregation, the calibration
+windows and the depth-scoring samples); `scores_cache=false` turns it off.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 from functools import cache
@@ -38,6 +35,7 @@ from nemo_minitron.importance import (
     random_scores,
     sample_windows,
 )
+from nemo_minitron.importance import cache as scores_cache
 from nemo_minitron.importance.scores import EXPERT_METHODS, FILE_NAME, METHODS
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
@@ -54,7 +52,6 @@ log = logging.getLogger("nemo_minitron")
 
 # What the stage writes into its output directory (what overwrite=true may replace).
 OUTPUT_ENTRIES = (*checkpoint.ENTRIES, FILE_NAME, *REPORT_FILES.values())
-SCORES_CACHE_ENV = "NEMO_MINITRON_SCORES_CACHE"
 
 
 @dataclass
@@ -97,7 +94,7 @@ class PruneConfig(StageConfig):
     depth: DepthConfig = field(default_factory=DepthConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
-    scores_cache: bool = True   # reuse / keep the teacher's scores in scores_cache_dir()
+    scores_cache: bool = True   # reuse / keep the teacher's scores in importance/cache.py's directory
     loss_samples: int = 32
     report_loss: bool = True
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -180,35 +177,6 @@ def _request(cfg: PruneConfig) -> dict:
     }
 
 
-def scores_cache_dir() -> Path:
-    """Where prunes keep their teachers' scores: $NEMO_MINITRON_SCORES_CACHE, else
-    ~/.cache/nemo_minitron/importance."""
-    override = os.environ.get(SCORES_CACHE_ENV)
-    return Path(override).expanduser() if override else Path.home() / ".cache" / "nemo_minitron" / "importance"
-
-
-def _cache_file(request: dict) -> Path:
-    key = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return scores_cache_dir() / f"{key}.pt"
-
-
-def _matching(path: Path, teacher: ModelArch, request: dict) -> ImportanceScores | None:
-    """The scores saved at `path` if they were computed for `teacher` with `request`."""
-    if not path.is_file():
-        return None
-    scores = ImportanceScores.load(path)
-    return scores if scores.arch == teacher and scores.info.get("request") == request else None
-
-
-def _from_cache(path: Path, teacher: ModelArch, request: dict) -> ImportanceScores | None:
-    """`_matching` for a cache file, which a damaged or foreign file only makes a miss."""
-    try:
-        return _matching(path, teacher, request)
-    except Exception as err:  # noqa: BLE001 - any unreadable file: recompute and replace it
-        log.warning("the scores cache file %s is unreadable (%s): recomputing", path, type(err).__name__)
-        return None
-
-
 def _cached_scores(cfg: PruneConfig, teacher: ModelArch, request: dict) -> ImportanceScores | None:
     if cfg.importance_from:
         scores = ImportanceScores.load(cfg.importance_from, teacher)
@@ -217,19 +185,12 @@ def _cached_scores(cfg: PruneConfig, teacher: ModelArch, request: dict) -> Impor
                             f"but importance={cfg.importance}")
         return scores
     existing = Path(cfg.output_dir) / FILE_NAME
-    scores = _matching(existing, teacher, request)
+    scores = scores_cache.matching(existing, teacher, request)
     if scores is not None:
         return scores
     if existing.is_file():
         log.info("%s was computed with other settings: recomputing", existing)
-    if not cfg.scores_cache:
-        return None
-    # The cache is in rank 0's home, which other nodes may not share: rank 0 decides for all.
-    cached = _from_cache(_cache_file(request), teacher, request) if parallel.is_main_process() else None
-    cached = parallel.from_main(cached)
-    if cached is not None:
-        log.info("importance: the scores cache holds this teacher's scores (%s)", _cache_file(request))
-    return cached
+    return scores_cache.lookup(teacher, request) if cfg.scores_cache else None
 
 
 def _importance(cfg: PruneConfig, model, teacher: ModelArch, calibration: _Calibration,
@@ -358,8 +319,7 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     if parallel.is_main_process():
         scores.save(output / FILE_NAME)
         if cfg.scores_cache and scores.info.get("request") == request:  # with any depth scores added here
-            _cache_file(request).parent.mkdir(parents=True, exist_ok=True)
-            scores.save(_cache_file(request))
+            scores_cache.keep(scores, request)
         files = write_report(output, report, scores, indices)
     parallel.barrier()
     log.info("wrote %s", output)
