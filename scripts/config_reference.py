@@ -167,15 +167,10 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any, bool]]:
 
 
 def stage_configs() -> dict[str, type]:
-    """stage -> the typed config its stage function takes."""
-    import nemo_minitron as mt
+    """stage -> the typed config its stage function takes (the command table's)."""
+    import importlib
 
-    return {"import": mt.ImportConfig, "export-hf": mt.ExportHFConfig, "export-megatron": mt.ExportMegatronConfig,
-            "check": mt.CheckConfig, "eval": mt.EvalConfig,
-            "prune": mt.PruneConfig, "teacher-correct": mt.TeacherCorrectConfig,
-            "teacher-logits": mt.TeacherLogitsConfig, "distill": mt.DistillConfig,
-            "align": mt.AlignConfig, "generate": mt.GenerateConfig, "search": mt.SearchConfig,
-            "pipeline": mt.PipelineConfig}
+    return {name: getattr(importlib.import_module(stage.module), stage.config) for name, stage in STAGES.items()}
 
 
 def _typed_mismatches(stage: str, cls: type, node: dict, prefix: str = "") -> list[str]:

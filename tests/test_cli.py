@@ -242,8 +242,10 @@ def test_pipeline_stops_at_a_stage_interrupted_by_preemption(imported, text_file
     signal itself); import and prune report their output complete."""
     import nemo_minitron.pipeline.run as pipeline_run
     from nemo_minitron.outputs import MARKER_FILE
+    from nemo_minitron.distill.stage import DistillConfig
     from nemo_minitron.pipeline import PipelineConfig, run_pipeline
     from nemo_minitron.stage import CorpusConfig
+    from nemo_minitron.train import TrainConfig
 
     work = tmp_path / "run"
     for done in ("teacher", "pruned"):
@@ -256,7 +258,8 @@ def test_pipeline_stops_at_a_stage_interrupted_by_preemption(imported, text_file
                         lambda cfg: called.append("distill") or {"interrupted": True, "step": 3})
     monkeypatch.setattr(pipeline_run, "export_hf", lambda cfg: called.append("export_hf") or {})
     monkeypatch.setattr(pipeline_run, "evaluate_checkpoint", lambda cfg: called.append("eval") or {})
-    result = run_pipeline(PipelineConfig(work_dir=str(work), corpus=CorpusConfig(sources=[], user_paths=[str(text_file)])))
+    result = run_pipeline(PipelineConfig(work_dir=str(work), corpus=CorpusConfig(sources=[], user_paths=[str(text_file)]),
+                                         distill=DistillConfig(train=TrainConfig(steps=4))))
     assert result == {"status": "interrupted", "interrupted": True, "stage": "distill", "work_dir": str(work)}
     assert called == ["distill"] and not (work / "results.json").exists()
 

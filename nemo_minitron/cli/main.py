@@ -1,4 +1,6 @@
-"""`minitron <stage> key=value ...`: one console script, one Hydra app per stage over conf/<stage>.yaml."""
+"""`minitron <stage> key=value ...`: one console script, one Hydra app per stage over conf/<stage>.yaml,
+whose composed config `compose.typed` turns into the stage's config class for its function
+(`cli/stages.py`, the table of commands)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from nemo_minitron.cli.compose import conf_dir, stage_config_name
+from nemo_minitron.cli.compose import conf_dir, stage_config_name, typed
 from nemo_minitron.cli.stages import STAGES
 from nemo_minitron.errors import EXIT_DIVERGED, EXIT_KEYBOARD_INTERRUPT, EXIT_USER_ERROR, TrainingDiverged, UserError
 
@@ -19,7 +21,7 @@ log = logging.getLogger("nemo_minitron")
 
 def _usage() -> str:
     lines = ["usage: minitron <stage> [recipe=NAME] [key=value ...] [--cfg job] [--help]", "", "stages:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in STAGES.items()]
+    lines += [f"  {name:<10} {stage.help}" for name, stage in STAGES.items()]
     lines += ["", "recipe=NAME: the stage's settings from conf/recipes/NAME.yaml (key=value arguments win).",
               "Run under torchrun / srun for parallelism (tp=, pp= keys); MINITRON_DEBUG=1 shows tracebacks."]
     return "\n".join(lines)
@@ -144,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     import hydra
 
-    module = importlib.import_module(STAGES[stage][0])
+    entry = STAGES[stage]
+    module = importlib.import_module(entry.module)
+    config_class, stage_fn = getattr(module, entry.config), getattr(module, entry.function)
     try:
         config_dir = conf_dir()
         config_name, overrides = stage_config_name(stage, overrides)
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_USER_ERROR)
     sys.argv = [f"minitron {stage}", *_config_options_first(overrides)]
     app = hydra.main(config_path=str(config_dir), config_name=config_name, version_base="1.3")(
-        lambda cfg: run_stage(module.run, cfg)
+        lambda cfg: run_stage(lambda composed: stage_fn(typed(config_class, composed, stage)), cfg)
     )
     app()
 
