@@ -203,7 +203,7 @@ def test_pipeline_searches_instead_of_pruning(hf_dir, tmp_path):
                                          "train.steps=96"),
     (["teacher_correct.enabled=true", "teacher_correct.optim.warmup_steps=50"],
      "the teacher_correct block (teacher_correct.* keys): optim.warmup_steps=50 must be below train.steps=20"),
-    (["search.enabled=true", "search.search.retrain_steps=1", "+search.distill.optim.warmup_steps=5"],
+    (["search.enabled=true", "search.search.retrain_steps=1", "search.distill.optim.warmup_steps=5"],
      "the search block (search.* keys): the retraining (distill.* keys, train.steps = search.retrain_steps=1): "
      "optim.warmup_steps=5 must be below train.steps=1"),
 ], ids=["distill", "teacher-correct", "search-retraining"])
