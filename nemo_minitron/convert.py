@@ -207,7 +207,8 @@ def export_megatron(cfg: ExportMegatronConfig) -> dict:
         if parallel.is_main_process():
             write_marker(partial, "export-megatron", settings, megatron_lm.ENTRIES,
                          checkpoint=str(Path(cfg.checkpoint).absolute()))
-    log.info("wrote %s: load it with --load %s and the flags in %s", out, out, megatron_lm.FLAGS_FILE)
+    if parallel.is_main_process():
+        log.info("wrote %s: load it with --load %s and the flags in %s", out, out, megatron_lm.FLAGS_FILE)
     return {"megatron_dir": str(out), "flags": str(out / megatron_lm.FLAGS_FILE),
             "make_vocab_size_divisible_by": args["make_vocab_size_divisible_by"], **times}
 
@@ -239,5 +240,6 @@ def export_nemo(cfg: ExportNeMoConfig) -> dict:
                                 cfg.torch_dtype)
             write_marker(partial, "export-nemo", settings, nemo2.ENTRIES, checkpoint=str(Path(cfg.checkpoint).absolute()),
                          nemo_toolkit=version)
-    log.info("wrote %s: a NeMo 2 checkpoint (nemo_toolkit %s)", out, version)
+    if parallel.is_main_process():
+        log.info("wrote %s: a NeMo 2 checkpoint (nemo_toolkit %s)", out, version)
     return {"nemo_dir": str(out), "nemo_toolkit": version, **times}

@@ -265,19 +265,12 @@ def _is_lock(entry: Path) -> bool:
     return entry.name.startswith(".") and entry.name.endswith(".lock") and entry.is_file()
 
 
-def _is_writer() -> bool:
-    """Rank 0: of the started world, else as the launcher numbered this process."""
-    import torch.distributed as dist
-
-    return dist.get_rank() == 0 if dist.is_initialized() else parallel.launch_rank() == 0
-
-
 def lock_output(out: Path, named: str) -> None:
     """Take `out`'s lock for this process (re-entrant), or refuse naming the holder (`named`: how
     the user gave the directory). The file is reopened if its holder removed it between our open
     and our lock, so two runs never hold different files of one name. A parent where no file can
     be made gets a warning and no lock."""
-    if not _is_writer() or any(out in scope for scope in _held):
+    if parallel.launch_rank() != 0 or any(out in scope for scope in _held):  # rank 0 locks, before or after init
         return
     lock = lock_path(out)
     while True:

@@ -156,9 +156,11 @@ def check_stages(cfg: PipelineConfig, layout: parallel.ParallelLayout) -> None:
     """Every stage's settings that can be checked without its inputs, before the first stage runs:
     a mistake in a late block stops the job at once, naming the block, not after the teacher's
     import, the corpus and the pruning have run."""
-    checks: dict[str, Callable[[], None]] = {
-        "search": lambda: search_stage.check_settings(cfg.search, layout)} if cfg.enabled.search else {
-        "prune": cfg.prune.validate}
+    checks: dict[str, Callable[[], None]] = {}
+    if cfg.enabled.search:
+        checks["search"] = lambda: search_stage.check_settings(cfg.search, layout)
+    else:
+        checks["prune"] = cfg.prune.validate
     if cfg.enabled.teacher_correct:
         checks["teacher_correct"] = lambda: train_stage.check_settings(cfg.teacher_correct.with_schedule(), layout)
     checks["distill"] = lambda: train_stage.check_settings(cfg.distill, layout)
