@@ -25,40 +25,50 @@ BUILTIN_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF shipped in t
 
 @dataclass
 class ImportConfig(StageConfig):
-    model: str | None = "smollm2-135m"   # a built-in model, used when no path below is set
-    hf_path: str | None = None
-    megatron_path: str | None = None     # a Megatron-LM --save directory (torch_dist)
-    iteration: int | None = None         # its save to import; None: the latest
-    nemo_path: str | None = None         # a NeMo 2 checkpoint directory (context/ + weights/)
-    tokenizer: str | None = None         # the HF tokenizer directory of a Megatron-LM or NeMo 2 model
-    output_dir: str | None = None
+    # a built-in model (see `minitron import --help`); ignored when hf_path, megatron_path or nemo_path is set
+    model: str | None = "smollm2-135m"
+    hf_path: str | None = None   # a local Hugging Face model directory (config.json, *.safetensors, tokenizer)
+    megatron_path: str | None = None  # a Megatron-LM run's --save directory (pretrain_gpt.py, --ckpt-format torch_dist)
+    # which save of megatron_path to import (iter_NNNNNNN); null: the one latest_checkpointed_iteration.txt names
+    iteration: int | None = None
+    # a NeMo 2 checkpoint directory (context/ + weights/), e.g. from llm.import_ckpt or a NeMo training run
+    nemo_path: str | None = None
+    # the Hugging Face tokenizer directory of a Megatron-LM or NeMo 2 model; null: the run's --tokenizer-model, or
+    # NeMo's context/nemo_tokenizer
+    tokenizer: str | None = None
+    output_dir: str | None = None   # where the checkpoint is written
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("iteration",)
 
 
 @dataclass
 class ExportHFConfig(StageConfig):
-    checkpoint: str | None = None
-    output_dir: str | None = None
+    checkpoint: str | None = None   # the nemo-minitron checkpoint to export
+    output_dir: str | None = None   # the Hugging Face directory to write (config.json, *.safetensors, tokenizer)
+    dtype: str = "float32"   # dtype of the exported safetensors (bfloat16 halves the size)
 
 
 @dataclass
 class ExportMegatronConfig(StageConfig):
-    checkpoint: str | None = None
+    checkpoint: str | None = None   # the nemo-minitron checkpoint to export
+    # the Megatron-LM directory to write (release/, the tracker file, megatron_args.txt, tokenizer/)
     output_dir: str | None = None
-    seq_length: int | None = None   # --seq-length in the flags file; None: max_position_embeddings
+    # --seq-length written to megatron_args.txt; null: the model's max_position_embeddings
+    seq_length: int | None = None
+    dtype: str = "float32"   # dtype of the saved weights (bfloat16 halves the size; Megatron-LM loads either)
     POSITIVE: ClassVar[tuple[str, ...]] = (*StageConfig.POSITIVE, "seq_length")
 
 
 @dataclass
 class ExportNeMoConfig(StageConfig):
-    checkpoint: str | None = None
-    output_dir: str | None = None
+    checkpoint: str | None = None   # the nemo-minitron checkpoint to export
+    output_dir: str | None = None   # the NeMo 2 checkpoint directory to write (context/, weights/)
+    dtype: str = "float32"   # dtype of the saved weights and of the model config (bfloat16 as NeMo trains)
 
 
 @dataclass
 class CheckConfig(StageConfig):
-    checkpoint: str | None = None
-    checksums: bool = True   # false: only file sizes and tensor shapes (no reading of the weights)
+    checkpoint: str | None = None   # the nemo-minitron checkpoint directory to verify
+    checksums: bool = True   # false: check only file sizes and tensor shapes (fast on very large checkpoints)
 
 
 def _check_nemo_exportable(arch: ModelArch) -> None:

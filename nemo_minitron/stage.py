@@ -3,7 +3,13 @@
 A stage is one step of the Minitron job (import, prune, search, teacher-correct, distill, align,
 export, evaluate) as a library function over a typed config: `prune_checkpoint(PruneConfig)`,
 `distill_checkpoint(DistillConfig)`, ... The command line (`nemo_minitron.cli`) only composes a
-config from YAML and overrides and calls one of them; the pipeline calls them in order.
+config from overrides and calls one of them; the pipeline calls them in order.
+
+The config classes are the one source of every setting's type, default and description (the comment
+on its field, or the comment lines directly above it; scripts/config_reference.py renders them).
+A config nested in another is declared with `nested(Class, key=value, ...)`: the class's own
+defaults with the changes that hold in that place (the pipeline's main-job values, the search's
+retraining), kept as data so `defaults_of` reads every default without making a config.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -58,6 +64,51 @@ def auto_dtype() -> str:
     return "float32"
 
 
+NESTED = "nemo_minitron.nested"  # dataclass field metadata key: (config class, changes) of a nested config
+
+
+def nested(cls: type, **changes: Any) -> Any:
+    """A field holding a `cls` config: `cls`'s defaults with `changes`, where a dict changes the
+    config nested under its key key by key (as a YAML block overrides a config)."""
+    return field(default_factory=lambda: updated(cls(), changes), metadata={NESTED: (cls, changes)})
+
+
+def updated(config: Any, changes: Mapping[str, Any]) -> Any:
+    """A copy of the dataclass `config` with `changes`; a dict value updates the dataclass under its
+    key, key by key, instead of replacing it."""
+    values = {}
+    for key, value in changes.items():
+        current = getattr(config, key)
+        values[key] = updated(current, value) if isinstance(value, Mapping) and dataclasses.is_dataclass(current) \
+            else value
+    return dataclasses.replace(config, **values)
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    """The defaults of the config class `cls` as a tree of plain values, read from its fields without
+    making a config (so `dtype: auto` stays `auto`, as a user writes it, and is not resolved here)."""
+    tree: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if NESTED in f.metadata:
+            inner, changes = f.metadata[NESTED]
+            tree[f.name] = _merged(defaults_of(inner), changes)
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            if dataclasses.is_dataclass(value):
+                raise TypeError(f"{cls.__name__}.{f.name}: declare a nested config with nested({type(value).__name__})")
+            tree[f.name] = value
+        else:
+            tree[f.name] = f.default
+    return tree
+
+
+def _merged(tree: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(tree)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def check_ranges(cfg, prefix: str = "") -> None:
     """UserError naming the first key of the dataclass `cfg` (and the dataclasses nested in it) that
     lies outside the range its class declares: keys in `POSITIVE` must be > 0, keys in `NON_NEGATIVE`
@@ -82,12 +133,15 @@ class StageConfig:
     `dtype=auto` is resolved when the config is made (`auto_dtype`), so the settings an output
     records and a resumed run compares hold the dtype that ran, never "auto"."""
 
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1     # expert-parallel size (mixture-of-experts models; carved out of the data-parallel ranks)
-    seed: int = 1234
+    tp: int = 1   # tensor-parallel size (must divide query groups, ffn and vocab)
+    pp: int = 1   # pipeline-parallel size (must divide the number of layers)
+    # expert-parallel size for mixture-of-experts models (must divide the experts; out of the data-parallel ranks)
+    ep: int = 1
+    seed: int = 1234   # seeds the model-parallel RNGs, data order, random importance and built-in data
+    # float32 | bfloat16 | float16 | auto (bfloat16 where the device computes it natively, else float32): parameter
+    # dtype on the device
     dtype: str = "float32"
-    overwrite: bool = False
+    overwrite: bool = False   # true: replace this stage's earlier output in output_dir made with other settings
     POSITIVE: ClassVar[tuple[str, ...]] = ("tp", "pp", "ep")
 
     def __post_init__(self) -> None:
@@ -95,6 +149,11 @@ class StageConfig:
         if self.dtype == AUTO_DTYPE:
             self.dtype = auto_dtype()
         torch_dtype(self.dtype)  # an unknown name fails here, before any work
+
+    def shared_settings(self) -> dict[str, Any]:
+        """The layout, seed and dtype this stage hands to the stages it runs (its dtype only when set:
+        the pipeline's `dtype: null` leaves each stage its own)."""
+        return {key: getattr(self, key) for key in ("tp", "pp", "ep", "seed", "dtype") if getattr(self, key) is not None}
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -111,13 +170,14 @@ class StageConfig:
 class CorpusConfig:
     """The built-in text corpus (Debian packages) plus the user's files, split by document."""
 
-    output_dir: str | None = None
+    output_dir: str | None = None   # default: <cache_dir>/corpus/<hash of these settings>
+    # built-in text sources (docs/design.md section 13)
     sources: list[str] = field(default_factory=lambda: list(DEFAULT_SOURCES))
-    user_paths: list[str] = field(default_factory=list)
-    cache_dir: str | None = None
-    seed: int = 0
-    heldout_fraction: float = 0.05
-    calib_fraction: float = 0.05
+    user_paths: list[str] = field(default_factory=list)  # your .txt/.jsonl files or directories, split with the sources
+    cache_dir: str | None = None   # default ~/.cache/nemo_minitron/corpus (env NEMO_MINITRON_CACHE)
+    seed: int = 0   # seed of the hash that assigns each document to a split
+    heldout_fraction: float = 0.05   # share of documents in the held-out split
+    calib_fraction: float = 0.05   # share of documents in the calibration split
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("heldout_fraction", "calib_fraction")
 
     def splits(self) -> dict[str, Path]:

@@ -216,20 +216,20 @@ def test_a_late_stage_mistake_stops_the_pipeline_before_its_first_stage(override
 @pytest.mark.parametrize(("overrides", "top", "expected"), [
     ([], None, {"distill": "auto", "teacher_correct": "auto", "prune": "float32", "eval": "float32"}),
     (["dtype=float16"], "float16", dict.fromkeys(("distill", "teacher_correct", "prune", "eval"), "float16")),
-    (["+distill.dtype=float32", "eval.dtype=bfloat16"], None,
+    (["distill.dtype=float32", "eval.dtype=bfloat16"], None,
      {"distill": "float32", "teacher_correct": "auto", "prune": "float32", "eval": "bfloat16"}),
 ])
 def test_pipeline_dtype_is_each_stages_own_unless_set(overrides, top, expected):
     """dtype=null leaves each stage its own (training auto, measuring float32); a block changes one
     stage, a top-level dtype every stage."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
 
-    from nemo_minitron.cli.compose import conf_dir, typed
+    from nemo_minitron.cli.compose import hydra_conf, typed
     from nemo_minitron.pipeline import PipelineConfig
     from nemo_minitron.stage import auto_dtype
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = typed(PipelineConfig, compose(config_name="pipeline", overrides=overrides), "pipeline")
+    with hydra_conf():
+        cfg = typed(PipelineConfig, compose(config_name="pipeline", overrides=overrides))
     assert cfg.dtype == top
     assert {stage: getattr(cfg, stage).dtype for stage in expected} == {
         stage: auto_dtype() if dtype == "auto" else dtype for stage, dtype in expected.items()}
@@ -259,7 +259,7 @@ def test_pipeline_stops_at_a_stage_interrupted_by_preemption(imported, text_file
     monkeypatch.setattr(pipeline_run, "export_hf", lambda cfg: called.append("export_hf") or {})
     monkeypatch.setattr(pipeline_run, "evaluate_checkpoint", lambda cfg: called.append("eval") or {})
     result = run_pipeline(PipelineConfig(work_dir=str(work), corpus=CorpusConfig(sources=[], user_paths=[str(text_file)]),
-                                         distill=DistillConfig(train=TrainConfig(steps=4))))
+                                         distill=DistillConfig(train=TrainConfig(steps=40))))
     assert result == {"status": "interrupted", "interrupted": True, "stage": "distill", "work_dir": str(work)}
     assert called == ["distill"] and not (work / "results.json").exists()
 

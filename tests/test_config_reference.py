@@ -1,17 +1,21 @@
-"""docs/configuration.md is generated from nemo_minitron/conf/ and stays so: it matches a fresh generation, every key
-has a description, and a key or typed-config field that slips through undocumented is reported."""
+"""Settings are defined once, in the stages' config classes: every stage composed by Hydra with no
+overrides equals its class's defaults field by field, and docs/configuration.md, generated from the
+classes, matches a fresh generation with a description for every key."""
 
 from __future__ import annotations
 
-import shutil
-import textwrap
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hydra import compose
 
 import config_reference  # scripts/, on sys.path by conftest
-from config_reference import REGENERATE, ConfigTree, read_conf_file, render
+from config_reference import REGENERATE, ConfigTree, field_descriptions, render
+from nemo_minitron.cli.compose import config_class, hydra_conf, typed
 from nemo_minitron.cli.stages import STAGES
+from nemo_minitron.stage import StageConfig, defaults_of, nested
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "nemo_minitron" / "conf"
@@ -23,9 +27,53 @@ def tree() -> ConfigTree:
     return ConfigTree(CONF)
 
 
-@pytest.fixture
-def conf_copy(tmp_path) -> Path:
-    return Path(shutil.copytree(CONF, tmp_path / "conf"))
+def differences(ours, reference, prefix: str = "") -> list[str]:
+    """Dotted keys where two configs of one class differ, with both values."""
+    if not dataclasses.is_dataclass(reference):
+        return [] if ours == reference else [f"{prefix[:-1]}: {ours!r} != {reference!r}"]
+    return [diff for f in dataclasses.fields(reference)
+            for diff in differences(getattr(ours, f.name), getattr(reference, f.name), f"{prefix}{f.name}.")]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_the_command_line_and_the_python_api_share_every_default(stage):
+    """`minitron STAGE` with no overrides runs the config `mt.<Stage>Config()` makes."""
+    cls = config_class(stage)
+    with hydra_conf():
+        composed = typed(cls, compose(config_name=stage))
+    assert differences(composed, cls()) == []
+
+
+def test_the_pipeline_defaults_are_the_main_job_and_reach_every_block():
+    from nemo_minitron.pipeline import PipelineConfig
+
+    cfg = PipelineConfig(tp=2, seed=7, dtype="float16", overwrite=True)
+    assert (cfg.prune.target.ffn_hidden_size, cfg.prune.target.num_layers, cfg.distill.train.steps) == (768, 24, 96)
+    for block in PipelineConfig.STAGE_BLOCKS:
+        assert {k: getattr(getattr(cfg, block), k) for k in ("tp", "seed", "dtype", "overwrite")} == {
+            "tp": 2, "seed": 7, "dtype": "float16", "overwrite": True}, block
+    assert cfg.search.distill.tp == 2  # and the search hands them on to its own blocks
+
+
+def test_a_nested_config_is_its_class_defaults_with_the_changes():
+    @dataclass
+    class Inner:
+        a: int = 1
+        b: int = 2
+
+    @dataclass
+    class Outer:
+        inner: Inner = nested(Inner, b=5)
+
+    assert Outer().inner == Inner(a=1, b=5)
+    assert defaults_of(Outer) == {"inner": {"a": 1, "b": 5}}
+    assert Outer().inner is not Outer().inner  # a fresh copy per config
+
+
+def test_defaults_are_read_without_resolving_auto():
+    from nemo_minitron.distill.stage import DistillConfig
+
+    assert defaults_of(DistillConfig)["dtype"] == "auto" and DistillConfig().dtype in ("bfloat16", "float32")
 
 
 def test_committed_reference_is_current(tree):
@@ -43,72 +91,43 @@ def test_reference_covers_stages_keys_and_recipes(tree):
     markdown = render(tree)
     for stage in STAGES:
         assert f"## minitron {stage}\n" in markdown
-    assert "| `train.steps` | **required** |" in markdown      # ??? reads "required"
-    assert "| `tp` | `1` | tensor-parallel size" in markdown    # _base keys are composed in
+    assert "| `train.steps` | `0` | optimizer steps (required: at least 1) |" in markdown
+    assert "| `tp` | `1` | tensor-parallel size" in markdown    # StageConfig's keys in every stage
+    assert "| `teacher_correct.enabled` | `false` | run teacher correction before pruning |" in markdown
     for recipe in tree.recipes:
         assert f"### {recipe}\n" in markdown
     assert "| `prune.target.num_layers` | `16` | `24` |" in markdown  # a recipe override and its default
 
 
-def test_uncommented_key_is_reported_and_check_fails(conf_copy, tmp_path, capsys):
+@dataclass
+class _Described(StageConfig):
+    # a comment block above
+    # spanning two lines
+    above: int = 1
+    trailing: str = "a # inside a string"  # the real comment
+    bare: int = 3
+    tp: int = 1   # redeclared: this class's own words
+
+
+def test_descriptions_are_the_comments_on_and_above_each_field():
+    found = {name: text for name, (text, _) in field_descriptions(_Described).items()}
+    assert found["above"] == "a comment block above spanning two lines"
+    assert found["trailing"] == "the real comment"
+    assert found["bare"] == ""
+    assert found["tp"] == "redeclared: this class's own words"
+    assert found["seed"].startswith("seeds the model-parallel RNGs")  # inherited from StageConfig
+
+
+def test_an_undescribed_field_is_reported():
+    (problem,) = config_reference.undescribed_fields(_Described)
+    assert problem.startswith("tests/test_config_reference.py:") and "`_Described.bare` has no description" in problem
+
+
+def test_check_fails_on_a_stale_reference(tmp_path, capsys):
     doc = tmp_path / "configuration.md"
-    assert config_reference.main(["--conf-dir", str(conf_copy), "--output", str(doc)]) == 0
-    assert config_reference.main(["--check", "--conf-dir", str(conf_copy), "--output", str(doc)]) == 0
-
-    with (conf_copy / "eval.yaml").open("a") as f:
-        f.write("window_stride: 3\n")
-    assert config_reference.main(["--check", "--conf-dir", str(conf_copy), "--output", str(doc)]) == 1
+    assert config_reference.main(["--output", str(doc)]) == 0
+    assert config_reference.main(["--check", "--output", str(doc)]) == 0
+    doc.write_text(doc.read_text().replace("tensor-parallel size", "tensor parallel size", 1))
+    assert config_reference.main(["--check", "--output", str(doc)]) == 1
     err = capsys.readouterr().err
-    assert "conf/eval.yaml: `window_stride` has no description" in err
-    assert f"is stale: regenerate it with `{REGENERATE}`" in err
-    assert "+| `window_stride` | `3` |" in err  # the diff shows the new row
-
-
-def test_dataclass_field_missing_from_yaml_is_reported(conf_copy):
-    distill = conf_copy / "distill.yaml"
-    lines = distill.read_text().splitlines(keepends=True)
-    distill.write_text("".join(line for line in lines if not line.startswith("  adam_eps:")))
-    problems = ConfigTree(conf_copy).problems()
-    assert "conf/distill.yaml: `optim.adam_eps` is a field of OptimConfig but missing from the YAML" in problems
-
-
-def test_comment_attribution(tmp_path):
-    path = tmp_path / "stage.yaml"
-    path.write_text(textwrap.dedent("""\
-        # @package _global_
-        # The stage's introduction.
-        #   minitron stage key=1
-        defaults:
-          - _base
-          - _self_
-
-        # a comment block above
-        # spanning two lines
-        above: 1
-        trailing: "a # inside a string"  # the real comment
-        wrapped: 2         # a long comment
-                           # that wraps
-        group:             # the group
-          # the nested key
-          nested: null
-          flow: {a: 1, b: 2}   # the flow mapping
-
-        # a section comment, then a blank line
-
-        bare: 3
-        """))
-    conf = read_conf_file(path, "recipes/stage")
-    assert conf.header == ["The stage's introduction.", "  minitron stage key=1"]
-    assert conf.defaults == ["recipes/_base"]
-    assert conf.descriptions == {
-        "defaults": "",
-        "above": "a comment block above spanning two lines",
-        "trailing": "the real comment",
-        "wrapped": "a long comment that wraps",
-        "group": "the group",
-        "group.nested": "the nested key",
-        "group.flow": "the flow mapping",
-        "group.flow.a": "",
-        "group.flow.b": "",
-        "bare": "",
-    }
+    assert f"is stale: regenerate it with `{REGENERATE}`" in err and "+| `tp` | `1` | tensor-parallel size" in err

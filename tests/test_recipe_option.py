@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra import compose
 
-from nemo_minitron.cli.compose import recipe_names, stage_config, stage_config_name
+from nemo_minitron.cli.compose import config_class, hydra_conf, recipe_names, stage_config_name, typed
 
-CONF = Path(__file__).resolve().parents[1] / "nemo_minitron" / "conf"
 # stage command -> its block in a recipe
 RECIPE_BLOCKS = {"teacher-correct": "teacher_correct", "prune": "prune", "search": "search", "distill": "distill",
                  "align": "align", "eval": "eval"}
@@ -19,13 +15,14 @@ RECIPE_BLOCKS = {"teacher-correct": "teacher_correct", "prune": "prune", "search
 @pytest.mark.parametrize("name", recipe_names())
 @pytest.mark.parametrize("stage", sorted(RECIPE_BLOCKS))
 def test_recipe_option_composes_what_the_pipeline_gives_the_stage(stage, name):
+    from nemo_minitron.pipeline import PipelineConfig
+
     config_name, overrides = stage_config_name(stage, [f"recipe={name}", "seed=7"])
     assert overrides == ["seed=7"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        with_option = compose(config_name=config_name, overrides=overrides)
-        recipe = compose(config_name=f"recipes/{name}")
-        in_pipeline = stage_config(stage, recipe[RECIPE_BLOCKS[stage]], dtype=recipe.dtype, seed=7)
-    assert OmegaConf.to_container(with_option) == OmegaConf.to_container(in_pipeline)
+    with hydra_conf():
+        with_option = typed(config_class(stage), compose(config_name=config_name, overrides=overrides))
+        pipeline = typed(PipelineConfig, compose(config_name=f"recipes/{name}", overrides=overrides))
+    assert with_option == getattr(pipeline, RECIPE_BLOCKS[stage])
 
 
 def test_without_recipe_the_stage_config_is_unchanged():

@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from omegaconf import OmegaConf
 
+from nemo_minitron.cli.compose import hydra_conf
 from nemo_minitron.pruning import PruneSpec
 from nemo_minitron.pruning.planner import PUBLISHED_TEACHERS
 
@@ -31,7 +32,7 @@ RECIPES = {
 
 
 def compose_recipe(name: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with hydra_conf(CONF):
         return compose(config_name=f"recipes/{name}", overrides=["teacher.hf_path=/m", "corpus.user_paths=[/d]"])
 
 
@@ -63,7 +64,7 @@ def test_recipe_reproduces_the_published_model(name):
 
 def test_nemotron_4b_step_starts_from_the_8b_step():
     """15B -> 8B -> 4B: step 2's teacher is step 1's exported student unless overridden."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with hydra_conf(CONF):
         step2 = compose(config_name="recipes/nemotron4_minitron_4b", overrides=["corpus.user_paths=[/d]"])
     step1 = compose_recipe("nemotron4_minitron_8b")
     assert step2.teacher.hf_path == f"{step1.work_dir}/student_hf"

@@ -170,19 +170,18 @@ def test_moe_search_prunes_experts_and_retrains_the_best(tmp_path):
 
 
 def test_the_retraining_warm_up_follows_retrain_steps_unless_set():
-    """search.yaml leaves the retraining's warm-up unset: a tenth of search.retrain_steps, so a short
+    """The search leaves the retraining's warm-up unset: a tenth of search.retrain_steps, so a short
     retraining is not refused for the distill stage's 10 warm-up steps; a value set is kept."""
-    from hydra import initialize_config_dir
+    from hydra import compose
 
-    from nemo_minitron.cli.compose import conf_dir, stage_config, typed
+    from nemo_minitron.cli.compose import hydra_conf, typed
     from nemo_minitron.search.stage import SearchConfig, _retraining_train
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+    with hydra_conf():
         for retrain_steps, warmup, expected in ((5, None, 0), (100, None, 10), (100, 3, 3)):
-            block = {"retrain_steps": retrain_steps}
-            optim = {} if warmup is None else {"optim": {"warmup_steps": warmup}}
-            cfg = typed(SearchConfig, stage_config("search", None, checkpoint="c", output_dir="o", search=block,
-                                                   distill=optim), "search")
+            overrides = [f"search.retrain_steps={retrain_steps}"]
+            overrides += [] if warmup is None else [f"distill.optim.warmup_steps={warmup}"]
+            cfg = typed(SearchConfig, compose(config_name="search", overrides=overrides))
             steps = _retraining_train(cfg).steps
             assert (steps, cfg.distill.optim.warmup_for(steps)) == (retrain_steps, expected)
             cfg.distill.optim.validate(steps)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,7 +25,7 @@ from nemo_minitron.data.corpus import default_cache_dir, ensure_corpus
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval.generate import greedy_generate
 from nemo_minitron.outputs import releases_output_locks
-from nemo_minitron.stage import StageConfig
+from nemo_minitron.stage import StageConfig, nested
 from nemo_minitron.train import Trainer
 from nemo_minitron.train import stage as train_stage
 from nemo_minitron.train.config import OptimConfig, TrainConfig
@@ -42,52 +42,50 @@ _BUILTIN_FILE = {"sft": "sft", "steerlm": "steerlm", "dpo": "dpo", "rpo": "dpo"}
 class BuiltinAlignData:
     """The offline alignment data made from the built-in corpus when `data` is not set."""
 
-    cache_dir: str | None = None
-    train_examples: int = 512
-    heldout_examples: int = 64
+    cache_dir: str | None = None   # null: $NEMO_MINITRON_CACHE/alignment
+    train_examples: int = 512   # training examples it builds
+    heldout_examples: int = 64   # held-out examples it builds
     POSITIVE: ClassVar[tuple[str, ...]] = ("train_examples",)
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("heldout_examples",)
 
 
 @dataclass
 class PreferenceLossConfig:
-    kind: str | None = None      # dpo | ipo | rpo | rpo_sq (default: the method's own)
-    beta: float = 0.1
-    eta: float = 1.0
-    sft_weight: float = 0.0
+    kind: str | None = None      # null: dpo for method=dpo, rpo for method=rpo; also ipo, rpo_sq
+    beta: float = 0.1   # scale of the policy/reference log-ratio margin (larger: stay nearer the reference)
+    eta: float = 1.0   # RPO: scale of the reward gap
+    sft_weight: float = 0.0   # add the chosen responses' NLL
     POSITIVE: ClassVar[tuple[str, ...]] = ("beta",)
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("eta", "sft_weight")
 
 
 @dataclass
 class SFTConfig:
-    pack: bool = False
+    pack: bool = False   # pack several conversations per sample (block-diagonal attention)
 
 
 @dataclass
 class NemoAlignerConfig:
-    root: str = "/opt/NeMo-Aligner"
-    dry_run: bool = False
+    root: str = "/opt/NeMo-Aligner"   # where the container keeps NeMo-Aligner's examples/
+    dry_run: bool = False   # print the NeMo-Aligner command instead of running it
 
 
 @dataclass
 class AlignConfig(StageConfig):
-    method: str | None = None            # sft | dpo | rpo | steerlm
-    stage: str | None = None             # deprecated alias of `method`
-    checkpoint: str | None = None
-    reference: str | None = None
-    output_dir: str | None = None
-    backend: str = "native"
-    data: str | None = None
-    valid_data: str | None = None
-    builtin: BuiltinAlignData = field(default_factory=BuiltinAlignData)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=100, global_batch_size=8, micro_batch_size=2, seq_length=256, eval_batches=1))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=1e-5, min_lr=1e-6, warmup_steps=5, weight_decay=0.0, adam_beta2=0.98))
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
-    nemo_aligner: NemoAlignerConfig = field(default_factory=NemoAlignerConfig)
+    method: str | None = None            # required: sft | dpo | rpo | steerlm
+    stage: str | None = None             # deprecated alias of method (warns)
+    checkpoint: str | None = None   # the model to align (DPO/RPO: also the frozen reference unless `reference` is set)
+    reference: str | None = None   # DPO/RPO reference model (null: the starting checkpoint)
+    output_dir: str | None = None   # where final/ (the aligned model), checkpoints/, tensorboard/ and metrics.jsonl go
+    backend: str = "native"   # native | nemo_aligner (in the NGC NeMo container with NeMo-Aligner)
+    data: str | None = None   # training jsonl in NeMo-Aligner's format for the stage (null: built from the corpus)
+    valid_data: str | None = None   # held-out jsonl (null with data=null: the built-in held-out examples)
+    builtin: BuiltinAlignData = nested(BuiltinAlignData)   # the built-in data set
+    train: TrainConfig = nested(TrainConfig, steps=100, micro_batch_size=2, seq_length=256, eval_batches=1)
+    optim: OptimConfig = nested(OptimConfig, lr=1e-5, min_lr=1e-6, warmup_steps=5, weight_decay=0.0, adam_beta2=0.98)
+    sft: SFTConfig = nested(SFTConfig)   # SFT / SteerLM only
+    loss: PreferenceLossConfig = nested(PreferenceLossConfig)   # DPO / RPO only
+    nemo_aligner: NemoAlignerConfig = nested(NemoAlignerConfig)   # backend=nemo_aligner
 
     def __post_init__(self):
         super().__post_init__()
@@ -206,13 +204,13 @@ def align_checkpoint(cfg: AlignConfig) -> dict:
 
 @dataclass
 class GenerateConfig(StageConfig):
-    checkpoint: str | None = None
-    prompt: str | None = None
-    system: str | None = None
-    attributes: str | None = None        # SteerLM values, e.g. "correctness:4,coherence:4"
-    chat: bool = True
-    max_new_tokens: int = 64
-    max_length: int = 2048
+    checkpoint: str | None = None   # the checkpoint to generate with
+    prompt: str | None = None   # the user message (chat=true) or the text to continue
+    system: str | None = None   # optional system message
+    attributes: str | None = None        # SteerLM attribute values, e.g. "helpfulness:4,correctness:4"
+    chat: bool = True   # wrap the prompt in the tokenizer's chat template (false: raw text continuation)
+    max_new_tokens: int = 64   # generate at most this many tokens (fewer at end of sequence)
+    max_length: int = 2048   # context window: only the last this many tokens are fed to the model
     POSITIVE: ClassVar[tuple[str, ...]] = (*StageConfig.POSITIVE, "max_new_tokens", "max_length")
 
 

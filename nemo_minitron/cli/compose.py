@@ -1,34 +1,33 @@
-"""Config composition: YAML files + overrides -> the typed config a stage function takes.
+"""Config composition: the config classes' defaults + YAML + overrides -> the typed config a stage
+function takes.
 
-- `conf_dir()`: the YAML configs shipped inside the package (`nemo_minitron/conf/`).
-- `stage_config(name, block, **fixed)`: conf/<name>.yaml, then a pipeline or recipe block for that
-  stage, then fixed values (the pipeline's paths).
-- `typed(cls, cfg, nested=...)`: a composed config -> its dataclass, with OmegaConf's type checks
-  (`train.steps=abc` fails here, before any work) and unknown keys refused. Blocks that configure
-  another stage (the search's `prune` / `distill`, the pipeline's stage blocks) are composed over
-  that stage's own YAML first, so a block only states what differs.
+- The config classes are the one source of every key, its type and its default
+  (`nemo_minitron.stage`). `store_defaults(stage)` puts a stage's (`defaults_of` its class) into
+  Hydra's config store as `<stage>_defaults`; conf/<stage>.yaml lists it in its `defaults`, so Hydra
+  refuses an unknown key and a YAML recipe or a command line overrides any key, nested ones
+  included, without a leading `+`.
+- `typed(cls, cfg)`: a composed config -> its dataclass, with OmegaConf's type checks
+  (`train.steps=abc` fails here, before any work) and unknown keys refused.
+- The pipeline's optional stages are switched by an `enabled` key in their block
+  (`teacher_correct.enabled=true`), which is `PipelineConfig.enabled.<block>` in the class.
 - `recipe=NAME` on a stage command: the recipe's block for that stage as a stored config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_minitron.cli.stages import STAGES, block_name
 from nemo_minitron.errors import UserError
 
-# Blocks of a config that are themselves stage configs: key -> the stage whose YAML they override.
-NESTED_STAGES: dict[str, dict[str, str]] = {
-    "search": {"prune": "prune", "distill": "distill"},
-    "pipeline": {"teacher_correct": "teacher-correct", "search": "search", "prune": "prune", "distill": "distill",
-                 "align": "align", "eval": "eval"},
-}
-_COMMON_KEYS = ("tp", "pp", "seed", "dtype")
+SWITCHES = "enabled"  # the field of optional-stage switches, each written as its block's `enabled` key
 
 
 def conf_dir() -> Path:
@@ -45,61 +44,63 @@ def recipe_names(conf: Path | None = None) -> list[str]:
     return sorted(path.stem for path in ((conf or conf_dir()) / "recipes").glob("*.yaml"))
 
 
-def block_overrides(block: Any) -> dict:
-    """A pipeline block as overrides of its stage's config: the block without its `enabled` switch."""
-    settings = OmegaConf.to_container(block) if OmegaConf.is_config(block) else dict(block or {})
-    return {k: v for k, v in settings.items() if k != "enabled"}
+def config_class(stage: str) -> type:
+    """The typed config class of `stage` (the command table's; imports its module)."""
+    entry = STAGES[stage]
+    return getattr(importlib.import_module(entry.module), entry.config)
 
 
-def stage_config(name: str, block: Any = None, **fixed: Any) -> DictConfig:
-    """conf/<name>.yaml, then a block for it, then `fixed` (inside an initialised Hydra)."""
-    from hydra import compose
-
-    return OmegaConf.merge(compose(config_name=name), block_overrides(block), fixed)
+def defaults_name(stage: str) -> str:
+    """The name of `stage`'s defaults in Hydra's config store (listed in conf/<stage>.yaml)."""
+    return f"{stage}_defaults"
 
 
-def _drop_missing(cfg: DictConfig) -> DictConfig:
-    """A copy of `cfg` without its '???' values (a nested stage's paths, set by the caller)."""
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    for key in sorted(OmegaConf.missing_keys(cfg), key=lambda k: -k.count(".")):
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        del node[leaf]
-    return cfg
+def user_tree(cls: type) -> dict[str, Any]:
+    """The defaults of `cls` as a user writes them: each optional-stage switch as its block's
+    `enabled` key."""
+    from nemo_minitron.stage import defaults_of
+
+    tree = defaults_of(cls)
+    for block, on in tree.pop(SWITCHES, {}).items():
+        tree[block] = {SWITCHES: on, **tree[block]}
+    return tree
 
 
-def typed(cls, cfg: DictConfig, stage: str | None = None, nested: bool = False):
-    """The dataclass `cls` from a composed config. `stage` names the config's own stage so that its
-    blocks that configure other stages are composed over their YAML; `nested` leaves unset
-    (`???`) keys to the dataclass defaults instead of failing (the caller fills them in)."""
+def store_defaults(*stages: str) -> None:
+    """Put the defaults of `stages` into Hydra's config store (see the module docstring)."""
+    from hydra.core.config_store import ConfigStore
+
+    for stage in stages:
+        ConfigStore.instance().store(name=defaults_name(stage), node=user_tree(config_class(stage)))
+
+
+@contextmanager
+def hydra_conf(conf: Path | None = None) -> Iterator[None]:
+    """Inside the block, Hydra's `compose(config_name=...)` composes any stage or recipe of `conf`
+    (default the package's conf/), as `minitron` does."""
+    from hydra import initialize_config_dir
+
+    store_defaults(*STAGES)
+    with initialize_config_dir(config_dir=str((conf or conf_dir()).resolve()), version_base="1.3"):
+        yield
+
+
+def typed(cls, cfg: DictConfig):
+    """The dataclass `cls` from a composed config (type-checked; an unknown key refused)."""
     from omegaconf.errors import OmegaConfBaseException
 
-    cfg = _drop_missing(cfg) if nested else cfg
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"missing required key: set {missing[0]}=...")
     plain = OmegaConf.to_container(cfg, resolve=True)
-    nested_configs = {}
-    common = {k: cfg[k] for k in _COMMON_KEYS if cfg.get(k) is not None}  # the pipeline's dtype=null: each stage its own
-    for key, sub_stage in NESTED_STAGES.get(stage, {}).items():
-        block = plain.pop(key, None)
-        composed = stage_config(sub_stage, block, **common)
-        nested_configs[key] = typed(_field_type(cls, key), composed, sub_stage, nested=True)
-        if isinstance(block, dict) and "enabled" in block:  # the pipeline's optional stages
-            plain.setdefault("enabled", {})[key] = bool(block["enabled"])
+    if any(f.name == SWITCHES for f in dataclasses.fields(cls)):
+        switches = {key: bool(block.pop(SWITCHES)) for key, block in plain.items()
+                    if isinstance(block, dict) and SWITCHES in block}
+        plain.setdefault(SWITCHES, {}).update(switches)
     try:
-        merged = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), plain))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), plain))
     except OmegaConfBaseException as err:
         raise UserError(_config_error(err)) from None
-    for key, value in nested_configs.items():
-        setattr(merged, key, value)
-    return merged
-
-
-def _field_type(cls, key: str) -> type:
-    field = next(f for f in dataclasses.fields(cls) if f.name == key)
-    return field.default_factory().__class__
 
 
 def _config_error(err) -> str:
@@ -127,6 +128,7 @@ def _store_recipe_stage(stage: str, name: str) -> str:
     from hydra.core.config_store import ConfigStore
 
     names = recipe_names()
+    store_defaults("pipeline")  # a recipe composes over conf/pipeline.yaml
     if name not in names:
         raise UserError(f"recipe={name} is not one of {names} (conf/recipes/)")
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -139,6 +141,7 @@ def _store_recipe_stage(stage: str, name: str) -> str:
     config_name = f"{stage}_recipe_{name}"
     # the recipe's dtype, when set, wins over its block's, as the pipeline gives it to every stage
     dtype = {} if recipe.dtype is None else {"dtype": recipe.dtype}
-    ConfigStore.instance().store(
-        name=config_name, node={"defaults": [stage, "_self_"], **block_overrides(recipe[block]), **dtype})
+    settings = OmegaConf.to_container(recipe[block])
+    settings.pop(SWITCHES, None)
+    ConfigStore.instance().store(name=config_name, node={"defaults": [stage, "_self_"], **settings, **dtype})
     return config_name

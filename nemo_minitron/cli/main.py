@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from nemo_minitron.cli.compose import conf_dir, stage_config_name, typed
+from nemo_minitron.cli.compose import conf_dir, stage_config_name, store_defaults, typed
 from nemo_minitron.cli.stages import STAGES
 from nemo_minitron.errors import EXIT_DIVERGED, EXIT_KEYBOARD_INTERRUPT, EXIT_USER_ERROR, TrainingDiverged, UserError
 
@@ -111,6 +111,13 @@ def _config_options_first(args: list[str]) -> list[str]:
     return front + rest
 
 
+def _appends_as_overrides(args: list[str]) -> list[str]:
+    """`+key=value` as `++key=value`: every key of a stage is in its composed config, so Hydra's
+    append would refuse one that is there; commands written when block keys needed the `+` (the
+    pipeline's stage blocks listed only some keys) keep working."""
+    return [f"+{arg}" if arg.startswith("+") and not arg.startswith("++") else arg for arg in args]
+
+
 def _check_overrides(overrides: list[str]) -> None:
     """Each key=value parsed as Hydra will, so a value its grammar cannot take (a path with spaces or
     non-ASCII letters, unquoted) is one error line saying how to quote it, not Hydra's lexer report."""
@@ -151,14 +158,15 @@ def main(argv: list[str] | None = None) -> None:
     config_class, stage_fn = getattr(module, entry.config), getattr(module, entry.function)
     try:
         config_dir = conf_dir()
-        config_name, overrides = stage_config_name(stage, overrides)
+        store_defaults(stage)
+        config_name, overrides = stage_config_name(stage, _appends_as_overrides(overrides))
         _check_overrides(_config_options_first(overrides))
     except user_errors() as err:
         _print_user_error(err)
         sys.exit(EXIT_USER_ERROR)
     sys.argv = [f"minitron {stage}", *_config_options_first(overrides)]
     app = hydra.main(config_path=str(config_dir), config_name=config_name, version_base="1.3")(
-        lambda cfg: run_stage(lambda composed: stage_fn(typed(config_class, composed, stage)), cfg)
+        lambda cfg: run_stage(lambda composed: stage_fn(typed(config_class, composed)), cfg)
     )
     app()
 

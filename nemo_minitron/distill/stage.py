@@ -17,7 +17,7 @@ from nemo_minitron.distill.losses import LogitLoss
 from nemo_minitron.distill.model import DistillationLoss, DistillationModel, LayerPair, check_same_tokenizer
 from nemo_minitron.errors import UserError
 from nemo_minitron.outputs import claim_output, content_id, releases_output_locks, settings_of
-from nemo_minitron.stage import StageConfig
+from nemo_minitron.stage import StageConfig, nested
 from nemo_minitron.train import LMLoss, Trainer
 from nemo_minitron.train import stage as train_stage
 from nemo_minitron.train.config import DataConfig, OptimConfig, TrainConfig
@@ -30,14 +30,17 @@ log = logging.getLogger("nemo_minitron")
 class LossConfig:
     """The distillation objective (see `DistillationLoss` and `LogitLoss`)."""
 
-    kind: str = "fwd_kl"
-    temperature: float = 1.0
+    kind: str = "fwd_kl"   # fwd_kl | rev_kl | jsd | topk_kl
+    temperature: float = 1.0   # softmax temperature of teacher and student logits (the loss is scaled by T^2)
+    # topk_kl: renormalised over the teacher's top k (paper: k <= 100 hurts); others: top k + one tail bucket (with
+    # teacher_cache, null: the cache's k)
     top_k: int | None = None
-    lm_weight: float = 0.0
-    intermediate: list[Any] = field(default_factory=list)   # "student:teacher" layer pairs (0-based)
-    dynamic_balance: bool = True
-    intermediate_weight: float = 1.0
-    chunk_tokens: int = 128
+    lm_weight: float = 0.0   # objective = logit loss + lm_weight * LM loss (paper: KLD alone is best)
+    # hidden-state cosine losses at layer pairs "student:teacher" (0-based), e.g. ["7:15","14:29"]
+    intermediate: list[Any] = field(default_factory=list)
+    dynamic_balance: bool = True   # weight intermediate losses by alpha = L_logits / L_intermediate
+    intermediate_weight: float = 1.0   # fixed weight when dynamic_balance is false
+    chunk_tokens: int = 128   # tokens per chunk of the logit loss: bounds its memory (and keeps it in cache)
 
     def objective(self) -> DistillationLoss:
         return DistillationLoss(LogitLoss(self.kind, self.temperature, self.top_k, self.lm_weight),
@@ -59,10 +62,13 @@ class LossConfig:
 
 @dataclass
 class DistillConfig(train_stage.TrainingStageConfig):
-    teacher: str | None = None
-    teacher_cache: str | None = None   # instead of teacher: a `minitron teacher-logits` output
-    student: str | None = None
-    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: str | None = None   # the teacher checkpoint (frozen), run beside the student; or set teacher_cache
+    # instead of teacher: a `minitron teacher-logits` output (its samples and their teacher top-k logits)
+    teacher_cache: str | None = None
+    student: str | None = None   # the student checkpoint to train, e.g. a prune output
+    # the practice paper's distillation schedule (peak 1e-4, min 1e-5, cosine), fewer warmup steps
+    optim: OptimConfig = nested(OptimConfig, warmup_steps=10)
+    loss: LossConfig = nested(LossConfig)
 
 
 @dataclass
@@ -70,12 +76,12 @@ class CachedRunConfig:
     """The `train.*` keys that decide which samples a distillation run draws (same names and
     meaning as `TrainConfig`'s), and whether to show progress."""
 
-    steps: int = 0
-    global_batch_size: int = 8
-    micro_batch_size: int = 1
-    seq_length: int = 512
-    eval_batches: int = 2
-    progress_bar: bool = True
+    steps: int = 0   # optimizer steps of the distill run (steps x global_batch_size training samples are cached)
+    global_batch_size: int = 8   # sequences per optimizer step, over all data-parallel replicas
+    micro_batch_size: int = 1   # sequences per teacher forward pass on a replica
+    seq_length: int = 512   # tokens per sequence
+    eval_batches: int = 2   # global batches of held-out data per validation (cached from data.valid)
+    progress_bar: bool = True   # on a terminal
 
     def validate(self, dp: int) -> None:
         TrainConfig(steps=self.steps, global_batch_size=self.global_batch_size, micro_batch_size=self.micro_batch_size,
@@ -88,19 +94,22 @@ class TeacherLogitsConfig(StageConfig):
     `train.*` and `seed` draws (`train.steps` x `train.global_batch_size` training samples and
     `train.eval_batches` x `train.global_batch_size` held-out ones)."""
 
-    teacher: str | None = None
-    output_dir: str | None = None
+    teacher: str | None = None   # the teacher checkpoint
+    output_dir: str | None = None   # where the cache goes
+    # teacher logits kept per token; bytes per token = top_k x (2 in bf16 or 4 in fp32, + 4 for the id) + 17
     top_k: int = 64
+    # the teacher's compute dtype (the stored logits keep it): auto is bfloat16 where the device computes it natively
     dtype: str = "auto"
-    data: DataConfig = field(default_factory=DataConfig)
-    train: CachedRunConfig = field(default_factory=CachedRunConfig)
+    data: DataConfig = nested(DataConfig)
+    # the distill run's train.* keys that decide its samples: set them as for that run
+    train: CachedRunConfig = nested(CachedRunConfig)
 
 
 @dataclass
 class TeacherCorrectConfig(train_stage.TrainingStageConfig):
-    teacher: str | None = None
-    original_peak_lr: float = 3.0e-4   # the teacher's pre-training peak LR; optim.lr defaults to 1/5 of it
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=None, min_lr=None, warmup_steps=120))
+    teacher: str | None = None   # the teacher checkpoint to fine-tune
+    original_peak_lr: float = 3.0e-4  # the teacher's pretraining peak LR (3e-4: Llama-3.1-8B); lr defaults to 1/5 of it
+    optim: OptimConfig = nested(OptimConfig, lr=None, min_lr=None, warmup_steps=120)
 
     def with_schedule(self) -> "TeacherCorrectConfig":
         """A copy whose unset `optim.lr` is 1/5 of `original_peak_lr` (the practice paper's) and unset

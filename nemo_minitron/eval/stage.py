@@ -15,32 +15,35 @@ from nemo_minitron import checkpoint, parallel
 from nemo_minitron.data.indexed import load_token_stream
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval.perplexity import evaluate_perplexity, windows_from_stream
-from nemo_minitron.stage import StageConfig
+from nemo_minitron.stage import StageConfig, nested
 
 log = logging.getLogger("nemo_minitron")
 
 
 @dataclass
 class HarnessConfig:
-    tasks: list[str] = field(default_factory=list)
-    include_path: str | None = None
-    num_fewshot: int | None = None
-    limit: Any = None                # lm-eval's limit: a count, or a fraction below 1
-    max_length: int = 2048
-    batch_size: int = 8
+    tasks: list[str] = field(default_factory=list)   # task names; built-in tasks download their data from a hub
+    include_path: str | None = None   # a directory of your own task YAMLs (e.g. dataset_path: json + local data_files)
+    num_fewshot: int | None = None   # few-shot examples per prompt (null: each task's default)
+    limit: Any = None                # documents per task (null: all)
+    max_length: int = 2048   # context window for loglikelihood / generation
+    batch_size: int = 8   # harness requests per forward pass
     POSITIVE: ClassVar[tuple[str, ...]] = ("max_length", "batch_size")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("num_fewshot",)
 
 
 @dataclass
 class EvalConfig(StageConfig):
-    checkpoint: str | None = None
-    data: str | None = None
-    text_key: str = "text"
-    seq_len: int = 512
-    micro_batch_size: int = 4
-    max_tokens: int | None = None
-    harness: HarnessConfig = field(default_factory=HarnessConfig)
+    checkpoint: str | None = None   # the checkpoint to evaluate
+    data: str | None = None   # perplexity data: .txt / .jsonl file, a directory of them, or an indexed-dataset prefix
+    text_key: str = "text"   # field holding the text in .jsonl files
+    seq_len: int = 512   # predicted tokens per window (windows do not overlap)
+    micro_batch_size: int = 4   # perplexity windows per forward pass
+    max_tokens: int | None = None   # evaluate at most this many tokens (null: the whole file)
+    # float32: one perplexity per checkpoint, the one transformers computes; auto | bfloat16 evaluate in bf16 (faster)
+    dtype: str = "float32"
+    # lm-evaluation-harness (pip install -e ".[eval]"), in process
+    harness: HarnessConfig = nested(HarnessConfig)
     POSITIVE: ClassVar[tuple[str, ...]] = (*StageConfig.POSITIVE, "seq_len", "micro_batch_size", "max_tokens")
 
 

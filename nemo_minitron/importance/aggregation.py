@@ -25,9 +25,9 @@ class Aggregation:
     paper), "output" = that slice times the head's `linear_proj` columns, i.e. what the head adds to
     the residual stream (the default: it ranks heads within a group better, docs/pruning.md)."""
 
-    seq: str = "mean"
-    batch: str = "l2"
-    heads: str = "output"
+    seq: str = "mean"   # mean (of |x|) | l2 | var over the sequence
+    batch: str = "l2"   # mean | l2 | var over samples
+    heads: str = "output"   # output: what each head adds to the residual stream | input: linear_proj input (paper)
 
     def __post_init__(self):
         for key in ("seq", "batch"):

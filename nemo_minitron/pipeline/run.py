@@ -11,7 +11,11 @@ Precision: `dtype=null` (the default) leaves each stage its own, so the training
 mixed precision where the device computes bf16 natively (`dtype: auto` in their configs) while
 import, prune, export and evaluation stay fp32 (one perplexity per checkpoint, the one transformers
 computes). A stage block's `dtype` changes one stage (`eval.dtype=bfloat16`,
-`+distill.dtype=float32`); a top-level `dtype=NAME` runs every stage in it.
+`distill.dtype=float32`); a top-level `dtype=NAME` runs every stage in it.
+
+`PipelineConfig()` is the main job: its blocks hold the main job's settings of each stage (as
+`minitron pipeline` with no arguments runs it), and its layout, seed, `overwrite` and (when set)
+`dtype` pass to every block when it is made.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from nemo_minitron import checkpoint, parallel
 from nemo_minitron.align.stage import AlignConfig, align_checkpoint
@@ -37,7 +41,7 @@ from nemo_minitron.pipeline.report import table, write_report
 from nemo_minitron.pruning.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search import stage as search_stage
 from nemo_minitron.search.stage import SearchConfig, search_architecture
-from nemo_minitron.stage import CorpusConfig, StageConfig, check_ranges
+from nemo_minitron.stage import CorpusConfig, StageConfig, check_ranges, nested
 from nemo_minitron.train import stage as train_stage
 from nemo_minitron.train.config import DataConfig
 
@@ -48,12 +52,12 @@ log = logging.getLogger("nemo_minitron")
 class TeacherSource:
     """Where the teacher comes from: the source keys of `ImportConfig`."""
 
-    model: str | None = "smollm2-135m"    # a built-in model, used when no path is set
-    hf_path: str | None = None
-    megatron_path: str | None = None      # a Megatron-LM --save directory
-    iteration: int | None = None          # its save; None: the latest
-    nemo_path: str | None = None          # a NeMo 2 checkpoint directory
-    tokenizer: str | None = None          # the HF tokenizer of a Megatron-LM or NeMo 2 teacher
+    model: str | None = "smollm2-135m"    # built-in model, used when no path below is set
+    hf_path: str | None = None   # a local Hugging Face model directory
+    megatron_path: str | None = None      # a Megatron-LM run's --save directory (torch_dist)
+    iteration: int | None = None          # its save; null: the one latest_checkpointed_iteration.txt names
+    nemo_path: str | None = None          # a NeMo 2 checkpoint directory (context/ + weights/)
+    tokenizer: str | None = None  # HF tokenizer directory of a Megatron-LM / NeMo 2 teacher; null: the one it records
 
     @property
     def paths(self) -> list[str | None]:
@@ -64,37 +68,66 @@ class TeacherSource:
 class ExportTargets:
     """Formats the student is written in besides Hugging Face (work_dir/student_hf)."""
 
-    megatron: bool = False   # work_dir/student_megatron: Megatron-LM --load directory + flags
-    nemo: bool = False       # work_dir/student_nemo: NeMo 2 checkpoint (needs NeMo 2 importable)
+    megatron: bool = False   # work_dir/student_megatron: Megatron-LM --load directory + megatron_args.txt
+    nemo: bool = False       # work_dir/student_nemo: NeMo 2 checkpoint (run where NeMo 2 is importable)
 
 
 @dataclass
 class OptionalStages:
-    teacher_correct: bool = False
-    search: bool = False    # the best architecture under search.budget replaces prune.target
-    align: bool = False
+    """The optional stages that run; on the command line each is its block's `enabled` key."""
+
+    teacher_correct: bool = False   # run teacher correction before pruning
+    search: bool = False    # search instead of pruning to prune.target (the best candidate under search.budget)
+    align: bool = False     # align the distilled student before export
 
 
 @dataclass
 class PipelineConfig(StageConfig):
-    work_dir: str = "runs/smollm2-135m"
-    teacher: TeacherSource = field(default_factory=TeacherSource)
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    enabled: OptionalStages = field(default_factory=OptionalStages)
-    teacher_correct: TeacherCorrectConfig = field(default_factory=TeacherCorrectConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    align: AlignConfig = field(default_factory=AlignConfig)
-    export: ExportTargets = field(default_factory=ExportTargets)
-    eval: EvalConfig = field(default_factory=EvalConfig)   # held-out perplexity settings
-    dtype: str | None = None   # None: each stage its own (see the module docstring); a name: every stage
+    work_dir: str = "runs/smollm2-135m"   # every stage's output, results.json and report.md go here
+    # one source (the import stage's keys): a built-in model or one of the paths
+    teacher: TeacherSource = nested(TeacherSource)
+    corpus: CorpusConfig = nested(CorpusConfig)
+    enabled: OptionalStages = nested(OptionalStages)
+    # optional: fine-tune the teacher on the distillation data first (teacher-correct's keys)
+    teacher_correct: TeacherCorrectConfig = nested(
+        TeacherCorrectConfig, train={"steps": 20, "seq_length": 256}, optim={"warmup_steps": 2})
+    # optional: search the architecture under a budget instead of prune.target (search's keys); the budget is ~50%
+    # of SmolLM2's 106M non-embedding parameters, the zero-shot scoring sized as prune below, each candidate's
+    # retraining as distill below
+    search: SearchConfig = nested(
+        SearchConfig, budget={"non_embedding_params": 5.3e7},
+        search={"max_candidates": 4, "top_k": 2, "retrain_steps": 20},
+        prune={"calib": {"num_samples": 64}, "loss_samples": 8},
+        distill={"train": {"micro_batch_size": 2, "seq_length": 256}})
+    # ~50% of SmolLM2's non-embedding parameters: FFN halved, 6 layers dropped, the kept layers refit (held-out
+    # perplexity 226 -> 93 before distillation, docs/benchmarks.md) (prune's keys)
+    prune: PruneConfig = nested(
+        PruneConfig, target={"ffn_hidden_size": 768, "num_layers": 24}, depth={"method": "contiguous"},
+        reconstruct=True, reconstruct_depth=True, calib={"num_samples": 64}, loss_samples=4)
+    # 96 steps at lr 5e-4 in bf16: the ablation and the recovery curves in docs/benchmarks.md (distill's keys)
+    distill: DistillConfig = nested(
+        DistillConfig, train={"steps": 96, "micro_batch_size": 2, "seq_length": 256, "log_interval": 4,
+                              "save_interval": 16, "eval_batches": 1},
+        optim={"lr": 5.0e-4, "min_lr": 5.0e-5, "warmup_steps": 4})
+    # optional: align the distilled student (align's keys; method: sft | dpo | rpo | steerlm)
+    align: AlignConfig = nested(AlignConfig, method="sft", train={"steps": 10, "seq_length": 176})
+    # the student is always written as Hugging Face (work_dir/student_hf); also:
+    export: ExportTargets = nested(ExportTargets)
+    # the held-out perplexity of teacher, pruned model and student (eval's keys)
+    eval: EvalConfig = nested(EvalConfig, max_tokens=8192)
+    # null: each stage its own (training bf16 where native, else fp32; import, prune, eval, export fp32; a block's dtype
+    # changes one: eval.dtype=bfloat16, distill.dtype=float32); a name: every stage
+    dtype: str | None = None
+    STAGE_BLOCKS: ClassVar[tuple[str, ...]] = ("teacher_correct", "search", "prune", "distill", "align", "eval")
 
     def __post_init__(self) -> None:
         if self.dtype is None:
             check_ranges(self)
         else:
             super().__post_init__()
+        for name in self.STAGE_BLOCKS:
+            setattr(self, name, dataclasses.replace(getattr(self, name), **self.shared_settings(),
+                                                    overwrite=self.overwrite))
 
     def check_inputs(self) -> None:
         """The recipes leave the teacher and the data to the user; say which key is missing. A job
@@ -176,8 +209,7 @@ def check_stages(cfg: PipelineConfig, layout: parallel.ParallelLayout) -> None:
 def _run_stages(cfg: PipelineConfig) -> dict:
     check_stages(cfg, parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep))
     work = claim_output(cfg.work_dir, "pipeline", [*cfg.teacher.paths, *cfg.corpus.user_paths], key="work_dir")
-    common = {"tp": cfg.tp, "pp": cfg.pp, "ep": cfg.ep, "seed": cfg.seed, "overwrite": cfg.overwrite,
-              **({"dtype": cfg.dtype} if cfg.dtype else {})}
+    common = {**cfg.shared_settings(), "overwrite": cfg.overwrite}  # for the stages without a block
     stages = Stages(work)
 
     teacher = work / "teacher"
@@ -192,8 +224,7 @@ def _run_stages(cfg: PipelineConfig) -> dict:
     if cfg.enabled.teacher_correct:
         corrected = work / "teacher_corrected"
         stages.run("teacher_correct", lambda: correct_teacher(
-            dataclasses.replace(cfg.teacher_correct, teacher=str(teacher), output_dir=str(corrected), data=data,
-                                **common)))
+            dataclasses.replace(cfg.teacher_correct, teacher=str(teacher), output_dir=str(corrected), data=data)))
         teacher = corrected / "final"
 
     prune = dataclasses.replace(cfg.prune, calib=dataclasses.replace(cfg.prune.calib, data=str(splits["calib"])))
@@ -203,16 +234,16 @@ def _run_stages(cfg: PipelineConfig) -> dict:
             cfg.search, checkpoint=str(teacher), output_dir=str(pruned.parent),
             prune=dataclasses.replace(cfg.search.prune, calib=dataclasses.replace(
                 cfg.search.prune.calib, data=str(splits["calib"]))),
-            distill=dataclasses.replace(cfg.search.distill, data=data), **common)
+            distill=dataclasses.replace(cfg.search.distill, data=data))
         stages.run("search", lambda: search_architecture(search))
     else:
         pruned = work / "pruned"
         stages.run("prune", lambda: prune_checkpoint(dataclasses.replace(
-            prune, checkpoint=str(teacher), output_dir=str(pruned), **common)))
+            prune, checkpoint=str(teacher), output_dir=str(pruned))))
 
     distilled = work / "distill"
     distill = dataclasses.replace(cfg.distill, teacher=str(teacher), student=str(pruned), output_dir=str(distilled),
-                                  data=data, **common)
+                                  data=data)
     stages.run("distill", lambda: distill_checkpoint(distill))
     student = distilled / "final"
 
@@ -220,7 +251,7 @@ def _run_stages(cfg: PipelineConfig) -> dict:
         aligned = work / "align"
         stages.run("align", lambda: align_checkpoint(dataclasses.replace(
             cfg.align, checkpoint=str(student), output_dir=str(aligned),
-            builtin=dataclasses.replace(cfg.align.builtin, cache_dir=str(work / "align_data")), **common)))
+            builtin=dataclasses.replace(cfg.align.builtin, cache_dir=str(work / "align_data")))))
         student = aligned / "final"
 
     hf_dir = work / "student_hf"
@@ -236,7 +267,7 @@ def _run_stages(cfg: PipelineConfig) -> dict:
     perplexity: dict[str, dict] = {}
     for label, ckpt in (("teacher", teacher), ("pruned", pruned), ("student", student)):
         evaluation = dataclasses.replace(cfg.eval, checkpoint=str(ckpt), data=str(splits["heldout"]),
-                                         harness=HarnessConfig(), **common)
+                                         harness=HarnessConfig())
         stages.run(f"eval_{label}", lambda evaluation=evaluation, label=label: perplexity.__setitem__(
             label, evaluate_checkpoint(evaluation)))
 

@@ -29,15 +29,17 @@ class PruneSpec:
     do not use.
     """
 
-    num_layers: int | None = None
-    drop_layers: list[int] | None = None
-    hidden_size: int | None = None
-    ffn_hidden_size: int | None = None
-    num_attention_heads: int | None = None
-    num_query_groups: int | None = None
-    num_moe_experts: int | None = None
+    num_layers: int | None = None   # layers to keep (depth pruning, layers chosen by depth.method)
+    drop_layers: list[int] | None = None   # explicit 0-based layers to drop (instead of depth.method)
+    hidden_size: int | None = None   # embedding channels to keep (width pruning)
+    ffn_hidden_size: int | None = None   # MLP neurons per layer to keep (width pruning)
+    num_attention_heads: int | None = None   # null with num_query_groups set: keep the heads per group
+    num_query_groups: int | None = None   # fewer groups prunes whole query groups
+    num_moe_experts: int | None = None   # MoE teachers: routed experts per layer to keep (at least the router's top-k)
+    # MoE teachers: neurons to keep in every routed expert (instead of ffn_hidden_size)
     moe_ffn_hidden_size: int | None = None
-    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None   # MoE teachers with a shared expert: its neurons to keep
+    # MoE teachers: experts per token (at most the teacher's; needed when fewer experts remain)
     moe_router_topk: int | None = None
     POSITIVE: ClassVar[tuple[str, ...]] = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                                            "num_query_groups", *MOE_SHAPE_KEYS, "moe_router_topk")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 from functools import cache
 from pathlib import Path
@@ -46,7 +46,7 @@ from nemo_minitron.pruning.reconstruct import check_options, record_statistics
 from nemo_minitron.pruning.report import REPORT_FILES, write_report
 from nemo_minitron.pruning.spec import PruneSpec
 from nemo_minitron.pruning.surgery import prune_model
-from nemo_minitron.stage import CorpusConfig, StageConfig, timed
+from nemo_minitron.stage import CorpusConfig, StageConfig, nested, timed
 
 log = logging.getLogger("nemo_minitron")
 
@@ -58,47 +58,57 @@ OUTPUT_ENTRIES = (*checkpoint.ENTRIES, FILE_NAME, *REPORT_FILES.values())
 class CalibConfig:
     """The calibration windows: drawn from `data`, or from the corpus calib split."""
 
-    data: str | None = None
-    text_key: str = "text"
-    num_samples: int = 256    # docs/pruning.md "How many calibration windows"
-    seq_len: int = 256
-    micro_batch_size: int = 4
-    seed: int = 0
+    data: str | None = None   # .txt/.jsonl file or directory; null: the corpus calib split (built below)
+    text_key: str = "text"   # field holding the text in .jsonl files
+    num_samples: int = 256    # calibration windows (paper: 1024; 256 is stable to 98% overlap, docs/pruning.md)
+    seq_len: int = 256   # tokens per calibration window
+    micro_batch_size: int = 4   # calibration windows per forward pass
+    seed: int = 0   # which windows are drawn from the calibration text
     POSITIVE: ClassVar[tuple[str, ...]] = ("num_samples", "seq_len", "micro_batch_size")
 
 
 @dataclass
 class DepthConfig:
-    method: str = "contiguous"
+    method: str = "contiguous"   # contiguous (block search by loss) | loss | block_importance | magnitude | random
 
 
 @dataclass
 class ExpertsConfig:
     """How the routed experts of a mixture-of-experts teacher are ranked (`EXPERT_METHODS`)."""
 
+    # output (router-weighted output norm) | frequency (tokens routed) | router_mass | magnitude | random
     method: str = "output"
 
 
 @dataclass
 class PruneConfig(StageConfig):
-    checkpoint: str | None = None
-    output_dir: str | None = None
-    target: PruneSpec = field(default_factory=PruneSpec)
+    checkpoint: str | None = None   # the teacher checkpoint to prune
+    output_dir: str | None = None   # the pruned checkpoint, plus importance.pt, report.json, report.md and plots
+    # null keeps the teacher's value; head_dim (kv_channels) never changes
+    target: PruneSpec = nested(PruneSpec)
+    # activation | taylor (first-order: |w x dLoss/dw| on the calib windows) | magnitude (weight norms) | random: width
+    # ranking
     importance: str = "activation"
-    importance_from: str | None = None
-    aggregation: Aggregation = field(default_factory=Aggregation)
-    head_residual: bool = False
-    reconstruct: bool = False        # refit the consumers of pruned neurons and heads (pruning/reconstruct.py)
+    importance_from: str | None = None   # a previous prune output (or its importance.pt) whose scores to reuse
+    aggregation: Aggregation = nested(Aggregation)   # activation [s, b, c] -> per-channel score
+    head_residual: bool = False   # fold pruned heads' output projections into kept heads of their group
+    # refit linear_fc2 / linear_proj over the kept neurons / heads to reproduce the teacher's outputs on the calibration
+    # windows (ridge least squares, docs/pruning.md)
+    reconstruct: bool = False
+    # ridge towards the plain prune, relative to the mean activation energy (larger: closer to no refit)
     reconstruct_ridge: float = 1.0e-2
-    reconstruct_depth: bool = False  # the MLP before each dropped block also carries what the block added
-    depth: DepthConfig = field(default_factory=DepthConfig)
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    calib: CalibConfig = field(default_factory=CalibConfig)
-    scores_cache: bool = True   # reuse / keep the teacher's scores in importance/cache.py's directory
-    loss_samples: int = 32
-    report_loss: bool = True
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    plan_only: bool = False
+    # with reconstruct: the MLP before each dropped block also learns what the block added to the residual stream
+    reconstruct_depth: bool = False
+    depth: DepthConfig = nested(DepthConfig)
+    experts: ExpertsConfig = nested(ExpertsConfig)  # MoE teachers: which routed experts each layer keeps
+    calib: CalibConfig = nested(CalibConfig)
+    # reuse this teacher's scores from an earlier prune with the same importance and calib settings (kept in
+    # ~/.cache/nemo_minitron/importance, env NEMO_MINITRON_SCORES_CACHE)
+    scores_cache: bool = True
+    loss_samples: int = 32   # calibration windows for LM-loss scoring (depth.method=loss/contiguous, report)
+    report_loss: bool = True   # calibration loss of the teacher and the pruned model in the report
+    corpus: CorpusConfig = nested(CorpusConfig)   # used when calib.data is null
+    plan_only: bool = False   # print architectures and parameter counts, touch no weights
     POSITIVE: ClassVar[tuple[str, ...]] = (*StageConfig.POSITIVE, "loss_samples")
 
     def validate(self) -> None:

@@ -36,14 +36,15 @@ class Budget:
     kernels, not on the architecture.
     """
 
-    params: float | None = None
-    non_embedding_params: float | None = None
+    params: float | None = None   # total parameters (tied embeddings once)
+    non_embedding_params: float | None = None   # parameters outside the embedding and output layers
+    # parameters one token runs through (MoE: the router's top-k experts; dense: params)
     active_params: float | None = None
-    memory_bytes: float | None = None
-    tolerance: float = 0.05
-    memory_dtype: str = "bfloat16"
-    memory_batch_size: int = 1
-    memory_seq_length: int = 4096
+    memory_bytes: float | None = None   # weights + KV cache at memory_dtype for memory_batch_size x memory_seq_length
+    tolerance: float = 0.05   # keep candidates whose cost is within +-5% of the budget
+    memory_dtype: str = "bfloat16"   # float32 | bfloat16 | float16 | fp8 | int8 | int4
+    memory_batch_size: int = 1   # sequences in the KV cache of the memory budget
+    memory_seq_length: int = 4096   # tokens per sequence in the KV cache of the memory budget
     POSITIVE: ClassVar[tuple[str, ...]] = ("memory_batch_size", "memory_seq_length")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("tolerance",)
 
@@ -94,13 +95,17 @@ class SearchSpace:
     Routed experts stay at least the router's top-k and a multiple of ep. `choices` replaces an
     axis's grid by an explicit list."""
 
-    layer_multiple: int = 1
-    hidden_multiple: int = 256
-    ffn_multiple: int = 512
-    expert_multiple: int = 8      # num_moe_experts grid step (expert-parallel sizes are powers of two)
-    moe_ffn_multiple: int = 128   # moe_ffn_hidden_size and moe_shared_expert_intermediate_size grid step
-    min_fraction: float = 0.5
-    choices: dict[str, list[int] | None] = field(default_factory=dict)
+    layer_multiple: int = 1   # grid steps; the teacher's own value is always on the grid
+    hidden_multiple: int = 256   # hidden_size grid step
+    ffn_multiple: int = 512   # ffn_hidden_size grid step
+    expert_multiple: int = 8      # num_moe_experts grid step (MoE teachers; also a multiple of ep, at least the top-k)
+    moe_ffn_multiple: int = 128   # moe_ffn_hidden_size and moe_shared_expert_intermediate_size grid step (MoE teachers)
+    min_fraction: float = 0.5   # no axis below this fraction of the teacher
+    # explicit values replace an axis's grid, e.g. choices.num_layers=[16,32]; the axes: num_layers, hidden_size,
+    # ffn_hidden_size, num_attention_heads (null: 1 to the teacher's heads per group, times the groups),
+    # num_query_groups (null: multiples of tp), and for MoE teachers num_moe_experts, moe_ffn_hidden_size,
+    # moe_shared_expert_intermediate_size
+    choices: dict[str, list[int] | None] = field(default_factory=lambda: dict.fromkeys((*AXES, *MOE_SHAPE_KEYS)))
     POSITIVE: ClassVar[tuple[str, ...]] = ("layer_multiple", "hidden_multiple", "ffn_multiple", "expert_multiple",
                                            "moe_ffn_multiple")
 

@@ -15,7 +15,7 @@ import logging
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +29,7 @@ from nemo_minitron.pruning.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search.cache import CandidateCache
 from nemo_minitron.search.report import REPORT_FILES, write_report
 from nemo_minitron.search.space import Budget, SearchSpace, candidate_name, enumerate_candidates, spread, target_of
-from nemo_minitron.stage import StageConfig
+from nemo_minitron.stage import StageConfig, nested
 from nemo_minitron.train import stage as train_stage
 
 log = logging.getLogger("nemo_minitron")
@@ -47,16 +47,16 @@ _SOURCE_LAUNCHER = Path(__file__).resolve().parents[2] / "launchers" / "distill.
 
 @dataclass
 class SearchSettings:
-    space: SearchSpace = field(default_factory=SearchSpace)
-    max_candidates: int = 16
-    top_k: int = 3
-    retrain_steps: int = 100
-    launcher: str = "local"
-    sbatch_args: str = ""
-    sbatch_script: str | None = None   # default: launchers/distill.sh of the source checkout
-    dry_run: bool = False
-    stop_after: int | None = None
-    list_only: bool = False
+    space: SearchSpace = nested(SearchSpace)
+    max_candidates: int = 16   # zero-shot scores at most this many, evenly spread over the budget window (0: all)
+    top_k: int = 3   # retrain the best k by zero-shot loss
+    retrain_steps: int = 100   # distillation steps per retrained candidate (paper: rankings settle by ~300)
+    launcher: str = "local"   # local: retrain in turn in this process | slurm: one sbatch job per candidate
+    sbatch_args: str = ""   # extra sbatch options, e.g. "--nodes=2 --time=08:00:00"
+    sbatch_script: str | None = None   # the distill job script (null: launchers/distill.sh of the source checkout)
+    dry_run: bool = False   # slurm: print the sbatch commands (and write candidates/<name>/retrain.sh) only
+    stop_after: int | None = None  # stop after this many newly computed steps (zero-shot or retraining); re-run resumes
+    list_only: bool = False   # print the candidates that fit the budget, touch no weights
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("max_candidates", "top_k", "retrain_steps", "stop_after")
 
     def validate(self) -> None:
@@ -68,13 +68,24 @@ class SearchSettings:
 
 @dataclass
 class SearchConfig(StageConfig):
-    checkpoint: str | None = None
-    output_dir: str | None = None
+    checkpoint: str | None = None   # the teacher checkpoint
+    output_dir: str | None = None   # candidates/, the report and winner/ (the best candidate's pruned checkpoint)
+    # a prune output (or importance.pt) of this teacher: skip the importance estimate
     importance_from: str | None = None
-    budget: Budget = field(default_factory=Budget)
-    search: SearchSettings = field(default_factory=SearchSettings)
-    prune: PruneConfig = field(default_factory=PruneConfig)       # settings of each zero-shot prune
-    distill: DistillConfig = field(default_factory=DistillConfig)  # settings of each retraining
+    # exactly one of params / non_embedding_params / active_params / memory_bytes
+    budget: Budget = nested(Budget)
+    search: SearchSettings = nested(SearchSettings)
+    # the zero-shot pruning of each candidate (the prune stage's keys), depth from the activation scores
+    # (depth.method=contiguous searches blocks per depth, slower)
+    prune: PruneConfig = nested(PruneConfig, depth={"method": "block_importance"})
+    # the retraining of each of the top_k candidates (the distill stage's keys; train.steps = search.retrain_steps,
+    # warm-up null: a tenth of it)
+    distill: DistillConfig = nested(DistillConfig, optim={"warmup_steps": None})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.prune, self.distill = (dataclasses.replace(block, **self.shared_settings())
+                                    for block in (self.prune, self.distill))
 
 
 class _Progress:
@@ -87,16 +98,11 @@ class _Progress:
         return self.stop_after is not None and self.done >= self.stop_after
 
 
-def _common(cfg: SearchConfig) -> dict[str, Any]:
-    return {"tp": cfg.tp, "pp": cfg.pp, "ep": cfg.ep, "seed": cfg.seed, "dtype": cfg.dtype}
-
-
 def _zero_shot(cfg: SearchConfig, arch: ModelArch, cache: CandidateCache, importance_from: str | None) -> dict:
     name = candidate_name(arch)
     result = prune_checkpoint(dataclasses.replace(
         cfg.prune, checkpoint=str(Path(cfg.checkpoint).absolute()), output_dir=str(cache.dir(name) / "pruned"),
-        target=PruneSpec(**target_of(arch)), importance_from=importance_from, report_loss=True, plan_only=False,
-        **_common(cfg)))
+        target=PruneSpec(**target_of(arch)), importance_from=importance_from, report_loss=True, plan_only=False))
     record = {}
     if parallel.is_main_process():
         record = cache.update(name, zero_shot_loss=result["loss"]["pruned"], teacher_loss=result["loss"]["teacher"])
@@ -111,7 +117,7 @@ def _retraining_train(cfg: SearchConfig):
 def _retraining(cfg: SearchConfig, name: str, cache: CandidateCache) -> DistillConfig:
     return dataclasses.replace(
         cfg.distill, teacher=str(Path(cfg.checkpoint).absolute()), student=str(cache.dir(name) / "pruned"),
-        output_dir=str(cache.dir(name) / "distill"), train=_retraining_train(cfg), **_common(cfg))
+        output_dir=str(cache.dir(name) / "distill"), train=_retraining_train(cfg))
 
 
 def check_settings(cfg: SearchConfig, layout: parallel.ParallelLayout) -> None:

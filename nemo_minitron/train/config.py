@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.stage import check_ranges
+from nemo_minitron.stage import check_ranges, nested
 
 
 SPIKE_ACTIONS = ("skip", "stop")
@@ -20,10 +20,10 @@ class SpikeConfig:
     diverged, as do more than `max_skips` spikes in a row. `factor` 0 turns the guard off; the first
     `window` steps are never judged."""
 
-    factor: float = 10.0
-    window: int = 20
-    action: str = "skip"
-    max_skips: int = 3
+    factor: float = 10.0   # 0 turns the guard off
+    window: int = 20   # steps of history (the first `window` steps are not judged)
+    action: str = "skip"   # skip: no update for that step | stop: end the run as diverged (exit 3)
+    max_skips: int = 3   # more spikes than this in a row stop the run
     POSITIVE: ClassVar[tuple[str, ...]] = ("window",)
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("factor", "max_skips")
 
@@ -32,17 +32,18 @@ class SpikeConfig:
 class TrainConfig:
     """Steps, batch geometry, and the cadence of logging, validation and checkpoints."""
 
-    steps: int = 0              # required (at least 1)
-    global_batch_size: int = 8
-    seq_length: int = 512
-    micro_batch_size: int = 1
-    log_interval: int = 1
-    eval_interval: int = 0      # validate every N steps (0: only after the last step)
+    steps: int = 0              # optimizer steps (required: at least 1)
+    global_batch_size: int = 8   # sequences per optimizer step, over all data-parallel replicas
+    seq_length: int = 512   # tokens per sequence
+    micro_batch_size: int = 1   # sequences per forward/backward pass on a replica (the rest is gradient accumulation)
+    log_interval: int = 10   # log the training metrics every N steps
+    eval_interval: int = 0      # validate every N steps (0: after the last step only)
     eval_batches: int = 2       # global batches of held-out data per validation
-    save_interval: int = 0      # checkpoint every N steps (0: only at the end or on pre-emption)
+    save_interval: int = 50     # step checkpoint every N steps (and always on SIGTERM / SIGUSR1)
     keep_checkpoints: int = 2   # newest step checkpoints kept on disk
-    progress_bar: bool = True
-    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    progress_bar: bool = True   # on a terminal
+    # loss-spike guard: loss > factor x median of the last `window` steps
+    spike: SpikeConfig = nested(SpikeConfig)
     POSITIVE: ClassVar[tuple[str, ...]] = ("global_batch_size", "seq_length", "micro_batch_size", "log_interval",
                                            "keep_checkpoints")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("steps", "eval_interval", "eval_batches", "save_interval")
@@ -76,14 +77,14 @@ class TrainConfig:
 class OptimConfig:
     """Adam with decoupled weight decay, linear warmup, then cosine (or constant/linear) decay to min_lr."""
 
-    lr: float | None = 1e-4     # None only where a stage derives it (teacher correction)
-    min_lr: float | None = 1e-5
-    warmup_steps: int | None = 0  # None: a tenth of the run's steps (`warmup_for`)
+    lr: float | None = 1e-4     # peak learning rate, reached after warmup
+    min_lr: float | None = 1e-5   # learning rate at the end of the decay
+    warmup_steps: int | None = 0  # linear warmup from 0 to lr over this many steps (null: a tenth of train.steps)
     decay_style: str = "cosine"   # cosine | linear | constant
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
+    weight_decay: float = 0.1   # decoupled (AdamW) weight decay
+    adam_beta1: float = 0.9   # Adam first-moment decay
+    adam_beta2: float = 0.95   # Adam second-moment decay
+    adam_eps: float = 1e-8   # Adam denominator epsilon
     clip_grad: float = 1.0        # global gradient-norm clip (0: off)
     POSITIVE: ClassVar[tuple[str, ...]] = ("lr", "adam_eps")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("min_lr", "warmup_steps", "weight_decay", "clip_grad")
@@ -111,7 +112,7 @@ class DataConfig:
     """Training and held-out text: .jsonl/.txt files or directories, or indexed-dataset prefixes
     (both None: the built-in corpus's train and held-out splits)."""
 
-    train: str | None = None
-    valid: str | None = None
-    cache_dir: str | None = None    # tokenized data and dataset indices (default: the nemo_minitron cache)
-    text_key: str = "text"
+    train: str | None = None   # .jsonl/.txt file or directory, or an indexed-dataset prefix; null: the embedded corpus
+    valid: str | None = None   # held-out data for validation (with train null: the corpus's held-out split)
+    cache_dir: str | None = None    # tokenized datasets and the default corpus (null: $NEMO_MINITRON_CACHE/training)
+    text_key: str = "text"   # field holding the text in .jsonl files

@@ -7,14 +7,14 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nemo_minitron import checkpoint, parallel
 from nemo_minitron.errors import UserError
 from nemo_minitron.outputs import claim_output, settings_of
-from nemo_minitron.stage import StageConfig
+from nemo_minitron.stage import StageConfig, nested
 from nemo_minitron.train.config import DataConfig, OptimConfig, TrainConfig
 from nemo_minitron.train.data import TrainingData, check_training_data, gpt_training_data
 from nemo_minitron.train.loop import CADENCE_KEYS, FINAL_DIR, RUN_ENTRIES
@@ -27,11 +27,15 @@ class TrainingStageConfig(StageConfig):
     """A training stage's output directory, data, run length and optimizer. `dtype` defaults to
     `auto`: bf16 mixed precision where the device computes bf16 natively (`stage.auto_dtype`)."""
 
+    # bf16 mixed precision (fp32 main weights, gradients and loss reductions) where the device computes bf16 natively,
+    # else float32; or float32 | bfloat16 | float16
     dtype: str = "auto"
+    # where final/ (the distilled student), checkpoints/, tensorboard/ and metrics.jsonl go
     output_dir: str | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = nested(DataConfig)
+    train: TrainConfig = nested(TrainConfig)
+    # the practice paper's distillation schedule (peak 1e-4, min 1e-5, cosine), fewer warmup steps
+    optim: OptimConfig = nested(OptimConfig)
 
 
 def checkpoint_arch(cfg, key: str):
