@@ -21,8 +21,10 @@ SETTINGS = {  # stage -> learning rate (DPO/RPO need far smaller steps than SFT)
 
 
 def align(stage: str, student: str, work: Path, steps: int) -> dict:
-    args = [sys.executable, "-m", "nemo_minitron.cli.main", "align", f"method={stage}", f"checkpoint={student}",
-            f"output_dir={work / stage}", f"train.steps={steps}", f"optim.lr={SETTINGS[stage]}", "optim.warmup_steps=1",
+    # float32, as the table in docs/benchmarks.md was measured (align's dtype=auto is bf16 where native)
+    args = [sys.executable, "-m", "nemo_minitron.cli.main", "align", f"method={stage}", f"student={student}",
+            "dtype=float32", f"output_dir={work / stage}", f"train.steps={steps}", f"optim.lr={SETTINGS[stage]}",
+            "optim.warmup_steps=1",
             "train.seq_length=176", "train.global_batch_size=8", "train.micro_batch_size=8",
             "builtin.train_examples=256", "builtin.heldout_examples=64", f"builtin.cache_dir={work / 'data'}"]
     start = time.perf_counter()

@@ -117,8 +117,9 @@ def torch_pruning_scores(arch, teacher_sd, calib: torch.Tensor, micro_batch_size
     from transformers import AutoModelForCausalLM
 
     from nemo_minitron.models import bridge
+    from nemo_minitron.models.hf_config import to_hf
 
-    hf = AutoModelForCausalLM.from_config(arch.to_hf_config(), dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_config(to_hf(arch), dtype=torch.float32)
     hf.load_state_dict(bridge.global_to_hf(arch, teacher_sd), strict=False)
     hf.tie_weights()
     start = time.perf_counter()

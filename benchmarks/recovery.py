@@ -55,7 +55,7 @@ def run_arm(work: Path, overrides: list[str], steps: list[int]) -> None:
     interval = math.gcd(*[s for s in steps if s])
     command = [sys.executable, "-m", "nemo_minitron.cli.main", "pipeline", f"work_dir={work}",
                f"distill.train.steps={max(steps)}", f"distill.train.save_interval={interval}",
-               f"+distill.train.keep_checkpoints={max(steps) // interval + 1}", *overrides]
+               f"distill.train.keep_checkpoints={max(steps) // interval + 1}", *overrides]
     print("$", shlex.join(command), flush=True)
     subprocess.run(command, check=True)
 

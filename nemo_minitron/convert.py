@@ -14,9 +14,11 @@ from nemo_minitron import checkpoint, parallel
 from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge, megatron_lm, nemo2
 from nemo_minitron.models.config import ModelArch
+from nemo_minitron.models.families import FAMILIES
 from nemo_minitron.models.gpt import build_gpt_model
 from nemo_minitron.outputs import check_output, publishing, releases_output_locks, settings_of, write_marker
 from nemo_minitron.stage import StageConfig, timed, torch_dtype
+from nemo_minitron.models.hf_config import arch_from_hf
 
 log = logging.getLogger("nemo_minitron")
 
@@ -73,7 +75,7 @@ class CheckConfig(StageConfig):
 
 def _check_nemo_exportable(arch: ModelArch) -> None:
     """Refuse before any work a family NeMo 2 has no model class for."""
-    if arch.family not in nemo2.NEMO_CLASSES:
+    if FAMILIES[arch.family].nemo_classes is None:
         raise UserError(f"NeMo 2 has no {arch.family} model class, so export-nemo cannot write one: export it with "
                         f"export-hf or export-megatron")
 
@@ -117,7 +119,7 @@ def read_source(model: str | None, hf_path: str | None, dtype, megatron_path: st
     path = embedded_gguf_path()
     gguf = load_gguf_llama(path)
     state = {k: v.to(dtype) for k, v in gguf.state_dict.items()}
-    return ModelArch.from_hf_config(gguf.config), state, gguf.tokenizer, {"model": model, "gguf": str(path)}
+    return arch_from_hf(gguf.config), state, gguf.tokenizer, {"model": model, "gguf": str(path)}
 
 
 def load_source_weights(model, arch: ModelArch, weights) -> None:

@@ -139,9 +139,11 @@ def _unwritable(path: Path) -> str | None:
 
 def check_output(path: str | Path, stage: str, inputs: Iterable[str | Path | None] = (), key: str = "output_dir",
                  settings: dict[str, Any] | None = None, overwrite: bool = False,
-                 own: Iterable[str] | None = None) -> Path:
+                 own: Iterable[str] | None = None, retired: Iterable[str] = ()) -> Path:
     """The resolved `path` if `stage` may write it with `settings` (see the module docstring);
-    UserError otherwise. `own`: the entries the stage writes, which `overwrite` may replace."""
+    UserError otherwise. `own`: the entries the stage writes, which `overwrite` may replace.
+    `retired`: dotted keys that earlier versions of the stage recorded but that no longer decide its
+    output; an earlier output's recorded values of them are not compared."""
     out = _resolved(path, key)
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
@@ -162,7 +164,10 @@ def check_output(path: str | Path, stage: str, inputs: Iterable[str | Path | Non
             raise UserError(f"{key}={path} is not empty and holds {what}: {stage} writes only into a new or "
                             f"empty directory or its own earlier output; choose another {key}")
         own = own if own is not None else record.get("entries", ())  # unlisted: nothing is replaceable
-        _check_earlier_output(out, path, stage, key, record.get("settings"), settings, overwrite, own)
+        recorded, retired = record.get("settings"), set(retired)
+        if isinstance(recorded, dict):
+            recorded = {k: v for k, v in recorded.items() if k not in retired}
+        _check_earlier_output(out, path, stage, key, recorded, settings, overwrite, own)
     problem = _unwritable(out)
     if problem:
         raise UserError(f"{key}={path} cannot be written: {problem}; choose another {key}")
@@ -196,13 +201,13 @@ def _remove_own(out: Path, own: Iterable[str]) -> None:
 
 def claim_output(path: str | Path, stage: str, inputs: Iterable[str | Path | None] = (), key: str = "output_dir",
                  settings: dict[str, Any] | None = None, overwrite: bool = False,
-                 own: Iterable[str] = ()) -> Path:
+                 own: Iterable[str] = (), retired: Iterable[str] = ()) -> Path:
     """`check_output` on every rank, then rank 0 removes the stage's `own` entries if `overwrite`
     and marks the directory as `stage`'s, with `settings` (collective: call it after
     `parallel.initialize`), for outputs that are not a checkpoint directory (those carry their stage
     and settings in metadata.json)."""
     own = tuple(own)
-    out = check_output(path, stage, inputs, key, settings, overwrite, own)
+    out = check_output(path, stage, inputs, key, settings, overwrite, own, retired)
     parallel.barrier()  # every rank has looked before rank 0 changes anything
     if parallel.is_main_process():
         out.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,19 @@ def defaults_of(cls: type) -> dict[str, Any]:
     return tree
 
 
+def upgrade_old_spellings(cls: type, tree: dict[str, Any]) -> None:
+    """Rewrite in `tree` (a composed config of class `cls` as plain values) the deprecated spellings
+    that `cls` and the configs nested in it accept but their typed fields cannot hold (a string where
+    a nested config now stands), each by its class's `old_spellings(tree)` classmethod, before the
+    typed merge. Deprecated keys a field can hold are alias fields, taken in `__post_init__`."""
+    hook = getattr(cls, "old_spellings", None)
+    if hook is not None:
+        hook(tree)
+    for f in dataclasses.fields(cls):
+        if NESTED in f.metadata and isinstance(tree.get(f.name), dict):
+            upgrade_old_spellings(f.metadata[NESTED][0], tree[f.name])
+
+
 def _merged(tree: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(tree)
     for key, value in changes.items():

@@ -125,17 +125,133 @@ def test_builtin_data_set_uses_nemo_aligner_formats(tmp_path):
     assert all(w.startswith("train") for p in ds.read_preferences(paths["dpo_train"]) for w in passage(p))
 
 
-def test_nemo_aligner_backend_translates_the_config(tmp_path):
-    from commands import last_json, minitron
+def dry_run(*args: str):
+    """`minitron align` with the NeMo-Aligner backend's dry run: the process (its commands are the
+    last stdout line's JSON)."""
+    from commands import minitron
 
-    result = last_json(minitron("align", "method=rpo", "backend=nemo_aligner", "nemo_aligner.dry_run=true",
-                                f"checkpoint={tmp_path}/ckpt", f"output_dir={tmp_path}/out", "data=/d/train.jsonl",
-                                "tp=2", "loss.beta=0.2", "train.steps=7"))
-    export, convert, train = result["commands"]
-    assert "export-hf" in export and "convert_llama_hf_to_nemo.py" in convert
+    return minitron("align", "method=rpo", "backend=nemo_aligner", "nemo_aligner.dry_run=true", "tp=2",
+                    "loss.beta=0.2", "train.steps=7", *args, check=False)
+
+
+def test_nemo_aligner_backend_translates_the_config(tmp_path):
+    from commands import last_json
+
+    proc = dry_run(f"student={tmp_path}/ckpt", f"output_dir={tmp_path}/out", "data.train=/d/train.jsonl",
+                   "data.valid=/d/valid.jsonl")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deprecated" not in proc.stderr
+    export, convert, train = last_json(proc)["commands"]
+    assert "export-hf" in export and f"checkpoint={tmp_path}/ckpt" in export
+    assert "convert_llama_hf_to_nemo.py" in convert
     assert "train_gpt_dpo.py" in train and "model.dpo.preference_loss=rpo_bwd_kl" in train
     assert "model.dpo.ref_policy_kl_penalty=0.2" in train and "trainer.dpo.max_steps=7" in train
     assert "model.tensor_model_parallel_size=2" in train
+    assert "model.data.data_prefix={train: [/d/train.jsonl], validation: [/d/valid.jsonl]" in train
+
+
+def test_the_deprecated_keys_still_work_on_the_command_line_with_a_warning(tmp_path):
+    """checkpoint= (student), data=FILE (data.train) and valid_data= (data.valid): the same commands
+    as the new keys, each named in a warning; an alias that disagrees with its key is one error line."""
+    from commands import last_json
+
+    new = dry_run(f"student={tmp_path}/ckpt", f"output_dir={tmp_path}/out", "data.train=/d/train.jsonl",
+                  "data.valid=/d/valid.jsonl")
+    old = dry_run(f"checkpoint={tmp_path}/ckpt", f"output_dir={tmp_path}/out", "data=/d/train.jsonl",
+                  "valid_data=/d/valid.jsonl")
+    assert old.returncode == 0, old.stderr[-3000:]
+    assert last_json(old) == last_json(new)
+    for warning in (f"checkpoint={tmp_path}/ckpt is deprecated: use student=", "data=/d/train.jsonl is deprecated: "
+                    "use data.train=", "valid_data=/d/valid.jsonl is deprecated: use data.valid="):
+        assert warning in old.stderr, warning
+    clash = dry_run(f"student={tmp_path}/a", f"checkpoint={tmp_path}/b", f"output_dir={tmp_path}/out")
+    assert clash.returncode == 2
+    assert clash.stderr.strip().splitlines()[-1] == (f"error: student={tmp_path}/a and its deprecated alias "
+                                                     f"checkpoint={tmp_path}/b disagree")
+
+
+def test_align_has_the_training_stages_keys_and_dtype():
+    """`student`, `data.train` / `data.valid`, `train.*`, `optim.*`, `output_dir` and `dtype: auto`,
+    as distill and teacher-correct."""
+    from nemo_minitron.align.stage import AlignConfig
+    from nemo_minitron.distill.stage import DistillConfig
+    from nemo_minitron.stage import defaults_of
+    from nemo_minitron.train.stage import TrainingStageConfig
+
+    assert issubclass(AlignConfig, TrainingStageConfig)
+    defaults = defaults_of(AlignConfig)
+    assert defaults["dtype"] == "auto" and AlignConfig().dtype == DistillConfig().dtype
+    assert defaults["student"] is None and defaults["data"]["train"] is None and defaults["data"]["valid"] is None
+
+
+@pytest.mark.parametrize(("old", "new", "read"), [
+    ({"stage": "dpo"}, {"method": "dpo"}, lambda c: c.method),
+    ({"checkpoint": "runs/student"}, {"student": "runs/student"}, lambda c: c.student),
+    ({"data": "chat.jsonl"}, {"data": {"train": "chat.jsonl"}}, lambda c: c.data.train),
+    ({"data": "chat.jsonl", "valid_data": "val.jsonl"}, {"data": {"train": "chat.jsonl", "valid": "val.jsonl"}},
+     lambda c: (c.data.train, c.data.valid)),
+])
+def test_each_deprecated_key_works_from_python_with_a_warning(old, new, read, caplog):
+    from nemo_minitron.align.stage import AlignConfig
+    from nemo_minitron.train.config import DataConfig
+
+    expected = AlignConfig(**{k: DataConfig(**v) if k == "data" else v for k, v in new.items()})
+    with pytest.warns(FutureWarning, match="is deprecated"):
+        aliased = AlignConfig(**old)
+    assert aliased == expected and read(aliased) == read(expected)
+    assert (aliased.stage, aliased.checkpoint, aliased.valid_data) == (None, None, None)
+    for key in old:
+        assert any(f"align: {key}=" in r.getMessage() and "is deprecated" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"method": "sft", "stage": "dpo"}, "method=sft and its deprecated alias stage=dpo disagree"),
+    ({"student": "a", "checkpoint": "b"}, "student=a and its deprecated alias checkpoint=b disagree"),
+    ({"data": {"train": "t", "valid": "v"}, "valid_data": "w"}, "data.valid=v and its deprecated alias valid_data=w "
+                                                                  "disagree"),
+])
+def test_an_alias_that_disagrees_with_its_key_is_a_user_error(config, message):
+    from nemo_minitron.align.stage import AlignConfig
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.train.config import DataConfig
+
+    with pytest.warns(FutureWarning), pytest.raises(UserError, match=message):
+        AlignConfig(**{k: DataConfig(**v) if k == "data" else v for k, v in config.items()})
+
+
+def test_the_old_data_spelling_composes_in_a_stage_and_a_pipeline_block():
+    """`data=FILE` replaces the `data` block with a string in the composed config, which the typed
+    merge could not take: it becomes data.train, in `minitron align` and in the pipeline's align block."""
+    from hydra import compose
+
+    from nemo_minitron.align.stage import AlignConfig
+    from nemo_minitron.cli.compose import hydra_conf, typed
+    from nemo_minitron.pipeline import PipelineConfig
+
+    with hydra_conf(), pytest.warns(FutureWarning, match="`data=` is deprecated"):
+        stage = typed(AlignConfig, compose(config_name="align", overrides=["data=chat.jsonl", "valid_data=v.jsonl"]))
+        pipeline = typed(PipelineConfig, compose(config_name="pipeline", overrides=["align.data=chat.jsonl"]))
+    assert (stage.data.train, stage.data.valid, stage.valid_data) == ("chat.jsonl", "v.jsonl", None)
+    assert pipeline.align.data.train == "chat.jsonl"
+    with hydra_conf():
+        assert typed(AlignConfig, compose(config_name="align", overrides=["data=null"])).data == AlignConfig().data
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"valid": "v.jsonl"}, "data.valid is set but data.train is not"),
+    ({"train": "t.jsonl", "text_key": "body"}, "data.text_key=body does not apply to align"),
+    ({"train": "t.jsonl", "cache_dir": "/c"}, "data.cache_dir=/c does not apply to align"),
+])
+def test_data_keys_align_does_not_read_are_refused_before_any_work(data, message, tmp_path):
+    from nemo_minitron.align.stage import AlignConfig, align_checkpoint
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.train.config import DataConfig
+
+    cfg = AlignConfig(method="sft", student=str(tmp_path / "student"), output_dir=str(tmp_path / "out"),
+                      data=DataConfig(**data))
+    with pytest.raises(UserError, match=message):
+        align_checkpoint(cfg)
+    assert not (tmp_path / "out").exists()
 
 
 # --- end to end on the embedded student -------------------------------------------------------
@@ -161,7 +277,8 @@ def embedded(tmp_path_factory, embedded_teacher):
     return root
 
 
-ALIGN_ARGS = ("train.seq_length=176", "train.global_batch_size=8", "train.micro_batch_size=8", "train.log_interval=5",
+# float32, as the thresholds below were set (dtype=auto is bf16 on a GPU or a CPU with native bf16)
+ALIGN_ARGS = ("dtype=float32", "train.seq_length=176", "train.global_batch_size=8", "train.micro_batch_size=8", "train.log_interval=5",
               "builtin.train_examples=128", "builtin.heldout_examples=32")
 
 
@@ -169,7 +286,7 @@ ALIGN_ARGS = ("train.seq_length=176", "train.global_batch_size=8", "train.micro_
 def test_sft_lowers_heldout_response_loss(embedded):
     from commands import last_json, minitron
 
-    result = last_json(minitron("align", "method=sft", f"checkpoint={embedded / 'student'}",
+    result = last_json(minitron("align", "method=sft", f"student={embedded / 'student'}",
                                 f"output_dir={embedded / 'sft'}", "train.steps=6", "optim.lr=1e-4", "optim.warmup_steps=1",
                                 f"builtin.cache_dir={embedded / 'cache'}", *ALIGN_ARGS))
     assert result["heldout_response_loss_after"] < result["heldout_response_loss_before"] - 1.0
@@ -179,7 +296,7 @@ def test_sft_lowers_heldout_response_loss(embedded):
 def test_dpo_raises_heldout_preference_accuracy(embedded):
     from commands import last_json, minitron
 
-    result = last_json(minitron("align", "method=dpo", f"checkpoint={embedded / 'student'}",
+    result = last_json(minitron("align", "method=dpo", f"student={embedded / 'student'}",
                                 f"output_dir={embedded / 'dpo'}", "train.steps=8", "optim.lr=2e-5", "optim.warmup_steps=1",
                                 "loss.beta=0.1", f"builtin.cache_dir={embedded / 'cache'}", *ALIGN_ARGS))
     assert result["heldout_preference_accuracy_after"] > result["heldout_preference_accuracy_before"]

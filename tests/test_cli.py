@@ -125,8 +125,8 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     export, evaluate. Every stage leaves its output; the teacher's held-out perplexity equals
     transformers' on the same GGUF weights; a re-run skips the finished stages."""
     from nemo_minitron import checkpoint
-    from nemo_minitron.models.config import ModelArch
     from nemo_minitron.models.gguf_import import embedded_gguf_path, load_gguf_llama
+    from nemo_minitron.models.hf_config import arch_from_hf
     from nemo_minitron.models.hf_io import write_hf_directory
     from nemo_minitron.stage import auto_dtype
 
@@ -157,7 +157,7 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     transformers.AutoModelForCausalLM.from_pretrained(str(work / "student_hf"))
 
     gguf = load_gguf_llama(embedded_gguf_path())
-    hf_dir = write_hf_directory(ModelArch.from_hf_config(gguf.config), gguf.state_dict, gguf.tokenizer, tmp_path / "hf")
+    hf_dir = write_hf_directory(arch_from_hf(gguf.config), gguf.state_dict, gguf.tokenizer, tmp_path / "hf")
     expected = reference_perplexity(hf_dir, work / "corpus" / "heldout.jsonl", 128, max_windows=4)
     assert summary["teacher"]["heldout_perplexity"] == pytest.approx(expected, rel=1e-4)
     assert 5 < expected < 200  # a real language model on real English text

@@ -126,7 +126,7 @@ HOSTILE = [
     ("distill-into-current-directory", ["distill", "teacher=T", "student=T", "output_dir=.", "data.train=R/docs.jsonl",
                                         "train.steps=2", "train.seq_length=32", "optim.warmup_steps=0"],
      "output_dir=. is the current directory"),
-    ("align-empty-dpo-response", ["align", "method=dpo", "checkpoint=T", "output_dir=O", "data=R/pairs.jsonl",
+    ("align-empty-dpo-response", ["align", "method=dpo", "student=T", "output_dir=O", "data.train=R/pairs.jsonl",
                                   "train.steps=1", "train.micro_batch_size=2", "train.global_batch_size=2",
                                   "train.seq_length=64", "optim.warmup_steps=0"],
      "R/pairs.jsonl:1: field 'rejected_response' is empty"),

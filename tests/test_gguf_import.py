@@ -26,8 +26,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from nemo_minitron.models import gguf_import
-from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.gguf_import import GGUFModel, embedded_gguf_path, load_gguf_llama
+from nemo_minitron.models.hf_config import arch_from_hf
 from nemo_minitron.models.hf_io import write_hf_directory
 
 T = TypeVar("T")
@@ -126,7 +126,7 @@ def raw_tensors(gguf_path: Path) -> dict[str, gguf.ReaderTensor]:
 
 @pytest.fixture(scope="session")
 def saved_dir(ours: GGUFModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    arch = ModelArch.from_hf_config(ours.config)
+    arch = arch_from_hf(ours.config)
     out = tmp_path_factory.mktemp("smollm2") / "hf"
     return _timed("write_hf_directory", write_hf_directory, arch, ours.state_dict, ours.tokenizer, out)
 
@@ -395,18 +395,16 @@ def test_tiny_untied_llama_round_trips(tmp_path: Path) -> None:
     assert loaded.tokenizer(" ab")["input_ids"] == [0, 4, 3]  # BOS, "Ġ", "ab"
     # linear rope scaling is read from GGUF, but megatron-core only offers Llama-3.1 scaling
     with pytest.raises(ValueError, match="rope_scaling type 'linear' is not supported"):
-        ModelArch.from_hf_config(loaded.config)
+        arch_from_hf(loaded.config)
 
 
 def test_a_sliding_window_shorter_than_the_positions_is_refused() -> None:
-    from nemo_minitron.models.config import ModelArch
-
     mistral = {"model_type": "mistral", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96,
                "num_attention_heads": 4, "vocab_size": 320, "max_position_embeddings": 32768}
     with pytest.raises(ValueError, match="sliding_window=4096 is shorter than max_position_embeddings=32768"):
-        ModelArch.from_hf_config({**mistral, "sliding_window": 4096})  # Mistral 7B v0.1
+        arch_from_hf({**mistral, "sliding_window": 4096})  # Mistral 7B v0.1
     for window in (None, 32768):  # v0.2 on, Mistral-NeMo: full attention
-        assert ModelArch.from_hf_config({**mistral, "sliding_window": window}).family == "mistral"
+        assert arch_from_hf({**mistral, "sliding_window": window}).family == "mistral"
 
 
 def test_rejects_non_llama_architecture(tmp_path: Path) -> None:

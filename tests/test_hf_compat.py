@@ -22,7 +22,8 @@ import hf_reader
 from commands import COMPAT_MCORE
 from distributed import run_distributed
 from nemo_minitron.models import bridge, gguf_import
-from nemo_minitron.models.config import HF_ARCHITECTURES
+from nemo_minitron.models.families import FAMILIES
+from nemo_minitron.models.hf_config import export_family, export_notes
 from nemo_minitron.models.hf_io import read_hf_directory, save_portable_tokenizer, write_hf_directory
 from nemo_minitron.pruning import PruneSpec
 from nemo_minitron.pruning.planner import PUBLISHED_RECIPES, PUBLISHED_TEACHERS, plan, published_student
@@ -118,7 +119,7 @@ def test_transformers_4_57_and_5_load_the_megatron_model(reads, name):
     arch = CASES[name]
     old, new = reads["old"][name], reads["new"][name]
     assert old["transformers"].startswith("4.57.") and new["transformers"].startswith("5.")
-    assert old["model_class"] == new["model_class"] == HF_ARCHITECTURES[arch.hf_family]
+    assert old["model_class"] == new["model_class"] == FAMILIES[export_family(arch)].hf_class
     assert torch.equal(old["inv_freq"], new["inv_freq"])  # the same rotary settings, at every position
     torch.testing.assert_close(new["logits"], reads["megatron"][name], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(old["logits"], reads["megatron"][name], rtol=1e-5, atol=1e-5)
@@ -137,7 +138,7 @@ def test_export_reads_back_bit_exact(reads, name):
     arch = CASES[name]
     back, hf_state, _ = read_hf_directory(reads["root"] / name)
     # Only the family may change: a Llama export in Mistral's class reads back as Mistral, which computes the same.
-    assert back == arch.replace(family=arch.hf_family)
+    assert back == arch.replace(family=export_family(arch))
     global_sd = bridge.hf_to_global(back, hf_state)
     assert global_sd.keys() == reads["weights"][name].keys()
     for key, tensor in reads["weights"][name].items():
@@ -157,16 +158,16 @@ def test_tokenizer_reads_the_same_in_transformers_4_57_and_5(reads, name):
 
 def test_export_notes_name_what_a_family_class_cannot_hold():
     for teacher in PUBLISHED_TEACHERS.values():
-        assert teacher.hf_export_notes() == []
+        assert export_notes(teacher) == []
     for name in PUBLISHED_RECIPES:
-        assert published_student(name)[1].hf_export_notes() == []
-    [note] = CASES["llama-pruned"].hf_export_notes()
+        assert export_notes(published_student(name)[1]) == []
+    [note] = export_notes(CASES["llama-pruned"])
     assert "hidden_size=448 is not a multiple of num_attention_heads=9" in note and "MistralForCausalLM" in note
-    assert CASES["nemotron-pruned"].hf_export_notes() == []  # NemotronConfig takes any head_dim
-    [note] = CASES["nemotron"].replace(rope_scaling_factor=8.0).hf_export_notes()
+    assert export_notes(CASES["nemotron-pruned"]) == []  # NemotronConfig takes any head_dim
+    [note] = export_notes(CASES["nemotron"].replace(rope_scaling_factor=8.0))
     assert "transformers 4.x" in note
-    assert CASES["qwen2-moe"].hf_export_notes() == []  # 4 heads of 16 fill hidden 64
-    [note] = CASES["qwen2-moe"].replace(num_attention_heads=2, num_query_groups=1).hf_export_notes()
+    assert export_notes(CASES["qwen2-moe"]) == []  # 4 heads of 16 fill hidden 64
+    [note] = export_notes(CASES["qwen2-moe"].replace(num_attention_heads=2, num_query_groups=1))
     assert "Qwen2MoeForCausalLM" in note and "transformers 4.x" in note
     smollm2 = tiny_arch(tie=True, num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9,
                         num_query_groups=3, kv_channels=64)

@@ -15,7 +15,8 @@ import transformers
 from distributed import run_distributed
 from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge
-from nemo_minitron.models.config import ModelArch
+from nemo_minitron.models.gpt import transformer_config
+from nemo_minitron.models.hf_config import arch_from_hf, to_hf
 from nemo_minitron.models.hf_io import read_hf_directory, write_hf_directory
 from nemo_minitron.pruning import PruneIndices, PruneSpec, count_from_shapes, prune_global
 from test_prune import logits_of, random_indices, random_subset, reference_prune_hf
@@ -48,9 +49,9 @@ def _counts_on_meta(archs):
 def test_hf_config_round_trip_counts_and_refusals():
     for family in FAMILIES:
         arch = tiny_moe_arch(family)
-        config = arch.to_hf_config()
-        assert config.model_type == family and ModelArch.from_hf_config(config) == arch
-        assert ModelArch.from_hf_config(config.to_dict()) == arch
+        config = to_hf(arch)
+        assert config.model_type == family and arch_from_hf(config) == arch
+        assert arch_from_hf(config.to_dict()) == arch
         counts = arch.num_parameters()
         assert {k: counts[k] for k in ("total", "non_embedding")} == count_from_shapes(arch)
         # one token runs through the router, top-2 of the 4 experts of 3 x 32 x 64 and the shared expert
@@ -58,7 +59,7 @@ def test_hf_config_round_trip_counts_and_refusals():
     [meta] = run_distributed(_counts_on_meta, world_size=1, args=([tiny_moe_arch(f) for f in FAMILIES],))
     assert meta == [tiny_moe_arch(f).num_parameters()["total"] for f in FAMILIES]
     with pytest.raises(UserError, match="mlp_only_layers"):
-        ModelArch.from_hf_config({**tiny_moe_arch().to_hf_config().to_dict(), "mlp_only_layers": [0]})
+        arch_from_hf({**to_hf(tiny_moe_arch()).to_dict(), "mlp_only_layers": [0]})
     with pytest.raises(UserError, match="moe_router_topk=5 exceeds model.num_moe_experts=4"):
         tiny_moe_arch(moe_router_topk=5)
     with pytest.raises(UserError, match="moe_shared_expert_intermediate_size is set but qwen3_moe has no shared"):
@@ -352,7 +353,7 @@ def test_smollm2_split_into_experts_computes_the_dense_model(tmp_path):
         gguf = load_gguf_llama(embedded_gguf_path())
     except FileNotFoundError as err:
         pytest.skip(str(err))
-    dense_arch = ModelArch.from_hf_config(gguf.config)
+    dense_arch = arch_from_hf(gguf.config)
     dense = transformers.LlamaForCausalLM(gguf.config).eval()
     dense.load_state_dict(gguf.state_dict, strict=False)
     dense.tie_weights()
@@ -470,7 +471,7 @@ def _pre_mlp_norm_keys(arch):
     for fix in (True, False):
         spec = get_gpt_layer_local_spec(num_experts=arch.num_moe_experts, normalization="RMSNorm")
         spec.submodules.sharded_state_dict_keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
-        model = GPTModel(config=arch.transformer_config(), transformer_layer_spec=portable_norm_keys(spec) if fix else spec,
+        model = GPTModel(config=transformer_config(arch), transformer_layer_spec=portable_norm_keys(spec) if fix else spec,
                          vocab_size=arch.vocab_size, max_sequence_length=arch.max_position_embeddings,
                          position_embedding_type="rope")
         keys.append(sorted({t.key for name, t in model.sharded_state_dict().items() if "pre_mlp_layernorm" in name}))

@@ -15,6 +15,8 @@ from distributed import run_distributed
 from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
+from nemo_minitron.models.gpt import transformer_config
+from nemo_minitron.models.hf_config import arch_from_hf, to_hf
 from nemo_minitron.pruning import PUBLISHED_TEACHERS, PruneSpec, count_from_shapes, prune_global
 from test_prune import logits_of, random_indices, reference_prune_hf
 from tiny import hf_model, tiny_arch
@@ -47,10 +49,10 @@ def test_hf_config_round_trip_and_family_features():
                            ("qwen3", {"qkv_bias": False, "qk_norm": True})):
         arch = tiny_arch(tie=False, family=family)
         assert {"qkv_bias": arch.qkv_bias, "qk_norm": arch.qk_norm} == extras
-        config = arch.to_hf_config()
+        config = to_hf(arch)
         assert config.model_type == family and config.architectures == [f"Qwen{family[-1]}ForCausalLM"]
         assert config.sliding_window is None and config.head_dim == arch.kv_channels
-        assert ModelArch.from_hf_config(config) == arch
+        assert arch_from_hf(config) == arch
         assert ModelArch.from_dict(dataclass_dict(arch)) == arch
     with pytest.raises(UserError, match=r"model\.qkv_bias=False does not fit model\.family='qwen2'"):
         tiny_arch(family="qwen2", qkv_bias=False)
@@ -72,19 +74,19 @@ def test_sliding_window_refused_only_where_a_layer_uses_it():
     # the published Qwen2.5 / Qwen3 configs: a window set but switched off
     off = transformers.Qwen2Config(**common, use_sliding_window=False, sliding_window=4096).to_dict()
     off |= {"sliding_window": 4096}  # as config.json files write it (transformers' object nulls it)
-    assert ModelArch.from_hf_config(off).qkv_bias
+    assert arch_from_hf(off).qkv_bias
     on = transformers.Qwen3Config(**common, head_dim=24, use_sliding_window=True, sliding_window=4096,
                                   max_window_layers=2)
     with pytest.raises(UserError, match="sliding_window=4096 is shorter than max_position_embeddings=32768"):
-        ModelArch.from_hf_config(on)
+        arch_from_hf(on)
     below = transformers.Qwen3Config(**common, head_dim=24, use_sliding_window=True, sliding_window=4096,
                                      max_window_layers=4)  # no layer from max_window_layers on: no window
-    assert ModelArch.from_hf_config(below).qk_norm
+    assert arch_from_hf(below).qk_norm
     raw = {k: v for k, v in on.to_dict().items() if k != "layer_types"}  # an older config.json
     with pytest.raises(UserError, match="sliding_window=4096"):
-        ModelArch.from_hf_config(raw)
+        arch_from_hf(raw)
     with pytest.raises(UserError, match="attention_bias"):
-        ModelArch.from_hf_config(transformers.Qwen3Config(**common, head_dim=24, attention_bias=True))
+        arch_from_hf(transformers.Qwen3Config(**common, head_dim=24, attention_bias=True))
 
 
 # --- bridge ------------------------------------------------------------------------------------
@@ -151,7 +153,7 @@ def _callers_models():
 
     def build(arch, qk_layernorm_spec, **config_changes):
         spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm_spec)
-        config = dataclasses.replace(arch.transformer_config(), **config_changes)
+        config = dataclasses.replace(transformer_config(arch), **config_changes)
         return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=arch.vocab_size,
                         max_sequence_length=arch.max_position_embeddings, position_embedding_type="rope")
 
@@ -232,7 +234,7 @@ def test_pruned_model_exports_to_transformers(tmp_path):
         out = write_hf_directory(target, pruned, None, tmp_path / family)
         loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
         assert type(loaded).__name__ == f"Qwen{family[-1]}ForCausalLM"
-        assert ModelArch.from_hf_config(loaded.config) == target
+        assert arch_from_hf(loaded.config) == target
         reference = hf_model(target)
         reference.load_state_dict(pruned, strict=False)
         torch.testing.assert_close(loaded(TOKENS).logits, reference(TOKENS).logits, rtol=0, atol=0)
@@ -322,7 +324,7 @@ def test_cli_imports_qwen_and_exports_it_to_megatron_lm(tmp_path):
     model = write_hf_dir(tmp_path / "hf", arch)
     result = last_json(minitron("import", f"hf_path={tmp_path / 'hf'}", f"output_dir={tmp_path / 'ckpt'}"))
     assert result["total"] == sum(p.numel() for p in model.parameters())
-    assert checkpoint.read_arch(tmp_path / "ckpt") == ModelArch.from_hf_config(model.config)
+    assert checkpoint.read_arch(tmp_path / "ckpt") == arch_from_hf(model.config)
     minitron("export-megatron", f"checkpoint={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'megatron'}")
     assert "--add-qkv-bias" in (tmp_path / "megatron" / "megatron_args.txt").read_text().split()
     minitron("import", f"megatron_path={tmp_path / 'megatron'}", f"output_dir={tmp_path / 'again'}")

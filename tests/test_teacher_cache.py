@@ -45,17 +45,17 @@ def _data(root: Path) -> dict:
 
 
 def write_cache(root: str, out: str, fail_after: int | None = None, how: str = "crash",
-                file_bytes: int | None = None, held_out: bool = True) -> dict:
+                file_bytes: int | None = None, held_out: bool = True, train: dict | None = None) -> dict:
     """`minitron teacher-logits` in this process; with `fail_after`, after that many micro-batches
     the teacher's top-k fails (`crash`) or the process gets SIGTERM (`sigterm`, as from Slurm);
     `file_bytes` caps the cache's files (1: one global batch per file); `held_out=False` leaves
-    `data.valid` unset."""
+    `data.valid` unset; `train` changes train.* keys."""
     import functools
     import os
     import signal
 
     from nemo_minitron.distill import stage, teacher_cache
-    from nemo_minitron.train.config import DataConfig
+    from nemo_minitron.train.config import DataConfig, TrainConfig
 
     originals = {"write_teacher_cache": teacher_cache.write_teacher_cache, "teacher_top_k": teacher_cache.teacher_top_k}
     if file_bytes is not None:
@@ -75,7 +75,7 @@ def write_cache(root: str, out: str, fail_after: int | None = None, how: str = "
         teacher_cache.teacher_top_k = failing
     cfg = stage.TeacherLogitsConfig(teacher=str(Path(root) / "teacher"), output_dir=out, top_k=K, dtype="float32",
                                     data=DataConfig(**_data(Path(root)) | ({} if held_out else {"valid": None})),
-                                    train=stage.CachedRunConfig(**TRAIN, progress_bar=False))
+                                    train=TrainConfig(**TRAIN | (train or {}), progress_bar=False))
     from megatron.core import parallel_state as ps
 
     cfg.tp, cfg.pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
@@ -165,6 +165,33 @@ def test_interrupted_write_resumes_to_identical_files(root, tmp_path):
         assert np.array_equal(ours, np.load(path)), path
     [again] = run_distributed(write_cache, world_size=1, args=(str(root), str(out)))
     assert again["already_complete"] and again["tokens_written"] == 0
+
+
+def test_a_re_run_compares_only_the_train_keys_that_decide_the_samples(root, tmp_path):
+    """Of train.*, a cache records `TrainConfig.SAMPLE_KEYS` only: a re-run with another micro-batch
+    or log interval finds it complete, as does one over a cache written while train.* was a copy of
+    six TrainConfig keys (which also recorded train.micro_batch_size); another sample key is refused,
+    naming it, before any work."""
+    import shutil
+
+    from nemo_minitron.outputs import MARKER_FILE
+    from nemo_minitron.train.config import TrainConfig
+
+    out = tmp_path / "cache"
+    shutil.copytree(root / "cache", out)
+    marker = out / MARKER_FILE
+    record = json.loads(marker.read_text())
+    assert sorted(k for k in record["settings"] if k.startswith("train.")) == sorted(
+        f"train.{k}" for k in TrainConfig.SAMPLE_KEYS)
+    record["settings"]["train.micro_batch_size"] = 1  # as the copy recorded it
+    marker.write_text(json.dumps(record))
+    for train in (None, {"micro_batch_size": 2, "log_interval": 3}):
+        [again] = run_distributed(write_cache, world_size=1, args=(str(root), str(out), None, "crash", None, True,
+                                                                   train))
+        assert again["already_complete"] and again["tokens_written"] == 0, train
+    with pytest.raises(RuntimeError, match=r"UserError: .* made with other settings \(train.steps: 5 -> 6\)"):
+        run_distributed(write_cache, world_size=1, args=(str(root), str(out), None, "crash", None, True,
+                                                         {"steps": 6}))
 
 
 @pytest.mark.slow

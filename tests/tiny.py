@@ -31,7 +31,8 @@ def tiny_tokenizer(vocab_size: int = 320) -> transformers.PreTrainedTokenizerFas
 
 
 def tiny_arch(tie: bool = True, rope_scaling: bool = False, family: str = "llama", **changes):
-    from nemo_minitron.models.config import ModelArch, family_attention
+    from nemo_minitron.models.config import ModelArch
+    from nemo_minitron.models.families import FAMILIES, family_attention
 
     # head_dim (24) differs from hidden/heads (16) on purpose; GQA with 2 groups of 2 heads.
     # Nemotron: the family brings LayerNorm + squared ReLU; rotary on half of each head as Nemotron-4.
@@ -40,7 +41,7 @@ def tiny_arch(tie: bool = True, rope_scaling: bool = False, family: str = "llama
         num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
         kv_channels=24, vocab_size=320, max_position_embeddings=256, rope_theta=50000.0,
         rope_scaling_factor=8.0 if rope_scaling else None, norm_eps=1e-5, tie_embeddings=tie, family=family,
-        eos_token_id=0, rotary_percent=0.5 if family == "nemotron" else 1.0, **family_attention(family),
+        eos_token_id=0, rotary_percent=FAMILIES[family].hf_rotary_percent, **family_attention(family),
     )
     return ModelArch(**fields | changes)
 
@@ -57,8 +58,10 @@ def tiny_moe_arch(family: str = "qwen3_moe", tie: bool = False, **changes):
 
 
 def hf_model(arch, seed: int = 0) -> transformers.PreTrainedModel:
+    from nemo_minitron.models.hf_config import to_hf
+
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(arch.to_hf_config(), dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(to_hf(arch), dtype=torch.float32)
     with torch.no_grad():  # norms start as ones, biases as zeros; perturb them so a mix-up would show
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("proj.bias"):

@@ -30,9 +30,11 @@ def commands(cfg, nemo_root: str = "/opt/NeMo") -> list[list[str]]:
     hf_dir, nemo_file = out / "nemo_aligner" / "hf", out / "nemo_aligner" / "model.nemo"
     root = Path(cfg.nemo_aligner.root)
     t, o = cfg.train, cfg.optim
-    if cfg.data is None:
-        raise UserError("backend=nemo_aligner needs data= (and valid_data=) jsonl files in NeMo-Aligner's format")
-    valid = cfg.valid_data or cfg.data
+    train = cfg.data.train
+    if train is None:
+        raise UserError("backend=nemo_aligner needs data.train= (and data.valid=) jsonl files in NeMo-Aligner's "
+                        "format")
+    valid = cfg.data.valid or train
     common = [
         "trainer.num_nodes=1", f"trainer.devices={cfg.tp * cfg.pp}",
         f"model.tensor_model_parallel_size={cfg.tp}", f"model.pipeline_model_parallel_size={cfg.pp}",
@@ -46,7 +48,7 @@ def commands(cfg, nemo_root: str = "/opt/NeMo") -> list[list[str]]:
         script = root / "examples/nlp/gpt/train_gpt_dpo.py"
         stage_args = [
             f"pretrained_checkpoint.restore_from_path={nemo_file}",
-            f"model.data.data_prefix={{train: [{cfg.data}], validation: [{valid}], test: [{valid}]}}",
+            f"model.data.data_prefix={{train: [{train}], validation: [{valid}], test: [{valid}]}}",
             f"trainer.dpo.max_steps={t.steps}", f"trainer.dpo.val_check_interval={t.eval_interval or t.steps}",
             f"model.dpo.ref_policy_kl_penalty={cfg.loss.beta}", f"model.dpo.preference_loss={PREFERENCE_LOSS[kind]}",
             f"model.dpo.sft_loss_weight={cfg.loss.sft_weight}",
@@ -55,13 +57,13 @@ def commands(cfg, nemo_root: str = "/opt/NeMo") -> list[list[str]]:
         script = root / "examples/nlp/gpt/train_gpt_sft.py"
         stage_args = [
             f"model.restore_from_path={nemo_file}", "model.data.chat=True",
-            f"model.data.train_ds.file_path={cfg.data}", f"model.data.validation_ds.file_path={valid}",
+            f"model.data.train_ds.file_path={train}", f"model.data.validation_ds.file_path={valid}",
             f"model.data.train_ds.max_seq_length={t.seq_length}", f"trainer.sft.max_steps={t.steps}",
             f"trainer.sft.val_check_interval={t.eval_interval or t.steps}",
         ]
     python = sys.executable
     return [
-        [python, "-m", "nemo_minitron.cli.main", "export-hf", f"checkpoint={cfg.checkpoint}", f"output_dir={hf_dir}"],
+        [python, "-m", "nemo_minitron.cli.main", "export-hf", f"checkpoint={cfg.student}", f"output_dir={hf_dir}"],
         [python, f"{nemo_root}/scripts/checkpoint_converters/convert_llama_hf_to_nemo.py",
          f"--input_name_or_path={hf_dir}", f"--output_path={nemo_file}"],
         ["torchrun", f"--nproc-per-node={cfg.tp * cfg.pp}", str(script), *common, *stage_args],

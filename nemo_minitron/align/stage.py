@@ -9,11 +9,12 @@ SteerLM) or preference accuracy (DPO, RPO).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from nemo_minitron import checkpoint, parallel
 from nemo_minitron.align import datasets as ds
@@ -28,7 +29,7 @@ from nemo_minitron.outputs import releases_output_locks
 from nemo_minitron.stage import StageConfig, nested
 from nemo_minitron.train import Trainer
 from nemo_minitron.train import stage as train_stage
-from nemo_minitron.train.config import OptimConfig, TrainConfig
+from nemo_minitron.train.config import DataConfig, OptimConfig, TrainConfig
 from nemo_minitron.train.data import TrainingData
 from nemo_minitron.train.loss import LMLoss
 
@@ -40,7 +41,7 @@ _BUILTIN_FILE = {"sft": "sft", "steerlm": "steerlm", "dpo": "dpo", "rpo": "dpo"}
 
 @dataclass
 class BuiltinAlignData:
-    """The offline alignment data made from the built-in corpus when `data` is not set."""
+    """The offline alignment data made from the built-in corpus when `data.train` is not set."""
 
     cache_dir: str | None = None   # null: $NEMO_MINITRON_CACHE/alignment
     train_examples: int = 512   # training examples it builds
@@ -71,15 +72,24 @@ class NemoAlignerConfig:
 
 
 @dataclass
-class AlignConfig(StageConfig):
+class AlignConfig(train_stage.TrainingStageConfig):
+    """The alignment stage: the training stages' keys (`output_dir`, `data.*`, `train.*`, `optim.*`,
+    `dtype: auto`), the model to align as `student` and the method's own keys. Deprecated aliases,
+    each accepted with a warning: `stage` (method), `checkpoint` (student), `valid_data` (data.valid)
+    and `data=PATH` (data.train; a string where the data block stands, see `old_spellings`)."""
+
     method: str | None = None            # required: sft | dpo | rpo | steerlm
     stage: str | None = None             # deprecated alias of method (warns)
-    checkpoint: str | None = None   # the model to align (DPO/RPO: also the frozen reference unless `reference` is set)
-    reference: str | None = None   # DPO/RPO reference model (null: the starting checkpoint)
+    # the model to align, e.g. the distilled student (DPO/RPO: also the frozen reference unless `reference` is set)
+    student: str | None = None
+    checkpoint: str | None = None   # deprecated alias of student (warns)
+    reference: str | None = None   # DPO/RPO reference model (null: the student)
     output_dir: str | None = None   # where final/ (the aligned model), checkpoints/, tensorboard/ and metrics.jsonl go
     backend: str = "native"   # native | nemo_aligner (in the NGC NeMo container with NeMo-Aligner)
-    data: str | None = None   # training jsonl in NeMo-Aligner's format for the stage (null: built from the corpus)
-    valid_data: str | None = None   # held-out jsonl (null with data=null: the built-in held-out examples)
+    # data.train / data.valid: training / held-out jsonl in NeMo-Aligner's format for the method (data.train null: a
+    # data set built from the corpus, with its held-out examples); data.cache_dir and data.text_key do not apply
+    data: DataConfig = nested(DataConfig)
+    valid_data: str | None = None   # deprecated alias of data.valid (warns)
     builtin: BuiltinAlignData = nested(BuiltinAlignData)   # the built-in data set
     train: TrainConfig = nested(TrainConfig, steps=100, micro_batch_size=2, seq_length=256, eval_batches=1)
     optim: OptimConfig = nested(OptimConfig, lr=1e-5, min_lr=1e-6, warmup_steps=5, weight_decay=0.0, adam_beta2=0.98)
@@ -89,24 +99,66 @@ class AlignConfig(StageConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.stage is not None:
-            warnings.warn("align: the key `stage=` is deprecated, use `method=`", FutureWarning, stacklevel=2)
-            log.warning("align: stage=%s is deprecated: use method=%s", self.stage, self.stage)
-            if self.method is not None and self.method != self.stage:
-                raise UserError(f"method={self.method} and its deprecated alias stage={self.stage} disagree")
-            self.method, self.stage = self.stage, None
+        self.method, self.stage = _alias("method", self.method, "stage", self.stage), None
+        self.student, self.checkpoint = _alias("student", self.student, "checkpoint", self.checkpoint), None
+        if isinstance(self.data, str):  # the old `data=PATH` (from Python; a composed config: `old_spellings`)
+            _deprecated("data", "data.train", self.data)
+            self.data = DataConfig(train=self.data)
+        elif self.data is None:  # the old `data=None`: the built-in data, as data.train=None is now
+            self.data = DataConfig()
+        if self.valid_data is not None:
+            valid = _alias("data.valid", self.data.valid, "valid_data", self.valid_data)
+            self.data, self.valid_data = dataclasses.replace(self.data, valid=valid), None
+
+    @classmethod
+    def old_spellings(cls, tree: dict[str, Any]) -> None:
+        """The old `data=PATH` of a composed config (`minitron align data=FILE`, a recipe's `data:
+        FILE`), a string where the `data` block now stands, as data.train=PATH with a warning, and
+        the old `data=null` as the block's defaults: the typed merge cannot put either into
+        `data: DataConfig` (`compose.typed` calls this first)."""
+        if isinstance(tree.get("data"), str):
+            _deprecated("data", "data.train", tree["data"])
+            tree["data"] = {"train": tree["data"]}
+        elif "data" in tree and tree["data"] is None:
+            del tree["data"]
 
     @property
     def preference(self) -> bool:
         return self.method in ("dpo", "rpo")
 
 
+def _deprecated(old: str, new: str, value: Any) -> None:
+    warnings.warn(f"align: the key `{old}=` is deprecated, use `{new}=`", FutureWarning, stacklevel=2)
+    log.warning("align: %s=%s is deprecated: use %s=%s", old, value, new, value)
+
+
+def _alias(key: str, value: Any, old: str, old_value: Any) -> Any:
+    """The value of `key` given it and its deprecated alias `old` (set: a warning; both set and
+    different: UserError)."""
+    if old_value is None:
+        return value
+    _deprecated(old, key, old_value)
+    if value is not None and value != old_value:
+        raise UserError(f"{key}={value} and its deprecated alias {old}={old_value} disagree")
+    return old_value
+
+
+def check_data_keys(cfg: AlignConfig) -> None:
+    """UserError for a `data.*` key alignment does not read (it reads NeMo-Aligner's jsonl formats
+    as they are: no text field, no tokenized cache), or data.valid without data.train; before any work."""
+    for key, default in (("cache_dir", None), ("text_key", "text")):
+        if getattr(cfg.data, key) != default:
+            raise UserError(f"data.{key}={getattr(cfg.data, key)} does not apply to align, which reads "
+                            f"NeMo-Aligner's jsonl formats from data.train / data.valid: leave it unset")
+    if cfg.data.valid is not None and cfg.data.train is None:
+        raise UserError("data.valid is set but data.train is not: set data.train= too (both null: the built-in "
+                        "data set and its held-out examples)")
+
+
 def data_paths(cfg: AlignConfig) -> tuple[Path, Path | None]:
     """The training and held-out jsonl files (collective: rank 0 builds the built-in set)."""
-    if cfg.data is not None:
-        return Path(cfg.data), (Path(cfg.valid_data) if cfg.valid_data else None)
-    if cfg.valid_data is not None:
-        raise UserError("valid_data is set but data is not: set data= too")
+    if cfg.data.train is not None:
+        return Path(cfg.data.train), (Path(cfg.data.valid) if cfg.data.valid else None)
     corpus = ensure_corpus(seed=cfg.seed)["train"].parent
     cache = Path(cfg.builtin.cache_dir) if cfg.builtin.cache_dir else default_cache_dir() / "alignment"
     out = cache / f"builtin-{cfg.builtin.train_examples}-{cfg.builtin.heldout_examples}-{cfg.seed}"
@@ -143,10 +195,11 @@ def held_out_score(cfg: AlignConfig, model, valid) -> dict[str, float]:
 
 @releases_output_locks
 def align_checkpoint(cfg: AlignConfig) -> dict:
-    """Align `cfg.checkpoint` with `cfg.method`; the aligned model lands in OUTPUT/final."""
-    cfg.require("method", "checkpoint", "output_dir")
+    """Align `cfg.student` with `cfg.method`; the aligned model lands in OUTPUT/final."""
+    cfg.require("method", "student", "output_dir")
     if cfg.method not in METHODS:
         raise UserError(f"method={cfg.method} is not one of {', '.join(METHODS)}")
+    check_data_keys(cfg)
     if cfg.backend == "nemo_aligner":
         from nemo_minitron.align.nemo_aligner import run_nemo_aligner
 
@@ -159,14 +212,14 @@ def align_checkpoint(cfg: AlignConfig) -> dict:
     if cfg.preference and (train_cfg.micro_batch_size % 2 or train_cfg.global_batch_size % 2):
         raise UserError("DPO/RPO train on whole pairs: train.micro_batch_size and train.global_batch_size must be even")
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
-    train_stage.checkpoint_arch(cfg, "checkpoint")
+    train_stage.checkpoint_arch(cfg, "student")
     if cfg.reference:
         train_stage.checkpoint_arch(cfg, "reference")
-    tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
+    tokenizer = checkpoint.load_tokenizer(cfg.student)
     train_path, valid_path = data_paths(cfg)
     train_set, valid_set = read_datasets(cfg, tokenizer, train_path, valid_path)  # bad records fail here
-    done = train_stage.start_run(cfg, "align", [cfg.checkpoint, cfg.reference, cfg.data, cfg.valid_data],
-                                 ["checkpoint", "reference"])
+    done = train_stage.start_run(cfg, "align", [cfg.student, cfg.reference, cfg.data.train, cfg.data.valid],
+                                 ["student", "reference"])
     if done is not None:
         return done
     unit = 2 if cfg.preference else 1
@@ -175,22 +228,22 @@ def align_checkpoint(cfg: AlignConfig) -> dict:
         None if valid_set is None else ds.RepeatedDataset(
             valid_set, max(len(valid_set), train_cfg.eval_batches * train_cfg.global_batch_size), cfg.seed, unit),
     )
-    policy = train_stage.load_for_training(cfg.checkpoint, cfg)
+    policy = train_stage.load_for_training(cfg.student, cfg)
     module = policy
     if cfg.preference:
         from nemo_minitron.distill import DistillationModel, check_same_tokenizer
 
-        reference_dir = cfg.reference or cfg.checkpoint
+        reference_dir = cfg.reference or cfg.student
         check_same_tokenizer(checkpoint.load_tokenizer(reference_dir), tokenizer)
         module = DistillationModel(policy, train_stage.load_for_training(reference_dir, cfg))
     before = held_out_score(cfg, policy, valid_set)
     log.info("align method=%s on %s (%d training / %d held-out records) at %s; before: %s", cfg.method,
-             cfg.checkpoint, len(train_set) // unit, 0 if valid_set is None else len(valid_set) // unit,
+             cfg.student, len(train_set) // unit, 0 if valid_set is None else len(valid_set) // unit,
              layout.describe(), before)
     trainer = Trainer(
         module, loss, data, train_cfg, cfg.optim, cfg.output_dir, export_model=policy, tokenizer=tokenizer,
-        metadata={"stage": f"align/{cfg.method}", "source": str(cfg.checkpoint), "data": str(train_path)},
-        signature=train_stage.signature(cfg, "method", "checkpoint", "reference", "data", "loss", "dtype", "seed"),
+        metadata={"stage": f"align/{cfg.method}", "source": str(cfg.student), "data": str(train_path)},
+        signature=train_stage.signature(cfg, "method", "student", "reference", "data", "loss", "dtype", "seed"),
     )
     summary = trainer.fit()
     result = train_stage.result(summary)

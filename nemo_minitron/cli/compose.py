@@ -7,7 +7,9 @@ function takes.
   refuses an unknown key and a YAML recipe or a command line overrides any key, nested ones
   included, without a leading `+`.
 - `typed(cls, cfg)`: a composed config -> its dataclass, with OmegaConf's type checks
-  (`train.steps=abc` fails here, before any work) and unknown keys refused.
+  (`train.steps=abc` fails here, before any work) and unknown keys refused. A deprecated spelling
+  the types cannot hold (align's `data=PATH`, now `data.train`) is rewritten first, with a warning
+  (`stage.upgrade_old_spellings`).
 - The pipeline's optional stages are switched by an `enabled` key in their block
   (`teacher_correct.enabled=true`), which is `PipelineConfig.enabled.<block>` in the class.
 - `recipe=NAME` on a stage command: the recipe's block for that stage as a stored config.
@@ -89,6 +91,8 @@ def typed(cls, cfg: DictConfig):
     """The dataclass `cls` from a composed config (type-checked; an unknown key refused)."""
     from omegaconf.errors import OmegaConfBaseException
 
+    from nemo_minitron.stage import upgrade_old_spellings
+
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"missing required key: set {missing[0]}=...")
@@ -97,6 +101,7 @@ def typed(cls, cfg: DictConfig):
         switches = {key: bool(block.pop(SWITCHES)) for key, block in plain.items()
                     if isinstance(block, dict) and SWITCHES in block}
         plain.setdefault(SWITCHES, {}).update(switches)
+    upgrade_old_spellings(cls, plain)  # e.g. align's old `data=PATH`, now data.train (with a warning)
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), plain))
     except OmegaConfBaseException as err:

@@ -72,27 +72,10 @@ class DistillConfig(train_stage.TrainingStageConfig):
 
 
 @dataclass
-class CachedRunConfig:
-    """The `train.*` keys that decide which samples a distillation run draws (same names and
-    meaning as `TrainConfig`'s), and whether to show progress."""
-
-    steps: int = 0   # optimizer steps of the distill run (steps x global_batch_size training samples are cached)
-    global_batch_size: int = 8   # sequences per optimizer step, over all data-parallel replicas
-    micro_batch_size: int = 1   # sequences per teacher forward pass on a replica
-    seq_length: int = 512   # tokens per sequence
-    eval_batches: int = 2   # global batches of held-out data per validation (cached from data.valid)
-    progress_bar: bool = True   # on a terminal
-
-    def validate(self, dp: int) -> None:
-        TrainConfig(steps=self.steps, global_batch_size=self.global_batch_size, micro_batch_size=self.micro_batch_size,
-                    seq_length=self.seq_length, eval_batches=self.eval_batches).validate(dp)
-
-
-@dataclass
 class TeacherLogitsConfig(StageConfig):
     """The teacher's top-k logits over the samples a distillation run with the same `data.*`,
     `train.*` and `seed` draws (`train.steps` x `train.global_batch_size` training samples and
-    `train.eval_batches` x `train.global_batch_size` held-out ones)."""
+    `train.eval_batches` x `train.global_batch_size` held-out ones: `TrainConfig.SAMPLE_KEYS`)."""
 
     teacher: str | None = None   # the teacher checkpoint
     output_dir: str | None = None   # where the cache goes
@@ -101,8 +84,9 @@ class TeacherLogitsConfig(StageConfig):
     # the teacher's compute dtype (the stored logits keep it): auto is bfloat16 where the device computes it natively
     dtype: str = "auto"
     data: DataConfig = nested(DataConfig)
-    # the distill run's train.* keys that decide its samples: set them as for that run
-    train: CachedRunConfig = nested(CachedRunConfig)
+    # the distill run's train.* keys: set them as for that run (steps, global_batch_size, seq_length and eval_batches
+    # decide the samples cached; micro_batch_size is the teacher's forward batch; the others do not apply)
+    train: TrainConfig = nested(TrainConfig)
 
 
 @dataclass
@@ -179,9 +163,7 @@ def _open_cache(cfg: DistillConfig) -> teacher_cache.TeacherCache:
             raise UserError(f"data.{key}={given}, but teacher_cache={cfg.teacher_cache} holds samples of "
                             f"{recorded.get(key) or 'the embedded corpus'}: the samples come from the cache; leave "
                             f"data.{key} unset")
-    train = cfg.train
-    cache.check_run(train.seq_length, train.steps * train.global_batch_size,
-                    train.eval_batches * train.global_batch_size)
+    cache.check_run(cfg.train)
     if cfg.loss.top_k is None:
         cfg.loss.top_k = cache.k
     cfg.loss.objective().logits.check_cached(cache.k)
@@ -197,6 +179,11 @@ def _check_cache_student(cache: teacher_cache.TeacherCache, student_arch, tokeni
                         f"with: distillation needs the student to keep the teacher's tokenizer")
 
 
+# What teacher-logits outputs recorded while their train block was a copy of some TrainConfig keys: the teacher's
+# forward batch, which does not decide the samples (a re-run over such an output compares the rest).
+_RETIRED_CACHE_SETTINGS = ("train.micro_batch_size",)
+
+
 @releases_output_locks
 def cache_teacher_logits(cfg: TeacherLogitsConfig) -> dict:
     """Write `cfg.teacher`'s top-`cfg.top_k` logits over a distillation run's samples into
@@ -207,17 +194,19 @@ def cache_teacher_logits(cfg: TeacherLogitsConfig) -> dict:
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)
     cfg.train.validate(layout.dp)
     arch = train_stage.checkpoint_arch(cfg, "teacher")
-    settings = settings_of(cfg, inputs=["teacher"])
+    # of train.*, only the keys that decide the samples: the cache serves any distill run that draws them
+    settings = settings_of(cfg, ignore=[f"train.{key}" for key in TrainConfig.keys_beside_samples()],
+                           inputs=["teacher"])
     tokenizer = checkpoint.load_tokenizer(cfg.teacher)
     train_stage.check_data(cfg, tokenizer)
     claim_output(cfg.output_dir, "teacher-logits", [cfg.teacher, cfg.data.train, cfg.data.valid], settings=settings,
-                 overwrite=cfg.overwrite, own=teacher_cache.ENTRIES)
+                 overwrite=cfg.overwrite, own=teacher_cache.ENTRIES, retired=_RETIRED_CACHE_SETTINGS)
     data = train_stage.training_data(cfg, tokenizer)
     # Norms too, as the teacher beside a student runs (megatron's Float16Module converts all of it).
     teacher = checkpoint.load_checkpoint(cfg.teacher, params_dtype=cfg.torch_dtype).to(cfg.torch_dtype)
     train = cfg.train
-    train_samples = train.steps * train.global_batch_size
-    valid_samples = train.eval_batches * train.global_batch_size if data.valid is not None else 0
+    train_samples = train.train_samples
+    valid_samples = train.valid_samples if data.valid is not None else 0
     log.info("caching the top-%d logits of %s (%s params) at %s: %d + %d samples of %d tokens, %s bytes per token",
              cfg.top_k, cfg.teacher, f"{arch.num_parameters()['total']:,}", layout.describe(), train_samples,
              valid_samples, train.seq_length, teacher_cache.bytes_per_token(cfg.top_k, cfg.dtype))

@@ -37,7 +37,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from nemo_minitron import atomic, parallel
 from nemo_minitron.distill.losses import TopKTeacher, teacher_top_k
 from nemo_minitron.errors import UserError
 from nemo_minitron.train.signals import PreemptionHandler
+
+if TYPE_CHECKING:
+    from nemo_minitron.train.config import TrainConfig
 
 log = logging.getLogger("nemo_minitron")
 
@@ -167,10 +170,12 @@ class TeacherCache:
         layout = self.layouts.get(split)
         return CachedSamples(self, split, layout) if layout and layout.samples else None
 
-    def check_run(self, seq_length: int, train_samples: int, valid_samples: int) -> None:
-        """UserError naming the key unless a run of these sizes can draw its samples from the cache.
+    def check_run(self, train: TrainConfig) -> None:
+        """UserError naming the key unless a run with these `train.*` settings (its
+        `TrainConfig.SAMPLE_KEYS`, as the writer's) can draw its samples from the cache.
         A cache written without held-out data (`teacher-logits` without `data.valid`) holds no valid
         split: a run from it validates on nothing, as a run with `teacher=` and no held-out data does."""
+        seq_length, train_samples, valid_samples = train.seq_length, train.train_samples, train.valid_samples
         if seq_length != self.seq_length:
             raise UserError(f"train.seq_length={seq_length} differs from the teacher cache's {self.seq_length}: "
                             f"set train.seq_length={self.seq_length}")

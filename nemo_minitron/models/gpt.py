@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import (IDENTITY_KEYS, MOE_SHAPE_KEYS, ModelArch, computes_alike, family_attention,
-                                         family_of, megatron_squared_relu)
+from nemo_minitron.models.config import IDENTITY_KEYS, MOE_SHAPE_KEYS, ModelArch
+from nemo_minitron.models.families import FAMILIES, computes_alike, family_attention, family_of
 
 # model -> {family, bos_token_id, eos_token_id} of the weights it holds (see `remember_identity`).
 _IDENTITY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -73,14 +73,14 @@ def build_gpt_model(
     sequence_parallel: bool = False,
 ):
     """The stage of `arch` that this rank holds under the initialised TP/PP layout (`sequence_parallel`:
-    see `ModelArch.transformer_config`)."""
+    see `transformer_config`)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    config = arch.transformer_config(tp=tp, pp=pp, params_dtype=params_dtype, ep=ps.get_expert_model_parallel_world_size(),
-                                     sequence_parallel=sequence_parallel)
+    config = transformer_config(arch, tp=tp, pp=pp, params_dtype=params_dtype,
+                                ep=ps.get_expert_model_parallel_world_size(), sequence_parallel=sequence_parallel)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch.normalization, use_te, arch.qk_norm, arch.num_moe_experts),
@@ -156,6 +156,100 @@ def unwrap_model(model):
     return model
 
 
+def transformer_config(arch: ModelArch, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32,
+                       ep: int = 1, sequence_parallel: bool = False):
+    """The megatron `TransformerConfig` for `arch` at a parallel layout. With `sequence_parallel`
+    (tp > 1) the activations outside attention and MLP are split along the sequence over the TP
+    ranks, as training an MoE at tp > 1 needs."""
+    from megatron.core.transformer import TransformerConfig
+
+    arch.check_parallel(tp, pp, ep)
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        layernorm_epsilon=arch.norm_eps,
+        normalization=arch.normalization,
+        gated_linear_unit=arch.gated,
+        activation_func=torch.nn.functional.silu if arch.gated else megatron_squared_relu(),
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        pipeline_dtype=params_dtype,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        # Fusions need CUDA kernels (apex/TE); the unfused paths are exact and work everywhere.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        init_method_std=0.02,
+        **_megatron_moe_fields(arch),
+    )
+
+
+def _megatron_moe_fields(arch: ModelArch) -> dict[str, Any]:
+    """The MoE fields of the `TransformerConfig` (none for a dense model). Routing in fp32 as HF
+    computes it; no load-balancing loss (HF adds none unless `output_router_logits`); the
+    all-gather token dispatcher, which every backend runs (gloo included); experts as one MLP
+    each (`gpt.layer_spec`)."""
+    from megatron.core.transformer import TransformerConfig
+
+    if not arch.is_moe:
+        return {}
+    shared = {}
+    if arch.moe_shared_expert_intermediate_size is not None:
+        # megatron-core 0.16 made the shared expert's gate a config field; before, its MoE spec
+        # builds every shared expert without one
+        if "moe_shared_expert_gate" not in TransformerConfig.__dataclass_fields__:
+            raise UserError(f"{arch.family}'s gated shared expert needs megatron-core >= 0.16 (this one builds "
+                            f"shared experts without their gate)")
+        shared = dict(moe_shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size,
+                      moe_shared_expert_gate=True)
+    return dict(
+        num_moe_experts=arch.num_moe_experts,
+        moe_router_topk=arch.moe_router_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        **shared,
+        moe_router_pre_softmax=arch.moe_router_pre_softmax,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+    )
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2, the Nemotron MLP activation, for megatron-core versions that do not ship one."""
+    return torch.pow(torch.nn.functional.relu(x), 2)
+
+
+def megatron_squared_relu():
+    """The squared-ReLU function megatron-core models use: `megatron.core.activations.squared_relu`
+    from 0.14 on; 0.13 has no such module, so this module's `squared_relu` there. Always the same
+    object within a process, so `models.gpt.arch_of` can recognise it by identity."""
+    try:
+        from megatron.core.activations import squared_relu as megatron_version
+    except ModuleNotFoundError:  # megatron-core 0.13
+        return squared_relu
+    return megatron_version
+
+
 def _family(config) -> str:
     """The family whose layers `config` describes: Llama for RMSNorm + SwiGLU, Qwen2 when it adds
     QKV biases, Qwen3 when it adds query/key norms."""
@@ -199,14 +293,59 @@ def _qk_norm_problem(model) -> str | None:
     return None
 
 
+# TransformerConfig fields (also NeMo 2's model config fields) that make a model nemo-minitron cannot
+# prune or convert: field -> what it is. Each is false / None by default.
+UNSUPPORTED_FIELDS = {
+    "add_bias_linear": "linear biases",
+    "multi_latent_attention": "multi-latent attention",
+    "mtp_num_layers": "multi-token prediction layers",
+    "rotary_interleaved": "interleaved rotary embeddings",
+    "seq_len_interpolation_factor": "rotary sequence interpolation",
+    "apply_residual_connection_post_layernorm": "post-norm residuals",
+    "heterogeneous_block_specs": "heterogeneous layers",
+    "is_hybrid_model": "a hybrid (Mamba) model",
+}
+
+
+def config_problems(config) -> list[str]:
+    """What in `config` (a `TransformerConfig`, or any object with its field names, as NeMo 2's model
+    config) no supported family has, one phrase each: `UNSUPPORTED_FIELDS` and the MoE settings."""
+    problems = [f"{what} ({name}={getattr(config, name)})" for name, what in UNSUPPORTED_FIELDS.items()
+                if getattr(config, name, None)]
+    return problems + (moe_problems(config) if getattr(config, "num_moe_experts", None) else [])
+
+
+def arch_fields(config, family: str) -> dict[str, Any]:
+    """The `ModelArch` fields a `TransformerConfig` states (or any object with its field names, as
+    NeMo 2's model config, with megatron's defaults for those it leaves out), for layers of `family`:
+    the shape, the norm epsilon, the family's attention extras and the MoE fields. The one reader of
+    `arch_of` (a live model) and `nemo2.arch_from_config` (a checkpoint's model.yaml)."""
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    moe = {}
+    if FAMILIES[family].is_moe:  # megatron: the experts' width defaults to ffn_hidden_size, top-k to 2
+        moe = {"num_moe_experts": config.num_moe_experts, "moe_router_topk": getattr(config, "moe_router_topk", 2),
+               "moe_ffn_hidden_size": getattr(config, "moe_ffn_hidden_size", None) or config.ffn_hidden_size,
+               "moe_shared_expert_intermediate_size": getattr(config, "moe_shared_expert_intermediate_size", None),
+               "moe_router_pre_softmax": bool(getattr(config, "moe_router_pre_softmax", False))}
+    return dict(
+        num_layers=config.num_layers,
+        hidden_size=hidden,
+        # Mixtral has one intermediate size, the experts'
+        ffn_hidden_size=moe["moe_ffn_hidden_size"] if family == "mixtral" else config.ffn_hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=getattr(config, "num_query_groups", None) or heads,
+        kv_channels=getattr(config, "kv_channels", None) or hidden // heads,
+        norm_eps=float(getattr(config, "layernorm_epsilon", 1e-5)),
+        family=family,
+        **family_attention(family),
+        **moe,
+    )
+
+
 def _check_supported(model) -> None:
     """UserError naming every feature of `model` that nemo-minitron cannot prune or convert."""
     config = model.config
-    problems = moe_problems(config) if config.num_moe_experts else []
-    if getattr(config, "multi_latent_attention", False):
-        problems.append("multi-latent attention (MLA)")
-    if config.add_bias_linear:
-        problems.append("linear biases (add_bias_linear=True)")
+    problems = config_problems(config)
     qk_norm_problem = _qk_norm_problem(model)
     if qk_norm_problem:
         problems.append(qk_norm_problem)
@@ -214,9 +353,7 @@ def _check_supported(model) -> None:
         problems.append("zero-centred norm gammas (layernorm_zero_centered_gamma=True)")
     if model.position_embedding_type != "rope":
         problems.append(f"position_embedding_type={model.position_embedding_type!r} (rope only)")
-    if getattr(config, "rotary_interleaved", False):
-        problems.append("interleaved rotary embeddings")
-    if getattr(model, "mtp_process", False):
+    if getattr(model, "mtp_process", False) and not getattr(config, "mtp_num_layers", None):
         problems.append("multi-token prediction layers")
     if problems:
         raise UserError("unsupported model: " + "; ".join(problems))
@@ -264,35 +401,17 @@ def arch_of(model) -> ModelArch:
     remembered = identity.get("family")
     if remembered and computes_alike(remembered, family):
         family = remembered  # e.g. Mistral, which computes like Llama
-    heads = config.num_attention_heads
     return ModelArch(
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        ffn_hidden_size=config.ffn_hidden_size,
-        num_attention_heads=heads,
-        num_query_groups=config.num_query_groups or heads,
-        kv_channels=config.kv_channels or config.hidden_size // heads,
+        **arch_fields(config, family),
         vocab_size=model.vocab_size,
         max_position_embeddings=model.max_sequence_length,
         rope_theta=float(model.rotary_base),
         rope_scaling_factor=_rope_scaling_factor(model),
-        norm_eps=config.layernorm_epsilon,
         tie_embeddings=bool(model.share_embeddings_and_output_weights),
-        family=family,
         bos_token_id=identity.get("bos_token_id"),
         eos_token_id=identity.get("eos_token_id"),
         rotary_percent=float(model.rotary_percent),
-        **family_attention(family),
-        **_moe_fields(config),
     )
-
-
-def _moe_fields(config) -> dict[str, Any]:
-    """The `ModelArch` MoE fields of a `TransformerConfig` (none for a dense model)."""
-    if config.num_moe_experts is None:
-        return {}
-    return {"moe_router_topk": config.moe_router_topk, "moe_router_pre_softmax": bool(config.moe_router_pre_softmax),
-            **{key: getattr(config, key) for key in MOE_SHAPE_KEYS}}
 
 
 def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from nemo_minitron.errors import UserError, read_json
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.outputs import publishing, write_marker
+from nemo_minitron.models.hf_config import arch_from_hf, rope_fields, to_hf
 
 
 def read_hf_directory(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -25,7 +26,7 @@ def read_hf_directory(path: str | Path, dtype: torch.dtype = torch.float32):
     except UserError as err:
         raise UserError(f"hf_path={path}: {err}") from None
     try:
-        arch = ModelArch.from_hf_config(config)
+        arch = arch_from_hf(config)
     except UserError as err:
         raise UserError(f"hf_path={path}: {err}") from None
     files = sorted(path.glob("*.safetensors"))
@@ -52,12 +53,12 @@ def read_hf_directory(path: str | Path, dtype: torch.dtype = torch.float32):
 
 def _write_portable_config(config_file: Path, arch: ModelArch) -> None:
     """Rewrite a saved config.json so transformers 4.57 and 5.x build the same model from it: the
-    rotary settings in both their forms (`ModelArch.hf_rope_fields`), a Qwen MoE's expert count
+    rotary settings in both their forms (`hf_config.rope_fields`), a Qwen MoE's expert count
     under both its names (5.x saves `num_local_experts`, which 4.57 ignores, building its default
     128 experts from `num_experts`) and the dtype under both its names (4.57 and 5 read `dtype`,
     older 4.x `torch_dtype`)."""
     config = json.loads(config_file.read_text())
-    config.update(arch.hf_rope_fields())
+    config.update(rope_fields(arch))
     if arch.is_moe and arch.family != "mixtral":
         config["num_experts"] = config["num_local_experts"] = arch.num_moe_experts
     dtype = config.get("dtype") or config.get("torch_dtype")
@@ -99,7 +100,7 @@ def _save_expert_files(arch: ModelArch, hf_state: dict[str, torch.Tensor], out_d
     from transformers import GenerationConfig
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = arch.to_hf_config()
+    config = to_hf(arch)
     config.save_pretrained(str(out_dir))
     GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
     state = {name: tensor.contiguous() for name, tensor in hf_state.items()
@@ -131,7 +132,7 @@ def _write_hf_files(arch: ModelArch, hf_state: dict[str, torch.Tensor], tokenize
         _save_expert_files(arch, hf_state, partial)
     else:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(arch.to_hf_config())
+            model = AutoModelForCausalLM.from_config(to_hf(arch))
         model.load_state_dict(hf_state, strict=False, assign=True)
         if arch.tie_embeddings:
             model.tie_weights()

@@ -45,8 +45,8 @@ import torch
 
 from nemo_minitron import parallel
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import (FAMILY_MOE, ModelArch, family_attention, family_of, family_of_layers,
-                                         no_family_problem)
+from nemo_minitron.models.config import ModelArch
+from nemo_minitron.models.families import FAMILIES, family_attention, family_of, has_layers, no_family_problem
 from nemo_minitron.models.saved_weights import (check_padded_vocab, check_saved_shapes, common_state_readable,
                                                 load_model_weights, saved_shapes, shift_norm_weights,
                                                 te_spec_sharded_state)
@@ -213,7 +213,7 @@ def _problems(args: argparse.Namespace) -> list[str]:
     layers = (_arg(args, "normalization"), activation)
     if activation is None:
         problems.append("a GeLU-family MLP (nemo-minitron prunes --swiglu and --squared-relu MLPs)")
-    elif family_of_layers(*layers) is None:
+    elif not has_layers(*layers):
         problems.append(f"--normalization {layers[0]} with a {activation} MLP (supported: RMSNorm with --swiglu, "
                         f"LayerNorm with --squared-relu)")
     elif _family(args) is None:
@@ -264,7 +264,7 @@ def arch_from_args(args: argparse.Namespace, vocab_size: int) -> ModelArch:
     heads, hidden = _arg(args, "num_attention_heads"), _arg(args, "hidden_size")
     scaling = float(getattr(args, "rope_scaling_factor", 8.0)) if getattr(args, "use_rope_scaling", False) else None
     moe = {}
-    if family in FAMILY_MOE:  # validate_args: the experts' width defaults to --ffn-hidden-size
+    if FAMILIES[family].is_moe:  # validate_args: the experts' width defaults to --ffn-hidden-size
         moe = {"num_moe_experts": args.num_experts, "moe_router_topk": getattr(args, "moe_router_topk", 2),
                "moe_ffn_hidden_size": getattr(args, "moe_ffn_hidden_size", None) or _arg(args, "ffn_hidden_size"),
                "moe_shared_expert_intermediate_size": getattr(args, "moe_shared_expert_intermediate_size", None),

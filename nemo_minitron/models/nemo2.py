@@ -43,9 +43,10 @@ import torch
 from nemo_minitron import parallel
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.bridge import local_parameters
-from nemo_minitron.models.config import (_MEGATRON_LLAMA3_ROPE, FAMILY_MOE, ModelArch, computes_alike, family_attention,
-                                         family_of, family_of_layers, no_family_problem)
-from nemo_minitron.models.gpt import moe_problems
+from nemo_minitron.models.config import ModelArch
+from nemo_minitron.models.families import FAMILIES, computes_alike, family_of, has_layers, no_family_problem
+from nemo_minitron.models.gpt import arch_fields, config_problems
+from nemo_minitron.models.hf_config import MEGATRON_LLAMA3_ROPE
 from nemo_minitron.models.hf_io import make_portable
 from nemo_minitron.models.saved_weights import (check_padded_vocab, check_saved_shapes, common_state_readable,
                                                 load_model_weights, saved_shapes, shift_norm_weights,
@@ -63,23 +64,6 @@ PREFIX = "module."  # NeMo's MegatronParallel wraps the GPTModel as `module`
 # What NeMo's MegatronStrategy records beside a save (megatron's sharded_state_dict metadata).
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
                     "distrib_optim_sharding_type": "dp_reshardable"}
-# NeMo 2 model class -> our family. The family is the one the layers compute (`config.family_of`);
-# the class only tells apart families that compute alike (Mistral's from Llama's).
-MODEL_FAMILIES = {"MistralModel": "mistral", "LlamaModel": "llama", "NemotronModel": "nemotron"}
-# TransformerConfig fields that make a model nemo-minitron cannot prune: field -> what it is. NeMo's
-# defaults leave each false / None.
-_UNSUPPORTED = {
-    "add_bias_linear": "linear biases",
-    "multi_latent_attention": "multi-latent attention",
-    "mtp_num_layers": "multi-token prediction layers",
-    "rotary_interleaved": "interleaved rotary embeddings",
-    "seq_len_interpolation_factor": "rotary sequence interpolation",
-    "apply_residual_connection_post_layernorm": "post-norm residuals",
-    "heterogeneous_block_specs": "heterogeneous layers",
-    "is_hybrid_model": "a hybrid (Mamba) model",
-}
-
-
 @dataclass(frozen=True)
 class NeMo2Checkpoint:
     """One NeMo 2 checkpoint, read as far as building its model needs."""
@@ -133,7 +117,7 @@ def _activation(config: dict[str, Any]) -> str | None:
 
 def _problems(config: dict[str, Any]) -> list[str]:
     """What in a NeMo 2 model config nemo-minitron cannot import, one phrase each."""
-    problems = [f"{what} ({name}={config[name]})" for name, what in _UNSUPPORTED.items() if config.get(name)]
+    problems = config_problems(types.SimpleNamespace(**config))
     if config.get("position_embedding_type", "rope") != "rope":
         problems.append(f"position_embedding_type={config['position_embedding_type']} (rotary only)")
     window = config.get("window_size")
@@ -146,14 +130,12 @@ def _problems(config: dict[str, Any]) -> list[str]:
         act = _target_name(config.get("activation_func")) or config.get("activation_func")
         problems.append(f"activation_func={act} with gated_linear_unit={config.get('gated_linear_unit')} "
                         f"(nemo-minitron prunes SwiGLU and squared-ReLU MLPs)")
-    elif family_of_layers(*layers) is None:
+    elif not has_layers(*layers):
         problems.append(f"normalization={layers[0]} with a {activation} MLP (supported: RMSNorm with SwiGLU, "
                         f"LayerNorm with squared ReLU)")
     elif _family(config) is None:
         named = ", ".join(f"{key}={config.get(key)}" for key in _EXTRAS if config.get(key))
         problems.append(no_family_problem(*layers, named, _EXTRAS[:3]))
-    if config.get("num_moe_experts"):
-        problems += moe_problems(types.SimpleNamespace(**config))
     return problems
 
 
@@ -167,12 +149,20 @@ def _family(config: dict[str, Any]) -> str | None:
                      shared is not None)
 
 
+def _family_of_class(model_class: str) -> str | None:
+    """The first family whose NeMo 2 model class is `model_class` (Qwen3Model: qwen3). The family is
+    the one the layers compute (`_family`); the class only tells apart families that compute alike
+    (Mistral's from Llama's)."""
+    return next((name for name, family in FAMILIES.items()
+                 if family.nemo_classes and family.nemo_classes[0] == model_class), None)
+
+
 def _rope_scaling_factor(config: dict[str, Any]) -> float | None:
     """Llama 3.1-style rotary scaling: NeMo's Llama31Config fields, or megatron-core's own."""
     if "scale_factor" in config:  # Llama31Config and its subclasses
         nemo = {"low_freq_factor": config.get("low_freq_factor"), "high_freq_factor": config.get("high_freq_factor"),
                 "original_max_position_embeddings": config.get("old_context_len")}
-        for key, expected in _MEGATRON_LLAMA3_ROPE.items():
+        for key, expected in MEGATRON_LLAMA3_ROPE.items():
             if nemo[key] is not None and float(nemo[key]) != expected:
                 raise UserError(f"rotary scaling with {key}={nemo[key]} is not supported: megatron-core fixes it "
                                 f"to {expected}")
@@ -193,33 +183,16 @@ def arch_from_config(model: dict[str, Any], vocab_size: int) -> ModelArch:
     if missing:
         raise UserError(f"the model config lacks {missing}")
     by_layers = _family(config)
-    by_class = MODEL_FAMILIES.get(_target_name(model).rsplit(".", 1)[-1])
+    by_class = _family_of_class(_target_name(model).rsplit(".", 1)[-1])
     family = by_class if by_class and computes_alike(by_class, by_layers) else by_layers
-    heads, hidden = config["num_attention_heads"], config["hidden_size"]
-    moe = {}
-    if family in FAMILY_MOE:  # TransformerConfig: the experts' width defaults to ffn_hidden_size, top-k to 2
-        moe = {"num_moe_experts": config["num_moe_experts"], "moe_router_topk": config.get("moe_router_topk", 2),
-               "moe_ffn_hidden_size": config.get("moe_ffn_hidden_size") or config["ffn_hidden_size"],
-               "moe_shared_expert_intermediate_size": config.get("moe_shared_expert_intermediate_size"),
-               "moe_router_pre_softmax": bool(config.get("moe_router_pre_softmax", False))}
     return ModelArch(
-        num_layers=config["num_layers"],
-        hidden_size=hidden,
-        # Mixtral has one intermediate size, the experts'
-        ffn_hidden_size=moe["moe_ffn_hidden_size"] if family == "mixtral" else config["ffn_hidden_size"],
-        num_attention_heads=heads,
-        num_query_groups=config.get("num_query_groups") or heads,
-        kv_channels=config.get("kv_channels") or hidden // heads,
+        **arch_fields(types.SimpleNamespace(**config), family),
         vocab_size=vocab_size,
         max_position_embeddings=int(config.get("seq_length") or 4096),
         rope_theta=float(config.get("rotary_base", 10000)),
         rope_scaling_factor=_rope_scaling_factor(config),
-        norm_eps=float(config.get("layernorm_epsilon", 1e-5)),
         tie_embeddings=bool(config.get("share_embeddings_and_output_weights", False)),
-        family=family,
         rotary_percent=float(config.get("rotary_percent", 1.0)),
-        **family_attention(family),
-        **moe,
     )
 
 
@@ -324,17 +297,6 @@ def vocab_divisor(vocab_size: int) -> int:
     return math.gcd(vocab_size, 128)
 
 
-# family -> (NeMo 2's model class, its config class), as attribute paths in nemo.collections.llm.
-# Qwen3-MoE is NeMo's Qwen3Model with the MoE config (which llm does not re-export); NeMo 2 has no
-# Qwen2-MoE model.
-NEMO_CLASSES = {
-    "llama": ("LlamaModel", "LlamaConfig"), "mistral": ("MistralModel", "MistralConfig7B"),
-    "nemotron": ("NemotronModel", "NemotronConfig"), "qwen2": ("Qwen2Model", "Qwen2Config"),
-    "qwen3": ("Qwen3Model", "Qwen3Config"), "qwen3_moe": ("Qwen3Model", "gpt.model.qwen3.Qwen3MoEConfig"),
-    "mixtral": ("MixtralModel", "MixtralConfig"),
-}
-
-
 def _nemo_config(arch: ModelArch, dtype: torch.dtype):
     """NeMo's model class and config object (the classes of `arch`'s family) for `arch`. An MoE's
     routing follows `arch`; its training settings (dispatcher, load balancing) stay NeMo's defaults."""
@@ -358,7 +320,7 @@ def _nemo_config(arch: ModelArch, dtype: torch.dtype):
         fields.update(apply_rope_fusion=False, persist_layer_norm=False)
         if arch.is_moe:  # grouped GEMM and fused token permutation need TE too
             fields.update(moe_grouped_gemm=False, moe_permute_fusion=False)
-    model_class, config_class = NEMO_CLASSES[arch.family]
+    model_class, config_class = FAMILIES[arch.family].nemo_classes
     if arch.family == "mistral":
         fields["window_size"] = None
     if arch.family == "llama" and arch.rope_scaling_factor is not None:

@@ -250,7 +250,7 @@ def _run_stages(cfg: PipelineConfig) -> dict:
     if cfg.enabled.align:
         aligned = work / "align"
         stages.run("align", lambda: align_checkpoint(dataclasses.replace(
-            cfg.align, checkpoint=str(student), output_dir=str(aligned),
+            cfg.align, student=str(student), output_dir=str(aligned),
             builtin=dataclasses.replace(cfg.align.builtin, cache_dir=str(work / "align_data")))))
         student = aligned / "final"
 

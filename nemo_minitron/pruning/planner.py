@@ -17,6 +17,7 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.pruning.spec import PruneSpec
+from nemo_minitron.models.hf_config import export_notes
 
 log = logging.getLogger("nemo_minitron")
 
@@ -118,10 +119,10 @@ def count_on_meta(arch: ModelArch) -> int:
 def plan(teacher: ModelArch, spec: PruneSpec, tp: int = 1, pp: int = 1, ep: int = 1) -> dict:
     """Architectures and parameter counts before and after `spec`, without touching weights, and
     what a Hugging Face export of the student will not hold as its family's class (logged as a
-    warning here, before any pruning or distillation; `ModelArch.hf_export_notes`)."""
+    warning here, before any pruning or distillation; `hf_config.export_notes`)."""
     target = spec.target_arch(teacher, tp, pp, ep)
     before, after = teacher.num_parameters(), target.num_parameters()
-    notes = target.hf_export_notes()
+    notes = export_notes(target)
     for note in notes:
         log.warning("student %s: %s", target.shape(), note)
     return {

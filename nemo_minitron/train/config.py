@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,6 +48,25 @@ class TrainConfig:
     POSITIVE: ClassVar[tuple[str, ...]] = ("global_batch_size", "seq_length", "micro_batch_size", "log_interval",
                                            "keep_checkpoints")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("steps", "eval_interval", "eval_batches", "save_interval")
+    # The keys that decide which samples a run draws (with the data and the seed): `train_samples` training and
+    # `valid_samples` held-out windows of seq_length tokens. A teacher cache records these and holds those samples;
+    # the others (micro-batching, logging, validation and checkpoint cadence, the spike guard) only say how to run.
+    SAMPLE_KEYS: ClassVar[tuple[str, ...]] = ("steps", "global_batch_size", "seq_length", "eval_batches")
+
+    @classmethod
+    def keys_beside_samples(cls) -> tuple[str, ...]:
+        """The keys not in `SAMPLE_KEYS` (nested configs by their own key)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in cls.SAMPLE_KEYS)
+
+    @property
+    def train_samples(self) -> int:
+        """Training samples a run of these settings draws."""
+        return self.steps * self.global_batch_size
+
+    @property
+    def valid_samples(self) -> int:
+        """Held-out samples per validation."""
+        return self.eval_batches * self.global_batch_size
 
     def validate(self, dp: int, sequence_shards: int = 1) -> None:
         """Raise UserError naming the key to fix when a value is out of range, the batch does not

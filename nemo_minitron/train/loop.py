@@ -186,7 +186,7 @@ class Trainer:
             metadata={**self.metadata, "step": self.step}, optimizer=self.optimizer, scheduler=self.scheduler,
             extra=self.extra, info=self._info(),
         )
-        state.prune(self.output_dir, self.train_cfg.keep_checkpoints)
+        state.keep_newest(self.output_dir, self.train_cfg.keep_checkpoints)
         log.info("saved %s", path)
         return path
 

@@ -100,8 +100,7 @@ def training_data(cfg: TrainingStageConfig, tokenizer) -> TrainingData:
     train = cfg.train
     return gpt_training_data(
         cfg.data.train, cfg.data.valid, tokenizer, seq_length=train.seq_length,
-        train_samples=train.steps * train.global_batch_size,
-        valid_samples=train.eval_batches * train.global_batch_size,
+        train_samples=train.train_samples, valid_samples=train.valid_samples,
         seed=cfg.seed, cache_dir=cfg.data.cache_dir, text_key=cfg.data.text_key,
     )
 

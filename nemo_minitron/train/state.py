@@ -140,7 +140,7 @@ def load(path: Path, *, model, optimizer, scheduler, extra: dict[str, torch.Tens
     set_rng_state(own["rng"])
 
 
-def prune(output_dir: Path, keep: int) -> None:
+def keep_newest(output_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete step checkpoints (rank 0)."""
     if parallel.is_main_process():
         for old in complete_checkpoints(output_dir)[:-keep]:
