@@ -54,7 +54,7 @@ from nemo_minitron.eval.perplexity import evaluate_perplexity
 from nemo_minitron.importance import ImportanceScores, estimate_importance, perplexity_loop, sample_windows
 from nemo_minitron.models.gpt import arch_of
 from nemo_minitron.pruning import PruneSpec, lowest_layers, prune_model, select_indices
-from nemo_minitron.stage import CorpusConfig
+from nemo_minitron.stage_config import CorpusConfig
 from pruning import write_report  # benchmarks/pruning.py
 
 COUNTS = (16, 32, 64, 128, 256, 512, 1024)

@@ -240,7 +240,7 @@ def main() -> None:
     from nemo_minitron.models import bridge
     from nemo_minitron.models.gpt import build_gpt_model
     from nemo_minitron.pruning import PruneSpec, prune_model, select_indices
-    from nemo_minitron.stage import CorpusConfig
+    from nemo_minitron.stage_config import CorpusConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(args.work)

@@ -53,7 +53,7 @@ def perplexities(checkpoint: Path, texts: dict[str, Path], eval_tokens: int) -> 
 def run_arm(work: Path, name: str, settings: dict, texts: dict[str, Path], eval_tokens: int) -> dict:
     from nemo_minitron.pruning.spec import PruneSpec
     from nemo_minitron.pruning.stage import CalibConfig, PruneConfig, prune_checkpoint
-    from nemo_minitron.stage import CorpusConfig
+    from nemo_minitron.stage_config import CorpusConfig
 
     settings = dict(settings)
     output = work / "arms" / name.replace(" ", "_").replace(",", "").replace("/", "-")
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the Markdown section here")
     args = parser.parse_args()
     from nemo_minitron.convert import ImportConfig, import_checkpoint
-    from nemo_minitron.stage import CorpusConfig
+    from nemo_minitron.stage_config import CorpusConfig
 
     work = Path(args.work)
     if not (work / "teacher").is_dir():

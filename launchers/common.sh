@@ -3,7 +3,13 @@
 # tasks (which checkpoint and exit) and requeue the job so a re-run resumes.
 #
 #   sbatch [--nodes=N] launchers/STAGE.sh [--tp T] [--pp P] [--ep E] [--container IMAGE] [--mounts SRC:DST,...]
-#          [--dry-run] [key=value ...]
+#          [--no-container] [--dry-run] [key=value ...]
+#
+# --no-container (or MINITRON_CONTAINER=none) runs the tasks without pyxis/enroot: srun starts the
+# `minitron` of the environment sbatch was called from (activate the venv first; the job inherits its
+# PATH). Tasks per node: the node's GPUs (SLURM_GPUS_ON_NODE), else MINITRON_GPUS_PER_NODE, else the
+# job's --ntasks-per-node, else 8. On CPU nodes (gloo), --gpus-per-node=0 overrides the #SBATCH GPUs:
+#   sbatch --ntasks-per-node=2 --gpus-per-node=0 launchers/STAGE.sh --no-container --tp 2 ...
 #
 # --dry-run (also outside Slurm) prints the parallel layout and the resolved config, runs nothing.
 # Unrecognised arguments are Hydra overrides passed through to the stage. --ep splits the experts of a
@@ -28,6 +34,7 @@ minitron_launch() {
       --ep) ep=$2; shift 2 ;;
       --container) container=$2; shift 2 ;;
       --mounts) mounts=$2; shift 2 ;;
+      --no-container) container=none; shift ;;
       --dry-run) dry_run=1; shift ;;
       --) shift ;;
       -h|--help) sed '/^$/,$d' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
@@ -35,7 +42,7 @@ minitron_launch() {
     esac
   done
   local nodes=${SLURM_JOB_NUM_NODES:-${MINITRON_NODES:-1}}
-  local gpus=${SLURM_GPUS_ON_NODE:-${MINITRON_GPUS_PER_NODE:-8}}
+  local gpus=${SLURM_GPUS_ON_NODE:-${MINITRON_GPUS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-8}}}
   local world=$((nodes * gpus))
   if [ $((world % (tp * pp))) -ne 0 ]; then
     echo "error: tp=$tp x pp=$pp does not divide $nodes node(s) x $gpus GPU(s) = $world: change --tp/--pp or --nodes" >&2
@@ -64,8 +71,17 @@ minitron_launch() {
   export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
   export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
   export CUDA_DEVICE_MAX_CONNECTIONS=1
-  local container_args=(--container-image="$container" --container-workdir="$PWD")
-  [ -n "$mounts" ] && container_args+=(--container-mounts="$mounts")
+  local container_args=()
+  if [ "$container" = none ]; then
+    if ! command -v minitron >/dev/null; then
+      echo "error: --no-container runs the minitron on PATH and there is none: activate its environment before sbatch" >&2
+      return 2
+    fi
+    echo "[launcher] no container: $(command -v minitron)"
+  else
+    container_args=(--container-image="$container" --container-workdir="$PWD")
+    [ -n "$mounts" ] && container_args+=(--container-mounts="$mounts")
+  fi
 
   local preempted=0
   # sbatch --signal=B:USR1@... signals this shell; the tasks save a checkpoint on SIGUSR1.

@@ -17,7 +17,7 @@ from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.families import FAMILIES
 from nemo_minitron.models.gpt import build_gpt_model
 from nemo_minitron.outputs import check_output, publishing, releases_output_locks, settings_of, write_marker
-from nemo_minitron.stage import StageConfig, timed, torch_dtype
+from nemo_minitron.stage_config import StageConfig, timed, torch_dtype
 from nemo_minitron.models.hf_config import arch_from_hf
 
 log = logging.getLogger("nemo_minitron")

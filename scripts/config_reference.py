@@ -1,7 +1,7 @@
 """`python scripts/config_reference.py [--check]`: write docs/configuration.md from the stages' config classes.
 
 Every key, its type and its default come from a stage's config class (the command table's,
-`nemo_minitron/cli/stages.py`); its description is the comment on the field's line, or the comment
+`nemo_minitron/cli/commands.py`); its description is the comment on the field's line, or the comment
 lines directly above it, in the class's source. A config nested in another (`nested(...)`) shows the
 nested class's descriptions under its key, with the values that hold in that place. Each stage's
 config is composed through Hydra as `minitron <stage>` composes it, so the tables show the values a
@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 
 from nemo_minitron.cli.compose import SWITCHES, config_class, conf_dir, hydra_conf, recipe_names
-from nemo_minitron.cli.stages import STAGES
-from nemo_minitron.stage import NESTED
+from nemo_minitron.cli.commands import STAGES
+from nemo_minitron.stage_config import NESTED
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 REGENERATE = "python scripts/config_reference.py"

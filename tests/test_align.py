@@ -175,8 +175,8 @@ def test_align_has_the_training_stages_keys_and_dtype():
     as distill and teacher-correct."""
     from nemo_minitron.align.stage import AlignConfig
     from nemo_minitron.distill.stage import DistillConfig
-    from nemo_minitron.stage import defaults_of
-    from nemo_minitron.train.stage import TrainingStageConfig
+    from nemo_minitron.stage_config import defaults_of
+    from nemo_minitron.train.training_stage import TrainingStageConfig
 
     assert issubclass(AlignConfig, TrainingStageConfig)
     defaults = defaults_of(AlignConfig)

@@ -128,7 +128,7 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     from nemo_minitron.models.gguf_import import embedded_gguf_path, load_gguf_llama
     from nemo_minitron.models.hf_config import arch_from_hf
     from nemo_minitron.models.hf_io import write_hf_directory
-    from nemo_minitron.stage import auto_dtype
+    from nemo_minitron.stage_config import auto_dtype
 
     work = tmp_path / "run"
     args = ("pipeline", f"work_dir={work}", "eval.seq_len=128", "eval.max_tokens=512", "prune.calib.num_samples=8",
@@ -226,7 +226,7 @@ def test_pipeline_dtype_is_each_stages_own_unless_set(overrides, top, expected):
 
     from nemo_minitron.cli.compose import hydra_conf, typed
     from nemo_minitron.pipeline import PipelineConfig
-    from nemo_minitron.stage import auto_dtype
+    from nemo_minitron.stage_config import auto_dtype
 
     with hydra_conf():
         cfg = typed(PipelineConfig, compose(config_name="pipeline", overrides=overrides))
@@ -244,7 +244,7 @@ def test_pipeline_stops_at_a_stage_interrupted_by_preemption(imported, text_file
     from nemo_minitron.outputs import MARKER_FILE
     from nemo_minitron.distill.stage import DistillConfig
     from nemo_minitron.pipeline import PipelineConfig, run_pipeline
-    from nemo_minitron.stage import CorpusConfig
+    from nemo_minitron.stage_config import CorpusConfig
     from nemo_minitron.train import TrainConfig
 
     work = tmp_path / "run"

@@ -14,8 +14,8 @@ from hydra import compose
 import config_reference  # scripts/, on sys.path by conftest
 from config_reference import REGENERATE, ConfigTree, field_descriptions, render
 from nemo_minitron.cli.compose import config_class, hydra_conf, typed
-from nemo_minitron.cli.stages import STAGES
-from nemo_minitron.stage import StageConfig, defaults_of, nested
+from nemo_minitron.cli.commands import STAGES
+from nemo_minitron.stage_config import StageConfig, defaults_of, nested
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "nemo_minitron" / "conf"

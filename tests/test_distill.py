@@ -192,8 +192,12 @@ def _final_weights(*paths: str):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_teacher_source) -> Path:
-    """A tiny teacher checkpoint and a student made from it by depth pruning (layers 0 and 3)."""
-    root = tmp_path_factory.mktemp("distill_cli")
+    return distill_inputs_in(tmp_path_factory.mktemp("distill_cli"), tiny_teacher_source)
+
+
+def distill_inputs_in(root: Path, tiny_teacher_source: Path) -> Path:
+    """`root` with a tiny teacher checkpoint, a student made from it by depth pruning (layers 0 and
+    3) and train/valid JSONL."""
     copy_tiny_teacher(tiny_teacher_source, root)
     run_distributed(depth_prune, world_size=1, args=(str(root / "teacher"), str(root / "student"), [0, 3]))
     docs = [" ".join(SENTENCES[i % 4:] + SENTENCES[: i % 4]) * 3 for i in range(40)]

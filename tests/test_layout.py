@@ -55,13 +55,13 @@ def test_no_import_cycles():
 
 
 def test_every_command_is_a_config_class_and_a_stage_function_of_the_library():
-    """The CLI is one table (cli/stages.py): each command names a config dataclass and the library
+    """The CLI is one table (cli/commands.py): each command names a config dataclass and the library
     function that takes it, and the CLI package holds no stage logic of its own."""
     import dataclasses
     import importlib
     import inspect
 
-    from nemo_minitron.cli.stages import STAGES
+    from nemo_minitron.cli.commands import STAGES
 
     for name, stage in STAGES.items():
         module = importlib.import_module(stage.module)
@@ -69,7 +69,7 @@ def test_every_command_is_a_config_class_and_a_stage_function_of_the_library():
         assert dataclasses.is_dataclass(config), name
         [parameter] = inspect.signature(function).parameters.values()
         assert parameter.annotation in (config, stage.config), name
-    assert sorted(p.name for p in (PACKAGE / "cli").glob("*.py")) == ["__init__.py", "compose.py", "main.py", "stages.py"]
+    assert sorted(p.name for p in (PACKAGE / "cli").glob("*.py")) == ["__init__.py", "commands.py", "compose.py", "main.py"]
 
 
 def test_no_reference_to_documents_outside_the_repository():
@@ -84,7 +84,7 @@ def test_readme_and_design_list_every_stage_and_recipe():
     """The README's command table and design.md's stage table name every `minitron` stage, and both
     name every published recipe file, so a new stage or recipe cannot go undocumented."""
     from nemo_minitron.cli.compose import recipe_names
-    from nemo_minitron.cli.stages import STAGES
+    from nemo_minitron.cli.commands import STAGES
 
     readme, design = (ROOT / "README.md").read_text(), (ROOT / "docs" / "design.md").read_text()
     stage_table = design.split("## 1. What the project does")[1].split("## 2.")[0]

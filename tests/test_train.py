@@ -15,7 +15,7 @@ from distributed import run_distributed
 from nemo_minitron.checkpoint import read_metadata
 from nemo_minitron.models import bridge
 from nemo_minitron.outputs import MARKER_FILE
-from nemo_minitron.stage import auto_dtype
+from nemo_minitron.stage_config import auto_dtype
 from nemo_minitron.train import OptimConfig, TrainConfig
 from tiny import SENTENCES, hf_model, tiny_arch, tiny_tokenizer, write_hf_dir
 

@@ -26,9 +26,9 @@ from nemo_minitron.data.corpus import default_cache_dir, ensure_corpus
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval.generate import greedy_generate
 from nemo_minitron.outputs import releases_output_locks
-from nemo_minitron.stage import StageConfig, nested
+from nemo_minitron.stage_config import StageConfig, nested
 from nemo_minitron.train import Trainer
-from nemo_minitron.train import stage as train_stage
+from nemo_minitron.train import training_stage as train_stage
 from nemo_minitron.train.config import DataConfig, OptimConfig, TrainConfig
 from nemo_minitron.train.data import TrainingData
 from nemo_minitron.train.loss import LMLoss

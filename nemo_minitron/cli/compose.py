@@ -2,14 +2,14 @@
 function takes.
 
 - The config classes are the one source of every key, its type and its default
-  (`nemo_minitron.stage`). `store_defaults(stage)` puts a stage's (`defaults_of` its class) into
+  (`nemo_minitron.stage_config`). `store_defaults(stage)` puts a stage's (`defaults_of` its class) into
   Hydra's config store as `<stage>_defaults`; conf/<stage>.yaml lists it in its `defaults`, so Hydra
   refuses an unknown key and a YAML recipe or a command line overrides any key, nested ones
   included, without a leading `+`.
 - `typed(cls, cfg)`: a composed config -> its dataclass, with OmegaConf's type checks
   (`train.steps=abc` fails here, before any work) and unknown keys refused. A deprecated spelling
   the types cannot hold (align's `data=PATH`, now `data.train`) is rewritten first, with a warning
-  (`stage.upgrade_old_spellings`).
+  (`stage_config.upgrade_old_spellings`).
 - The pipeline's optional stages are switched by an `enabled` key in their block
   (`teacher_correct.enabled=true`), which is `PipelineConfig.enabled.<block>` in the class.
 - `recipe=NAME` on a stage command: the recipe's block for that stage as a stored config.
@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_minitron.cli.stages import STAGES, block_name
+from nemo_minitron.cli.commands import STAGES, block_name
 from nemo_minitron.errors import UserError
 
 SWITCHES = "enabled"  # the field of optional-stage switches, each written as its block's `enabled` key
@@ -60,7 +60,7 @@ def defaults_name(stage: str) -> str:
 def user_tree(cls: type) -> dict[str, Any]:
     """The defaults of `cls` as a user writes them: each optional-stage switch as its block's
     `enabled` key."""
-    from nemo_minitron.stage import defaults_of
+    from nemo_minitron.stage_config import defaults_of
 
     tree = defaults_of(cls)
     for block, on in tree.pop(SWITCHES, {}).items():
@@ -91,7 +91,7 @@ def typed(cls, cfg: DictConfig):
     """The dataclass `cls` from a composed config (type-checked; an unknown key refused)."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from nemo_minitron.stage import upgrade_old_spellings
+    from nemo_minitron.stage_config import upgrade_old_spellings
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:

@@ -1,6 +1,6 @@
 """`minitron <stage> key=value ...`: one console script, one Hydra app per stage over conf/<stage>.yaml,
 whose composed config `compose.typed` turns into the stage's config class for its function
-(`cli/stages.py`, the table of commands)."""
+(`cli/commands.py`, the table of commands)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 from typing import Any, Callable
 
 from nemo_minitron.cli.compose import conf_dir, stage_config_name, store_defaults, typed
-from nemo_minitron.cli.stages import STAGES
+from nemo_minitron.cli.commands import STAGES
 from nemo_minitron.errors import EXIT_DIVERGED, EXIT_KEYBOARD_INTERRUPT, EXIT_USER_ERROR, TrainingDiverged, UserError
 
 log = logging.getLogger("nemo_minitron")

@@ -17,9 +17,9 @@ from nemo_minitron.distill.losses import LogitLoss
 from nemo_minitron.distill.model import DistillationLoss, DistillationModel, LayerPair, check_same_tokenizer
 from nemo_minitron.errors import UserError
 from nemo_minitron.outputs import claim_output, content_id, releases_output_locks, settings_of
-from nemo_minitron.stage import StageConfig, nested
+from nemo_minitron.stage_config import StageConfig, nested
 from nemo_minitron.train import LMLoss, Trainer
-from nemo_minitron.train import stage as train_stage
+from nemo_minitron.train import training_stage as train_stage
 from nemo_minitron.train.config import DataConfig, OptimConfig, TrainConfig
 from nemo_minitron.train.data import TrainingData, tokenizer_fingerprint
 

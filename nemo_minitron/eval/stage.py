@@ -15,7 +15,7 @@ from nemo_minitron import checkpoint, parallel
 from nemo_minitron.data.indexed import load_token_stream
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval.perplexity import evaluate_perplexity, windows_from_stream
-from nemo_minitron.stage import StageConfig, nested
+from nemo_minitron.stage_config import StageConfig, nested
 
 log = logging.getLogger("nemo_minitron")
 

@@ -41,8 +41,8 @@ from nemo_minitron.pipeline.report import table, write_report
 from nemo_minitron.pruning.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search import stage as search_stage
 from nemo_minitron.search.stage import SearchConfig, search_architecture
-from nemo_minitron.stage import CorpusConfig, StageConfig, check_ranges, nested
-from nemo_minitron.train import stage as train_stage
+from nemo_minitron.stage_config import CorpusConfig, StageConfig, check_ranges, nested
+from nemo_minitron.train import training_stage as train_stage
 from nemo_minitron.train.config import DataConfig
 
 log = logging.getLogger("nemo_minitron")

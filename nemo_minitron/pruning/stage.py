@@ -46,7 +46,7 @@ from nemo_minitron.pruning.reconstruct import check_options, record_statistics
 from nemo_minitron.pruning.report import REPORT_FILES, write_report
 from nemo_minitron.pruning.spec import PruneSpec
 from nemo_minitron.pruning.surgery import prune_model
-from nemo_minitron.stage import CorpusConfig, StageConfig, nested, timed
+from nemo_minitron.stage_config import CorpusConfig, StageConfig, nested, timed
 
 log = logging.getLogger("nemo_minitron")
 

@@ -29,8 +29,8 @@ from nemo_minitron.pruning.stage import PruneConfig, prune_checkpoint
 from nemo_minitron.search.cache import CandidateCache
 from nemo_minitron.search.report import REPORT_FILES, write_report
 from nemo_minitron.search.space import Budget, SearchSpace, candidate_name, enumerate_candidates, spread, target_of
-from nemo_minitron.stage import StageConfig, nested
-from nemo_minitron.train import stage as train_stage
+from nemo_minitron.stage_config import StageConfig, nested
+from nemo_minitron.train import training_stage as train_stage
 
 log = logging.getLogger("nemo_minitron")
 LAUNCHERS = ("local", "slurm")

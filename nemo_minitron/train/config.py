@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.stage import check_ranges, nested
+from nemo_minitron.stage_config import check_ranges, nested
 
 
 SPIKE_ACTIONS = ("skip", "stop")

@@ -14,7 +14,7 @@ from typing import Any
 from nemo_minitron import checkpoint, parallel
 from nemo_minitron.errors import UserError
 from nemo_minitron.outputs import claim_output, settings_of
-from nemo_minitron.stage import StageConfig, nested
+from nemo_minitron.stage_config import StageConfig, nested
 from nemo_minitron.train.config import DataConfig, OptimConfig, TrainConfig
 from nemo_minitron.train.data import TrainingData, check_training_data, gpt_training_data
 from nemo_minitron.train.loop import CADENCE_KEYS, FINAL_DIR, RUN_ENTRIES
@@ -25,7 +25,7 @@ log = logging.getLogger("nemo_minitron")
 @dataclass
 class TrainingStageConfig(StageConfig):
     """A training stage's output directory, data, run length and optimizer. `dtype` defaults to
-    `auto`: bf16 mixed precision where the device computes bf16 natively (`stage.auto_dtype`)."""
+    `auto`: bf16 mixed precision where the device computes bf16 natively (`stage_config.auto_dtype`)."""
 
     # bf16 mixed precision (fp32 main weights, gradients and loss reductions) where the device computes bf16 natively,
     # else float32; or float32 | bfloat16 | float16
