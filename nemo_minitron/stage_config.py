@@ -14,6 +14,7 @@ retraining), kept as data so `defaults_of` reads every default without making a 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -69,8 +70,9 @@ NESTED = "nemo_minitron.nested"  # dataclass field metadata key: (config class, 
 
 def nested(cls: type, **changes: Any) -> Any:
     """A field holding a `cls` config: `cls`'s defaults with `changes`, where a dict changes the
-    config nested under its key key by key (as a YAML block overrides a config)."""
-    return field(default_factory=lambda: updated(cls(), changes), metadata={NESTED: (cls, changes)})
+    config nested under its key key by key (as a YAML block overrides a config). Each config gets
+    its own copy of the changes (a list among them is not shared)."""
+    return field(default_factory=lambda: updated(cls(), copy.deepcopy(changes)), metadata={NESTED: (cls, changes)})
 
 
 def updated(config: Any, changes: Mapping[str, Any]) -> Any:

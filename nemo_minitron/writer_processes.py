@@ -8,6 +8,11 @@ Inside `writers_die_with_parent()` every child forked asks Linux to SIGKILL it w
 (`PR_SET_PDEATHSIG`, through `os.register_at_fork`); the manager is started here, with the same
 request as its initializer, before megatron would start its own. Forks outside the block are not
 touched. Linux only; elsewhere the block does nothing.
+
+The manager also ignores SIGTERM, SIGUSR1 and SIGINT. Slurm delivers a pre-emption or time-limit
+signal to every process of a job step; a manager killed by it would leave the saving process a
+broken pipe, so the pre-emption checkpoint that signal asks for would fail after the run's first
+save. It still dies with its parent.
 """
 
 from __future__ import annotations
@@ -33,6 +38,14 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def _manager_init() -> None:
+    """The writer manager's initializer: dies with its parent, outlives the signals that ask the
+    saving process for a checkpoint (see the module docstring)."""
+    _die_with_parent()
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def _after_fork_in_child() -> None:
     if _saving:
         _die_with_parent()
@@ -48,7 +61,7 @@ def _prepare() -> None:
     if getattr(filesystem_async, "_results_queue", "absent") is None:
         # megatron starts this manager lazily on its first save; start it here, dying with us.
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_die_with_parent)
+        manager.start(initializer=_manager_init)
         filesystem_async._results_queue = manager.Queue()
         _prepare.manager = manager  # referenced for the life of the process, as megatron's would be
 
