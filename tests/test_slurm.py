@@ -211,14 +211,20 @@ def distill_inputs(tmp_path_factory, tiny_teacher_source) -> Path:
 def distill_overrides(root: Path, out: Path) -> list[str]:
     # fp32: the comparison is with the TP=2 tests' tolerance, not bf16's
     return [f"teacher={root / 'teacher'}", f"student={root / 'student'}", f"output_dir={out}",
-            f"data.train={root / 'train.jsonl'}", f"data.valid={root / 'valid.jsonl'}", f"data.cache_dir={root / 'cache'}",
+            f"data.train={root / 'train.jsonl'}", f"data.valid={root / 'valid.jsonl'}",
+            f"data.cache_dir={root / 'cache'}",
             f"train.steps={STEPS}", "train.global_batch_size=4", "train.seq_length=32", "train.log_interval=1",
             "train.progress_bar=false", "optim.warmup_steps=2", "loss.intermediate=[1:3]", "loss.kind=jsd",
             "dtype=float32"]
 
 
+def _records(text: str) -> list[dict]:
+    """The JSON lines of a log (a stage's result is its last)."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
 def _last_json(text: str) -> dict:
-    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+    return _records(text)[-1]
 
 
 def _final_weights(*paths: str):
@@ -226,6 +232,15 @@ def _final_weights(*paths: str):
     from nemo_minitron.models import bridge
 
     return [bridge.gather_global(checkpoint.load_checkpoint(path)) for path in paths]
+
+
+def assert_equals_reference(text: str, final: Path, torchrun_reference) -> None:
+    """The job's log `text` ends with the result of the uninterrupted torchrun run, and its `final`
+    checkpoint holds the same weights."""
+    ref_out, expected = torchrun_reference
+    result = _last_json(text)
+    assert result["step"] == expected["step"] == STEPS and result["valid"] == expected["valid"]
+    assert_same_weights(final, ref_out / "final")
 
 
 def assert_same_weights(ours: Path, ref: Path) -> None:
@@ -267,14 +282,9 @@ def wait_for_log(cluster: SlurmCluster, job: str, log: Path, text: str, timeout:
     assert text in log.read_text(), f"the job never logged {text!r}:\n{log.read_text()}"
 
 
-def _records(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_distill_job_equals_torchrun(slurm_cluster, distill_inputs, torchrun_reference, tmp_path):
-    ref_out, expected = torchrun_reference
     log = tmp_path / "distill.out"
     job = submit_distill(slurm_cluster, distill_inputs, tmp_path / "run", log)
     state = slurm_cluster.wait_job(job, timeout=600)
@@ -282,9 +292,7 @@ def test_distill_job_equals_torchrun(slurm_cluster, distill_inputs, torchrun_ref
     assert state == "COMPLETED", text[-4000:]
     assert "[launcher] stage=distill nodes=1 gpus/node=2 world=2 tp=2 pp=1 dp=1 container=none" in text
     assert "world=2 tp=2 pp=1 dp=1" in text.split("[launcher] no container", 1)[1]  # the stage's own layout line
-    result = _last_json(text)
-    assert result["step"] == expected["step"] == STEPS and result["valid"] == expected["valid"]
-    assert_same_weights(tmp_path / "run" / "final", ref_out / "final")
+    assert_equals_reference(text, tmp_path / "run" / "final", torchrun_reference)
 
 
 @pytest.mark.slurm
@@ -302,7 +310,6 @@ def test_preempted_distill_job_requeues_and_resumes_to_the_same_weights(slurm_cl
       reads srun's per-task report and requeues either way. Step checkpoints come before the signal,
       so the writer manager of the first save must outlive the signal Slurm sends every process of
       the step (`writer_processes`)."""
-    ref_out, expected = torchrun_reference
     log = tmp_path / "distill.out"
     overrides = ("train.save_interval=2",) if to == "tasks" else ()
     job = submit_distill(slurm_cluster, distill_inputs, tmp_path / "run", log, "--open-mode=append",
@@ -323,9 +330,7 @@ def test_preempted_distill_job_requeues_and_resumes_to_the_same_weights(slurm_cl
     [stopped] = [r for r in _records(text) if r.get("interrupted")]
     assert 3 <= stopped["step"] < STEPS and f"(step {stopped['step']})" in text  # where the second run resumed
     assert "Traceback" not in text
-    result = _last_json(text)
-    assert result["step"] == expected["step"] == STEPS and result["valid"] == expected["valid"]
-    assert_same_weights(tmp_path / "run" / "final", ref_out / "final")
+    assert_equals_reference(text, tmp_path / "run" / "final", torchrun_reference)
 
 
 @pytest.mark.slurm
@@ -335,14 +340,13 @@ def test_killed_distill_job_leaves_complete_checkpoints_and_a_resubmission_resum
                                                                                   torchrun_reference, tmp_path, how):
     """A job ended mid-run: its tasks SIGKILLed (`scancel --signal=KILL JOB.0`: no chance to save; the
     job FAILED), or the job cancelled (`scancel JOB`: SIGTERM, on which the tasks checkpoint, then
-    SIGKILL after KillWait; CANCELLED, and the launcher does not requeue it). Neither is requeued; the output has no `final/` and only
-    complete step checkpoints (a save cut short stays `step_N.partial`, which nothing resumes from),
-    `minitron check` passes on the newest, and the same sbatch command again resumes from it and
-    ends bitwise equal to the uninterrupted run."""
+    SIGKILL after KillWait; CANCELLED, and the launcher does not requeue it). Neither is requeued; the
+    output has no `final/` and only complete step checkpoints (a save cut short stays
+    `step_N.partial`, which nothing resumes from), `minitron check` passes on the newest, and the same
+    sbatch command again resumes from it and ends bitwise equal to the uninterrupted run."""
     from nemo_minitron import checkpoint
     from nemo_minitron.train import state as train_state
 
-    ref_out, expected = torchrun_reference
     out, log = tmp_path / "run", tmp_path / "distill.out"
     submit = lambda: submit_distill(slurm_cluster, distill_inputs, out, log, "--open-mode=append",  # noqa: E731
                                     overrides=("train.save_interval=4",))
@@ -379,9 +383,7 @@ def test_killed_distill_job_leaves_complete_checkpoints_and_a_resubmission_resum
     assert state == "COMPLETED", text[-4000:]
     resumed = int(saved[-1].name.removeprefix("step_"))
     assert f"(step {resumed})" in text, text[-4000:]  # where the second job resumed
-    result = _last_json(text)
-    assert result["step"] == expected["step"] == STEPS and result["valid"] == expected["valid"]
-    assert_same_weights(out / "final", ref_out / "final")
+    assert_equals_reference(text, out / "final", torchrun_reference)
 
 
 # --- the other launchers: the pipeline, a recipe, the search's retraining jobs --------------------

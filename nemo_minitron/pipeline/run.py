@@ -126,8 +126,12 @@ class PipelineConfig(StageConfig):
         else:
             super().__post_init__()
         for name in self.STAGE_BLOCKS:
-            setattr(self, name, dataclasses.replace(getattr(self, name), **self.shared_settings(),
-                                                    overwrite=self.overwrite))
+            setattr(self, name, dataclasses.replace(getattr(self, name), **self.stage_settings()))
+
+    def stage_settings(self) -> dict[str, Any]:
+        """What the pipeline hands every stage it runs: its layout, seed, `overwrite` and (when set)
+        dtype."""
+        return {**self.shared_settings(), "overwrite": self.overwrite}
 
     def check_inputs(self) -> None:
         """The recipes leave the teacher and the data to the user; say which key is missing. A job
@@ -209,7 +213,7 @@ def check_stages(cfg: PipelineConfig, layout: parallel.ParallelLayout) -> None:
 def _run_stages(cfg: PipelineConfig) -> dict:
     check_stages(cfg, parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep))
     work = claim_output(cfg.work_dir, "pipeline", [*cfg.teacher.paths, *cfg.corpus.user_paths], key="work_dir")
-    common = {**cfg.shared_settings(), "overwrite": cfg.overwrite}  # for the stages without a block
+    common = cfg.stage_settings()  # for the stages without a block
     stages = Stages(work)
 
     teacher = work / "teacher"
