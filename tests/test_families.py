@@ -14,7 +14,8 @@ from tiny import tiny_arch, tiny_moe_arch
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_a_family_is_recognised_from_its_layers(name):
     f = FAMILIES[name]
-    found = family_of(f.normalization, f.activation, f.qkv_bias, f.qk_norm, f.is_moe, f.experts == ROUTED_SHARED)
+    found = family_of(f.normalization, f.activation, f.qkv_bias, f.qk_norm, f.is_moe, f.experts == ROUTED_SHARED,
+                      f.hybrid)
     # the first family of the same layers: itself, or Llama for Mistral (which computes alike)
     assert found == name or (computes_alike(found, name) and list(FAMILIES).index(found) < list(FAMILIES).index(name))
 
@@ -25,7 +26,8 @@ def test_a_family_round_trips_through_its_own_transformers_classes(name):
     arch = tiny_moe_arch(family=name) if f.is_moe else tiny_arch(family=name)
     config = to_hf(arch)
     assert type(config) is getattr(transformers, f.hf_config) and config.architectures == [f.hf_class]
-    assert hasattr(transformers, f.hf_class) and config.hidden_act == f.hf_act
+    # (NemotronH names its MLP's activation `mlp_hidden_act`; its Mamba layers have their own)
+    assert hasattr(transformers, f.hf_class) and getattr(config, "mlp_hidden_act" if f.hybrid else "hidden_act") == f.hf_act
     assert arch_from_hf(config.to_dict()) == arch
 
 

@@ -29,6 +29,8 @@ RECIPE_LAUNCHERS = {
     ("distill_nemotron4", ("--4b",)): ("distill", "nemotron4_minitron_4b"),
     ("prune_qwen3", ()): ("prune", "qwen3_8b_to_6b"),
     ("distill_qwen3", ()): ("distill", "qwen3_8b_to_6b"),
+    ("prune_nemotron_nano", ()): ("prune", "nemotron_nano_9b_v2"),
+    ("distill_nemotron_nano", ()): ("distill", "nemotron_nano_9b_v2"),
 }
 
 

@@ -20,6 +20,7 @@ PUBLISHED_SHAPES = {
     "minitron-4b": (32, 3072, 9216, 32, 8, 256000),
     "qwen3-8b-to-6b": (30, 3584, 11776, 32, 8, 151936),
     "qwen3-30b-a3b-96-experts": (48, 2048, 6144, 32, 4, 151936),  # FFN: the unused dense width; 96 experts of 768
+    "nemotron-nano-9b-v2": (56, 4480, 15680, 40, 8, 131072),  # and its Mamba layers: tests/test_hybrid.py
 }
 
 
@@ -50,7 +51,8 @@ def test_published_students_and_their_parameter_counts():
 
 def test_three_counts_agree():
     archs = [*PUBLISHED_TEACHERS.values(), *(published_student(n)[1] for n in PUBLISHED_RECIPES),
-             tiny_arch(tie=True), tiny_arch(tie=False, num_query_groups=1), tiny_arch(tie=False, family="nemotron")]
+             tiny_arch(tie=True), tiny_arch(tie=False, num_query_groups=1), tiny_arch(tie=False, family="nemotron"),
+             tiny_arch(tie=True, family="nemotron_h")]
     for arch in archs:
         counts = arch.num_parameters()  # (MoE models add "active")
         assert count_from_shapes(arch) == {"total": counts["total"], "non_embedding": counts["non_embedding"]}

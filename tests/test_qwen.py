@@ -122,11 +122,14 @@ def test_logits_match_transformers(tp, pp):
     """Both families, tied and untied embeddings, in one process group per layout (TP=2 x PP=2:
     QKV biases and q/k norms sharded across TP on both pipeline stages)."""
     archs = [tiny_arch(tie=(tp == 1) == (family == "qwen2"), family=family) for family in FAMILIES]
-    cases, expected = [], []
-    for arch in archs:
-        hf = hf_model(arch)
-        cases.append((arch, bridge.hf_to_global(arch, hf.state_dict())))
-        expected.append(hf(TOKENS).logits)
+    assert_logits_match_transformers([(arch, hf_model(arch)) for arch in archs], tp, pp)
+
+
+def assert_logits_match_transformers(models, tp: int, pp: int) -> None:
+    """For each (arch, HF model): the megatron model at TP x PP (one process group) computes the HF
+    logits, `arch_of` reads `arch` back, and gathering the shards gives the loaded weights exactly."""
+    cases = [(arch, bridge.hf_to_global(arch, hf.state_dict())) for arch, hf in models]
+    expected = [hf(TOKENS).logits for _, hf in models]
     for rank in run_distributed(logits_and_weights, world_size=tp * pp, tp=tp, pp=pp, args=(cases,)):
         for (arch, global_sd), reference, (logits, regathered, live_arch) in zip(cases, expected, rank):
             if logits is not None:

@@ -28,6 +28,9 @@ RECIPES = {
     # the MoE cut keeps every shape key and 96 of 128 experts (the FFN is its unused dense width)
     "qwen3_30b_a3b_96_experts": ("qwen3-30b-a3b", (48, 2048, 6144, 32, 4), 23.28, (1e-4, 1e-5, 40, 1152, 8192), 94,
                                  False),
+    # the hybrid cut: its Mamba shapes and pattern are checked in test_hybrid.py
+    "nemotron_nano_9b_v2": ("nemotron-nano-12b-v2", (56, 4480, 15680, 40, 8), 8.89, (1e-4, 4.5e-7, 60, 768, 8192),
+                            380, False),
 }
 
 

@@ -37,6 +37,12 @@ def tiny_arch(tie: bool = True, rope_scaling: bool = False, family: str = "llama
     # head_dim (24) differs from hidden/heads (16) on purpose; GQA with 2 groups of 2 heads.
     # Nemotron: the family brings LayerNorm + squared ReLU; rotary on half of each head as Nemotron-4.
     # Qwen2 / Qwen3: the family brings QKV biases / per-head query and key norms.
+    # Nemotron-H (hybrid): Mamba, attention, MLP, Mamba layers; Mamba mixers of 8 heads of 12
+    # channels in 2 groups (4 heads each) with 16 states; no rotary.
+    if FAMILIES[family].hybrid:
+        hybrid = dict(hybrid_pattern="M*-M", mamba_num_heads=8, mamba_head_dim=12, mamba_num_groups=2,
+                      mamba_state_dim=16, rope_theta=10000.0)
+        changes = hybrid | {"num_layers": len(changes.get("hybrid_pattern", hybrid["hybrid_pattern"]))} | changes
     fields = dict(
         num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
         kv_channels=24, vocab_size=320, max_position_embeddings=256, rope_theta=50000.0,
@@ -68,6 +74,8 @@ def hf_model(arch, seed: int = 0) -> transformers.PreTrainedModel:
                 p.add_(torch.randn_like(p) * 0.1)
             if name.endswith("gate.weight"):  # routers: decisive top-k choices, no near-ties to flip
                 p.normal_(0, 1)
+            if name.endswith(("mixer.A_log", "mixer.D", "mixer.dt_bias")):  # Mamba: one value per head
+                p.add_(torch.randn_like(p) * 0.3)
     return model.eval()
 
 

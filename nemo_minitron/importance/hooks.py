@@ -28,6 +28,11 @@ Where each axis is read (activations are sequence-first [s, b, .]):
   are split by those counts and read per expert as above. Megatron's legacy `GroupedMLP` (the
   `grouped_gemm` package) has no module to hook and is refused.
 
+- Hybrid (Mamba) models: a layer holds one norm (read at the input of its first linear: in_proj,
+  linear_qkv or linear_fc1) and one mixer. Mamba channels: the input of `out_proj` (the gated,
+  normalised SSM output; this rank's heads, channels head-major), per channel as for neurons;
+  a head scores the L2 norm of its channels' scores, a channel index the L2 norm over the heads.
+
 Every rank accumulates into global-size tensors (global layer index, global head / neuron offset);
 hidden and layer statistics, replicated across TP, count on TP rank 0 only. One all-reduce over
 all ranks then sums DP replicas, joins TP shards and PP stages, and leaves identical scores
@@ -87,6 +92,9 @@ class ImportanceRecorder:
         self.bi_sum = torch.zeros(L, dtype=torch.float64)
         self.bi_tokens = torch.zeros(L, dtype=torch.float64)
         self._handles: list = []
+        if arch.is_hybrid:
+            self.mamba_local = arch.mamba_inner // tp
+            self.mamba = BatchStats((L, arch.mamba_inner))
         if not arch.is_moe:
             self.neurons = BatchStats((L, arch.ffn_hidden_size))
             return
@@ -260,10 +268,26 @@ class ImportanceRecorder:
 
         return hook
 
+    def _hybrid_hooks(self, i: int, layer) -> list:
+        """The hooks of one hybrid layer: its norm (slot 0) at its first linear, and its mixer's units."""
+        handles = [layer.register_forward_hook(self._block_hook(i), with_kwargs=True)]
+        if hasattr(layer, "mixer"):  # Mamba
+            return handles + [
+                layer.mixer.in_proj.register_forward_pre_hook(self._norm_hook(i, 0)),
+                layer.mixer.out_proj.register_forward_pre_hook(self._sharded_hook(self.mamba, i, self.mamba_local))]
+        if self.arch.layer_types[i] == "attention":
+            return handles + [layer.self_attention.linear_qkv.register_forward_pre_hook(self._norm_hook(i, 0)),
+                              layer.self_attention.linear_proj.register_forward_pre_hook(self._head_hook(i))]
+        return handles + [layer.mlp.linear_fc1.register_forward_pre_hook(self._norm_hook(i, 0)),
+                          layer.mlp.linear_fc2.register_forward_pre_hook(self._sharded_hook(self.neurons, i, self.ffn_local))]
+
     def __enter__(self) -> "ImportanceRecorder":
         self._grams.clear()
         for layer in self.model.decoder.layers:
             i = layer.layer_number - 1
+            if self.arch.is_hybrid:
+                self._handles += self._hybrid_hooks(i, layer)
+                continue
             attention, mlp = layer.self_attention, layer.mlp
             self._handles += [
                 attention.linear_qkv.register_forward_pre_hook(self._norm_hook(i, 0)),
@@ -294,6 +318,8 @@ class ImportanceRecorder:
                          *(self.shared.tensors() if self.shared is not None else ())]
         else:
             mlp_parts = [*self.neurons.tensors()]
+        if arch.is_hybrid:
+            mlp_parts += self.mamba.tensors()
         parts = [*self.hidden.tensors(), *self.attention.tensors(), *mlp_parts, self.bi_sum, self.bi_tokens]
         flat = sum_over_ranks(torch.cat([p.flatten() for p in parts]))
         for p, chunk in zip(parts, flat.split([p.numel() for p in parts])):
@@ -302,6 +328,10 @@ class ImportanceRecorder:
             raise UserError("no calibration data reached some layers: run forward passes inside the recorder")
         hidden_per_layer = agg.over_batch(self.hidden).float()
         heads = agg.over_batch(self.attention).float().view(arch.num_layers, arch.num_attention_heads, -1)
+        mamba = {}
+        if arch.is_hybrid:  # [L, heads, channels] per-channel scores: L2 within a head, across the heads
+            channels = agg.over_batch(self.mamba).float().view(arch.num_layers, arch.mamba_num_heads, -1)
+            mamba = {"mamba_heads": channels.norm(dim=2), "mamba_channels": channels.norm(dim=1)}
         return ImportanceScores(
             arch=arch,
             method="activation",
@@ -313,5 +343,6 @@ class ImportanceRecorder:
                      "router_mass": self.router_mass.float()} if arch.is_moe else {},
             shared_neurons=agg.over_batch(self.shared).float() if arch.is_moe and self.shared is not None else None,
             hidden_per_layer=hidden_per_layer,
+            **mamba,
             info={"aggregation": agg.as_dict(), "samples": int(self.hidden.count[0]), **(info or {})},
         )

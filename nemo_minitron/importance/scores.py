@@ -9,6 +9,9 @@
   the router-weighted output norm it adds, "frequency" = tokens routed to it, "router_mass" = the
   router probability it receives, "magnitude", "random"), see `EXPERT_METHODS`;
 - `shared_neurons` [L, shared ffn]: per neuron of Qwen2-MoE's shared expert;
+- `mamba_heads` [L, Mamba heads] and `mamba_channels` [L, head channels]: per SSM head and per
+  channel index within the heads of a hybrid's Mamba layers (zeros in its other layers, as
+  `heads` and `neurons` are in the layers without attention or MLP);
 - `layers` {name: [L]}: per-layer depth scores (e.g. "block_importance", "loss" = LM-loss increase
   when the layer is dropped, "magnitude", "random");
 - `blocks` {k: [L - k + 1]}: the loss (lower = better) of the model without layers [i, i + k),
@@ -48,12 +51,18 @@ class ImportanceScores:
     info: dict[str, Any] = field(default_factory=dict)
     experts: dict[str, torch.Tensor] = field(default_factory=dict)
     shared_neurons: torch.Tensor | None = None
+    mamba_heads: torch.Tensor | None = None
+    mamba_channels: torch.Tensor | None = None
 
     def __post_init__(self):
         a = self.arch
         L = a.num_layers
         neurons = (L, a.num_moe_experts, a.moe_ffn_hidden_size) if a.is_moe else (L, a.ffn_hidden_size)
         expected = {"hidden": (a.hidden_size,), "heads": (L, a.num_attention_heads), "neurons": neurons}
+        if a.is_hybrid:
+            expected |= {"mamba_heads": (L, a.mamba_num_heads), "mamba_channels": (L, a.mamba_head_dim)}
+        elif self.mamba_heads is not None or self.mamba_channels is not None:
+            raise ValueError("importance scores: Mamba scores given for a model without Mamba layers")
         if a.moe_shared_expert_intermediate_size:
             expected["shared_neurons"] = (L, a.moe_shared_expert_intermediate_size)
         elif self.shared_neurons is not None:
@@ -122,6 +131,8 @@ def magnitude_scores(arch: ModelArch, global_sd: dict[str, torch.Tensor]) -> Imp
     write the unit. Norm weights are folded into the linears they feed, as the model computes; a
     head's q bias (Qwen2) counts with its q rows; a routed expert scores the norm of all its
     weights, and the router's columns count towards the hidden channels."""
+    if arch.is_hybrid:
+        raise UserError("magnitude scores do not cover Mamba layers yet: use importance.method=activation (or random)")
     G, d = arch.num_query_groups, arch.kv_channels
     per_group = arch.num_attention_heads // G
     h = arch.hidden_size
@@ -173,8 +184,12 @@ def random_scores(arch: ModelArch, seed: int = 0) -> ImportanceScores:
     L = arch.num_layers
     neurons = (L, arch.num_moe_experts, arch.moe_ffn_hidden_size) if arch.is_moe else (L, arch.ffn_hidden_size)
     shared = arch.moe_shared_expert_intermediate_size
+    mamba = {}
+    if arch.is_hybrid:
+        mamba = {"mamba_heads": torch.rand(L, arch.mamba_num_heads, generator=g),
+                 "mamba_channels": torch.rand(L, arch.mamba_head_dim, generator=g)}
     return ImportanceScores(
-        arch=arch, method="random", hidden=torch.rand(arch.hidden_size, generator=g),
+        arch=arch, method="random", hidden=torch.rand(arch.hidden_size, generator=g), **mamba,
         heads=torch.rand(L, arch.num_attention_heads, generator=g),
         neurons=torch.rand(*neurons, generator=g),
         layers={"random": torch.rand(L, generator=g)}, info={"seed": seed},

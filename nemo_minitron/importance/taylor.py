@@ -74,9 +74,10 @@ def _unit_sums(arch: ModelArch, values: dict[str, torch.Tensor]) -> tuple[torch.
 
 
 def _require_dense(arch: ModelArch) -> None:
-    if arch.is_moe:
-        raise UserError("importance=taylor scores dense MLPs; this model has mixture-of-experts layers: "
-                        "use importance=activation")
+    if arch.is_moe or arch.is_hybrid:
+        kind = "mixture-of-experts" if arch.is_moe else "Mamba"
+        raise UserError(f"importance=taylor scores dense transformer layers; this model has {kind} layers: "
+                        f"use importance=activation")
 
 
 @torch.no_grad()

@@ -8,7 +8,14 @@ Weights travel in two layouts:
   layer's MLP is `mlp.router.weight` [experts, h] and, per routed expert e (global index),
   `mlp.experts.local_experts.<e>.linear_fc1/linear_fc2.weight` laid out like a dense SwiGLU MLP,
   plus Qwen2-MoE's `mlp.shared_experts.linear_fc1/linear_fc2.weight` and `.gate_weight` [1, h]);
-- *local*: what one rank of a TP x PP model holds.
+  A hybrid (Nemotron-H) layer holds one of: a Mamba mixer (`norm.weight`, then under `mixer.`:
+  `in_proj.weight` with rows [z; x; B; C; dt], `conv1d.weight` [channels, 1, 4] and `.bias` over
+  [x; B; C], `dt_bias`, `A_log`, `D` per head, the gated `norm.weight` [d_in], `out_proj.weight`),
+  attention (`input_layernorm`, `self_attention.linear_qkv/linear_proj`) or an MLP
+  (`pre_mlp_layernorm`, `mlp.linear_fc1` = up, `linear_fc2`); its final norm is `decoder.final_norm`;
+- *local*: what one rank of a TP x PP model holds. A tensor made of row blocks (SwiGLU's fc1
+  [gate; up], a Mamba in_proj or conv1d) splits block by block: each rank holds its slice of
+  every block, in the same order.
 `hf_to_global`/`global_to_hf` convert names and fuse/unfuse QKV and gate/up; `load_global`
 and `gather_global` move between the global layout and the local shards of a live model.
 
@@ -27,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import ModelArch
+from nemo_minitron.models.config import MAMBA_CONV_KERNEL, ModelArch
+from nemo_minitron.models.families import FAMILIES
 from nemo_minitron.models.gpt import arch_of, unwrap_model
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -42,6 +50,13 @@ _TE_TO_LOCAL = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
+# The Mamba layer's fused norm (TE spec: in in_proj), exact names relative to the layer.
+_TE_TO_LOCAL_MAMBA = {"mixer.in_proj.layer_norm_weight": "norm.weight"}
+# A Mamba mixer's tensors: the same names under `mixer.` in megatron's layer and HF's NemotronH block.
+MAMBA_PARAMS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
+                "out_proj.weight")
+# A hybrid layer's norm module (local spec) by layer kind; HF calls each `norm`.
+_HYBRID_NORM = {"mamba": "norm.", "attention": "input_layernorm.", "mlp": "pre_mlp_layernorm."}
 # What HF files store for a norm weight, subtracted from the gamma the model applies.
 _HF_NORM_WEIGHT_OFFSET = {"nemotron": 1.0}
 
@@ -75,13 +90,42 @@ def qkv_params(arch: ModelArch) -> tuple[str, ...]:
     return ("weight", "bias") if arch.qkv_bias else ("weight",)
 
 
+def _embedding_name(arch: ModelArch) -> str:
+    """HF's name of the input embedding."""
+    return "model.embeddings.weight" if arch.is_hybrid else "model.embed_tokens.weight"
+
+
+def _attention_hf(arch: ModelArch, layer: int) -> str:
+    """HF's module prefix of a layer's attention (NemotronH calls every layer's mixer `mixer`)."""
+    return f"model.layers.{layer}." + ("mixer." if arch.is_hybrid else "self_attn.")
+
+
+def attention_layers(arch: ModelArch) -> list[int]:
+    """The layers with attention: every layer of a transformer, the "*" layers of a hybrid."""
+    return [i for i, kind in enumerate(arch.layer_types) if kind in ("transformer", "attention")]
+
+
+def final_norm(arch: ModelArch) -> str:
+    """The module prefix of the final norm: megatron's Mamba stack calls it `final_norm`."""
+    return "decoder.final_norm." if arch.is_hybrid else "decoder.final_layernorm."
+
+
+def layer_norms(arch: ModelArch, layer: int) -> list[str]:
+    """The norm modules of a layer (local-spec names): a transformer layer's two, a hybrid layer's one."""
+    kind = arch.layer_types[layer]
+    return ["input_layernorm.", "pre_mlp_layernorm."] if kind == "transformer" else [_HYBRID_NORM[kind]]
+
+
 def _norm_pairs(arch: ModelArch) -> list[tuple[str, str]]:
     """(megatron, HF) names of every norm tensor (weights, and biases for LayerNorm)."""
-    pairs = [("decoder.final_layernorm.", "model.norm.")]
-    for i in range(arch.num_layers):
+    pairs = [(final_norm(arch), "model.norm_f." if arch.is_hybrid else "model.norm.")]
+    for i, kind in enumerate(arch.layer_types):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        pairs += [(m + "input_layernorm.", h + "input_layernorm."),
-                  (m + "pre_mlp_layernorm.", h + "post_attention_layernorm.")]
+        if kind == "transformer":
+            pairs += [(m + "input_layernorm.", h + "input_layernorm."),
+                      (m + "pre_mlp_layernorm.", h + "post_attention_layernorm.")]
+        else:
+            pairs.append((m + _HYBRID_NORM[kind], h + "norm."))
     return [(m + p, h + p) for m, h in pairs for p in arch.norm_params]
 
 
@@ -89,10 +133,12 @@ def _linear_pairs(arch: ModelArch) -> list[tuple[str, str]]:
     """(megatron, HF) names of the linear weights that map one-to-one: the attention output, every
     MLP's down projection (and a non-gated MLP's up projection), an MoE layer's router and shared
     expert gate."""
-    pairs = []
+    pairs = [(f"decoder.layers.{i}.self_attention.linear_proj.weight", _attention_hf(arch, i) + "o_proj.weight")
+             for i in attention_layers(arch)]
+    pairs += [(f"decoder.layers.{i}.mixer.{p}", f"model.layers.{i}.mixer.{p}")
+              for i, kind in enumerate(arch.layer_types) if kind == "mamba" for p in MAMBA_PARAMS]
     for i in range(arch.num_layers):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        pairs.append((m + "self_attention.linear_proj.weight", h + "self_attn.o_proj.weight"))
         for mg, hf, (_, up, down) in _mlps(arch, i):
             pairs.append((mg + "linear_fc2.weight", f"{hf}{down}.weight"))
             if not arch.gated:
@@ -110,6 +156,8 @@ def _mlps(arch: ModelArch, layer: int) -> list[tuple[str, str, tuple[str, str, s
     layer: its dense MLP, or each routed expert then the shared expert of an MoE layer. Each holds
     `linear_fc1` = [gate; up] and `linear_fc2` = down on the megatron side."""
     m, h = f"decoder.layers.{layer}.mlp.", f"model.layers.{layer}."
+    if arch.is_hybrid:  # only "-" layers have an MLP, and it has no gate
+        return [(m, h + "mixer.", ("", "up_proj", "down_proj"))] if arch.layer_types[layer] == "mlp" else []
     if not arch.is_moe:
         return [(m, h + "mlp.", ("gate_proj", "up_proj", "down_proj"))]
     if arch.family == "mixtral":
@@ -158,28 +206,42 @@ def _hub_expert_layout(arch: ModelArch, hf: dict[str, torch.Tensor]) -> dict[str
     return hub
 
 
+def _memory_names(arch: ModelArch, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`hf` under the names the family's transformers class holds in memory: NemotronH's files
+    name its base model `backbone.`, the class `model.` (transformers renames on load and save)."""
+    prefix = FAMILIES[arch.family].hf_file_prefix
+    if prefix == "model.":
+        return hf
+    return {("model." + name[len(prefix):]) if name.startswith(prefix) else name: t for name, t in hf.items()}
+
+
 def hf_to_global(arch: ModelArch, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF state dict (either expert layout, see `_hub_expert_layout`) -> global megatron state dict
-    (local-spec names)."""
-    hf = _hub_expert_layout(arch, hf)
+    """HF state dict (either expert layout, see `_hub_expert_layout`; file or in-memory names, see
+    `_memory_names`) -> global megatron state dict (local-spec names)."""
+    hf = _hub_expert_layout(arch, _memory_names(arch, hf))
     offset = _HF_NORM_WEIGHT_OFFSET.get(arch.family, 0.0)
-    out = {"embedding.word_embeddings.weight": _require(hf, "model.embed_tokens.weight", arch)}
+    out = {"embedding.word_embeddings.weight": _require(hf, _embedding_name(arch), arch)}
     for mg, hf_name in _norm_pairs(arch):
         out[mg] = _shift(_require(hf, hf_name, arch), offset if mg.endswith("weight") else 0.0)
     for mg, hf_name in _linear_pairs(arch) + qk_norm_pairs(arch):
         out[mg] = _require(hf, hf_name, arch)
-    for i in range(arch.num_layers):
-        h = f"model.layers.{i}."
+    for i in attention_layers(arch):
         for param in qkv_params(arch):
             out[f"decoder.layers.{i}.self_attention.linear_qkv.{param}"] = qkv_fuse(
-                *(_require(hf, f"{h}self_attn.{p}_proj.{param}", arch) for p in "qkv"), arch
+                *(_require(hf, f"{_attention_hf(arch, i)}{p}_proj.{param}", arch) for p in "qkv"), arch
             )
+    for i in range(arch.num_layers):
         if arch.gated:
             for mg, hf_mlp, (gate, up, _) in _mlps(arch, i):
                 out[mg + "linear_fc1.weight"] = torch.cat(
                     [_require(hf, f"{hf_mlp}{gate}.weight", arch), _require(hf, f"{hf_mlp}{up}.weight", arch)])
     if not arch.tie_embeddings:
         out["output_layer.weight"] = _require(hf, "lm_head.weight", arch)
+    elif not FAMILIES[arch.family].hf_ties and "lm_head.weight" in hf:
+        if not torch.equal(hf["lm_head.weight"], out["embedding.word_embeddings.weight"]):
+            raise UserError(f"tie_word_embeddings is true but lm_head.weight differs from the embedding, and "
+                            f"transformers' {FAMILIES[arch.family].hf_class} does not tie them (it computes with "
+                            f"lm_head): set tie_word_embeddings to false in config.json to import this model")
     _check_shapes(arch, out)
     return out
 
@@ -187,21 +249,24 @@ def hf_to_global(arch: ModelArch, hf: dict[str, torch.Tensor]) -> dict[str, torc
 def global_to_hf(arch: ModelArch, mg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Global megatron state dict -> HF state dict."""
     offset = _HF_NORM_WEIGHT_OFFSET.get(arch.family, 0.0)
-    out = {"model.embed_tokens.weight": mg["embedding.word_embeddings.weight"]}
+    out = {_embedding_name(arch): mg["embedding.word_embeddings.weight"]}
     for mg_name, hf_name in _norm_pairs(arch):
         out[hf_name] = _shift(mg[mg_name], -offset if mg_name.endswith("weight") else 0.0)
     for mg_name, hf_name in _linear_pairs(arch) + qk_norm_pairs(arch):
         out[hf_name] = mg[mg_name]
-    for i in range(arch.num_layers):
-        h = f"model.layers.{i}."
+    for i in attention_layers(arch):
+        h = _attention_hf(arch, i)
         for param in qkv_params(arch):
             q, k, vv = qkv_split(mg[f"decoder.layers.{i}.self_attention.linear_qkv.{param}"], arch)
-            out[f"{h}self_attn.q_proj.{param}"], out[f"{h}self_attn.k_proj.{param}"], out[f"{h}self_attn.v_proj.{param}"] = q, k, vv
+            out[f"{h}q_proj.{param}"], out[f"{h}k_proj.{param}"], out[f"{h}v_proj.{param}"] = q, k, vv
+    for i in range(arch.num_layers):
         if arch.gated:
             for mg_mlp, hf_mlp, (gate, up, _) in _mlps(arch, i):
                 out[f"{hf_mlp}{gate}.weight"], out[f"{hf_mlp}{up}.weight"] = mg[mg_mlp + "linear_fc1.weight"].chunk(2)
     if not arch.tie_embeddings:
         out["lm_head.weight"] = mg["output_layer.weight"]
+    elif not FAMILIES[arch.family].hf_ties:  # the class would start lm_head from random weights
+        out["lm_head.weight"] = mg["embedding.word_embeddings.weight"].clone()
     return {k: t.contiguous() for k, t in out.items()}
 
 
@@ -217,7 +282,7 @@ def expected_global_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (arch.vocab_size, h)}
     shapes.update({name: (h,) for name, _ in _norm_pairs(arch)})
     shapes.update({name: (d,) for name, _ in qk_norm_pairs(arch)})
-    for i in range(arch.num_layers):
+    for i in attention_layers(arch):
         p = f"decoder.layers.{i}."
         if arch.qkv_bias:
             shapes[p + "self_attention.linear_qkv.bias"] = (arch.qkv_rows,)
@@ -225,6 +290,10 @@ def expected_global_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
             p + "self_attention.linear_qkv.weight": (arch.qkv_rows, h),
             p + "self_attention.linear_proj.weight": (h, arch.num_attention_heads * d),
         })
+    for i, kind in enumerate(arch.layer_types):
+        p = f"decoder.layers.{i}."
+        if kind == "mamba":
+            shapes.update({p + "mixer." + name: shape for name, shape in _mamba_shapes(arch).items()})
         for mlp, _, _ in _mlps(arch, i):
             width = _mlp_width(arch, mlp)
             shapes[mlp + "linear_fc1.weight"] = ((2 if arch.gated else 1) * width, h)
@@ -236,6 +305,15 @@ def expected_global_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     if not arch.tie_embeddings:
         shapes["output_layer.weight"] = (arch.vocab_size, h)
     return shapes
+
+
+def _mamba_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
+    """The shapes of a Mamba mixer's tensors (names under `mixer.`)."""
+    h, inner, heads = arch.hidden_size, arch.mamba_inner, arch.mamba_num_heads
+    conv = sum(arch.mamba_conv_blocks.values())
+    return {"in_proj.weight": (sum(arch.mamba_in_proj_blocks.values()), h), "conv1d.weight": (conv, 1, MAMBA_CONV_KERNEL),
+            "conv1d.bias": (conv,), "dt_bias": (heads,), "A_log": (heads,), "D": (heads,), "norm.weight": (inner,),
+            "out_proj.weight": (h, inner)}
 
 
 def _mlp_width(arch: ModelArch, mlp_prefix: str) -> int:
@@ -251,20 +329,28 @@ def checkpoint_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     """The global shapes a megatron distributed checkpoint of `arch` holds: per-layer tensors are
     stacked over the layers (a leading `num_layers` dim, key `decoder.layers.<name>`), the routed
     experts' also over the experts (`decoder.layers.mlp.experts.experts.<name>`, [L, E, ...]), and
-    the per-layer norms go by their fused-norm names, as megatron writes them for either layer spec."""
-    local_to_te = {local: te for te, local in _TE_TO_LOCAL.items()}
+    the per-layer norms go by their fused-norm names, as megatron writes them for either layer spec.
+    megatron's Mamba stack (a hybrid) saves every layer under its own index instead, and a Mamba
+    in_proj and conv1d as one tensor per row block (`in_proj.weight.z`, ..., `conv1d.bias.C`), so
+    each splits over TP on its own."""
+    local_to_te = {local: te for te, local in {**_TE_TO_LOCAL, **_TE_TO_LOCAL_MAMBA}.items()}
     shapes: dict[str, tuple[int, ...]] = {}
     for name, shape in expected_global_shapes(arch).items():
         layer = _LAYER.match(name)
         if layer is None:
             shapes[name] = shape
             continue
-        rest = layer.group(2)
+        rest = local_to_te.get(layer.group(2), layer.group(2))
         expert = _LOCAL_EXPERT.match(rest)
-        if expert:
+        if arch.is_hybrid:
+            key = f"decoder.layers.{layer.group(1)}.{rest}"
+            blocks = {"mixer.in_proj.weight": arch.mamba_in_proj_blocks}.get(rest) or (
+                arch.mamba_conv_blocks if rest.startswith("mixer.conv1d.") else {})
+            shapes.update({f"{key}.{block}": (rows, *shape[1:]) for block, rows in blocks.items()} or {key: shape})
+        elif expert:
             shapes[f"decoder.layers.mlp.experts.experts.{expert.group(2)}"] = (arch.num_layers, arch.num_moe_experts, *shape)
         else:
-            shapes[f"decoder.layers.{local_to_te.get(rest, rest)}"] = (arch.num_layers, *shape)
+            shapes[f"decoder.layers.{rest}"] = (arch.num_layers, *shape)
     return shapes
 
 
@@ -286,7 +372,7 @@ def _local_to_global_name(model, local_name: str) -> str:
     if not match:
         return local_name
     layer = model.decoder.layers[int(match.group(1))]
-    rest = _TE_TO_LOCAL.get(match.group(2), match.group(2))
+    rest = _TE_TO_LOCAL.get(match.group(2)) or _TE_TO_LOCAL_MAMBA.get(match.group(2), match.group(2))
     expert = _LOCAL_EXPERT.match(rest)
     if expert:
         local_index, param = (int(expert.group(1)), expert.group(2)) if expert.group(1) else (int(expert.group(4)), expert.group(3))
@@ -322,35 +408,55 @@ def fused_norm_aliases(key: str) -> list[str]:
 
 def _tp_axis(global_name: str) -> int | None:
     """The dimension a weight is split on across TP ranks (None: replicated). The QKV bias splits
-    like the weight's rows (whole query groups per rank); the q/k norms are replicated."""
+    like the weight's rows (whole query groups per rank); the q/k norms are replicated; a Mamba
+    mixer splits its heads (and their channels, groups and gated-norm weight) over the ranks."""
     if global_name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias",
-                             "linear_fc1.weight")):
+                             "linear_fc1.weight", *(f"mixer.{p}" for p in MAMBA_PARAMS if p != "out_proj.weight"))):
         return 0
-    if global_name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+    if global_name.endswith(("linear_proj.weight", "linear_fc2.weight", "mixer.out_proj.weight")):
         return 1
     return None
 
 
-def shard(global_name: str, tensor: torch.Tensor, tp_rank: int, tp: int, gated: bool = True) -> torch.Tensor:
-    """The TP shard of a global tensor held by `tp_rank` (`gated`: fc1 is [gate; up])."""
+def row_blocks(global_name: str, arch: ModelArch) -> list[int] | None:
+    """The row blocks a tensor is made of, each split over TP on its own (None: one block): a
+    SwiGLU fc1's [gate; up] (megatron's partition_stride 2), a Mamba in_proj's [z; x; B; C; dt]
+    and conv1d's [x; B; C] (megatron's mixer splits each over the ranks)."""
+    if global_name.endswith("mixer.in_proj.weight"):
+        return list(arch.mamba_in_proj_blocks.values())
+    if global_name.endswith(("mixer.conv1d.weight", "mixer.conv1d.bias")):
+        return list(arch.mamba_conv_blocks.values())
+    if arch.gated and global_name.endswith("linear_fc1.weight"):
+        return [None, None]  # two equal halves, of whatever width this MLP has
+    return None
+
+
+def _blocks(tensor: torch.Tensor, sizes: list[int | None]) -> tuple[torch.Tensor, ...]:
+    return tensor.chunk(len(sizes)) if None in sizes else tensor.split(sizes)
+
+
+def shard(global_name: str, tensor: torch.Tensor, tp_rank: int, tp: int, arch: ModelArch) -> torch.Tensor:
+    """The TP shard of a global tensor held by `tp_rank`: its slice of every row block."""
     axis = _tp_axis(global_name)
     if axis is None or tp == 1:
         return tensor
-    if gated and global_name.endswith("linear_fc1.weight"):
-        # partition_stride=2: each rank holds its slice of the gate and the same slice of up.
-        gate, up = tensor.chunk(2)
-        return torch.cat([gate.chunk(tp)[tp_rank], up.chunk(tp)[tp_rank]])
+    blocks = row_blocks(global_name, arch)
+    if blocks:
+        return torch.cat([block.chunk(tp)[tp_rank] for block in _blocks(tensor, blocks)])
     return tensor.chunk(tp, dim=axis)[tp_rank]
 
 
-def unshard(global_name: str, shards: list[torch.Tensor], gated: bool = True) -> torch.Tensor:
+def unshard(global_name: str, shards: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
     """Inverse of `shard` over all TP ranks' shards."""
     axis = _tp_axis(global_name)
     if axis is None or len(shards) == 1:
         return shards[0]
-    if gated and global_name.endswith("linear_fc1.weight"):
-        halves = [s.chunk(2) for s in shards]
-        return torch.cat([torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])])
+    blocks = row_blocks(global_name, arch)
+    if blocks:
+        tp = len(shards)
+        local = [None if size is None else size // tp for size in blocks]
+        pieces = [_blocks(s, local) for s in shards]
+        return torch.cat([torch.cat([p[b] for p in pieces]) for b in range(len(blocks))])
     return torch.cat(shards, dim=axis)
 
 
@@ -360,11 +466,11 @@ def load_global(model, global_sd: dict[str, torch.Tensor]) -> None:
     from megatron.core import parallel_state as ps
 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    gated = arch_of(model).gated
+    arch = arch_of(model)
     for global_name, local_name, param in local_parameters(model):
         if global_name not in global_sd:
             raise UserError(f"weights for {global_name} (local {local_name}) are missing")
-        local = shard(global_name, global_sd[global_name], tp_rank, tp, gated)
+        local = shard(global_name, global_sd[global_name], tp_rank, tp, arch)
         if local.shape != param.shape:
             raise UserError(f"{global_name}: shard shape {tuple(local.shape)} != parameter {tuple(param.shape)}")
         param.copy_(local.to(param.dtype))
@@ -378,7 +484,7 @@ def gather_global(model, grads: bool = False) -> dict[str, torch.Tensor]:
 
     tp_group = ps.get_tensor_model_parallel_group()
     tp = ps.get_tensor_model_parallel_world_size()
-    gated = arch_of(model).gated
+    arch = arch_of(model)
     stage: dict[str, torch.Tensor] = {}
     for global_name, _, param in local_parameters(model):
         if global_name in stage:
@@ -388,7 +494,7 @@ def gather_global(model, grads: bool = False) -> dict[str, torch.Tensor]:
             raise ValueError(f"{global_name} has no gradient")
         shards = [torch.empty_like(local) for _ in range(tp)]
         dist.all_gather(shards, local.detach().contiguous(), group=tp_group)
-        stage[global_name] = unshard(global_name, shards, gated).cpu().clone()
+        stage[global_name] = unshard(global_name, shards, arch).cpu().clone()
     stage = _merge_over(stage, ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_group)
     return _merge_over(stage, ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_group)
 

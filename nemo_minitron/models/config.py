@@ -27,6 +27,16 @@ SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
 # The shape keys of mixture-of-experts layers (megatron-core's names; None in a dense model, and the
 # shared expert's None in a family without one).
 MOE_SHAPE_KEYS = ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+# The shape keys of a hybrid model's Mamba-2 mixers (Model Optimizer's and megatron-core's names;
+# None outside the hybrid family): heads and channels per head are pruned, groups and state kept.
+MAMBA_SHAPE_KEYS = ("mamba_num_heads", "mamba_head_dim")
+MAMBA_KEYS = (*MAMBA_SHAPE_KEYS, "mamba_num_groups", "mamba_state_dim")
+# A hybrid model's layer symbols (megatron's `hybrid_override_pattern`) and the layer each makes.
+LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp"}
+# The width of every Mamba mixer's causal convolution (megatron-core's MambaLayer builds it so).
+MAMBA_CONV_KERNEL = 4
+# The epsilon of megatron-core's gated norm inside every Mamba mixer (fixed there, not configurable).
+MAMBA_NORM_EPS = 1e-5
 # What a checkpoint records beside the computation: the family name (Llama and Mistral compute
 # alike) and the special token ids that HF configs carry.
 IDENTITY_KEYS = ("family", "bos_token_id", "eos_token_id")
@@ -41,7 +51,8 @@ def _same_setting(mine: Any, other: Any) -> bool:
 class ModelArch:
     """A decoder with rotary GQA attention: RMSNorm + SwiGLU (Llama, Mistral; Qwen2 with QKV
     biases, Qwen3 with per-head query/key norms) or LayerNorm + squared ReLU with partial rotary
-    (Nemotron-4); optionally tied embeddings."""
+    (Nemotron-4); optionally tied embeddings. Or a hybrid (Nemotron-H): `hybrid_pattern` lays out
+    Mamba-2, attention (GQA without rotary) and squared-ReLU MLP layers, one symbol each."""
 
     num_layers: int
     hidden_size: int
@@ -66,6 +77,11 @@ class ModelArch:
     moe_ffn_hidden_size: int | None = None  # FFN width of every routed expert
     moe_shared_expert_intermediate_size: int | None = None  # the gated shared expert's width (Qwen2-MoE)
     moe_router_pre_softmax: bool = False  # weights = softmax over all experts, not renormalised over the top k
+    hybrid_pattern: str | None = None   # one symbol per layer: M Mamba-2, * attention, - MLP (hybrid family only)
+    mamba_num_heads: int | None = None  # SSM heads of every Mamba layer
+    mamba_head_dim: int | None = None   # channels per SSM head
+    mamba_num_groups: int | None = None  # SSM groups (B and C are per group; heads split evenly over groups)
+    mamba_state_dim: int | None = None  # SSM state size per group
 
     def __post_init__(self):
         self.validate()
@@ -92,6 +108,64 @@ class ModelArch:
                 raise UserError(f"model.{key}={getattr(self, key)} does not fit model.family={self.family!r}, whose "
                                 f"{key} is {want} (QKV biases are the qwen2 family's, query/key norms qwen3's)")
         self._validate_moe()
+        self._validate_hybrid()
+
+    def _validate_hybrid(self) -> None:
+        """A hybrid family's pattern and Mamba fields: all set and consistent; none in another family."""
+        keys = ("hybrid_pattern", *MAMBA_KEYS)
+        if not FAMILIES[self.family].hybrid:
+            set_keys = [key for key in keys if getattr(self, key) is not None]
+            if set_keys:
+                raise UserError(f"model.{set_keys[0]} is set but model.family={self.family!r} has no Mamba layers "
+                                f"(hybrid families: {sorted(n for n, f in FAMILIES.items() if f.hybrid)})")
+            return
+        for key in MAMBA_KEYS:
+            if getattr(self, key) is None or getattr(self, key) < 1:
+                raise UserError(f"model.{key} must be a positive integer in a {self.family} model, got "
+                                f"{getattr(self, key)}")
+        pattern = self.hybrid_pattern or ""
+        if len(pattern) != self.num_layers or set(pattern) - set(LAYER_SYMBOLS):
+            raise UserError(f"model.hybrid_pattern={self.hybrid_pattern!r} must have one symbol per layer "
+                            f"(num_layers={self.num_layers}), each one of {LAYER_SYMBOLS}")
+        if self.mamba_num_heads % self.mamba_num_groups:
+            raise UserError(f"model.mamba_num_heads={self.mamba_num_heads} is not a multiple of "
+                            f"model.mamba_num_groups={self.mamba_num_groups}: every SSM group holds as many heads")
+        if self.rope_scaling_factor is not None or self.rotary_percent != 1.0:
+            raise UserError(f"model.rope_scaling_factor / rotary_percent are set but {self.family}'s attention "
+                            f"has no rotary embedding")
+        if not math.isclose(self.norm_eps, MAMBA_NORM_EPS, rel_tol=1e-6):
+            raise UserError(f"model.norm_eps={self.norm_eps}: megatron-core's Mamba mixer normalises with a fixed "
+                            f"epsilon of {MAMBA_NORM_EPS}, so a {self.family} model's norms must use it too")
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Mamba, attention and MLP layers in a pattern (megatron's MambaModel)."""
+        return self.hybrid_pattern is not None
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Every layer's kind in order: "mamba", "attention" or "mlp" in a hybrid; "transformer"
+        (attention + MLP) elsewhere."""
+        if not self.is_hybrid:
+            return ["transformer"] * self.num_layers
+        return [LAYER_SYMBOLS[symbol] for symbol in self.hybrid_pattern]
+
+    @property
+    def mamba_inner(self) -> int:
+        """A Mamba layer's inner width d_in = heads x head channels (x and z each have d_in rows)."""
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def mamba_in_proj_blocks(self) -> dict[str, int]:
+        """The row blocks of a Mamba layer's in_proj, in order: z, x, B, C, dt."""
+        bc = self.mamba_num_groups * self.mamba_state_dim
+        return {"z": self.mamba_inner, "x": self.mamba_inner, "B": bc, "C": bc, "dt": self.mamba_num_heads}
+
+    @property
+    def mamba_conv_blocks(self) -> dict[str, int]:
+        """The channel blocks of a Mamba layer's conv1d, in order: x, B, C."""
+        blocks = self.mamba_in_proj_blocks
+        return {key: blocks[key] for key in ("x", "B", "C")}
 
     def _validate_moe(self) -> None:
         """The MoE fields: all set (the shared expert only for Qwen2-MoE) in an MoE family, none in
@@ -174,6 +248,9 @@ class ModelArch:
             raise UserError(f"tp={tp} does not divide vocab_size={self.vocab_size}: change tp=")
         if self.num_layers % pp:
             raise UserError(f"pp={pp} does not divide num_layers={self.num_layers}: change pp=")
+        for key in ("mamba_num_heads", "mamba_num_groups") if self.is_hybrid else ():
+            if getattr(self, key) % tp:  # whole SSM heads and groups per rank
+                raise UserError(f"tp={tp} does not divide {key}={getattr(self, key)}: change tp=")
         if ep > 1 and not self.is_moe:
             raise UserError(f"ep={ep}: expert parallelism splits mixture-of-experts layers, and this {self.family} "
                             f"model is dense: use ep=1")
@@ -201,11 +278,22 @@ class ModelArch:
             active_mlp = self.num_moe_experts * h + self.moe_router_topk * expert + shared
         norm = h * len(self.norm_params)
         embedding = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        if self.is_hybrid:  # one norm and one mixer per layer
+            per_type = {"mamba": self._mamba_parameters(), "attention": attention, "mlp": mlp}
+            non_embedding = sum(per_type[kind] + norm for kind in self.layer_types) + norm
+            return {"total": non_embedding + embedding, "non_embedding": non_embedding}
         non_embedding = self.num_layers * (attention + mlp + 2 * norm) + norm
         counts = {"total": non_embedding + embedding, "non_embedding": non_embedding}
         if self.is_moe:
             counts["active"] = counts["total"] - self.num_layers * (mlp - active_mlp)
         return counts
+
+    def _mamba_parameters(self) -> int:
+        """One Mamba-2 mixer: in_proj [z; x; B; C; dt] x h, conv1d (kernel 4, with bias) over
+        [x; B; C], A_log, D and dt_bias per head, the gated norm over d_in, out_proj h x d_in."""
+        h, conv = self.hidden_size, sum(self.mamba_conv_blocks.values())
+        return (sum(self.mamba_in_proj_blocks.values()) * h + conv * (MAMBA_CONV_KERNEL + 1)
+                + 3 * self.mamba_num_heads + self.mamba_inner + self.mamba_inner * h)
 
     def differences(self, other: "ModelArch") -> list[str]:
         """`key=mine vs other` for every field that changes what the two models compute. Floats
@@ -215,9 +303,9 @@ class ModelArch:
                 if f.name not in IDENTITY_KEYS and not _same_setting(getattr(self, f.name), getattr(other, f.name))]
 
     def shape(self) -> dict[str, int]:
-        """The shape keys, and the MoE ones a mixture-of-experts model has."""
-        moe = {key: getattr(self, key) for key in MOE_SHAPE_KEYS if getattr(self, key) is not None}
-        return {key: getattr(self, key) for key in SHAPE_KEYS} | moe
+        """The shape keys, and the MoE or Mamba ones a mixture-of-experts or hybrid model has."""
+        extra = {key: getattr(self, key) for key in (*MOE_SHAPE_KEYS, *MAMBA_SHAPE_KEYS) if getattr(self, key) is not None}
+        return {key: getattr(self, key) for key in SHAPE_KEYS} | extra
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

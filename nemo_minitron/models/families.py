@@ -17,6 +17,13 @@ What the families compute:
   experts by the softmax over the picked logits (HF `norm_topk_prob`); Qwen2-MoE by the softmax over
   all experts (`moe_router_pre_softmax`) and adds sigmoid(x . g) times a shared SwiGLU expert of
   `moe_shared_expert_intermediate_size`.
+- Nemotron-H (hybrid): a stack of single-purpose layers in a pattern (megatron's
+  `hybrid_override_pattern`: M a Mamba-2 mixer, * attention, - an MLP), each RMSNorm + its mixer
+  + residual; squared-ReLU MLPs; attention without positional embeddings (the Mamba layers carry
+  position). The Mamba-2 mixer (`models/mamba_kernels.py` states its math): in_proj to
+  [z; x; B; C; dt], a depthwise causal conv1d over [x; B; C], the selective scan per head (A_log,
+  D, dt_bias one per head; B and C one per SSM group of heads), an RMSNorm per group gated by
+  silu(z), out_proj.
 
 Adding a family is one `Family` row here plus, if its HF files name weights differently, their
 names in `bridge.py` (docs/design.md walks through it).
@@ -46,6 +53,12 @@ class Family:
     #                                      layers from `max_window_layers` on (Qwen); else in every layer
     hf_rotary_percent: float = 1.0       # the HF config's default share of each head that rotary turns
     nemo_classes: tuple[str, str] | None = None  # NeMo 2's (model class, config class) in nemo.collections.llm
+    hybrid: bool = False                 # Mamba, attention and MLP layers in a pattern (megatron's MambaModel),
+    #                                      attention without rotary
+    hf_ties: bool = True                 # the HF class ties lm_head to the embedding when `tie_word_embeddings`
+    #                                      says so (transformers' NemotronH never does: its files carry lm_head)
+    hf_file_prefix: str = "model."       # the base model's prefix in the weight files (the class's own in memory
+    #                                      is "model."; NemotronH files, as published, say "backbone.")
 
     @property
     def attention(self) -> dict[str, bool]:
@@ -58,8 +71,12 @@ class Family:
 
     def computes_like(self, other: "Family") -> bool:
         """Whether the two families' layers compute the same (Llama and Mistral do; Qwen3 and Qwen3-MoE do not)."""
-        return ((self.normalization, self.activation, self.qkv_bias, self.qk_norm, self.experts)
-                == (other.normalization, other.activation, other.qkv_bias, other.qk_norm, other.experts))
+        return self.layers == other.layers
+
+    @property
+    def layers(self) -> tuple:
+        """What decides the computation: norm, activation, attention extras, experts, hybrid."""
+        return self.normalization, self.activation, self.qkv_bias, self.qk_norm, self.experts, self.hybrid
 
 
 _SWIGLU = {"normalization": "RMSNorm", "activation": "swiglu", "hf_act": "silu"}
@@ -83,18 +100,20 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # NeMo's Qwen3Model with the MoE config, which llm does not re-export
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", **_QWEN, qk_norm=True, experts=ROUTED,
            nemo_classes=("Qwen3Model", "gpt.model.qwen3.Qwen3MoEConfig")),
+    Family("nemotron_h", "NemotronHForCausalLM", "NemotronHConfig", "RMSNorm", "squared_relu", "relu2",
+           hf_norm_eps="layer_norm_epsilon", hf_window_default=False, hybrid=True, hf_ties=False,
+           hf_file_prefix="backbone."),
 )}
 
 
 def family_of(normalization: str | None, activation: str | None, qkv_bias: bool = False, qk_norm: bool = False,
-              moe: bool = False, shared_expert: bool = False) -> str | None:
+              moe: bool = False, shared_expert: bool = False, hybrid: bool = False) -> str | None:
     """The first family (so Llama before Mistral) whose layers are `normalization` + `activation`, as a
     framework config names them ("RMSNorm", "swiglu"), with these attention extras and MoE layers
-    (with or without a shared expert); None when no family has them."""
+    (with or without a shared expert), in a hybrid Mamba stack or not; None when no family has them."""
     experts = (ROUTED_SHARED if shared_expert else ROUTED) if moe else None
-    return next((f.name for f in FAMILIES.values()
-                 if (f.normalization, f.activation, f.qkv_bias, f.qk_norm, f.experts)
-                 == (normalization, activation, qkv_bias, qk_norm, experts)), None)
+    wanted = (normalization, activation, qkv_bias, qk_norm, experts, hybrid)
+    return next((f.name for f in FAMILIES.values() if f.layers == wanted), None)
 
 
 def has_layers(normalization: str | None, activation: str | None) -> bool:

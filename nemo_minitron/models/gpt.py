@@ -1,4 +1,5 @@
-"""megatron-core `GPTModel`s: build one for a `ModelArch`, and read the `ModelArch` of any one.
+"""megatron-core `GPTModel`s (and, for the hybrid family, `MambaModel`s): build one for a
+`ModelArch`, and read the `ModelArch` of any one.
 
 `build_gpt_model(arch)` builds this rank's stage under the initialised TP/PP layout. `arch_of(model)`
 is its inverse for a model anybody built (ours, or a caller's own `GPTModel` on the local or the
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import IDENTITY_KEYS, MOE_SHAPE_KEYS, ModelArch
+from nemo_minitron.models.config import IDENTITY_KEYS, LAYER_SYMBOLS, MAMBA_KEYS, MOE_SHAPE_KEYS, ModelArch
 from nemo_minitron.models.families import FAMILIES, computes_alike, family_attention, family_of
 
 # model -> {family, bos_token_id, eos_token_id} of the weights it holds (see `remember_identity`).
@@ -66,6 +67,47 @@ def portable_norm_keys(spec):
     return spec
 
 
+def hybrid_stack_spec(use_te: bool | None = None):
+    """The layer spec of a hybrid model: megatron's own (Transformer Engine, norms fused into the
+    first linear of each layer) in the GPU container, else the same layers on the local spec's
+    modules, each layer's norm a separate module saved under the fused name (as `portable_norm_keys`
+    does for GPT layers), so checkpoints load in either."""
+    from nemo_minitron.models import mamba_kernels
+
+    mamba_kernels.install()  # before megatron's mixer module is imported
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    if use_te is None:
+        use_te = transformer_engine_available()
+    if use_te:
+        from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
+
+        return mamba_stack_spec
+    gpt = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm").submodules
+    norm = gpt.input_layernorm
+    mixer = ModuleSpec(module=MambaMixer, submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear,
+                                                                          out_proj=RowParallelLinear))
+    return ModuleSpec(module=MambaStack, submodules=MambaStackSubmodules(
+        mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
+            norm=norm, mixer=mixer, mamba_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"})),
+        attention_layer=ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+            input_layernorm=norm, self_attention=gpt.self_attention, self_attn_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"})),
+        mlp_layer=ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=norm, mlp=gpt.mlp, mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"})),
+    ))
+
+
 def build_gpt_model(
     arch: ModelArch,
     params_dtype: torch.dtype = torch.float32,
@@ -73,7 +115,7 @@ def build_gpt_model(
     sequence_parallel: bool = False,
 ):
     """The stage of `arch` that this rank holds under the initialised TP/PP layout (`sequence_parallel`:
-    see `transformer_config`)."""
+    see `transformer_config`): a `GPTModel`, or for a hybrid a `MambaModel`."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -81,6 +123,11 @@ def build_gpt_model(
     pp = ps.get_pipeline_model_parallel_world_size()
     config = transformer_config(arch, tp=tp, pp=pp, params_dtype=params_dtype,
                                 ep=ps.get_expert_model_parallel_world_size(), sequence_parallel=sequence_parallel)
+    if arch.is_hybrid:
+        model = _build_hybrid_model(arch, config, hybrid_stack_spec(use_te), ps.is_pipeline_first_stage(),
+                                    ps.is_pipeline_last_stage())
+        remember_identity(model, arch)
+        return model.cuda() if torch.cuda.is_available() else model
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch.normalization, use_te, arch.qk_norm, arch.num_moe_experts),
@@ -102,6 +149,18 @@ def build_gpt_model(
     return model
 
 
+def _build_hybrid_model(arch: ModelArch, config, spec, pre_process: bool, post_process: bool,
+                        **output_settings: Any):
+    """A `MambaModel` of `arch`'s layer pattern (attention without positional embeddings)."""
+    from megatron.core.models.mamba import MambaModel
+
+    settings = dict(parallel_output=True, share_embeddings_and_output_weights=arch.tie_embeddings) | output_settings
+    return MambaModel(config=config, mamba_stack_spec=spec, vocab_size=arch.vocab_size,
+                      max_sequence_length=arch.max_position_embeddings, pre_process=pre_process,
+                      post_process=post_process, hybrid_override_pattern=arch.hybrid_pattern,
+                      position_embedding_type="none", **settings)
+
+
 def rebuild_gpt_model(model, arch: ModelArch):
     """A new, freshly initialised model of `model`'s own class and layer spec for the architecture
     `arch` on this rank (same stage flags, output and rotary settings; `TransformerConfig` =
@@ -111,7 +170,15 @@ def rebuild_gpt_model(model, arch: ModelArch):
         model.config, num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
         kv_channels=arch.kv_channels, **{key: getattr(arch, key) for key in (*MOE_SHAPE_KEYS, "moe_router_topk")},
+        **({key: getattr(arch, key) for key in MAMBA_KEYS} if arch.is_hybrid else {}),
     )
+    like = next(model.parameters())  # Float16Module casts after construction: follow the weights
+    if arch.is_hybrid:
+        new = _build_hybrid_model(arch, config, model.mamba_stack_spec, model.pre_process, model.post_process,
+                                  fp16_lm_cross_entropy=model.fp16_lm_cross_entropy,
+                                  parallel_output=model.parallel_output)
+        remember_identity(new, arch)
+        return new.to(device=like.device, dtype=like.dtype)
     new = type(model)(
         config=config,
         transformer_layer_spec=model.transformer_layer_spec,
@@ -129,7 +196,6 @@ def rebuild_gpt_model(model, arch: ModelArch):
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
     remember_identity(new, arch)
-    like = next(model.parameters())  # Float16Module casts after construction: follow the weights
     return new.to(device=like.device, dtype=like.dtype)
 
 
@@ -139,21 +205,29 @@ def remember_identity(model, arch: ModelArch) -> None:
 
 
 def unwrap_model(model):
-    """The `GPTModel` inside megatron's `Float16Module` / `DistributedDataParallel` wrappers (one
-    model chunk per pipeline stage: a list of several chunks is virtual pipelining, unsupported)."""
+    """The `GPTModel` or `MambaModel` inside megatron's `Float16Module` / `DistributedDataParallel`
+    wrappers (one model chunk per pipeline stage: a list of several chunks is virtual pipelining,
+    unsupported)."""
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.mamba import MambaModel
 
     if isinstance(model, (list, tuple)):
         if len(model) != 1:
             raise UserError(f"got {len(model)} model chunks: virtual pipeline parallelism is not supported, "
                             f"pass one GPTModel per pipeline stage")
         model = model[0]
-    while not isinstance(model, GPTModel):
+    while not isinstance(model, (GPTModel, MambaModel)):
         inner = getattr(model, "module", None)
         if inner is None:
-            raise UserError(f"{type(model).__name__} is not a megatron-core GPTModel (nor a wrapper of one)")
+            raise UserError(f"{type(model).__name__} is not a megatron-core GPTModel or MambaModel (nor a wrapper "
+                            f"of one)")
         model = inner
     return model
+
+
+def is_hybrid_model(model) -> bool:
+    """Whether `model` (wrappers looked through) is a megatron-core `MambaModel`."""
+    return hasattr(unwrap_model(model), "mamba_stack_spec")
 
 
 def transformer_config(arch: ModelArch, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32,
@@ -199,6 +273,7 @@ def transformer_config(arch: ModelArch, tp: int = 1, pp: int = 1, params_dtype: 
         gradient_accumulation_fusion=False,
         init_method_std=0.02,
         **_megatron_moe_fields(arch),
+        **({"is_hybrid_model": True, **{key: getattr(arch, key) for key in MAMBA_KEYS}} if arch.is_hybrid else {}),
     )
 
 
@@ -250,9 +325,9 @@ def megatron_squared_relu():
     return megatron_version
 
 
-def _family(config) -> str:
+def _family(config, hybrid: bool = False) -> str:
     """The family whose layers `config` describes: Llama for RMSNorm + SwiGLU, Qwen2 when it adds
-    QKV biases, Qwen3 when it adds query/key norms."""
+    QKV biases, Qwen3 when it adds query/key norms; in a `hybrid` (Mamba) stack, Nemotron-H."""
     activation = config.activation_func
     if config.gated_linear_unit and activation is torch.nn.functional.silu:
         kind = "swiglu"
@@ -264,9 +339,14 @@ def _family(config) -> str:
                         f"(nemo-minitron prunes SwiGLU and squared-ReLU MLPs)")
     extras = {"qkv_bias": bool(config.add_qkv_bias), "qk_norm": bool(getattr(config, "qk_layernorm", False))}
     family = family_of(config.normalization, kind, extras["qkv_bias"], extras["qk_norm"],
-                       config.num_moe_experts is not None, config.moe_shared_expert_intermediate_size is not None)
+                       config.num_moe_experts is not None, config.moe_shared_expert_intermediate_size is not None,
+                       hybrid)
     if family is not None:
         return family
+    if hybrid:
+        raise UserError(f"unsupported hybrid layers: normalization={config.normalization} with a {kind} MLP, "
+                        f"add_qkv_bias={extras['qkv_bias']}, qk_layernorm={extras['qk_norm']} (Nemotron-H's are "
+                        f"RMSNorm with squared-ReLU MLPs and plain attention)")
     raise UserError(f"unsupported layers: normalization={config.normalization} with a {kind} MLP, "
                     f"add_qkv_bias={extras['qkv_bias']}, qk_layernorm={extras['qk_norm']}, "
                     f"num_moe_experts={config.num_moe_experts} and moe_shared_expert_intermediate_size="
@@ -284,7 +364,7 @@ def _qk_norm_problem(model) -> str | None:
     wanted = bool(getattr(model.config, "qk_layernorm", False))
     for layer in model.decoder.layers:
         for name in ("q_layernorm", "k_layernorm"):
-            norm = getattr(layer.self_attention, name, None)
+            norm = getattr(getattr(layer, "self_attention", None), name, None)
             if norm is not None and not isinstance(norm, IdentityOp) and getattr(norm, "weight", None) is None:
                 return f"query/key norms without a weight ({type(norm).__name__}, e.g. qk_l2_norm=True)"
             if (norm is not None and not isinstance(norm, IdentityOp)) != wanted:
@@ -327,6 +407,10 @@ def arch_fields(config, family: str) -> dict[str, Any]:
                "moe_ffn_hidden_size": getattr(config, "moe_ffn_hidden_size", None) or config.ffn_hidden_size,
                "moe_shared_expert_intermediate_size": getattr(config, "moe_shared_expert_intermediate_size", None),
                "moe_router_pre_softmax": bool(getattr(config, "moe_router_pre_softmax", False))}
+    mamba = {}
+    if FAMILIES[family].hybrid:  # megatron: heads default to hidden x expand 2 / head_dim
+        mamba = {key: getattr(config, key, None) for key in MAMBA_KEYS}
+        mamba["mamba_num_heads"] = mamba["mamba_num_heads"] or 2 * hidden // mamba["mamba_head_dim"]
     return dict(
         num_layers=config.num_layers,
         hidden_size=hidden,
@@ -339,24 +423,60 @@ def arch_fields(config, family: str) -> dict[str, Any]:
         family=family,
         **family_attention(family),
         **moe,
+        **mamba,
     )
 
 
 def _check_supported(model) -> None:
     """UserError naming every feature of `model` that nemo-minitron cannot prune or convert."""
     config = model.config
-    problems = config_problems(config)
+    hybrid = is_hybrid_model(model)
+    problems = [problem for problem in config_problems(config) if not (hybrid and "is_hybrid_model" in problem)]
     qk_norm_problem = _qk_norm_problem(model)
     if qk_norm_problem:
         problems.append(qk_norm_problem)
     if config.layernorm_zero_centered_gamma:
         problems.append("zero-centred norm gammas (layernorm_zero_centered_gamma=True)")
-    if model.position_embedding_type != "rope":
-        problems.append(f"position_embedding_type={model.position_embedding_type!r} (rope only)")
+    wanted = "none" if hybrid else "rope"  # Nemotron-H's attention has no positional embedding
+    if model.position_embedding_type != wanted:
+        problems.append(f"position_embedding_type={model.position_embedding_type!r} ({wanted} only in a "
+                        f"{'hybrid' if hybrid else 'GPT'} model)")
+    if hybrid:
+        problems += _hybrid_problems(model)
     if getattr(model, "mtp_process", False) and not getattr(config, "mtp_num_layers", None):
         problems.append("multi-token prediction layers")
     if problems:
         raise UserError("unsupported model: " + "; ".join(problems))
+
+
+def hybrid_pattern_of(model) -> str:
+    """The layer pattern of a `MambaModel` (all stages): its `hybrid_override_pattern`, or the one
+    megatron allocated from the attention and MLP ratios."""
+    if model.hybrid_override_pattern:
+        return model.hybrid_override_pattern
+    from megatron.core.ssm.mamba_hybrid_layer_allocation import allocate_layers
+
+    return "".join(allocate_layers(model.config.num_layers, model.hybrid_attention_ratio, model.hybrid_mlp_ratio))
+
+
+def _hybrid_problems(model) -> list[str]:
+    """What in a `MambaModel` nemo-minitron cannot prune or convert: layer kinds beyond Mamba,
+    attention and MLP (MoE layers, "E"), and Mamba mixers unlike Nemotron-H's."""
+    problems = []
+    others = sorted(set(hybrid_pattern_of(model)) - set(LAYER_SYMBOLS))
+    if others:
+        problems.append(f"hybrid layers {others} (supported: {LAYER_SYMBOLS})")
+    for layer in model.decoder.layers:
+        mixer = getattr(layer, "mixer", None)
+        if mixer is None:
+            continue
+        settings = {"D_has_hdim": (mixer.D_has_hdim, False), "rmsnorm": (mixer.rmsnorm, True),
+                    "norm_before_gate": (mixer.norm_before_gate, False), "d_conv": (mixer.d_conv, 4),
+                    "conv1d bias": (mixer.conv1d.bias is not None, True)}
+        problems += [f"a Mamba mixer with {key}={have} (supported: {want})" for key, (have, want) in settings.items()
+                     if have != want]
+        break  # every mixer is built from the same spec and config
+    return problems
 
 
 def moe_problems(config) -> list[str]:
@@ -397,19 +517,21 @@ def arch_of(model) -> ModelArch:
     _check_supported(model)
     config = model.config
     identity: dict[str, Any] = dict(_IDENTITY.get(model, {}))
-    family = _family(config)
+    hybrid = is_hybrid_model(model)
+    family = _family(config, hybrid)
     remembered = identity.get("family")
     if remembered and computes_alike(remembered, family):
         family = remembered  # e.g. Mistral, which computes like Llama
+    common = dict(vocab_size=model.vocab_size, max_position_embeddings=model.max_sequence_length,
+                  tie_embeddings=bool(model.share_embeddings_and_output_weights),
+                  bos_token_id=identity.get("bos_token_id"), eos_token_id=identity.get("eos_token_id"))
+    if hybrid:
+        return ModelArch(**arch_fields(config, family), **common, hybrid_pattern=hybrid_pattern_of(model))
     return ModelArch(
         **arch_fields(config, family),
-        vocab_size=model.vocab_size,
-        max_position_embeddings=model.max_sequence_length,
+        **common,
         rope_theta=float(model.rotary_base),
         rope_scaling_factor=_rope_scaling_factor(model),
-        tie_embeddings=bool(model.share_embeddings_and_output_weights),
-        bos_token_id=identity.get("bos_token_id"),
-        eos_token_id=identity.get("eos_token_id"),
         rotary_percent=float(model.rotary_percent),
     )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import ModelArch
+from nemo_minitron.models.config import LAYER_SYMBOLS, MAMBA_CONV_KERNEL, ModelArch
 from nemo_minitron.models.families import FAMILIES, family_attention
 
 # megatron's RotaryEmbedding hard-codes these Llama-3.1 rope-scaling constants; only `factor` is
@@ -20,8 +20,17 @@ from nemo_minitron.models.families import FAMILIES, family_attention
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-# The sizes every supported Hugging Face config states (the rest have defaults).
+# The sizes every supported Hugging Face config states (the rest have defaults; a hybrid's layer
+# count is its pattern's length).
 _HF_SIZE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+# A hybrid's layer kinds as NemotronH configs name them (transformers 5's `layers_block_type`, the
+# remote code's names before it) -> megatron's pattern symbols; "E" (MoE layers) is not supported.
+_HF_LAYER_SYMBOLS = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-",
+                     "moe": "E"}
+# Settings of a NemotronH config that megatron-core's Mamba layers fix: key -> the only value supported.
+_HF_HYBRID_FIXED = {"conv_kernel": MAMBA_CONV_KERNEL, "use_conv_bias": True, "mamba_proj_bias": False, "use_bias": False,
+                    "mamba_hidden_act": "silu", "mlp_hidden_act": "relu2", "residual_in_fp32": False,
+                    "num_nextn_predict_layers": 0}
 
 
 def arch_from_hf(hf: Any) -> ModelArch:
@@ -34,7 +43,7 @@ def arch_from_hf(hf: Any) -> ModelArch:
             f"{sorted(FAMILIES)} checkpoints"
         )
     family = FAMILIES[model_type]
-    missing = [key for key in _HF_SIZE_KEYS if key not in cfg]
+    missing = [key for key in _HF_SIZE_KEYS if key not in cfg and not (family.hybrid and key == "num_hidden_layers")]
     if missing:
         raise UserError(f"the {model_type} config lacks {', '.join(missing)}: not a complete Hugging Face config.json")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
@@ -49,11 +58,12 @@ def arch_from_hf(hf: Any) -> ModelArch:
                         f"7B v0.1): nemo-minitron attends to the whole sequence, so it would not compute this model "
                         f"beyond {window} tokens")
     heads = cfg["num_attention_heads"]
-    rope_factor = _llama3_rope_factor(cfg)
+    rope_factor = None if family.hybrid else _llama3_rope_factor(cfg)
     moe = _hf_moe_fields(cfg) if family.is_moe else {}
+    hybrid = _hf_hybrid_fields(cfg) if family.hybrid else {}
     eos = cfg.get("eos_token_id")
     return ModelArch(
-        num_layers=cfg["num_hidden_layers"],
+        num_layers=len(hybrid["hybrid_pattern"]) if hybrid else cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],
         ffn_hidden_size=cfg["intermediate_size"],
         num_attention_heads=heads,
@@ -71,7 +81,36 @@ def arch_from_hf(hf: Any) -> ModelArch:
         rotary_percent=float(_partial_rotary_factor(cfg, family.hf_rotary_percent)),
         **family_attention(model_type),
         **moe,
+        **hybrid,
     )
+
+
+def _hf_hybrid_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The `ModelArch` hybrid fields of a NemotronH config; refuses what megatron-core's hybrid
+    layers would compute otherwise, naming the key."""
+    for key, supported in _HF_HYBRID_FIXED.items():
+        if key in cfg and cfg[key] != supported:
+            raise UserError(f"{cfg['model_type']} with {key}={cfg[key]!r} is not supported: megatron-core's hybrid "
+                            f"layers have {key}={supported!r}")
+    low, high = (_json_float(v) for v in cfg.get("time_step_limit") or (0.0, float("inf")))
+    if (low, high) != (0.0, float("inf")):
+        raise UserError(f"time_step_limit={cfg['time_step_limit']} is not supported: megatron-core's Mamba mixer "
+                        f"does not clamp the time step (0.0, inf)")
+    kinds = cfg.get("layers_block_type")
+    pattern = "".join(_HF_LAYER_SYMBOLS.get(kind, "?") for kind in kinds) if kinds else cfg.get("hybrid_override_pattern")
+    if not pattern or set(pattern) - set(LAYER_SYMBOLS):
+        raise UserError(f"{cfg['model_type']} layers {kinds or pattern!r}: supported are Mamba, attention and MLP "
+                        f"layers ({sorted(k for k, v in _HF_LAYER_SYMBOLS.items() if v in LAYER_SYMBOLS)}); MoE "
+                        f"layers are not")
+    return {"hybrid_pattern": pattern, "mamba_num_heads": cfg["mamba_num_heads"],
+            "mamba_head_dim": cfg["mamba_head_dim"], "mamba_num_groups": cfg["n_groups"],
+            "mamba_state_dim": cfg["ssm_state_size"]}
+
+
+def _json_float(value: Any) -> float:
+    """A float of config.json: a number, a string ("Infinity") or transformers 5's encoding of a
+    non-finite one ({"__float__": "Infinity"})."""
+    return float(value["__float__"] if isinstance(value, dict) else value)
 
 
 def export_family(arch: ModelArch) -> str:
@@ -130,8 +169,10 @@ def to_hf(arch: ModelArch):
     import transformers
 
     family = FAMILIES[export_family(arch)]
+    layers = _hf_hybrid_kwargs(arch) if arch.is_hybrid else dict(num_hidden_layers=arch.num_layers,
+                                                                   hidden_act=family.hf_act)
     kwargs: dict[str, Any] = dict(
-        num_hidden_layers=arch.num_layers,
+        **layers,
         hidden_size=arch.hidden_size,
         intermediate_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads,
@@ -142,7 +183,6 @@ def to_hf(arch: ModelArch):
         tie_word_embeddings=arch.tie_embeddings,
         bos_token_id=arch.bos_token_id,
         eos_token_id=arch.eos_token_id,
-        hidden_act=family.hf_act,
         torch_dtype="float32",
     )
     kwargs[family.hf_norm_eps] = arch.norm_eps
@@ -151,9 +191,19 @@ def to_hf(arch: ModelArch):
     if arch.is_moe:
         kwargs.update(_hf_moe_kwargs(arch))
     config = getattr(transformers, family.hf_config)(**kwargs)
-    _set_hf_rope(config, rope_fields(arch))
+    if not arch.is_hybrid:  # a hybrid's attention has no rotary
+        _set_hf_rope(config, rope_fields(arch))
     config.architectures = [family.hf_class]
     return config
+
+
+def _hf_hybrid_kwargs(arch: ModelArch) -> dict[str, Any]:
+    """The layer pattern and Mamba settings of a NemotronH config (inverse of `_hf_hybrid_fields`).
+    The pattern goes in as `hybrid_override_pattern`, which every transformers with NemotronH
+    takes (5.x turns it into `layers_block_type`)."""
+    return dict(hybrid_override_pattern=arch.hybrid_pattern, mamba_num_heads=arch.mamba_num_heads,
+                mamba_head_dim=arch.mamba_head_dim, n_groups=arch.mamba_num_groups,
+                ssm_state_size=arch.mamba_state_dim, **_HF_HYBRID_FIXED)
 
 
 def _hf_moe_kwargs(arch: ModelArch) -> dict[str, Any]:

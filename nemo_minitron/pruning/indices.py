@@ -25,7 +25,10 @@ class PruneIndices:
     so the GQA layout of the pruned QKV follows directly from it. In a mixture-of-experts model,
     `experts[layer]` are the kept routed experts, `neurons[layer]` is [kept experts, kept neurons]
     (each kept expert's own neurons, in the order of `experts[layer]`) and `shared_neurons[layer]`
-    the shared expert's.
+    the shared expert's. A hybrid holds `heads` for its attention layers, `neurons` for its MLP
+    layers and, for each Mamba layer, `mamba_heads[layer]` ([SSM groups, heads kept per group] of
+    global head indices: every group keeps its own best heads) and `mamba_channels[layer]` (the
+    channel indices every kept head keeps).
     """
 
     hidden: torch.Tensor
@@ -34,6 +37,8 @@ class PruneIndices:
     neurons: dict[int, torch.Tensor]
     experts: dict[int, torch.Tensor] = field(default_factory=dict)
     shared_neurons: dict[int, torch.Tensor] = field(default_factory=dict)
+    mamba_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    mamba_channels: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def dropped_layers(self, teacher: ModelArch) -> list[int]:
         return [i for i in range(teacher.num_layers) if i not in set(self.layers)]
@@ -53,6 +58,15 @@ def select_heads(head_scores: torch.Tensor, teacher: ModelArch, target: ModelArc
     groups = top_k(by_group.norm(dim=1), target.num_query_groups)
     keep = target.num_attention_heads // target.num_query_groups
     return torch.stack([g * per_group + top_k(by_group[g], keep) for g in groups.tolist()])
+
+
+def select_mamba_heads(head_scores: torch.Tensor, teacher: ModelArch, target: ModelArch) -> torch.Tensor:
+    """[G, h'] kept SSM heads of one Mamba layer: the best `target.mamba_num_heads / G` heads of
+    every group (B and C are per group, so a group keeps its projections and loses heads only)."""
+    G = teacher.mamba_num_groups
+    by_group = head_scores.view(G, teacher.mamba_num_heads // G)
+    keep = target.mamba_num_heads // G
+    return torch.stack([g * by_group.shape[1] + top_k(by_group[g], keep) for g in range(G)])
 
 
 def expert_scores(scores: ImportanceScores, method: str, seed: int = 0) -> torch.Tensor:
@@ -79,12 +93,20 @@ def select_indices(
     if len(drop_layers) != teacher.num_layers - target.num_layers:
         raise ValueError(f"dropping {len(drop_layers)} layers does not give target.num_layers={target.num_layers}")
     layers = [i for i in range(teacher.num_layers) if i not in set(drop_layers)]
+    kinds = teacher.layer_types
     indices = PruneIndices(
         hidden=top_k(scores.hidden, target.hidden_size),
         layers=layers,
-        heads={i: select_heads(scores.heads[i], teacher, target) for i in layers},
+        heads={i: select_heads(scores.heads[i], teacher, target) for i in layers
+               if kinds[i] in ("transformer", "attention")},
         neurons={},
     )
+    if teacher.is_hybrid:
+        indices.neurons = {i: top_k(scores.neurons[i], target.ffn_hidden_size) for i in layers if kinds[i] == "mlp"}
+        mamba = [i for i in layers if kinds[i] == "mamba"]
+        indices.mamba_heads = {i: select_mamba_heads(scores.mamba_heads[i], teacher, target) for i in mamba}
+        indices.mamba_channels = {i: top_k(scores.mamba_channels[i], target.mamba_head_dim) for i in mamba}
+        return indices
     if not teacher.is_moe:
         indices.neurons = {i: top_k(scores.neurons[i], target.ffn_hidden_size) for i in layers}
         return indices

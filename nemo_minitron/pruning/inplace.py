@@ -42,6 +42,8 @@ def prune(
     moe_ffn_hidden_size: int | None = None,
     moe_shared_expert_intermediate_size: int | None = None,
     moe_router_topk: int | None = None,
+    mamba_num_heads: int | None = None,
+    mamba_head_dim: int | None = None,
     depth_method: str = "block_importance",
     expert_method: str = "output",
     head_residual: bool = False,
@@ -57,7 +59,10 @@ def prune(
     `depth_method` ranks lowest in `scores` ("contiguous" reads `scores.blocks`, the others
     `scores.layers`). A mixture-of-experts model keeps the `num_moe_experts` experts per layer that
     `expert_method` ranks highest (`scores.experts`), each with its best `moe_ffn_hidden_size`
-    neurons, and the shared expert's best `moe_shared_expert_intermediate_size`.
+    neurons, and the shared expert's best `moe_shared_expert_intermediate_size`. A hybrid (Mamba)
+    model keeps in every Mamba layer the `mamba_num_heads` best heads (the same number from each
+    SSM group) and in every kept head the `mamba_head_dim` best channels; its depth goes by
+    `drop_layers`.
 
     Reconstruction: with `reconstruct_loop` (a forward loop, like `estimate_importance`'s), the
     unpruned model runs it once more with recording hooks, and the kept columns of every kept
@@ -80,7 +85,7 @@ def prune(
                      num_query_groups=num_query_groups, num_moe_experts=num_moe_experts,
                      moe_ffn_hidden_size=moe_ffn_hidden_size,
                      moe_shared_expert_intermediate_size=moe_shared_expert_intermediate_size,
-                     moe_router_topk=moe_router_topk)
+                     moe_router_topk=moe_router_topk, mamba_num_heads=mamba_num_heads, mamba_head_dim=mamba_head_dim)
     target = spec.target_arch(teacher, ps.get_tensor_model_parallel_world_size(),
                               ps.get_pipeline_model_parallel_world_size(), ps.get_expert_model_parallel_world_size())
     dropped = (sorted(drop_layers) if drop_layers is not None

@@ -58,6 +58,14 @@ PUBLISHED_TEACHERS: dict[str, ModelArch] = {
         tie_embeddings=False, family="qwen3_moe", qk_norm=True, num_moe_experts=128, moe_router_topk=8,
         moe_ffn_hidden_size=768,
     ),
+    # Nemotron-H: Mamba-2, attention (no rotary) and squared-ReLU MLP layers in a pattern; 28 Mamba
+    # layers of 128 heads x 80 channels in 8 SSM groups with 128 states, 6 attention, 28 MLP.
+    "nemotron-nano-12b-v2": ModelArch(
+        num_layers=62, hidden_size=5120, ffn_hidden_size=20480, num_attention_heads=40, num_query_groups=8,
+        kv_channels=128, vocab_size=131072, max_position_embeddings=131072, norm_eps=1e-5, tie_embeddings=False,
+        family="nemotron_h", hybrid_pattern="M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-",
+        mamba_num_heads=128, mamba_head_dim=80, mamba_num_groups=8, mamba_state_dim=128,
+    ),
 }
 # Minitron-4B is pruned from Minitron-8B, not from the 15B (the paper's iterative prune + distill).
 PUBLISHED_TEACHERS["minitron-8b"] = PUBLISHED_TEACHERS["nemotron-4-15b"].replace(hidden_size=4096, ffn_hidden_size=16384)
@@ -85,6 +93,10 @@ PUBLISHED_RECIPES: dict[str, Recipe] = {
     # Qwen3-30B-A3B with 96 of its 128 experts per layer (reported: MMLU 0.740 without retraining vs 0.787);
     # the source gives no size, 23.28B is this planner's count.
     "qwen3-30b-a3b-96-experts": Recipe("qwen3-30b-a3b", PruneSpec(num_moe_experts=96), "23.28B"),
+    # Nemotron-Nano-9B-v2 (arXiv 2508.14444): 62 -> 56 layers, hidden 4480, FFN 15680; the card says "9B",
+    # this planner counts 8.89B (the teacher 12.31B). The dropped layers leave the 9B's published pattern.
+    "nemotron-nano-9b-v2": Recipe("nemotron-nano-12b-v2", PruneSpec(drop_layers=[7, 8, 23, 24, 48, 52], hidden_size=4480,
+                                                                    ffn_hidden_size=15680), "9B"),
 }
 
 

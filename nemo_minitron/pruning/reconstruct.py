@@ -136,9 +136,10 @@ def check_options(ridge: float, head_residual: bool) -> None:
 
 def check_reconstructable(arch) -> None:
     """Refuse models whose consumers are not refit here (before any calibration work)."""
-    if arch.is_moe:
-        raise UserError("reconstruct=true refits dense MLPs and attention; this model's MLPs are mixtures of "
-                        "experts: prune it with reconstruct=false")
+    if arch.is_moe or arch.is_hybrid:
+        kind = "MLPs are mixtures of experts" if arch.is_moe else "layers include Mamba mixers"
+        raise UserError(f"reconstruct=true refits dense transformer layers' MLPs and attention; this model's {kind}: "
+                        f"prune it with reconstruct=false")
 
 
 class ReconstructionRecorder:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import MOE_SHAPE_KEYS, SHAPE_KEYS, ModelArch
+from nemo_minitron.models.config import MAMBA_SHAPE_KEYS, MOE_SHAPE_KEYS, SHAPE_KEYS, ModelArch
 
 # The shape keys a width prune sets (head_dim never changes; depth has its own keys).
 _WIDTH_KEYS = tuple(key for key in SHAPE_KEYS if key not in ("num_layers", "kv_channels"))
@@ -26,7 +26,10 @@ class PruneSpec:
     prunes its routed experts (`num_moe_experts`, at least the router's top-k, which
     `moe_router_topk` may lower), every expert's FFN (`moe_ffn_hidden_size`) and the shared
     expert's (`moe_shared_expert_intermediate_size`) instead of `ffn_hidden_size`, which its layers
-    do not use.
+    do not use. A hybrid (Mamba) teacher also prunes its Mamba layers' heads (`mamba_num_heads`,
+    group-aware: every SSM group keeps as many of its own heads, so a multiple of the groups) and
+    channels per head (`mamba_head_dim`); its depth is pruned by naming the layers
+    (`drop_layers`), which decides the student's layer pattern.
     """
 
     num_layers: int | None = None   # layers to keep (depth pruning, layers chosen by depth.method)
@@ -41,12 +44,14 @@ class PruneSpec:
     moe_shared_expert_intermediate_size: int | None = None   # MoE teachers with a shared expert: its neurons to keep
     # MoE teachers: experts per token (at most the teacher's; needed when fewer experts remain)
     moe_router_topk: int | None = None
+    mamba_num_heads: int | None = None   # hybrid teachers: SSM heads per Mamba layer to keep (a multiple of the groups)
+    mamba_head_dim: int | None = None   # hybrid teachers: channels to keep in every SSM head
     POSITIVE: ClassVar[tuple[str, ...]] = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                                           "num_query_groups", *MOE_SHAPE_KEYS, "moe_router_topk")
+                                           "num_query_groups", *MOE_SHAPE_KEYS, "moe_router_topk", *MAMBA_SHAPE_KEYS)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruneSpec":
-        known = {"num_layers", "drop_layers", *_WIDTH_KEYS, *MOE_SHAPE_KEYS, "moe_router_topk"}
+        known = {"num_layers", "drop_layers", *_WIDTH_KEYS, *MOE_SHAPE_KEYS, "moe_router_topk", *MAMBA_SHAPE_KEYS}
         unknown = set(data) - known
         if unknown:
             raise UserError(f"unknown target keys {sorted(unknown)}: use target.{{{','.join(sorted(known))}}}")
@@ -91,6 +96,7 @@ class PruneSpec:
             )
         moe = self._moe_sizes(teacher)
         target = teacher.replace(
+            **self._mamba_sizes(teacher),
             num_layers=self.target_layers(teacher),
             hidden_size=self.hidden_size or teacher.hidden_size,
             ffn_hidden_size=moe.pop("ffn_hidden_size", self.ffn_hidden_size or teacher.ffn_hidden_size),
@@ -132,6 +138,33 @@ class PruneSpec:
             sizes["ffn_hidden_size"] = sizes["moe_ffn_hidden_size"]
         return sizes
 
+    def _mamba_sizes(self, teacher: ModelArch) -> dict:
+        """A hybrid target's Mamba shape keys and layer pattern (none for a teacher without Mamba
+        layers, which may not set them)."""
+        set_keys = [key for key in MAMBA_SHAPE_KEYS if getattr(self, key) is not None]
+        if not teacher.is_hybrid:
+            if set_keys:
+                raise UserError(f"target.{set_keys[0]} is set but the teacher ({teacher.family}) has no Mamba layers")
+            return {}
+        sizes = {}
+        for key in MAMBA_SHAPE_KEYS:
+            value, full = getattr(self, key), getattr(teacher, key)
+            if value is not None and not 1 <= value <= full:
+                raise UserError(f"target.{key}={value} must be between 1 and the teacher's {full}")
+            sizes[key] = value or full
+        groups = teacher.mamba_num_groups
+        if sizes["mamba_num_heads"] % groups:
+            raise UserError(f"target.mamba_num_heads={sizes['mamba_num_heads']} is not a multiple of the teacher's "
+                            f"{groups} SSM groups: heads leave within their groups, each group keeping as many "
+                            f"(choose among {[groups * k for k in range(1, teacher.mamba_num_heads // groups + 1)]})")
+        if self.num_dropped(teacher) and self.drop_layers is None:
+            raise UserError(f"target.num_layers={self.num_layers} on a hybrid teacher: name the layers to drop with "
+                            f"target.drop_layers (which kinds go, of the pattern {teacher.hybrid_pattern!r}, decides "
+                            f"the student's pattern and size)")
+        dropped = set(self.drop_layers or ())
+        sizes["hybrid_pattern"] = "".join(s for i, s in enumerate(teacher.hybrid_pattern) if i not in dropped)
+        return sizes
+
     def _check_layers(self, teacher: ModelArch) -> None:
         L = teacher.num_layers
         if self.num_layers is not None and not 1 <= self.num_layers <= L:
@@ -166,4 +199,6 @@ class PruneSpec:
         for key in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size") if target.is_moe else ("ffn_hidden_size",):
             if getattr(target, key) is not None and getattr(target, key) % tp:
                 raise UserError(f"target.{key}={getattr(target, key)} is not divisible by tp={tp}")
+        if target.is_hybrid and target.mamba_num_heads % tp:
+            raise UserError(f"target.mamba_num_heads={target.mamba_num_heads} is not divisible by tp={tp}")
         target.check_parallel(tp, pp, ep)

@@ -263,9 +263,9 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     teacher = checkpoint.read_arch(cfg.checkpoint)
     teacher.check_positions(cfg.calib.seq_len, "calib.seq_len")
     reconstruct = cfg.reconstruct
-    if reconstruct and teacher.is_moe:  # the pipeline's default is on: an MoE teacher still prunes
-        log.warning("reconstruct=true: reconstruction does not refit mixtures of experts; pruning this MoE teacher "
-                    "without it")
+    if reconstruct and (teacher.is_moe or teacher.is_hybrid):  # the pipeline's default is on: these still prune
+        log.warning("reconstruct=true: reconstruction refits dense transformer layers only (not mixtures of experts or "
+                    "Mamba layers); pruning this %s teacher without it", teacher.family)
         reconstruct = False
     spec = cfg.target
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)

@@ -14,7 +14,14 @@
 - an MoE layer keeps the router rows of its kept experts (renumbered 0..E'-1 in their original
   order, so top-k routing among them is unchanged), each kept expert its own kept neurons as above,
   and the shared expert its kept neurons and the hidden columns of its gate;
-- dropped layers disappear and the survivors are renumbered 0..L'-1.
+- a hybrid's Mamba layer keeps, of every kept head, the kept channels: the d_in indices
+  head * head_dim + channel select the rows of in_proj's z and x blocks, conv1d's x channels, the
+  gated norm's weight and out_proj's columns; a kept head keeps its dt row of in_proj and its
+  dt_bias, A_log and D; B and C (per SSM group, and every group stays) are kept whole. Heads
+  leave within their groups, the same number from each, so the gated norm still normalises each
+  group's channels (now fewer) together;
+- dropped layers disappear and the survivors are renumbered 0..L'-1 (a hybrid's pattern loses
+  their symbols).
 `prune_model` applies it to a live model at any TP x PP: gather the global state dict, prune it,
 build the pruned model of the same class and layer spec for the current layout (megatron splits
 the new layer count evenly over the pipeline stages) and load the shards. Memory: every rank briefly holds the teacher's global
@@ -56,6 +63,33 @@ def keep_mlp(sd: dict[str, torch.Tensor], src: str, dst: str, neurons: torch.Ten
     return {dst + "linear_fc1.weight": fc1[:, hidden], dst + "linear_fc2.weight": sd[src + "linear_fc2.weight"][hidden][:, neurons]}
 
 
+def mamba_inner_channels(heads: torch.Tensor, channels: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The d_in indices (head-major: head * head_dim + channel) of the kept `channels` of every
+    kept head (`heads` [G, h'] group-major, so in ascending order)."""
+    return (heads.flatten()[:, None] * head_dim + channels[None, :]).flatten()
+
+
+def keep_mamba(sd: dict[str, torch.Tensor], src: str, dst: str, heads: torch.Tensor, channels: torch.Tensor,
+               hidden: torch.Tensor, teacher: ModelArch) -> dict[str, torch.Tensor]:
+    """The kept heads, head channels and `hidden` channels of the Mamba layer at `src`, named at `dst`."""
+    inner = mamba_inner_channels(heads, channels, teacher.mamba_head_dim)
+    kept_heads = heads.flatten()
+    keep = {"z": inner, "x": inner, "B": slice(None), "C": slice(None), "dt": kept_heads}
+    m, out = src + "mixer.", {}
+    blocks = sd[m + "in_proj.weight"].split(list(teacher.mamba_in_proj_blocks.values()))
+    out[dst + "mixer.in_proj.weight"] = torch.cat([block[keep[name]] for name, block in
+                                                   zip(teacher.mamba_in_proj_blocks, blocks)])[:, hidden]
+    for param in ("weight", "bias"):
+        blocks = sd[f"{m}conv1d.{param}"].split(list(teacher.mamba_conv_blocks.values()))
+        out[f"{dst}mixer.conv1d.{param}"] = torch.cat([block[keep[name]] for name, block in
+                                                       zip(teacher.mamba_conv_blocks, blocks)])
+    for name in ("dt_bias", "A_log", "D"):
+        out[f"{dst}mixer.{name}"] = sd[m + name][kept_heads]
+    out[dst + "mixer.norm.weight"] = sd[m + "norm.weight"][inner]
+    out[dst + "mixer.out_proj.weight"] = sd[m + "out_proj.weight"][hidden][:, inner]
+    return out
+
+
 def merge_pruned_heads(proj: torch.Tensor, kept: torch.Tensor, per_group: int) -> torch.Tensor:
     """The head "residual" option: fold each pruned head's output projection into a kept head of
     the same query group ([h, heads, d] -> same shape, new tensor).
@@ -86,15 +120,23 @@ def prune_global(
     G, d, h = teacher.num_query_groups, teacher.kv_channels, teacher.hidden_size
     per_group = teacher.num_attention_heads // G
     out = {"embedding.word_embeddings.weight": sd["embedding.word_embeddings.weight"][:, hid]}
+    final = bridge.final_norm(teacher)
     for param in teacher.norm_params:
-        out[f"decoder.final_layernorm.{param}"] = sd[f"decoder.final_layernorm.{param}"][hid]
+        out[f"{final}{param}"] = sd[f"{final}{param}"][hid]
     if not teacher.tie_embeddings:
         out["output_layer.weight"] = sd["output_layer.weight"][:, hid]
     for new, old in enumerate(indices.layers):
         src, dst = f"decoder.layers.{old}.", f"decoder.layers.{new}."
-        for norm in ("input_layernorm", "pre_mlp_layernorm"):
+        for norm in bridge.layer_norms(teacher, old):
             for param in teacher.norm_params:
-                out[f"{dst}{norm}.{param}"] = sd[f"{src}{norm}.{param}"][hid]
+                out[f"{dst}{norm}{param}"] = sd[f"{src}{norm}{param}"][hid]
+        kind = teacher.layer_types[old]
+        if kind == "mamba":
+            out |= keep_mamba(sd, src, dst, indices.mamba_heads[old], indices.mamba_channels[old], hid, teacher)
+            continue
+        if kind == "mlp":
+            out |= keep_mlp(sd, src + "mlp.", dst + "mlp.", indices.neurons[old], hid, teacher.gated)
+            continue
 
         heads = indices.heads[old]
         for param in bridge.qkv_params(teacher):  # a head's bias rows go with its weight rows
@@ -108,6 +150,8 @@ def prune_global(
             proj = merge_pruned_heads(proj, heads, per_group)
         out[dst + "self_attention.linear_proj.weight"] = proj[hid][:, heads.flatten()].reshape(len(hid), -1)
 
+        if kind == "attention":
+            continue
         if not teacher.is_moe:
             out |= keep_mlp(sd, src + "mlp.", dst + "mlp.", indices.neurons[old], hid, teacher.gated)
             continue

@@ -3,7 +3,9 @@
 Axes: depth, hidden size, (attention heads, query groups) pairs and the MLP width. A dense teacher's
 MLP width is `ffn_hidden_size`; a mixture-of-experts teacher's is three axes instead (its layers do
 not use `ffn_hidden_size`): the number of routed experts, every expert's FFN width and, where it has
-one, the shared expert's FFN width (`MOE_SHAPE_KEYS`). A candidate is the prune stage's target
+one, the shared expert's FFN width (`MOE_SHAPE_KEYS`). A hybrid (Mamba) teacher adds its Mamba
+layers' heads and channels per head (`MAMBA_SHAPE_KEYS`) and keeps its depth: a hybrid's depth
+is pruned by naming layers, which decides the pattern. A candidate is the prune stage's target
 (`target_of`), built by `PruneSpec.target_arch`, so the search proposes nothing the prune stage
 would refuse."""
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import MOE_SHAPE_KEYS, SHAPE_KEYS, ModelArch
+from nemo_minitron.models.config import MAMBA_CONV_KERNEL, MAMBA_SHAPE_KEYS, MOE_SHAPE_KEYS, SHAPE_KEYS, ModelArch
 from nemo_minitron.pruning import PruneSpec
 
 # Every shape key but the head dimension, which pruning never changes; MoE teachers swap
@@ -31,9 +33,12 @@ class Budget:
     dense model's total) or `memory_bytes`, met within +-`tolerance` (a fraction of the budget).
 
     Inference memory = weights (total parameters x bytes of `memory_dtype`) + the KV cache of
-    `memory_batch_size` x `memory_seq_length` tokens: 2 (K and V) x layers x query groups x head_dim
-    values per token, at the same dtype. Activations and workspace are left out: they depend on the
-    kernels, not on the architecture.
+    `memory_batch_size` x `memory_seq_length` tokens: 2 (K and V) x attention layers x query groups
+    x head_dim values per token, at the same dtype. A hybrid's Mamba layers hold instead a state per
+    sequence whatever its length: the SSM state (heads x head_dim x state_dim, in float32 as
+    transformers' and vLLM's NemotronH keep it) and the convolution's last 3 inputs (conv channels x
+    3, at `memory_dtype`). Activations and workspace are left out: they depend on the kernels, not
+    on the architecture.
     """
 
     params: float | None = None   # total parameters (tied embeddings once)
@@ -72,8 +77,15 @@ class Budget:
     def memory(self, arch: ModelArch) -> float:
         """Inference memory of `arch` in bytes (see the class docstring)."""
         width = _DTYPE_BYTES[self.memory_dtype]
-        kv = 2 * arch.num_layers * arch.num_query_groups * arch.kv_channels
-        return width * (arch.num_parameters()["total"] + kv * self.memory_batch_size * self.memory_seq_length)
+        kinds = arch.layer_types
+        attention_layers = sum(kind in ("transformer", "attention") for kind in kinds)
+        kv = 2 * attention_layers * arch.num_query_groups * arch.kv_channels
+        weights_and_kv = width * (arch.num_parameters()["total"] + kv * self.memory_batch_size * self.memory_seq_length)
+        if not arch.is_hybrid:
+            return weights_and_kv
+        ssm = 4 * arch.mamba_inner * arch.mamba_state_dim
+        conv = width * sum(arch.mamba_conv_blocks.values()) * (MAMBA_CONV_KERNEL - 1)
+        return weights_and_kv + kinds.count("mamba") * (ssm + conv) * self.memory_batch_size
 
     def cost(self, arch: ModelArch) -> float:
         if self.kind == "memory_bytes":
@@ -100,19 +112,21 @@ class SearchSpace:
     ffn_multiple: int = 512   # ffn_hidden_size grid step
     expert_multiple: int = 8      # num_moe_experts grid step (MoE teachers; also a multiple of ep, at least the top-k)
     moe_ffn_multiple: int = 128   # moe_ffn_hidden_size and moe_shared_expert_intermediate_size grid step (MoE teachers)
+    mamba_head_dim_multiple: int = 16   # mamba_head_dim grid step (hybrid teachers; mamba_num_heads steps by the SSM groups)
     min_fraction: float = 0.5   # no axis below this fraction of the teacher
     # explicit values replace an axis's grid, e.g. choices.num_layers=[16,32]; the axes: num_layers, hidden_size,
     # ffn_hidden_size, num_attention_heads (null: 1 to the teacher's heads per group, times the groups),
-    # num_query_groups (null: multiples of tp), and for MoE teachers num_moe_experts, moe_ffn_hidden_size,
-    # moe_shared_expert_intermediate_size
-    choices: dict[str, list[int] | None] = field(default_factory=lambda: dict.fromkeys((*AXES, *MOE_SHAPE_KEYS)))
+    # num_query_groups (null: multiples of tp), for MoE teachers num_moe_experts, moe_ffn_hidden_size,
+    # moe_shared_expert_intermediate_size, for hybrid teachers mamba_num_heads, mamba_head_dim
+    choices: dict[str, list[int] | None] = field(
+        default_factory=lambda: dict.fromkeys((*AXES, *MOE_SHAPE_KEYS, *MAMBA_SHAPE_KEYS)))
     POSITIVE: ClassVar[tuple[str, ...]] = ("layer_multiple", "hidden_multiple", "ffn_multiple", "expert_multiple",
-                                           "moe_ffn_multiple")
+                                           "moe_ffn_multiple", "mamba_head_dim_multiple")
 
     def __post_init__(self):
         if not 0 < self.min_fraction <= 1:
             raise UserError(f"search.space.min_fraction={self.min_fraction} must be in (0, 1]")
-        known = [*AXES, *MOE_SHAPE_KEYS]
+        known = [*AXES, *MOE_SHAPE_KEYS, *MAMBA_SHAPE_KEYS]
         unknown = {k for k, v in self.choices.items() if v is not None} - set(known)
         if unknown:
             raise UserError(f"unknown search.space.choices keys {sorted(unknown)}: use {known}")
@@ -126,10 +140,14 @@ class SearchSpace:
         explicit = self.choices.get(name)
         if explicit is not None:
             return sorted(set(int(v) for v in explicit))
+        if name == "num_layers" and teacher.is_hybrid:  # a hybrid's depth goes by named layers (module docstring)
+            return [teacher.num_layers]
         multiple = {"num_layers": self.layer_multiple, "hidden_size": self.hidden_multiple,
                     "ffn_hidden_size": self.ffn_multiple, "num_moe_experts": self.expert_multiple,
                     "moe_ffn_hidden_size": self.moe_ffn_multiple,
-                    "moe_shared_expert_intermediate_size": self.moe_ffn_multiple}[name]
+                    "moe_shared_expert_intermediate_size": self.moe_ffn_multiple,
+                    # heads leave within their SSM groups, as many from each
+                    "mamba_num_heads": teacher.mamba_num_groups, "mamba_head_dim": self.mamba_head_dim_multiple}[name]
         return self._grid(getattr(teacher, name), multiple)
 
     def attention(self, teacher: ModelArch, tp: int) -> list[tuple[int, int]]:
@@ -150,17 +168,19 @@ def mlp_axes(arch: ModelArch) -> tuple[str, ...]:
 
 def axes(arch: ModelArch) -> tuple[str, ...]:
     """The searched keys of `arch`, i.e. the prune target's."""
-    return (*(key for key in AXES if key != "ffn_hidden_size"), *mlp_axes(arch))
+    return (*(key for key in AXES if key != "ffn_hidden_size"), *mlp_axes(arch),
+            *(MAMBA_SHAPE_KEYS if arch.is_hybrid else ()))
 
 
 # A candidate name's letter per key, in the name's order.
 _NAME_LETTERS = {"num_layers": "L", "hidden_size": "H", "ffn_hidden_size": "F", "num_attention_heads": "A",
                  "num_query_groups": "G", "num_moe_experts": "E", "moe_ffn_hidden_size": "M",
-                 "moe_shared_expert_intermediate_size": "S"}
+                 "moe_shared_expert_intermediate_size": "S", "mamba_num_heads": "N", "mamba_head_dim": "P"}
 
 
 def candidate_name(arch: ModelArch) -> str:
-    """e.g. L32-H3072-F9216-A32-G8; an MoE model's FFN is its experts: L48-H2048-A32-G4-E96-M768."""
+    """e.g. L32-H3072-F9216-A32-G8; an MoE model's FFN is its experts: L48-H2048-A32-G4-E96-M768; a
+    hybrid adds its Mamba heads and head channels: L62-H4480-F15680-A40-G8-N128-P80."""
     keys = axes(arch)
     return "-".join(f"{letter}{getattr(arch, key)}" for key, letter in _NAME_LETTERS.items() if key in keys)
 
@@ -175,10 +195,10 @@ def enumerate_candidates(
 ) -> list[ModelArch]:
     """Every grid architecture prunable from `teacher`, splittable over tp x pp (x ep) and within the
     budget, largest first (closed-form counts: no weights are touched)."""
-    widths = mlp_axes(teacher)
+    widths = mlp_axes(teacher) + (MAMBA_SHAPE_KEYS if teacher.is_hybrid else ())
     # Divisibility the layout needs, filtered before the product; the prune stage checks the rest.
     divisor = {"ffn_hidden_size": tp, "moe_ffn_hidden_size": tp, "moe_shared_expert_intermediate_size": tp,
-               "num_moe_experts": ep}
+               "num_moe_experts": ep, "mamba_num_heads": tp, "mamba_head_dim": 1}
     floor = {"num_moe_experts": teacher.moe_router_topk or 1}
     found = []
     for layers, hidden, (heads, groups), *sizes in itertools.product(
