@@ -75,6 +75,8 @@ class CheckConfig(StageConfig):
 
 def _check_nemo_exportable(arch: ModelArch) -> None:
     """Refuse before any work a family NeMo 2 has no model class for."""
+    if arch.is_hybrid:
+        raise UserError(f"export-nemo: {nemo2.HYBRID_NOT_SUPPORTED}")
     if FAMILIES[arch.family].nemo_classes is None:
         raise UserError(f"NeMo 2 has no {arch.family} model class, so export-nemo cannot write one: export it with "
                         f"export-hf or export-megatron")
@@ -204,6 +206,7 @@ def export_megatron(cfg: ExportMegatronConfig) -> dict:
         log.info("%s already holds this export: nothing to do", out)
         return {"megatron_dir": str(out), "already_complete": True}
     arch = checkpoint.read_arch(cfg.checkpoint)
+    megatron_lm.check_exportable(arch)
     tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
     seq_length = cfg.seq_length or arch.max_position_embeddings
     arch.check_positions(seq_length, "seq_length")

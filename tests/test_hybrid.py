@@ -447,3 +447,53 @@ def test_search_grid_has_the_mamba_axes_and_the_memory_budget_counts_their_state
     kv = 2 * 6 * 8 * 128 * 4 * 131072
     state = 28 * 4 * (4 * 128 * 80 * 128 + 2 * (10240 + 2048) * 3)
     assert budget.memory(teacher) == 2 * (teacher.num_parameters()["total"] + kv) + state
+
+
+def _depth_scores(arch, global_sd, windows):
+    """Per-layer loss scores, and the loss with layers 1 and 2 skipped."""
+    from nemo_minitron.importance import layer_loss_scores, loss_metric, skip_layers
+    from nemo_minitron.models.gpt import build_gpt_model
+
+    model = build_gpt_model(arch)
+    bridge.load_global(model, global_sd)
+    metric = loss_metric(windows, micro_batch_size=2)
+    with skip_layers(model, [1, 2]):
+        skipped = metric(model)
+    return layer_loss_scores(model, metric), skipped
+
+
+def test_skipping_hybrid_layers_equals_dropping_them():
+    """Depth scores of a hybrid skip any layer kind; a model with layers skipped computes the loss of
+    the model without them (the named-layer depth prune's student)."""
+    from nemo_minitron.importance import loss_metric
+    from nemo_minitron.pruning import prune_global
+
+    windows = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(5))
+    teacher, hf = hybrid_hf(tie=False)
+    sd = bridge.hf_to_global(teacher, hf.state_dict())
+    [((per_layer, base), skipped)] = run_distributed(_depth_scores, world_size=1, args=(teacher, sd, windows))
+    assert per_layer.shape == (4,) and (per_layer != 0).all()
+    target = PruneSpec(drop_layers=[1, 2]).target_arch(teacher)
+    assert target.hybrid_pattern == "MM"
+    dropped = prune_global(sd, teacher, target, prune_indices(teacher, target, [1, 2]))
+    [physical] = run_distributed(lambda: loss_metric(windows, 2)(_built(target, dropped)), world_size=1)
+    assert skipped == pytest.approx(physical, rel=1e-6)
+
+
+def _built(arch, global_sd):
+    from nemo_minitron.models.gpt import build_gpt_model
+
+    model = build_gpt_model(arch)
+    bridge.load_global(model, global_sd)
+    return model
+
+
+def test_megatron_lm_and_nemo_exports_refuse_a_hybrid():
+    from nemo_minitron.convert import _check_nemo_exportable
+    from nemo_minitron.models import megatron_lm
+
+    arch = tiny_arch(family="nemotron_h")
+    with pytest.raises(UserError, match=r"export-megatron: hybrid Mamba models \(pretrain_mamba.py\)"):
+        megatron_lm.check_exportable(arch)
+    with pytest.raises(UserError, match="export-nemo: NeMo 2 hybrid Mamba models"):
+        _check_nemo_exportable(arch)

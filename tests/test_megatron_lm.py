@@ -39,7 +39,8 @@ def megatron_parser() -> argparse.ArgumentParser:
     """The pretrain_gpt.py flags that shape a GPT model, defined as Megatron-LM defines them
     (megatron/training/arguments.py: _add_network_size_args, _add_training_args for
     --disable-bias-linear / --add-qkv-bias, _add_distributed_args, _add_checkpointing_args,
-    _add_tokenizer_args, _add_moe_args): names, destinations, types and defaults."""
+    _add_tokenizer_args, _add_moe_args, and a hybrid model's --is-hybrid-model / --hybrid-override-pattern):
+    names, destinations, types and defaults."""
     p = argparse.ArgumentParser(allow_abbrev=False)
     for flag in ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--kv-channels",
                  "--max-position-embeddings", "--seq-length", "--rotary-seq-len-interpolation-factor",
@@ -57,8 +58,9 @@ def megatron_parser() -> argparse.ArgumentParser:
     for flag in ("--group-query-attention", "--use-rotary-position-embeddings", "--rotary-interleaved",
                  "--use-rope-scaling", "--apply-layernorm-1p", "--squared-relu", "--swiglu", "--quick-geglu",
                  "--untie-embeddings-and-output-weights", "--add-qkv-bias", "--qk-layernorm",
-                 "--multi-latent-attention", "--no-save-optim", "--no-save-rng"):
+                 "--multi-latent-attention", "--no-save-optim", "--no-save-rng", "--is-hybrid-model"):
         p.add_argument(flag, action="store_true")
+    p.add_argument("--hybrid-override-pattern", default=None)
     p.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
     for flag in ("--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size", "--moe-router-num-groups"):
         p.add_argument(flag, type=int, default=None)
@@ -415,6 +417,9 @@ LLAMA = ["--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear"]
     (["--normalization", "LayerNorm", "--swiglu", "--disable-bias-linear"],
      "--normalization LayerNorm with a swiglu MLP"),
     (["--normalization", "RMSNorm", "--disable-bias-linear"], "a GeLU-family MLP"),
+    (["--normalization", "RMSNorm", "--squared-relu", "--disable-bias-linear", "--is-hybrid-model",
+      "--hybrid-override-pattern", "M*"], "a hybrid model (--is-hybrid-model, --hybrid-override-pattern M*): hybrid "
+                                          "Mamba models (pretrain_mamba.py) are not read or written"),
 ])
 def test_unsupported_models_are_refused_naming_the_flag(extra, message):
     flags = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "96",

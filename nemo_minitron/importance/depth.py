@@ -28,6 +28,12 @@ def _passthrough(*args, hidden_states=None, context=None, **kwargs):
     return (args[0] if hidden_states is None else hidden_states), context
 
 
+def _mamba_passthrough(*args, hidden_states=None, **kwargs):
+    # A hybrid's Mamba stack unpacks (hidden, context) from its attention and MLP layers but takes a
+    # Mamba layer's output as it is.
+    return args[0] if hidden_states is None else hidden_states
+
+
 @contextmanager
 def skip_layers(model, layers: Iterable[int]) -> Iterator[None]:
     """Within the block, the layers with these global 0-based indices return their input."""
@@ -35,8 +41,8 @@ def skip_layers(model, layers: Iterable[int]) -> Iterator[None]:
     touched = []
     try:
         for layer in unwrap_model(model).decoder.layers:
-            if layer.layer_number - 1 in skipped:
-                layer.forward = _passthrough  # instance attribute shadows the method
+            if layer.layer_number - 1 in skipped:  # an instance attribute shadows the method
+                layer.forward = _mamba_passthrough if hasattr(layer, "mixer") else _passthrough
                 touched.append(layer)
         yield
     finally:

@@ -194,8 +194,23 @@ def _activation(args: argparse.Namespace) -> str | None:
     return "squared_relu" if getattr(args, "squared_relu", False) else None
 
 
+# What nemo-minitron says of hybrid (Mamba) models and Megatron-LM: they train with pretrain_mamba.py,
+# whose checkpoints it neither reads nor writes yet.
+HYBRID_NOT_SUPPORTED = ("hybrid Mamba models (pretrain_mamba.py) are not read or written as Megatron-LM checkpoints "
+                        "yet: go through Hugging Face (import hf_path=..., export-hf)")
+
+
+def check_exportable(arch: ModelArch) -> None:
+    """Refuse before any work what export-megatron cannot write for pretrain_gpt.py."""
+    if arch.is_hybrid:
+        raise UserError(f"export-megatron: {HYBRID_NOT_SUPPORTED}")
+
+
 def _problems(args: argparse.Namespace) -> list[str]:
     """What in `args` nemo-minitron cannot import, one phrase each."""
+    if getattr(args, "is_hybrid_model", False) or getattr(args, "hybrid_override_pattern", None):
+        return [f"a hybrid model (--is-hybrid-model, --hybrid-override-pattern "
+                f"{getattr(args, 'hybrid_override_pattern', None)}): {HYBRID_NOT_SUPPORTED}"]
     problems = [what for name, what in _UNSUPPORTED.items() if getattr(args, name, None)]
     # Biases are on by default. Some older runs record `disable_bias_linear`, which Megatron-LM's
     # load_args_from_checkpoint lets win over add_bias_linear.

@@ -115,8 +115,18 @@ def _activation(config: dict[str, Any]) -> str | None:
     return None
 
 
+# What nemo-minitron says of hybrid (Mamba) models and NeMo 2: NeMo's MambaModel with an SSMConfig
+# (NemotronHConfig*) holds them, whose checkpoints it neither reads nor writes yet.
+HYBRID_NOT_SUPPORTED = ("NeMo 2 hybrid Mamba models (llm.MambaModel, NemotronH configs) are not read or written yet: "
+                        "go through Hugging Face (NeMo's llm.export_ckpt(..., target='hf'), then import hf_path=...; "
+                        "export-hf, then NeMo's llm.import_ckpt)")
+
+
 def _problems(config: dict[str, Any]) -> list[str]:
     """What in a NeMo 2 model config nemo-minitron cannot import, one phrase each."""
+    if config.get("is_hybrid_model") or config.get("hybrid_override_pattern"):
+        return [f"a hybrid model (hybrid_override_pattern={config.get('hybrid_override_pattern')}): "
+                f"{HYBRID_NOT_SUPPORTED}"]
     problems = config_problems(types.SimpleNamespace(**config))
     if config.get("position_embedding_type", "rope") != "rope":
         problems.append(f"position_embedding_type={config['position_embedding_type']} (rotary only)")
