@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one command, under 10 minutes on one node: tests/test_gpu.py (the Transformer
-# Engine layer spec against the local spec, TE norms under sequence parallelism at TP=2, importance
+# Engine layer spec against the local spec, dense, MoE and hybrid, TE norms under sequence parallelism at TP=2, importance
 # on grouped-GEMM experts, a bf16 distillation step, `minitron pipeline`), then one summary line.
 #
 #   bash scripts/gpu_check.sh                      # in the NGC NeMo container, or any Python with CUDA
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # What the NGC container has and a bare CUDA-torch image lacks (megatron-core pinned as in install.sh).
-MISSING=("megatron-core==0.16.1" "hydra-core==1.3.2" "omegaconf==2.3.0" "antlr4-python3-runtime==4.9.3" "gguf")
+MISSING=("megatron-core==0.16.1" "hydra-core==1.3.2" "omegaconf==2.3.0" "antlr4-python3-runtime==4.9.3" "gguf" "einops")
 case "${1:-}" in
   --fetch-wheels)
     DIR=${2:?usage: scripts/gpu_check.sh --fetch-wheels DIR}

@@ -3,7 +3,9 @@ node in under 10 minutes and prints one summary line). On a machine without CUDA
 reported as skipped, with the reason.
 
 - Transformer Engine's layer spec (fused norm + linear, TE attention) gives the local spec's logits
-  for the same weights, dense and MoE, and both give transformers' logits.
+  for the same weights, dense, MoE and hybrid (megatron's own Mamba stack spec, with mamba_ssm's
+  kernels where the image has them, else the torch ones on the GPU), and both give transformers'
+  logits.
 - TE norms under sequence parallelism: distillation at TP=2 with SP equals TP=1 (two GPUs).
 - Importance hooks on grouped-GEMM experts (`TEGroupedMLP`) give the scores of one module per
   expert (`SequentialMLP`) holding the same weights.
@@ -32,6 +34,7 @@ ARCHS = {
     "nemotron": tiny_arch(tie=False, family="nemotron"),
     "qwen3": tiny_arch(tie=False, family="qwen3"),
     "qwen3_moe": tiny_moe_arch("qwen3_moe"),
+    "nemotron_h": tiny_arch(tie=False, family="nemotron_h"),
 }
 
 

@@ -4,6 +4,8 @@ NemotronH (tied and untied, TP=1 and TP=2 x PP=2) and checkpoints across layouts
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -390,6 +392,9 @@ def test_pipeline_prunes_distils_and_exports_a_hybrid(tmp_path):
         "num_layers": 4, "hidden_size": 48, "ffn_hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
         "kv_channels": 24, "mamba_num_heads": 4, "mamba_head_dim": 8}
     assert result["student"]["heldout_perplexity"] < 2 * result["teacher"]["heldout_perplexity"]
+    report = json.loads((work / "pruned" / "report.json").read_text())
+    assert report["mamba"]["pattern"] == {"teacher": "M*-M", "student": "M*-M"}
+    assert [len(report["mamba"]["kept_heads"][str(i)]) for i in (0, 3)] == [4, 4]
     student = transformers.AutoModelForCausalLM.from_pretrained(result["student"]["hf_dir"]).eval()
     [logits] = run_distributed(_checkpoint_logits, world_size=1, args=(result["student"]["checkpoint"],))
     torch.testing.assert_close(student(TOKENS).logits, logits, rtol=1e-5, atol=1e-5)

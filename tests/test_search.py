@@ -14,7 +14,7 @@ from nemo_minitron.pruning import PUBLISHED_TEACHERS, count_from_shapes
 from nemo_minitron.search import Budget, SearchSpace, candidate_name, enumerate_candidates
 from commands import last_json, minitron
 from shared import copy_tiny_teacher
-from tiny import SENTENCES, tiny_moe_arch, write_hf_dir
+from tiny import SENTENCES, tiny_arch, tiny_moe_arch, write_hf_dir
 
 LLAMA = PUBLISHED_TEACHERS["llama-3.1-8b"]
 QWEN3_MOE = PUBLISHED_TEACHERS["qwen3-30b-a3b"]
@@ -131,17 +131,23 @@ def test_search_resumes_ranks_and_dry_runs_slurm(tiny, tmp_path):
     assert last_json(proc)["status"] == "retraining" and last_json(proc)["jobs"] == [second]
 
 
+def imported_teacher(arch, root: Path) -> None:
+    """A tiny teacher of `arch` imported at root/teacher, and the calib, train and valid texts
+    `search_args` reads from `root`."""
+    write_hf_dir(root / "hf", arch)
+    minitron("import", f"hf_path={root / 'hf'}", f"output_dir={root / 'teacher'}")
+    for split, shift in (("calib", 0), ("train", 1), ("valid", 2)):
+        docs = [" ".join(SENTENCES[(i + shift) % 4:] + SENTENCES[: (i + shift) % 4]) * 3 for i in range(16)]
+        (root / f"{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
 @pytest.mark.slow
 def test_moe_search_prunes_experts_and_retrains_the_best(tmp_path):
     """A tiny Qwen3-MoE (4 experts of 32, top-2): candidates differ in experts and expert width, the
     best is retrained and its pruned checkpoint is the winner; at tp=2 (retraining with sequence
     parallelism) the search ranks the candidates alike and picks the same winner."""
     teacher = tiny_moe_arch("qwen3_moe")
-    write_hf_dir(tmp_path / "hf", teacher)
-    minitron("import", f"hf_path={tmp_path / 'hf'}", f"output_dir={tmp_path / 'teacher'}")
-    for split, shift in (("calib", 0), ("train", 1), ("valid", 2)):
-        docs = [" ".join(SENTENCES[(i + shift) % 4:] + SENTENCES[: (i + shift) % 4]) * 3 for i in range(16)]
-        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    imported_teacher(teacher, tmp_path)
     # ~ the teacher with 3 experts of 16: on the grid (experts 2..4, widths 16 and 32) that budget
     # admits a few candidates of different shapes
     budget = teacher.replace(num_moe_experts=3, moe_ffn_hidden_size=16).num_parameters()["total"]
@@ -205,3 +211,24 @@ def test_retraining_settings_are_checked_before_any_candidate_is_pruned(tiny_tea
     finally:
         parallel.destroy()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_hybrid_search_prunes_mamba_heads_and_channels(tmp_path):
+    """A tiny Nemotron-H (Mamba, attention, MLP, Mamba layers; 8 Mamba heads of 12 in 2 groups):
+    candidates differ in Mamba heads and head channels, keep the teacher's pattern, and the best is
+    retrained and becomes the winner."""
+    teacher = tiny_arch(tie=False, family="nemotron_h")
+    imported_teacher(teacher, tmp_path)
+    budget = teacher.replace(mamba_num_heads=6, mamba_head_dim=8).num_parameters()["total"]
+    args = [*search_args(tmp_path, tmp_path / "out", "search.top_k=1", "search.space.mamba_head_dim_multiple=4",
+                         "search.space.choices.hidden_size=[64]", "search.space.choices.ffn_hidden_size=[96]",
+                         "search.space.choices.num_attention_heads=[4]")]
+    args = [a for a in args if not a.startswith("budget.")] + [f"budget.params={budget}", "budget.tolerance=0.05"]
+    result = last_json(minitron(*args))
+    assert result["status"] == "done" and result["retrained"] == 1
+    rows = json.loads((tmp_path / "out" / "report.json").read_text())["candidates"]
+    assert len({(r["arch"]["mamba_num_heads"], r["arch"]["mamba_head_dim"]) for r in rows}) == len(rows) > 1
+    winner = checkpoint.read_arch(tmp_path / "out" / "winner")
+    assert candidate_name(winner) == result["winner"]["name"] and winner.hybrid_pattern == teacher.hybrid_pattern
+    assert (winner.mamba_num_heads, winner.mamba_head_dim) != (8, 12)

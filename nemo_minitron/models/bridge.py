@@ -120,12 +120,8 @@ def _norm_pairs(arch: ModelArch) -> list[tuple[str, str]]:
     """(megatron, HF) names of every norm tensor (weights, and biases for LayerNorm)."""
     pairs = [(final_norm(arch), "model.norm_f." if arch.is_hybrid else "model.norm.")]
     for i, kind in enumerate(arch.layer_types):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        if kind == "transformer":
-            pairs += [(m + "input_layernorm.", h + "input_layernorm."),
-                      (m + "pre_mlp_layernorm.", h + "post_attention_layernorm.")]
-        else:
-            pairs.append((m + _HYBRID_NORM[kind], h + "norm."))
+        hf_norms = ["input_layernorm.", "post_attention_layernorm."] if kind == "transformer" else ["norm."]
+        pairs += [(f"decoder.layers.{i}.{mg}", f"model.layers.{i}.{hf}") for mg, hf in zip(layer_norms(arch, i), hf_norms)]
     return [(m + p, h + p) for m, h in pairs for p in arch.norm_params]
 
 

@@ -126,23 +126,22 @@ def build_gpt_model(
     if arch.is_hybrid:
         model = _build_hybrid_model(arch, config, hybrid_stack_spec(use_te), ps.is_pipeline_first_stage(),
                                     ps.is_pipeline_last_stage())
-        remember_identity(model, arch)
-        return model.cuda() if torch.cuda.is_available() else model
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(arch.normalization, use_te, arch.qk_norm, arch.num_moe_experts),
-        vocab_size=arch.vocab_size,
-        max_sequence_length=arch.max_position_embeddings,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        parallel_output=True,
-        share_embeddings_and_output_weights=arch.tie_embeddings,
-        position_embedding_type="rope",
-        rotary_percent=arch.rotary_percent,
-        rotary_base=int(arch.rope_theta),
-        rope_scaling=arch.rope_scaling_factor is not None,
-        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
-    )
+    else:
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(arch.normalization, use_te, arch.qk_norm, arch.num_moe_experts),
+            vocab_size=arch.vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(),
+            post_process=ps.is_pipeline_last_stage(),
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_percent=arch.rotary_percent,
+            rotary_base=int(arch.rope_theta),
+            rope_scaling=arch.rope_scaling_factor is not None,
+            rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        )
     remember_identity(model, arch)
     if torch.cuda.is_available():
         model.cuda()

@@ -320,6 +320,10 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     if teacher.is_moe:
         report["experts"] = {"method": cfg.experts.method, "kept": {str(i): e.tolist() for i, e in indices.experts.items()},
                              "scores": {k: v.tolist() for k, v in scores.experts.items()}}
+    if teacher.is_hybrid:
+        report["mamba"] = {"kept_heads": {str(i): h.flatten().tolist() for i, h in indices.mamba_heads.items()},
+                           "kept_channels": {str(i): c.tolist() for i, c in indices.mamba_channels.items()},
+                           "pattern": {"teacher": teacher.hybrid_pattern, "student": target.hybrid_pattern}}
     if loss is not None:
         report["loss"] = loss
     if reconstruction is not None:
