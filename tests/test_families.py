@@ -26,8 +26,7 @@ def test_a_family_round_trips_through_its_own_transformers_classes(name):
     arch = tiny_moe_arch(family=name) if f.is_moe else tiny_arch(family=name)
     config = to_hf(arch)
     assert type(config) is getattr(transformers, f.hf_config) and config.architectures == [f.hf_class]
-    # (NemotronH names its MLP's activation `mlp_hidden_act`; its Mamba layers have their own)
-    assert hasattr(transformers, f.hf_class) and getattr(config, "mlp_hidden_act" if f.hybrid else "hidden_act") == f.hf_act
+    assert hasattr(transformers, f.hf_class) and getattr(config, f.hf_act_key) == f.hf_act
     assert arch_from_hf(config.to_dict()) == arch
 
 

@@ -81,6 +81,7 @@ def test_hf_config_round_trip_and_what_is_refused():
         "hybrid_override_pattern": "M*-M", "num_hidden_layers": 4}  # the published config.json spelling
     assert arch_from_hf(legacy) == arch
     for key, value, named in [("conv_kernel", 3, "conv_kernel"), ("residual_in_fp32", True, "residual_in_fp32"),
+                              ("mlp_hidden_act", "gelu", "mlp_hidden_act='gelu' is not supported"),
                               ("time_step_limit", [0.0, 0.1], "time_step_limit"),
                               ("layers_block_type", ["linear_attention", "moe"], "MoE")]:
         with pytest.raises(UserError, match=named):

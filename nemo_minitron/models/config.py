@@ -119,10 +119,7 @@ class ModelArch:
                 raise UserError(f"model.{set_keys[0]} is set but model.family={self.family!r} has no Mamba layers "
                                 f"(hybrid families: {sorted(n for n, f in FAMILIES.items() if f.hybrid)})")
             return
-        for key in MAMBA_KEYS:
-            if getattr(self, key) is None or getattr(self, key) < 1:
-                raise UserError(f"model.{key} must be a positive integer in a {self.family} model, got "
-                                f"{getattr(self, key)}")
+        self._require_positive(MAMBA_KEYS)
         pattern = self.hybrid_pattern or ""
         if len(pattern) != self.num_layers or set(pattern) - set(LAYER_SYMBOLS):
             raise UserError(f"model.hybrid_pattern={self.hybrid_pattern!r} must have one symbol per layer "
@@ -167,6 +164,13 @@ class ModelArch:
         blocks = self.mamba_in_proj_blocks
         return {key: blocks[key] for key in ("x", "B", "C")}
 
+    def _require_positive(self, keys) -> None:
+        """UserError naming the first of the family's required `keys` that is unset or below 1."""
+        for key in keys:
+            if getattr(self, key) is None or getattr(self, key) < 1:
+                raise UserError(f"model.{key} must be a positive integer in a {self.family} model, got "
+                                f"{getattr(self, key)}")
+
     def _validate_moe(self) -> None:
         """The MoE fields: all set (the shared expert only for Qwen2-MoE) in an MoE family, none in
         a dense one; 1 <= top-k <= experts."""
@@ -180,10 +184,7 @@ class ModelArch:
         shared = FAMILIES[self.family].experts == ROUTED_SHARED
         required = ["num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size"]
         required += ["moe_shared_expert_intermediate_size"] if shared else []
-        for key in required:
-            if getattr(self, key) is None or getattr(self, key) < 1:
-                raise UserError(f"model.{key} must be a positive integer in a {self.family} model, got "
-                                f"{getattr(self, key)}")
+        self._require_positive(required)
         if not shared and self.moe_shared_expert_intermediate_size is not None:
             raise UserError(f"model.moe_shared_expert_intermediate_size is set but {self.family} has no shared "
                             f"expert (qwen2_moe has)")

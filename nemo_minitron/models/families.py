@@ -43,11 +43,12 @@ class Family:
     hf_config: str             # transformers config class
     normalization: str         # megatron-core's name: RMSNorm | LayerNorm
     activation: str            # swiglu | squared_relu
-    hf_act: str                # HF `hidden_act` of that activation
+    hf_act: str                # the HF config's name of that activation (under `hf_act_key`)
     qkv_bias: bool = False     # biases on the q, k and v projections
     qk_norm: bool = False      # RMSNorm over head_dim on every query and key head
     experts: str | None = None  # None: dense MLPs; ROUTED or ROUTED_SHARED: MoE layers
     hf_norm_eps: str = "rms_norm_eps"    # the HF config key of the norms' epsilon
+    hf_act_key: str = "hidden_act"       # the HF config key of the MLP activation (NemotronH: mlp_hidden_act)
     hf_window_default: bool = True       # the HF config class defaults to a sliding window (export sets it off)
     hf_window_switch: bool = False       # HF `sliding_window` applies only with `use_sliding_window` and in the
     #                                      layers from `max_window_layers` on (Qwen); else in every layer
@@ -101,7 +102,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", **_QWEN, qk_norm=True, experts=ROUTED,
            nemo_classes=("Qwen3Model", "gpt.model.qwen3.Qwen3MoEConfig")),
     Family("nemotron_h", "NemotronHForCausalLM", "NemotronHConfig", "RMSNorm", "squared_relu", "relu2",
-           hf_norm_eps="layer_norm_epsilon", hf_window_default=False, hybrid=True, hf_ties=False,
+           hf_norm_eps="layer_norm_epsilon", hf_act_key="mlp_hidden_act", hf_window_default=False, hybrid=True,
+           hf_ties=False,
            hf_file_prefix="backbone."),
 )}
 

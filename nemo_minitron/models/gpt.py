@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import IDENTITY_KEYS, LAYER_SYMBOLS, MAMBA_KEYS, MOE_SHAPE_KEYS, ModelArch
+from nemo_minitron.models.config import (IDENTITY_KEYS, LAYER_SYMBOLS, MAMBA_CONV_KERNEL, MAMBA_KEYS,
+                                         MOE_SHAPE_KEYS, ModelArch)
 from nemo_minitron.models.families import FAMILIES, computes_alike, family_attention, family_of
 
 # model -> {family, bos_token_id, eos_token_id} of the weights it holds (see `remember_identity`).
@@ -465,16 +466,14 @@ def _hybrid_problems(model) -> list[str]:
     others = sorted(set(hybrid_pattern_of(model)) - set(LAYER_SYMBOLS))
     if others:
         problems.append(f"hybrid layers {others} (supported: {LAYER_SYMBOLS})")
-    for layer in model.decoder.layers:
-        mixer = getattr(layer, "mixer", None)
-        if mixer is None:
-            continue
+    # every mixer is built from the same spec and config: this stage's first one tells
+    mixer = next((layer.mixer for layer in model.decoder.layers if hasattr(layer, "mixer")), None)
+    if mixer is not None:
         settings = {"D_has_hdim": (mixer.D_has_hdim, False), "rmsnorm": (mixer.rmsnorm, True),
-                    "norm_before_gate": (mixer.norm_before_gate, False), "d_conv": (mixer.d_conv, 4),
+                    "norm_before_gate": (mixer.norm_before_gate, False), "d_conv": (mixer.d_conv, MAMBA_CONV_KERNEL),
                     "conv1d bias": (mixer.conv1d.bias is not None, True)}
         problems += [f"a Mamba mixer with {key}={have} (supported: {want})" for key, (have, want) in settings.items()
                      if have != want]
-        break  # every mixer is built from the same spec and config
     return problems
 
 

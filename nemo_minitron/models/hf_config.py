@@ -29,8 +29,7 @@ _HF_LAYER_SYMBOLS = {"linear_attention": "M", "mamba": "M", "full_attention": "*
                      "moe": "E"}
 # Settings of a NemotronH config that megatron-core's Mamba layers fix: key -> the only value supported.
 _HF_HYBRID_FIXED = {"conv_kernel": MAMBA_CONV_KERNEL, "use_conv_bias": True, "mamba_proj_bias": False, "use_bias": False,
-                    "mamba_hidden_act": "silu", "mlp_hidden_act": "relu2", "residual_in_fp32": False,
-                    "num_nextn_predict_layers": 0}
+                    "mamba_hidden_act": "silu", "residual_in_fp32": False, "num_nextn_predict_layers": 0}
 
 
 def arch_from_hf(hf: Any) -> ModelArch:
@@ -49,9 +48,10 @@ def arch_from_hf(hf: Any) -> ModelArch:
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         # (Qwen2's q/k/v biases are not this switch: its class always has them, and no o_proj bias.)
         raise UserError("attention_bias / mlp_bias checkpoints are not supported (a bias on o_proj or the MLP)")
-    if cfg.get("hidden_act", family.hf_act) != family.hf_act:
-        raise UserError(f"hidden_act={cfg.get('hidden_act')!r} is not supported for {model_type} "
-                         f"(nemo-minitron builds {family.activation} from hidden_act={family.hf_act!r})")
+    act = family.hf_act_key
+    if cfg.get(act, family.hf_act) != family.hf_act:
+        raise UserError(f"{act}={cfg.get(act)!r} is not supported for {model_type} "
+                         f"(nemo-minitron builds {family.activation} from {act}={family.hf_act!r})")
     window, positions = _sliding_window(cfg), cfg.get("max_position_embeddings", 4096)
     if window and window < positions:
         raise UserError(f"sliding_window={window} is shorter than max_position_embeddings={positions} (e.g. Mistral "
@@ -169,8 +169,7 @@ def to_hf(arch: ModelArch):
     import transformers
 
     family = FAMILIES[export_family(arch)]
-    layers = _hf_hybrid_kwargs(arch) if arch.is_hybrid else dict(num_hidden_layers=arch.num_layers,
-                                                                   hidden_act=family.hf_act)
+    layers = _hf_hybrid_kwargs(arch) if arch.is_hybrid else dict(num_hidden_layers=arch.num_layers)
     kwargs: dict[str, Any] = dict(
         **layers,
         hidden_size=arch.hidden_size,
@@ -186,6 +185,7 @@ def to_hf(arch: ModelArch):
         torch_dtype="float32",
     )
     kwargs[family.hf_norm_eps] = arch.norm_eps
+    kwargs[family.hf_act_key] = family.hf_act
     if family.hf_window_default:  # megatron attends to the whole sequence; these configs default to a
         kwargs["sliding_window"] = None  # 4096 window (Qwen's switched off by default)
     if arch.is_moe:
