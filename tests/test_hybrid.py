@@ -371,9 +371,10 @@ def test_pruned_hybrid_exports_to_transformers(tie, tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_prunes_distils_and_exports_a_hybrid(tmp_path):
-    """`minitron pipeline` on a tiny NemotronH directory: import, prune along the Mamba axes (the
-    reconstruction default steps aside with a warning), distil, export, evaluate; the exported
-    student computes the distilled checkpoint's logits in transformers."""
+    """`minitron pipeline` on a tiny NemotronH directory: import, prune along the Mamba axes and one
+    Mamba layer of the two by block importance (the reconstruction default steps aside with a
+    warning), distil, export, evaluate; the exported student computes the distilled checkpoint's
+    logits in transformers."""
     from commands import last_json, minitron
     from tiny import write_hf_dir, write_sentence_docs
 
@@ -383,19 +384,24 @@ def test_pipeline_prunes_distils_and_exports_a_hybrid(tmp_path):
     proc = minitron(
         "pipeline", f"work_dir={work}", f"teacher.hf_path={tmp_path / 'hf'}", "corpus.sources=[]",
         f"corpus.user_paths=[{docs}]", "corpus.heldout_fraction=0.2", "corpus.calib_fraction=0.2",
-        "prune.target.num_layers=null", "prune.target.hidden_size=48", "prune.target.ffn_hidden_size=64",
+        "prune.target.num_layers=null", "prune.target.num_mamba_layers=1", "prune.depth.method=block_importance",
+        "prune.target.hidden_size=48", "prune.target.ffn_hidden_size=64",
         "prune.target.mamba_num_heads=4", "prune.target.mamba_head_dim=8", "prune.calib.num_samples=8",
         "prune.calib.seq_len=16", "distill.train.steps=2", "distill.train.seq_length=16",
         "distill.optim.warmup_steps=1", "distill.train.save_interval=0", "eval.seq_len=16", "eval.max_tokens=256")
     result = last_json(proc)
     assert "reconstruction refits dense transformer layers only" in proc.stderr
     assert result["student"]["architecture"] == {
-        "num_layers": 4, "hidden_size": 48, "ffn_hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
+        "num_layers": 3, "hidden_size": 48, "ffn_hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
         "kv_channels": 24, "mamba_num_heads": 4, "mamba_head_dim": 8}
     assert result["student"]["heldout_perplexity"] < 2 * result["teacher"]["heldout_perplexity"]
     report = json.loads((work / "pruned" / "report.json").read_text())
-    assert report["mamba"]["pattern"] == {"teacher": "M*-M", "student": "M*-M"}
-    assert [len(report["mamba"]["kept_heads"][str(i)]) for i in (0, 3)] == [4, 4]
+    scores = report["depth"]["layer_scores"]["block_importance"]
+    dropped = min((0, 3), key=lambda i: scores[i])  # the less important of the two Mamba layers
+    assert report["depth"]["dropped_layers"] == [dropped]
+    assert report["mamba"]["pattern"] == {"teacher": "M*-M", "student": "*-M" if dropped == 0 else "M*-"}
+    assert list(report["mamba"]["kept_heads"]) == [str(3 - dropped)] and len(report["mamba"]["kept_heads"][str(3 - dropped)]) == 4
+    assert report["architecture"]["layers_per_kind"]["student"] == {"mamba": 1, "attention": 1, "mlp": 1}
     student = transformers.AutoModelForCausalLM.from_pretrained(result["student"]["hf_dir"]).eval()
     [logits] = run_distributed(_checkpoint_logits, world_size=1, args=(result["student"]["checkpoint"],))
     torch.testing.assert_close(student(TOKENS).logits, logits, rtol=1e-5, atol=1e-5)
@@ -427,8 +433,10 @@ def test_nemotron_nano_12b_to_9b_recipe():
     assert student.num_parameters() == {"total": 8_888_227_328, "non_embedding": 7_713_822_208}
     recipe = compose_recipe("nemotron_nano_9b_v2")
     assert list(recipe.prune.target.drop_layers) == PUBLISHED_RECIPES["nemotron-nano-9b-v2"].spec.drop_layers
-    with pytest.raises(UserError, match="name the layers to drop with target.drop_layers"):
-        PruneSpec(num_layers=56).target_arch(teacher)
+    # the published cut per kind (Mamba 28 -> 27, attention 6 -> 4, MLP 28 -> 25): the same size
+    per_kind = PruneSpec(num_mamba_layers=27, num_attention_layers=4, num_mlp_layers=25, hidden_size=4480,
+                         ffn_hidden_size=15680).target_arch(teacher)
+    assert per_kind.num_parameters() == student.num_parameters() and per_kind.num_layers == 56
     with pytest.raises(UserError, match="multiple of the teacher's 8 SSM groups"):
         PruneSpec(mamba_num_heads=100).target_arch(teacher)
 
@@ -442,7 +450,7 @@ def test_search_grid_has_the_mamba_axes_and_the_memory_budget_counts_their_state
                         choices={"num_attention_heads": [40], "num_query_groups": [8]})
     found = enumerate_candidates(teacher, space, Budget(params=9e9, tolerance=0.03), tp=8)
     assert found and all(abs(a.num_parameters()["total"] - 9e9) <= 0.27e9 for a in found)
-    assert {a.hybrid_pattern for a in found} == {teacher.hybrid_pattern}  # depth goes by named layers only
+    assert {a.hybrid_pattern for a in found} == {teacher.hybrid_pattern}  # the grid keeps a hybrid's depth
     assert {a.mamba_num_heads for a in found} > {128} and all(a.mamba_num_heads % 8 == 0 for a in found)
     assert {a.mamba_head_dim for a in found} > {80} and all(a.mamba_head_dim % 16 == 0 or a.mamba_head_dim == 80
                                                             for a in found)
@@ -492,6 +500,80 @@ def _built(arch, global_sd):
     model = build_gpt_model(arch)
     bridge.load_global(model, global_sd)
     return model
+
+
+# --- depth by layer kind ------------------------------------------------------------------------
+
+def test_depth_per_layer_kind_sizes_the_target_before_the_scores():
+    """`num_<kind>_layers` fix how many layers of each kind stay, so the size is known before any
+    score: every layer of a kind has the same shape. Which ones go waits for the depth method."""
+    from nemo_minitron.pruning.planner import plan
+
+    teacher = tiny_arch(family="nemotron_h", hybrid_pattern="M*-M-M")  # 3 Mamba, 1 attention, 2 MLP
+    spec = PruneSpec(num_mamba_layers=2, num_mlp_layers=1)
+    assert spec.dropped_per_kind(teacher) == {"mamba": 1, "mlp": 1} and spec.num_dropped(teacher) == 2
+    target = spec.target_arch(teacher)
+    assert target.num_layers == 4 and target.hybrid_pattern == "M*-M"  # provisional: each kind's last layers
+    for named in ([0, 2], [3, 4], [2, 5]):  # any choice with those kinds has the same shape and size
+        chosen = spec.with_dropped(named).target_arch(teacher)
+        assert chosen.num_parameters() == target.num_parameters()
+        assert chosen.hybrid_pattern == "".join(s for i, s in enumerate("M*-M-M") if i not in named)
+    assert plan(teacher, spec)["layers_per_kind"] == {"teacher": {"mamba": 3, "attention": 1, "mlp": 2},
+                                                      "student": {"mamba": 2, "attention": 1, "mlp": 1}}
+    refusals = [
+        (PruneSpec(num_layers=4), r"target.\{num_mamba_layers,num_attention_layers,num_mlp_layers\}"),
+        (PruneSpec(num_mamba_layers=4), "between 1 and the teacher's 3 mamba layers"),
+        (PruneSpec(num_attention_layers=0), "between 1 and the teacher's 1 attention layers"),
+        (PruneSpec(num_layers=4, num_mlp_layers=1), "num_layers=4 disagrees with the layers kept per kind"),
+        (PruneSpec(drop_layers=[1], num_mamba_layers=2), r"leaves 3 mamba layers, not target.num_mamba_layers=2"),
+    ]
+    for bad, message in refusals:
+        with pytest.raises(UserError, match=message):
+            bad.target_arch(teacher)
+    with pytest.raises(UserError, match="has no layer pattern: use target.num_layers"):
+        PruneSpec(num_mlp_layers=1).target_arch(tiny_arch())
+
+
+def test_depth_methods_rank_each_layer_kind_apart():
+    from nemo_minitron.importance.scores import random_scores
+    from nemo_minitron.pruning.indices import choose_dropped_layers
+
+    teacher = tiny_arch(family="nemotron_h", hybrid_pattern="M*-M-M")
+    scores = random_scores(teacher, 0)
+    scores.layers["loss"] = torch.tensor([0.1, 0.05, 0.9, 0.5, 0.2, 0.3])
+    assert choose_dropped_layers(scores, teacher, 2, "loss") == [0, 1]  # the two lowest of any kind
+    assert choose_dropped_layers(scores, teacher, 2, "loss", {"mamba": 1, "mlp": 1}) == [0, 4]
+    assert choose_dropped_layers(scores, teacher, 3, "loss", {"mamba": 2, "mlp": 1}) == [0, 4, 5]
+    with pytest.raises(UserError, match="depth.method=contiguous drops one block of consecutive layers"):
+        choose_dropped_layers(scores, teacher, 2, "contiguous", {"mamba": 1, "mlp": 1})
+
+
+def _prune_per_kind_in_place(arch, global_sd, windows):
+    """mt.prune on a live hybrid keeping layers per kind, the layers it dropped, and the surgery of
+    those layers named, for comparison."""
+    import nemo_minitron as mt
+    from nemo_minitron.importance import perplexity_loop
+
+    model = _built(arch, global_sd)
+    scores = mt.estimate_importance(model, perplexity_loop(windows, micro_batch_size=2, progress=False))
+    mt.prune(model, scores, num_mamba_layers=2, num_mlp_layers=1, mamba_num_heads=4, depth_method="block_importance")
+    return mt.arch_of(model).hybrid_pattern, scores.layers["block_importance"].tolist(), bridge.gather_global(model), scores
+
+
+def test_one_call_prune_keeps_the_best_layers_of_each_kind():
+    from nemo_minitron.pruning import prune_global, select_indices
+
+    windows = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(6))
+    teacher, hf = hybrid_hf(tie=False, hybrid_pattern="M*-M-M")
+    sd = bridge.hf_to_global(teacher, hf.state_dict())
+    [(pattern, by_layer, pruned, scores)] = run_distributed(_prune_per_kind_in_place, world_size=1,
+                                                            args=(teacher, sd, windows))
+    # by hand: the least important Mamba layer of 0, 3, 5 and MLP layer of 2, 4
+    expected = sorted([min((0, 3, 5), key=lambda i: by_layer[i]), min((2, 4), key=lambda i: by_layer[i])])
+    assert pattern == "".join(s for i, s in enumerate("M*-M-M") if i not in expected)
+    target = PruneSpec(drop_layers=expected, mamba_num_heads=4).target_arch(teacher)
+    reference = prune_global(sd, teacher, target, select_indices(scores, teacher, target, expected))
+    assert pruned.keys() == reference.keys() and all(torch.equal(pruned[k], reference[k]) for k in pruned)
 
 
 def test_megatron_lm_and_nemo_exports_refuse_a_hybrid():

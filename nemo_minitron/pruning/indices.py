@@ -120,14 +120,15 @@ def select_indices(
     return indices
 
 
-def choose_dropped_layers(scores: ImportanceScores, teacher: ModelArch, num_drop: int, method: str) -> list[int]:
+def choose_dropped_layers(scores: ImportanceScores, teacher: ModelArch, num_drop: int, method: str,
+                          per_kind: dict[str, int] | None = None) -> list[int]:
     """The `num_drop` layers a depth method drops, from the depth scores already in `scores`:
     the best contiguous block (`scores.blocks[num_drop]`) or the lowest per-layer scores
-    (`scores.layers[method]`)."""
+    (`scores.layers[method]`). With `per_kind` (a hybrid's layers to drop of each kind), each
+    kind's lowest-scored layers, ranked among that kind alone."""
     if num_drop == 0:
         return []
-    if method not in DEPTH_METHODS:
-        raise UserError(f"depth method {method!r} is not one of {list(DEPTH_METHODS)}")
+    check_depth_method(method, per_kind)
     if method == "contiguous":
         if num_drop not in scores.blocks:
             raise UserError(f"the scores hold no contiguous-block losses for dropping {num_drop} layers: compute "
@@ -136,7 +137,24 @@ def choose_dropped_layers(scores: ImportanceScores, teacher: ModelArch, num_drop
     if method not in scores.layers:
         raise UserError(f"the scores hold no {method!r} layer scores (they have {sorted(scores.layers)}): "
                         f"compute them or choose another depth method")
-    return lowest_layers(scores.layers[method], num_drop)
+    if per_kind is None:
+        return lowest_layers(scores.layers[method], num_drop)
+    kinds = teacher.layer_types
+    dropped = []
+    for kind, n in per_kind.items():
+        of_kind = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
+        dropped += of_kind[lowest_layers(scores.layers[method][of_kind], n)].tolist()
+    return sorted(dropped)
+
+
+def check_depth_method(method: str, per_kind: dict[str, int] | None = None) -> None:
+    """A known depth method, and one that ranks single layers when the drops go per layer kind."""
+    if method not in DEPTH_METHODS:
+        raise UserError(f"depth method {method!r} is not one of {list(DEPTH_METHODS)}")
+    if per_kind and method == "contiguous":
+        raise UserError(f"depth.method=contiguous drops one block of consecutive layers whatever their kinds; the "
+                        f"layers to drop per kind (target.num_<kind>_layers) need a per-layer ranking: one of "
+                        f"{[m for m in DEPTH_METHODS if m != 'contiguous']}")
 
 
 def lowest_layers(layer_scores: torch.Tensor, num_drop: int) -> list[int]:

@@ -44,6 +44,9 @@ def prune(
     moe_router_topk: int | None = None,
     mamba_num_heads: int | None = None,
     mamba_head_dim: int | None = None,
+    num_mamba_layers: int | None = None,
+    num_attention_layers: int | None = None,
+    num_mlp_layers: int | None = None,
     depth_method: str = "block_importance",
     expert_method: str = "output",
     head_residual: bool = False,
@@ -62,7 +65,8 @@ def prune(
     neurons, and the shared expert's best `moe_shared_expert_intermediate_size`. A hybrid (Mamba)
     model keeps in every Mamba layer the `mamba_num_heads` best heads (the same number from each
     SSM group) and in every kept head the `mamba_head_dim` best channels; its depth goes by
-    `drop_layers`.
+    `drop_layers` or per layer kind: `num_mamba_layers`, `num_attention_layers`, `num_mlp_layers`
+    keep the layers of that kind which `depth_method` ranks highest among the kind.
 
     Reconstruction: with `reconstruct_loop` (a forward loop, like `estimate_importance`'s), the
     unpruned model runs it once more with recording hooks, and the kept columns of every kept
@@ -85,11 +89,16 @@ def prune(
                      num_query_groups=num_query_groups, num_moe_experts=num_moe_experts,
                      moe_ffn_hidden_size=moe_ffn_hidden_size,
                      moe_shared_expert_intermediate_size=moe_shared_expert_intermediate_size,
-                     moe_router_topk=moe_router_topk, mamba_num_heads=mamba_num_heads, mamba_head_dim=mamba_head_dim)
-    target = spec.target_arch(teacher, ps.get_tensor_model_parallel_world_size(),
-                              ps.get_pipeline_model_parallel_world_size(), ps.get_expert_model_parallel_world_size())
+                     moe_router_topk=moe_router_topk, mamba_num_heads=mamba_num_heads, mamba_head_dim=mamba_head_dim,
+                     num_mamba_layers=num_mamba_layers, num_attention_layers=num_attention_layers,
+                     num_mlp_layers=num_mlp_layers)
+    layout = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+              ps.get_expert_model_parallel_world_size())
+    spec.target_arch(teacher, *layout)  # refuses a bad target before any work
     dropped = (sorted(drop_layers) if drop_layers is not None
-               else choose_dropped_layers(scores, teacher, spec.num_dropped(teacher), depth_method))
+               else choose_dropped_layers(scores, teacher, spec.num_dropped(teacher), depth_method,
+                                          spec.dropped_per_kind(teacher)))
+    target = spec.with_dropped(dropped).target_arch(teacher, *layout)
     indices = select_indices(scores, teacher, target, dropped, expert_method)
     reconstruction = None
     if reconstruct_loop is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -137,12 +138,16 @@ def plan(teacher: ModelArch, spec: PruneSpec, tp: int = 1, pp: int = 1, ep: int 
     notes = export_notes(target)
     for note in notes:
         log.warning("student %s: %s", target.shape(), note)
-    return {
+    result = {
         "teacher": teacher.shape() | {"parameters": before},
         "student": target.shape() | {"parameters": after},
         "kept_fraction": {k: after[k] / before[k] for k in before},
         "hf_export": notes,
     }
+    if teacher.is_hybrid:  # the kinds decide the size; which layers go may wait for the depth scores
+        result["layers_per_kind"] = {"teacher": dict(Counter(teacher.layer_types)),
+                                     "student": dict(Counter(target.layer_types))}
+    return result
 
 
 def published_student(name: str) -> tuple[ModelArch, ModelArch]:

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import MAMBA_SHAPE_KEYS, MOE_SHAPE_KEYS, SHAPE_KEYS, ModelArch
+from nemo_minitron.models.config import LAYER_SYMBOLS, MAMBA_SHAPE_KEYS, MOE_SHAPE_KEYS, SHAPE_KEYS, ModelArch
 
 # The shape keys a width prune sets (head_dim never changes; depth has its own keys).
 _WIDTH_KEYS = tuple(key for key in SHAPE_KEYS if key not in ("num_layers", "kv_channels"))
+# A hybrid's depth per layer kind: the target key of each kind of its pattern.
+KIND_KEYS = {kind: f"num_{kind}_layers" for kind in LAYER_SYMBOLS.values()}
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _last_of_each_kind(teacher: ModelArch, per_kind: dict[str, int]) -> list[int]:
+    """The last `per_kind[kind]` layers of every kind: a provisional choice with the right counts."""
+    kinds = teacher.layer_types
+    return [i for kind, n in per_kind.items() if n for i in [j for j, k in enumerate(kinds) if k == kind][-n:]]
 
 
 @dataclass
@@ -28,8 +37,10 @@ class PruneSpec:
     expert's (`moe_shared_expert_intermediate_size`) instead of `ffn_hidden_size`, which its layers
     do not use. A hybrid (Mamba) teacher also prunes its Mamba layers' heads (`mamba_num_heads`,
     group-aware: every SSM group keeps as many of its own heads, so a multiple of the groups) and
-    channels per head (`mamba_head_dim`); its depth is pruned by naming the layers
-    (`drop_layers`), which decides the student's layer pattern.
+    channels per head (`mamba_head_dim`). Its depth goes per layer kind: `num_mamba_layers`,
+    `num_attention_layers` and `num_mlp_layers` keep that many layers of the kind (a depth method
+    picks which, each kind ranked apart), or `drop_layers` names them; the layers that go decide
+    the student's pattern, and their kinds its size.
     """
 
     num_layers: int | None = None   # layers to keep (depth pruning, layers chosen by depth.method)
@@ -46,12 +57,17 @@ class PruneSpec:
     moe_router_topk: int | None = None
     mamba_num_heads: int | None = None   # hybrid teachers: SSM heads per Mamba layer to keep (a multiple of the groups)
     mamba_head_dim: int | None = None   # hybrid teachers: channels to keep in every SSM head
+    num_mamba_layers: int | None = None   # hybrid teachers: Mamba layers to keep (depth.method picks which)
+    num_attention_layers: int | None = None   # hybrid teachers: attention layers to keep (depth.method picks which)
+    num_mlp_layers: int | None = None   # hybrid teachers: MLP layers to keep (depth.method picks which)
     POSITIVE: ClassVar[tuple[str, ...]] = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                                           "num_query_groups", *MOE_SHAPE_KEYS, "moe_router_topk", *MAMBA_SHAPE_KEYS)
+                                           "num_query_groups", *MOE_SHAPE_KEYS, "moe_router_topk", *MAMBA_SHAPE_KEYS,
+                                           *KIND_KEYS.values())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruneSpec":
-        known = {"num_layers", "drop_layers", *_WIDTH_KEYS, *MOE_SHAPE_KEYS, "moe_router_topk", *MAMBA_SHAPE_KEYS}
+        known = {"num_layers", "drop_layers", *_WIDTH_KEYS, *MOE_SHAPE_KEYS, "moe_router_topk", *MAMBA_SHAPE_KEYS,
+                 *KIND_KEYS.values()}
         unknown = set(data) - known
         if unknown:
             raise UserError(f"unknown target keys {sorted(unknown)}: use target.{{{','.join(sorted(known))}}}")
@@ -68,11 +84,33 @@ class PruneSpec:
     def target_layers(self, teacher: ModelArch) -> int:
         if self.drop_layers is not None:
             return teacher.num_layers - len(self.drop_layers)
+        per_kind = self.dropped_per_kind(teacher)
+        if per_kind is not None:
+            return teacher.num_layers - sum(per_kind.values())
         return teacher.num_layers if self.num_layers is None else self.num_layers
+
+    def dropped_per_kind(self, teacher: ModelArch) -> dict[str, int] | None:
+        """How many layers of each kind a hybrid target drops, when its `num_<kind>_layers` keys
+        say so (a kind left unset keeps all its layers); None without those keys."""
+        if all(getattr(self, key) is None for key in KIND_KEYS.values()):
+            return None
+        counts = Counter(teacher.layer_types)
+        return {kind: counts[kind] - getattr(self, key) for kind, key in KIND_KEYS.items()
+                if getattr(self, key) is not None}
+
+    def with_dropped(self, dropped: list[int]) -> "PruneSpec":
+        """This target with the layers a depth method chose named: its hybrid pattern is then the
+        student's (checked against the per-kind counts by `target_arch`)."""
+        return replace(self, drop_layers=sorted(dropped))
 
     def target_arch(self, teacher: ModelArch, tp: int = 1, pp: int = 1, ep: int = 1) -> ModelArch:
         """The pruned architecture; ValueError naming the `target.` key when it cannot be built
-        from `teacher` or split over tp x pp."""
+        from `teacher` or split over tp x pp.
+
+        A hybrid target whose layers a depth method will choose (`num_<kind>_layers` without
+        `drop_layers`) gets a provisional pattern, each kind's last layers dropped: its sizes and
+        parameter counts are the student's (every layer of a kind has the same shape), its order
+        is known once `with_dropped` names the chosen layers."""
         self._check_layers(teacher)
         for key in _WIDTH_KEYS:
             value = getattr(self, key)
@@ -157,11 +195,13 @@ class PruneSpec:
             raise UserError(f"target.mamba_num_heads={sizes['mamba_num_heads']} is not a multiple of the teacher's "
                             f"{groups} SSM groups: heads leave within their groups, each group keeping as many "
                             f"(choose among {[groups * k for k in range(1, teacher.mamba_num_heads // groups + 1)]})")
-        if self.num_dropped(teacher) and self.drop_layers is None:
-            raise UserError(f"target.num_layers={self.num_layers} on a hybrid teacher: name the layers to drop with "
-                            f"target.drop_layers (which kinds go, of the pattern {teacher.hybrid_pattern!r}, decides "
-                            f"the student's pattern and size)")
-        dropped = set(self.drop_layers or ())
+        per_kind = self.dropped_per_kind(teacher)
+        if self.num_dropped(teacher) and self.drop_layers is None and per_kind is None:
+            raise UserError(f"target.num_layers={self.num_layers} on a hybrid teacher: say how many layers of each "
+                            f"kind stay with target.{{{','.join(KIND_KEYS.values())}}} (depth.method picks which), or "
+                            f"name the layers with target.drop_layers (which kinds go, of the pattern "
+                            f"{teacher.hybrid_pattern!r}, decides the student's size)")
+        dropped = set(self.drop_layers if self.drop_layers is not None else _last_of_each_kind(teacher, per_kind or {}))
         sizes["hybrid_pattern"] = "".join(s for i, s in enumerate(teacher.hybrid_pattern) if i not in dropped)
         return sizes
 
@@ -169,6 +209,7 @@ class PruneSpec:
         L = teacher.num_layers
         if self.num_layers is not None and not 1 <= self.num_layers <= L:
             raise UserError(f"target.num_layers={self.num_layers} must be between 1 and the teacher's {L}")
+        self._check_kinds(teacher)
         if self.drop_layers is None:
             return
         bad = [i for i in self.drop_layers if not 0 <= i < L]
@@ -183,6 +224,31 @@ class PruneSpec:
                 f"target.num_layers={self.num_layers} disagrees with target.drop_layers "
                 f"({len(self.drop_layers)} of {L} layers dropped leaves {L - len(self.drop_layers)})"
             )
+
+    def _check_kinds(self, teacher: ModelArch) -> None:
+        """The per-kind depth keys: a hybrid's, within its counts, agreeing with num_layers and drop_layers."""
+        set_keys = {kind: getattr(self, key) for kind, key in KIND_KEYS.items() if getattr(self, key) is not None}
+        if not set_keys:
+            return
+        if not teacher.is_hybrid:
+            raise UserError(f"target.{KIND_KEYS[next(iter(set_keys))]} is set but the teacher ({teacher.family}) has "
+                            f"no layer pattern: use target.num_layers")
+        counts = Counter(teacher.layer_types)
+        for kind, keep in set_keys.items():
+            if not 1 <= keep <= counts[kind]:
+                raise UserError(f"target.{KIND_KEYS[kind]}={keep} must be between 1 and the teacher's {counts[kind]} "
+                                f"{kind} layers (pattern {teacher.hybrid_pattern!r})")
+        kept = teacher.num_layers - sum(self.dropped_per_kind(teacher).values())
+        if self.num_layers is not None and self.num_layers != kept:
+            raise UserError(f"target.num_layers={self.num_layers} disagrees with the layers kept per kind "
+                            f"({', '.join(f'{KIND_KEYS[k]}={v}' for k, v in set_keys.items())} leave {kept})")
+        if self.drop_layers is not None:
+            dropped = Counter(teacher.layer_types[i] for i in self.drop_layers if 0 <= i < teacher.num_layers)
+            wrong = {kind: keep for kind, keep in set_keys.items() if counts[kind] - dropped[kind] != keep}
+            if wrong:
+                kind = next(iter(wrong))
+                raise UserError(f"target.drop_layers={self.drop_layers} leaves {counts[kind] - dropped[kind]} {kind} "
+                                f"layers, not target.{KIND_KEYS[kind]}={wrong[kind]}")
 
     @staticmethod
     def _check_parallel(target: ModelArch, tp: int, pp: int, ep: int) -> None:

@@ -40,7 +40,7 @@ from nemo_minitron.importance.scores import EXPERT_METHODS, FILE_NAME, METHODS
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.outputs import check_output, content_id, releases_output_locks, settings_of
-from nemo_minitron.pruning.indices import DEPTH_METHODS, choose_dropped_layers, select_indices
+from nemo_minitron.pruning.indices import DEPTH_METHODS, check_depth_method, choose_dropped_layers, select_indices
 from nemo_minitron.pruning.planner import plan
 from nemo_minitron.pruning.reconstruct import check_options, record_statistics
 from nemo_minitron.pruning.report import REPORT_FILES, write_report
@@ -230,8 +230,10 @@ def _dropped_layers(cfg: PruneConfig, spec: PruneSpec, teacher: ModelArch, model
         return sorted(spec.drop_layers)
     k = spec.num_dropped(teacher)
     method = cfg.depth.method
+    per_kind = spec.dropped_per_kind(teacher)
     if k == 0:
         return []
+    check_depth_method(method, per_kind)
     if method == "contiguous" and k not in scores.blocks:
         scores.blocks[k] = contiguous_block_scores(model, k, calibration.metric())
     elif method == "loss" and method not in scores.layers:
@@ -242,7 +244,7 @@ def _dropped_layers(cfg: PruneConfig, spec: PruneSpec, teacher: ModelArch, model
         scores.layers["random"] = random_scores(teacher, cfg.seed).layers["random"]
     elif method == "block_importance" and method not in scores.layers:
         raise UserError(f"depth.method={method} needs activation scores: set importance=activation")
-    return choose_dropped_layers(scores, teacher, k, method)
+    return choose_dropped_layers(scores, teacher, k, method, per_kind)
 
 
 @releases_output_locks
@@ -274,6 +276,8 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     architecture = plan(teacher, spec, layout.tp, layout.pp, layout.ep)
     if cfg.plan_only:
         return architecture
+    if spec.num_dropped(teacher) and spec.drop_layers is None:
+        check_depth_method(cfg.depth.method, spec.dropped_per_kind(teacher))  # before the weights load
     output = Path(cfg.output_dir).absolute()
     tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
     with timed(times, "load_s"):
@@ -284,6 +288,7 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
         scores, reused = _importance(cfg, model, teacher, calibration, request)
     with timed(times, "depth_s"):
         dropped = _dropped_layers(cfg, spec, teacher, model, scores, calibration)
+    target = spec.with_dropped(dropped).target_arch(teacher, layout.tp, layout.pp, layout.ep)  # a hybrid's pattern
     student = {k: v for k, v in architecture["student"].items() if k != "parameters"}
     log.info("pruning to %s; dropping layers %s", student, dropped)
     indices = select_indices(scores, teacher, target, dropped, cfg.experts.method)

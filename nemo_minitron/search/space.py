@@ -5,7 +5,8 @@ MLP width is `ffn_hidden_size`; a mixture-of-experts teacher's is three axes ins
 not use `ffn_hidden_size`): the number of routed experts, every expert's FFN width and, where it has
 one, the shared expert's FFN width (`MOE_SHAPE_KEYS`). A hybrid (Mamba) teacher adds its Mamba
 layers' heads and channels per head (`MAMBA_SHAPE_KEYS`) and keeps its depth: a hybrid's depth
-is pruned by naming layers, which decides the pattern. A candidate is the prune stage's target
+is pruned per layer kind (`PruneSpec.num_<kind>_layers`), three axes the grid leaves to the prune
+stage. A candidate is the prune stage's target
 (`target_of`), built by `PruneSpec.target_arch`, so the search proposes nothing the prune stage
 would refuse."""
 
@@ -140,7 +141,7 @@ class SearchSpace:
         explicit = self.choices.get(name)
         if explicit is not None:
             return sorted(set(int(v) for v in explicit))
-        if name == "num_layers" and teacher.is_hybrid:  # a hybrid's depth goes by named layers (module docstring)
+        if name == "num_layers" and teacher.is_hybrid:  # a hybrid's depth goes per kind (module docstring)
             return [teacher.num_layers]
         multiple = {"num_layers": self.layer_multiple, "hidden_size": self.hidden_multiple,
                     "ffn_hidden_size": self.ffn_multiple, "num_moe_experts": self.expert_multiple,
