@@ -103,7 +103,7 @@ def test_refit_equals_numpy_least_squares_on_transformers_activations(reference)
     for new, old in enumerate(indices.layers):
         for consumer, (megatron_name, hf_name) in names.items():
             a, y = activations[old, consumer]
-            columns = kept_columns(indices, old, consumer, teacher.kv_channels).numpy()
+            columns = kept_columns(indices, old, consumer, teacher).numpy()
             w_kept = hf.state_dict()[f"model.layers.{old}.{hf_name}"].double().numpy()[:, columns]
             expected = _numpy_refit(a[:, columns], y, w_kept, RIDGE)
             got = pruned[f"decoder.layers.{new}.{megatron_name}"]
@@ -230,3 +230,95 @@ def test_reconstruction_at_tp_and_pp_equals_tp1(reference, tp, pp, world):
         for consumer, record in ref_errors.items():
             assert errors[consumer]["layers"] == record["layers"]
             np.testing.assert_allclose(errors[consumer]["after"], record["after"], rtol=1e-4, atol=1e-7)
+
+
+# --- hybrid (Mamba) models -------------------------------------------------------------------------
+
+HYBRID_PATTERN = "M*-M-"  # Mamba, attention, MLP, Mamba, MLP; the last layer dropped
+
+
+def _hybrid_teacher():
+    from test_hybrid import hybrid_hf, prune_indices
+
+    teacher, hf = hybrid_hf(tie=False, hybrid_pattern=HYBRID_PATTERN)
+    target = PruneSpec(drop_layers=[4], hidden_size=48, ffn_hidden_size=64, num_attention_heads=2,
+                       mamba_num_heads=4, mamba_head_dim=7).target_arch(teacher)
+    sd = bridge.hf_to_global(teacher, hf.state_dict())
+    return teacher, hf, sd, target, prune_indices(teacher, target, [4], seed=4)
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def _hf_hybrid_inputs(hf, teacher, indices) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
+    """{(layer, consumer): (the pruned consumer's input on the kept columns, the teacher's output)}
+    from transformers' NemotronH: down_proj / o_proj inputs restricted to the kept columns, and for
+    a Mamba layer the gated norm RMSNorm(y * silu(z)) * w recomputed in numpy over each SSM
+    group's kept channels (from the norm's inputs y, z)."""
+    captured, handles = {}, []
+    for i, layer in enumerate(hf.model.layers):
+        kind = teacher.layer_types[i]
+        consumer = {"mamba": "out_proj", "attention": "o_proj", "mlp": "down_proj"}[kind]
+        if kind == "mamba":
+            handles.append(layer.mixer.norm.register_forward_pre_hook(
+                lambda module, args, i=i: captured.__setitem__((i, "norm"), [a.double().numpy() for a in args])))
+
+        def hook(module, args, output, i=i, kind=kind):
+            flat = lambda t: t.reshape(-1, t.shape[-1]).double().numpy()  # noqa: E731
+            captured[i, kind] = (flat(args[0]), flat(output))
+        handles.append(getattr(layer.mixer, consumer).register_forward_hook(hook))
+    with torch.no_grad():
+        hf(WINDOWS[:, :-1])
+    for handle in handles:
+        handle.remove()
+    inputs = {}
+    for i in indices.layers:
+        kind = teacher.layer_types[i]
+        a, y = captured[i, kind]
+        columns = kept_columns(indices, i, kind, teacher).numpy()
+        if kind == "mamba":
+            scan, gate = (t.reshape(-1, t.shape[-1])[:, columns] for t in captured[i, "norm"])
+            u = (scan * _silu(gate)).reshape(len(scan), teacher.mamba_num_groups, -1)
+            normed = u / np.sqrt((u ** 2).mean(-1, keepdims=True) + 1e-5)
+            weight = hf.state_dict()[f"model.layers.{i}.mixer.norm.weight"].double().numpy()[columns]
+            inputs[i, kind] = normed.reshape(len(scan), -1) * weight, y
+        else:
+            inputs[i, kind] = a[:, columns], y
+    return inputs
+
+
+def test_hybrid_refit_equals_numpy_on_transformers_activations():
+    """A hybrid's MLP, attention and Mamba layers each refit their consumer; the Mamba out_proj
+    fits the input the pruned layer computes (its gated norm over the kept channels of each group),
+    not the teacher's input restricted to them. numpy on transformers' NemotronH gives the same
+    weights and calibration errors, and the refit lowers every error."""
+    teacher, hf, sd, target, indices = _hybrid_teacher()
+    [(pruned, errors)] = run_distributed(pruned_with_reconstruction, world_size=1, args=(teacher, sd, target, indices))
+    names = {"mamba": "mixer.out_proj.weight", "attention": "self_attention.linear_proj.weight",
+             "mlp": "mlp.linear_fc2.weight"}
+    hf_names = {"mamba": "out_proj", "attention": "o_proj", "mlp": "down_proj"}
+    plain = prune_global(sd, teacher, target, indices)
+    for (layer, kind), (a, y) in _hf_hybrid_inputs(hf, teacher, indices).items():
+        new = indices.layers.index(layer)
+        columns = kept_columns(indices, layer, kind, teacher).numpy()
+        w_kept = hf.state_dict()[f"model.layers.{layer}.mixer.{hf_names[kind]}.weight"].double().numpy()[:, columns]
+        expected = _numpy_refit(a, y, w_kept, RIDGE)
+        got = pruned[f"decoder.layers.{new}.{names[kind]}"]
+        np.testing.assert_allclose(got.double().numpy(), expected[indices.hidden.numpy()], rtol=2e-4, atol=2e-6)
+        assert not torch.equal(got, plain[f"decoder.layers.{new}.{names[kind]}"])
+        at = errors[kind]["layers"].index(layer)
+        before, after = _relative_error(a, y, w_kept), _relative_error(a, y, expected)
+        assert errors[kind]["before"][at] == pytest.approx(before, rel=1e-4, abs=1e-6)
+        assert errors[kind]["after"][at] == pytest.approx(after, rel=1e-4, abs=1e-6) and after < before
+    assert sorted(errors) == ["attention", "mamba", "mlp"] and errors["mamba"]["layers"] == [0, 3]
+
+
+@pytest.mark.slow
+def test_hybrid_reconstruction_at_tp2_equals_tp1():
+    teacher, _, sd, target, indices = _hybrid_teacher()
+    [(reference, _)] = run_distributed(pruned_with_reconstruction, world_size=1, args=(teacher, sd, target, indices))
+    [(pruned, _), _] = run_distributed(pruned_with_reconstruction, 2, 2, 1, (teacher, sd, target, indices))
+    assert pruned.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(pruned[name], tensor, rtol=1e-4, atol=5e-6, msg=name)

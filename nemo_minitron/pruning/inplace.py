@@ -70,7 +70,7 @@ def prune(
 
     Reconstruction: with `reconstruct_loop` (a forward loop, like `estimate_importance`'s), the
     unpruned model runs it once more with recording hooks, and the kept columns of every kept
-    layer's `linear_fc2` and `linear_proj` are refit to reproduce the unpruned outputs on those
+    layer's `linear_fc2`, `linear_proj` and Mamba `out_proj` are refit to reproduce the unpruned outputs on those
     tokens (ridge least squares towards the plain prune, `reconstruct_ridge`; pruning/reconstruct.py);
     `reconstruct_depth` also fits the MLP before each dropped block to what the block added.
     """

@@ -1,11 +1,13 @@
 """Post-prune reconstruction: refit the weights that consume a pruned axis, in closed form.
 
-Width pruning removes MLP neurons (the columns of `linear_fc2`) and attention heads (the columns
-of `linear_proj`). What the removed columns added to the residual stream is lost; part of it is
-carried by the kept columns' inputs, which are correlated with the removed ones. Per kept layer
-and consumer, with a = the consumer's full input on a calibration token (the activated neurons,
-or the concatenated head outputs), K its kept and P its pruned entries, y = W a its output and
-W_K the kept columns, the refit kept columns are the proximal ridge least squares
+Width pruning removes MLP neurons (the columns of `linear_fc2`), attention heads (the columns
+of `linear_proj`) and a hybrid's Mamba heads and head channels (the columns of `out_proj`). What
+the removed columns added to the residual stream is lost; part of it is carried by the kept
+columns' inputs, which are correlated with the removed ones. Per kept layer and consumer, with
+a = the consumer's input on a calibration token as the pruned layer computes it (the activated
+neurons, the concatenated head outputs, or the Mamba layer's gated norm over its kept channels),
+K its kept and P its pruned entries, y = W a the teacher's output and W_K the kept columns, the
+refit kept columns are the proximal ridge least squares
 
     W' = argmin_V  sum_tokens |y - V a_K|^2 + lam |V - W_K|^2
        = (S + lam W_K) (C + lam I)^-1,   C = sum a_K a_K^T,  S = sum y a_K^T,
@@ -16,6 +18,13 @@ The ridge pulls towards the plain prune, not towards zero: `ridge` -> infinity i
 calibration error |Y - W' A_K|^2 never exceeds the plain prune's (it falls by at least lam
 |W' - W_K|^2). Only the kept rows of W' survive a hidden-channel cut; the hidden axis itself and
 dropped layers are not refit (their consumers sit behind a norm or a whole block).
+
+A Mamba layer's `out_proj` reads the gated group RMSNorm of the scan output y and gate z,
+RMSNorm_g(y * silu(z)) * w, over every channel of an SSM group. The pruned layer normalises each
+group over its kept channels only, so its input is not the teacher's input restricted to K: the
+recorder takes (y, z) at the norm (megatron's unfused path, `use_mem_eff_path=False`, calls it as
+a module; the fused kernel computes the same) and recomputes the norm over the kept channels with
+their weights, which is what the pruned `out_proj` receives.
 
 The statistics are the teacher's own: one calibration pass over the unpruned model (any TP x PP
 x DP), before the surgery. `C` and `S` are sums over tokens, so they reduce like the importance
@@ -35,23 +44,33 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.errors import UserError
+from nemo_minitron.models.config import MAMBA_NORM_EPS, ModelArch
 from nemo_minitron.models.gpt import arch_of, unwrap_model
+from nemo_minitron.models.mamba_kernels import gated_rms_norm
 from nemo_minitron.parallel import sum_over_ranks
 from nemo_minitron.pruning.indices import PruneIndices
 
 log = logging.getLogger("nemo_minitron")
 
 # consumer -> the weight it refits (megatron names inside decoder.layers.N.)
-CONSUMERS = {"mlp": "mlp.linear_fc2.weight", "attention": "self_attention.linear_proj.weight"}
+CONSUMERS = {"mlp": "mlp.linear_fc2.weight", "attention": "self_attention.linear_proj.weight",
+             "mamba": "mixer.out_proj.weight"}
+# The consumers in a layer of each kind (ModelArch.layer_types).
+LAYER_CONSUMERS = {"transformer": ("mlp", "attention"), "mlp": ("mlp",), "attention": ("attention",),
+                   "mamba": ("mamba",)}
 
 
-def kept_columns(indices: PruneIndices, layer: int, consumer: str, kv_channels: int) -> torch.Tensor:
-    """The consumer's kept input columns (global, ascending): the kept neurons, or every channel
-    of the kept heads (head-major: head j owns columns j * d .. j * d + d - 1)."""
+def kept_columns(indices: PruneIndices, layer: int, consumer: str, arch: ModelArch) -> torch.Tensor:
+    """The consumer's kept input columns (global, ascending): the kept neurons, every channel of
+    the kept heads (head-major: head j owns columns j * d .. j * d + d - 1), or a Mamba layer's
+    kept channels of its kept heads (head j, channel c: column j * P + c)."""
     if consumer == "mlp":
         return indices.neurons[layer]
+    if consumer == "mamba":
+        heads = indices.mamba_heads[layer].flatten()
+        return (heads[:, None] * arch.mamba_head_dim + indices.mamba_channels[layer]).flatten()
     heads = indices.heads[layer].flatten()
-    return (heads[:, None] * kv_channels + torch.arange(kv_channels)).flatten()
+    return (heads[:, None] * arch.kv_channels + torch.arange(arch.kv_channels)).flatten()
 
 
 @dataclass
@@ -86,14 +105,14 @@ def refit(weight_kept: torch.Tensor, stats: Statistics, ridge: float) -> torch.T
 
 
 def refit_global(sd: dict[str, torch.Tensor], indices: PruneIndices, statistics: dict[tuple[int, str], Statistics],
-                 kv_channels: int, ridge: float) -> tuple[dict[str, torch.Tensor], dict]:
+                 arch: ModelArch, ridge: float) -> tuple[dict[str, torch.Tensor], dict]:
     """A copy of the teacher's global state dict whose kept consumer columns are refit (the
     surgery then selects them as usual), and per consumer the calibration error before and after."""
     out = dict(sd)
     errors: dict[str, dict[str, list[float]]] = {}
     for (layer, consumer), stats in sorted(statistics.items()):
         name = f"decoder.layers.{layer}.{CONSUMERS[consumer]}"
-        columns = kept_columns(indices, layer, consumer, kv_channels)
+        columns = kept_columns(indices, layer, consumer, arch)
         before = sd[name][:, columns]
         after = refit(before, stats, ridge)
         out[name] = sd[name].clone()
@@ -112,13 +131,14 @@ def _tokens(output) -> torch.Tensor:
     return y.reshape(-1, y.shape[-1]).to(torch.float32, copy=True)
 
 
-def dropped_runs(indices: PruneIndices, num_layers: int) -> dict[int, int]:
-    """{kept layer just before a run of dropped layers: the run's last layer} (a run at the very
-    start has no layer before it and is left out)."""
-    kept = set(indices.layers)
+def dropped_runs(indices: PruneIndices, arch: ModelArch) -> dict[int, int]:
+    """{kept layer just before a run of dropped layers: the run's last layer}, for the kept layers
+    with an MLP (a run at the very start has no layer before it, and a hybrid's run after a Mamba
+    or attention layer has no MLP to bridge it: both are left out)."""
+    kept, num_layers, kinds = set(indices.layers), arch.num_layers, arch.layer_types
     runs = {}
     for layer in range(1, num_layers):
-        if layer not in kept and layer - 1 in kept:
+        if layer not in kept and layer - 1 in kept and "mlp" in LAYER_CONSUMERS[kinds[layer - 1]]:
             end = layer
             while end + 1 < num_layers and end + 1 not in kept:
                 end += 1
@@ -136,10 +156,9 @@ def check_options(ridge: float, head_residual: bool) -> None:
 
 def check_reconstructable(arch) -> None:
     """Refuse models whose consumers are not refit here (before any calibration work)."""
-    if arch.is_moe or arch.is_hybrid:
-        kind = "MLPs are mixtures of experts" if arch.is_moe else "layers include Mamba mixers"
-        raise UserError(f"reconstruct=true refits dense transformer layers' MLPs and attention; this model's {kind}: "
-                        f"prune it with reconstruct=false")
+    if arch.is_moe:
+        raise UserError("reconstruct=true refits dense MLPs, attention and Mamba mixers; this model's MLPs are "
+                        "mixtures of experts: prune it with reconstruct=false")
 
 
 class ReconstructionRecorder:
@@ -163,13 +182,14 @@ class ReconstructionRecorder:
         self.tp = ps.get_tensor_model_parallel_world_size()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.layers = {layer.layer_number - 1: layer for layer in model.decoder.layers}
-        self.bridges = self._within_stages(dropped_runs(indices, arch.num_layers)) if bridge else {}
-        widths = {"mlp": arch.ffn_hidden_size, "attention": arch.num_attention_heads * arch.kv_channels}
+        self.bridges = self._within_stages(dropped_runs(indices, arch)) if bridge else {}
+        widths = {"mlp": arch.ffn_hidden_size, "attention": arch.num_attention_heads * arch.kv_channels,
+                  "mamba": arch.mamba_inner if arch.is_hybrid else 0}
         h = arch.hidden_size
         self.stats: dict[tuple[int, str], Statistics] = {}
         for layer in indices.layers:
-            for consumer in consumers:
-                k = len(kept_columns(indices, layer, consumer, arch.kv_channels))
+            for consumer in set(consumers) & set(LAYER_CONSUMERS[arch.layer_types[layer]]):
+                k = len(kept_columns(indices, layer, consumer, arch))
                 if k == widths[consumer] and not (consumer == "mlp" and layer in self.bridges):
                     continue  # nothing of its input was pruned: the refit would return it unchanged
                 self.stats[layer, consumer] = Statistics(
@@ -177,6 +197,7 @@ class ReconstructionRecorder:
                     torch.zeros((), dtype=torch.float64))
         self._pending: dict = {}
         self._handles: list = []
+        self._mixers_fused: dict = {}  # Mamba mixer -> its use_mem_eff_path, restored on exit
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         """[tokens, full width] from this rank's [s, b, width / tp] shard (collective over TP)."""
@@ -188,15 +209,34 @@ class ReconstructionRecorder:
         return torch.cat(shards, dim=1)
 
     def _input_hook(self, key: tuple[int, str]):
-        columns = kept_columns(self.indices, key[0], key[1], self.arch.kv_channels)
+        columns = kept_columns(self.indices, key[0], key[1], self.arch)
 
         def hook(module, args):
             kept = self._gather(args[0])[:, columns.to(args[0].device)]
-            if self.tp_rank == 0:
-                self._pending[key] = kept
-                self.stats[key].gram += (kept.T @ kept).double().cpu()
+            self._add_input(key, kept)
 
         return hook
+
+    def _mamba_norm_hook(self, key: tuple[int, str]):
+        """At a Mamba layer's gated norm (y, z): the pruned layer's `out_proj` input, the norm over
+        each SSM group's kept channels with their weights (module docstring)."""
+        columns = kept_columns(self.indices, key[0], key[1], self.arch)
+        group_size = len(columns) // self.arch.mamba_num_groups  # kept heads are group-major, as many per group
+
+        def hook(module, args):
+            y, z = args[0], args[1]
+            device_columns = columns.to(y.device)
+            weight = self._gather(module.weight[None])[0, device_columns]
+            kept = gated_rms_norm(self._gather(y)[:, device_columns], weight, self._gather(z)[:, device_columns],
+                                  MAMBA_NORM_EPS, group_size, norm_before_gate=False)
+            self._add_input(key, kept)
+
+        return hook
+
+    def _add_input(self, key: tuple[int, str], kept: torch.Tensor) -> None:
+        if self.tp_rank == 0:
+            self._pending[key] = kept
+            self.stats[key].gram += (kept.T @ kept).double().cpu()
 
     def _accumulate(self, key: tuple[int, str], target: torch.Tensor) -> None:
         stats = self.stats[key]
@@ -237,7 +277,14 @@ class ReconstructionRecorder:
         for (i, consumer) in self.stats:
             if i not in layers:
                 continue  # another pipeline stage's
-            module = {"mlp": layers[i].mlp.linear_fc2, "attention": layers[i].self_attention.linear_proj}[consumer]
+            if consumer == "mamba":
+                mixer = layers[i].mixer
+                self._mixers_fused[mixer] = mixer.use_mem_eff_path
+                mixer.use_mem_eff_path = False  # the unfused path calls the norm as a module
+                self._handles += [mixer.norm.register_forward_pre_hook(self._mamba_norm_hook((i, consumer))),
+                                  mixer.out_proj.register_forward_hook(self._output_hook((i, consumer)))]
+                continue
+            module = layers[i].mlp.linear_fc2 if consumer == "mlp" else layers[i].self_attention.linear_proj
             self._handles += [module.register_forward_pre_hook(self._input_hook((i, consumer))),
                               module.register_forward_hook(self._output_hook((i, consumer)))]
         for start, end in self.bridges.items():
@@ -263,8 +310,11 @@ class ReconstructionRecorder:
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
+        for mixer, fused in self._mixers_fused.items():
+            mixer.use_mem_eff_path = fused
         self._handles.clear()
         self._pending.clear()
+        self._mixers_fused.clear()
 
     def statistics(self) -> dict[tuple[int, str], Statistics]:
         """Summed over all ranks (every rank calls it; PP stages contribute their own layers)."""
@@ -287,8 +337,8 @@ class Reconstruction:
     ridge: float
     errors: dict | None = None
 
-    def apply(self, sd: dict[str, torch.Tensor], indices: PruneIndices, kv_channels: int) -> dict[str, torch.Tensor]:
-        refit_sd, self.errors = refit_global(sd, indices, self.statistics, kv_channels, self.ridge)
+    def apply(self, sd: dict[str, torch.Tensor], indices: PruneIndices, arch: ModelArch) -> dict[str, torch.Tensor]:
+        refit_sd, self.errors = refit_global(sd, indices, self.statistics, arch, self.ridge)
         return refit_sd
 
 

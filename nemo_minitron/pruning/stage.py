@@ -92,8 +92,8 @@ class PruneConfig(StageConfig):
     importance_from: str | None = None   # a previous prune output (or its importance.pt) whose scores to reuse
     aggregation: Aggregation = nested(Aggregation)   # activation [s, b, c] -> per-channel score
     head_residual: bool = False   # fold pruned heads' output projections into kept heads of their group
-    # refit linear_fc2 / linear_proj over the kept neurons / heads to reproduce the teacher's outputs on the calibration
-    # windows (ridge least squares, docs/pruning.md)
+    # refit linear_fc2 / linear_proj / a Mamba out_proj over the kept neurons / heads / channels to reproduce the teacher's
+    # outputs on the calibration windows (ridge least squares, docs/pruning.md)
     reconstruct: bool = False
     # ridge towards the plain prune, relative to the mean activation energy (larger: closer to no refit)
     reconstruct_ridge: float = 1.0e-2
@@ -265,9 +265,9 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     teacher = checkpoint.read_arch(cfg.checkpoint)
     teacher.check_positions(cfg.calib.seq_len, "calib.seq_len")
     reconstruct = cfg.reconstruct
-    if reconstruct and (teacher.is_moe or teacher.is_hybrid):  # the pipeline's default is on: these still prune
-        log.warning("reconstruct=true: reconstruction refits dense transformer layers only (not mixtures of experts or "
-                    "Mamba layers); pruning this %s teacher without it", teacher.family)
+    if reconstruct and teacher.is_moe:  # the pipeline's default is on: these still prune
+        log.warning("reconstruct=true: reconstruction refits dense MLPs, attention and Mamba mixers, not mixtures of "
+                    "experts; pruning this %s teacher without it", teacher.family)
         reconstruct = False
     spec = cfg.target
     layout = parallel.initialize(cfg.tp, cfg.pp, cfg.seed, ep=cfg.ep)

@@ -185,7 +185,7 @@ def prune_model(model, target: ModelArch, indices: PruneIndices, head_residual: 
     sd = bridge.gather_global(model)
     if reconstruction is not None:
         check_options(reconstruction.ridge, head_residual)
-        sd = reconstruction.apply(sd, indices, teacher.kv_channels)
+        sd = reconstruction.apply(sd, indices, teacher)
     pruned_sd = prune_global(sd, teacher, target, indices, head_residual)
     pruned = rebuild_gpt_model(model, target)
     bridge.load_global(pruned, pruned_sd)
