@@ -345,6 +345,83 @@ def test_mamba_scores_equal_transformers_and_tp1(tp):
         assert all(torch.equal(pruned[k], reference_pruned[k]) for k in pruned)  # the same units kept
 
 
+def hf_hybrid_taylor_reference(hf, arch, windows) -> dict[str, torch.Tensor]:
+    """Group Taylor scores sum |w dL/dw| written out on transformers' NemotronH with autograd's
+    gradient of the mean token NLL: per Mamba head its z, x and dt rows of in_proj, conv1d
+    channels, dt_bias, A_log, D, gated-norm weights and out_proj columns; per channel index the
+    same channel of every head."""
+    hf.zero_grad()
+    logits = hf(windows[:, :-1], use_cache=False).logits
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)).backward()
+    s = {name: (p * p.grad).abs().detach() for name, p in hf.named_parameters()}
+    L, H, d, heads, P = arch.num_layers, arch.num_attention_heads, arch.kv_channels, arch.mamba_num_heads, arch.mamba_head_dim
+    inner = heads * P
+    hidden = s["model.embeddings.weight"].sum(0) + s["model.norm_f.weight"] + s["lm_head.weight"].sum(0)
+    out = {"heads": torch.zeros(L, H), "neurons": torch.zeros(L, arch.ffn_hidden_size),
+           "mamba_heads": torch.zeros(L, heads), "mamba_channels": torch.zeros(L, P)}
+    for i, symbol in enumerate(arch.hybrid_pattern):
+        m = f"model.layers.{i}.mixer."
+        hidden = hidden + s[f"model.layers.{i}.norm.weight"]
+        if symbol == "*":
+            hidden = hidden + sum(s[f"{m}{x}_proj.weight"].sum(0) for x in "qkv") + s[m + "o_proj.weight"].sum(1)
+            out["heads"][i] = (s[m + "q_proj.weight"].view(H, d, -1).sum((1, 2))
+                               + s[m + "o_proj.weight"].view(-1, H, d).sum((0, 2)))
+        elif symbol == "-":
+            hidden = hidden + s[m + "up_proj.weight"].sum(0) + s[m + "down_proj.weight"].sum(1)
+            out["neurons"][i] = s[m + "up_proj.weight"].sum(1) + s[m + "down_proj.weight"].sum(0)
+        else:
+            rows = s[m + "in_proj.weight"]
+            hidden = hidden + rows.sum(0) + s[m + "out_proj.weight"].sum(1)
+            channel = (rows[:inner].sum(1) + rows[inner:2 * inner].sum(1) + s[m + "conv1d.weight"][:inner].sum((1, 2))
+                       + s[m + "conv1d.bias"][:inner] + s[m + "norm.weight"] + s[m + "out_proj.weight"].sum(0)).view(heads, P)
+            out["mamba_heads"][i] = (channel.sum(1) + rows[-heads:].sum(1) + s[m + "dt_bias"] + s[m + "A_log"]
+                                     + s[m + "D"])
+            out["mamba_channels"][i] = channel.sum(0)
+    return {"hidden": hidden, **out}
+
+
+def _taylor_scores(arch, global_sd, windows):
+    from nemo_minitron.importance import estimate_taylor_importance
+
+    scores = estimate_taylor_importance(_built(arch, global_sd), windows, micro_batch_size=2)
+    return {name: getattr(scores, name) for name in ("hidden", "heads", "neurons", "mamba_heads", "mamba_channels")}
+
+
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_taylor_scores_of_a_hybrid_equal_autograd_on_transformers(tp):
+    windows = torch.randint(0, 320, (4, 17), generator=torch.Generator().manual_seed(8))
+    arch, hf = hybrid_hf(tie=False)
+    expected = hf_hybrid_taylor_reference(hf, arch, windows)
+    for scores in run_distributed(_taylor_scores, world_size=tp, tp=tp, args=(arch, bridge.hf_to_global(
+            arch, hf.state_dict()), windows)):
+        for name, tensor in expected.items():
+            torch.testing.assert_close(scores[name], tensor, rtol=1e-4, atol=1e-8, msg=name)
+    assert expected["mamba_heads"][[0, 3]].min() > 0 and expected["mamba_heads"][[1, 2]].abs().max() == 0
+
+
+def test_magnitude_scores_of_a_hybrid_are_weight_norms():
+    """A Mamba head's score is the norm of its weights (the layer norm folded into in_proj, the
+    gated norm into out_proj); attention and MLP layers score as in a dense model."""
+    from nemo_minitron.importance import magnitude_scores
+
+    arch, hf = hybrid_hf(tie=False)
+    w = hf.state_dict()
+    scores = magnitude_scores(arch, bridge.hf_to_global(arch, w))
+    m, P, heads = "model.layers.3.mixer.", arch.mamba_head_dim, arch.mamba_num_heads
+    in_proj = w[m + "in_proj.weight"] * w["model.layers.3.norm.weight"]
+    out_proj = w[m + "out_proj.weight"] * w[m + "norm.weight"]
+    for j in (0, 5):
+        rows = list(range(j * P, (j + 1) * P))
+        squares = (in_proj[rows].square().sum() + in_proj[[heads * P + r for r in rows]].square().sum()
+                   + in_proj[-heads + j].square().sum() + w[m + "conv1d.weight"][rows].square().sum()
+                   + w[m + "conv1d.bias"][rows].square().sum() + out_proj[:, rows].square().sum()
+                   + w[m + "dt_bias"][j] ** 2 + w[m + "A_log"][j] ** 2 + w[m + "D"][j] ** 2)
+        torch.testing.assert_close(scores.mamba_heads[3, j], squares.sqrt())
+    up, down = w["model.layers.2.mixer.up_proj.weight"] * w["model.layers.2.norm.weight"], w["model.layers.2.mixer.down_proj.weight"]
+    torch.testing.assert_close(scores.neurons[2], (up.square().sum(1) + down.square().sum(0)).sqrt())
+    assert scores.neurons[[0, 1, 3]].abs().max() == 0 and scores.mamba_heads[[1, 2]].abs().max() == 0
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_pruned_hybrid_exports_to_transformers(tie, tmp_path):
     """A pruned hybrid (every width axis and a dropped layer) writes a directory that

@@ -31,6 +31,7 @@ import torch
 
 from nemo_minitron.atomic import atomic_file
 from nemo_minitron.errors import UserError
+from nemo_minitron.models.bridge import final_norm
 from nemo_minitron.models.config import ModelArch
 
 METHODS = ("activation", "taylor", "magnitude", "random")
@@ -118,6 +119,26 @@ def _layer_tensors(sd: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tenso
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
+def mamba_unit_sums(arch: ModelArch, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [h], heads [Mamba heads], channels [head channels]): per unit of one Mamba layer, the
+    sum of a per-weight value (`values`, the layer's tensors by name) over the weights W_u that
+    read or write it. Head j's channel c (index j * P + c of the inner width) owns its rows of
+    in_proj's z and x blocks, its conv1d row and bias, its gated-norm weight and its out_proj
+    column; head j also owns its dt row of in_proj, dt_bias, A_log and D. A channel index sums its
+    channel's weights over the heads. B and C belong to the SSM groups, which stay whole, so only
+    the hidden channels count them: hidden channel c owns column c of in_proj and row c of out_proj
+    (the layer's norm is the caller's)."""
+    heads, P = arch.mamba_num_heads, arch.mamba_head_dim
+    in_proj, out_proj = values["mixer.in_proj.weight"], values["mixer.out_proj.weight"]
+    z, x, _, _, dt = in_proj.split(list(arch.mamba_in_proj_blocks.values()))
+    conv = values["mixer.conv1d.weight"].flatten(1).sum(1) + values["mixer.conv1d.bias"]  # [x; B; C] channels
+    per_channel = z.sum(1) + x.sum(1) + conv[:arch.mamba_inner] + values["mixer.norm.weight"] + out_proj.sum(0)
+    per_channel = per_channel.view(heads, P)
+    per_head = (per_channel.sum(1) + dt.sum(1) + values["mixer.dt_bias"] + values["mixer.A_log"]
+                + values["mixer.D"])
+    return in_proj.sum(0) + out_proj.sum(1), per_head, per_channel.sum(0)
+
+
 def _mlp_magnitudes(fc1: torch.Tensor, fc2: torch.Tensor, gated: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-neuron weight norms, per-hidden-channel squared weights) of one MLP: a SwiGLU neuron's
     gate and up rows, or a squared-ReLU neuron's one row, and its fc2 column."""
@@ -130,51 +151,64 @@ def magnitude_scores(arch: ModelArch, global_sd: dict[str, torch.Tensor]) -> Imp
     """Weight-norm importance (an ablation): every score is the L2 norm of the weights that read or
     write the unit. Norm weights are folded into the linears they feed, as the model computes; a
     head's q bias (Qwen2) counts with its q rows; a routed expert scores the norm of all its
-    weights, and the router's columns count towards the hidden channels."""
-    if arch.is_hybrid:
-        raise UserError("magnitude scores do not cover Mamba layers yet: use importance.method=activation (or random)")
+    weights, and the router's columns count towards the hidden channels; a Mamba head or channel
+    the norm of the weights `mamba_unit_sums` gives it (its gated-norm weights folded into
+    out_proj, the layer's norm into in_proj)."""
     G, d = arch.num_query_groups, arch.kv_channels
     per_group = arch.num_attention_heads // G
-    h = arch.hidden_size
+    h, L = arch.hidden_size, arch.num_layers
     hidden_sq = global_sd["embedding.word_embeddings.weight"].float().square().sum(0)
     output = global_sd.get("output_layer.weight", global_sd["embedding.word_embeddings.weight"])
-    hidden_sq += (output.float() * global_sd["decoder.final_layernorm.weight"].float()).square().sum(0)
-    heads, neurons, layers, experts, shared = [], [], [], [], []
-    for i in range(arch.num_layers):
+    hidden_sq += (output.float() * global_sd[f"{final_norm(arch)}weight"].float()).square().sum(0)
+    neurons = torch.zeros(L, arch.num_moe_experts, arch.moe_ffn_hidden_size) if arch.is_moe else torch.zeros(
+        L, arch.ffn_hidden_size)
+    heads, layers = torch.zeros(L, arch.num_attention_heads), torch.zeros(L)
+    experts = torch.zeros(L, arch.num_moe_experts) if arch.is_moe else None
+    shared = torch.zeros(L, arch.moe_shared_expert_intermediate_size) if arch.moe_shared_expert_intermediate_size else None
+    mamba = {"mamba_heads": torch.zeros(L, arch.mamba_num_heads),
+             "mamba_channels": torch.zeros(L, arch.mamba_head_dim)} if arch.is_hybrid else {}
+    for i, kind in enumerate(arch.layer_types):
         w = {k: v.float() for k, v in _layer_tensors(global_sd, i).items()}
-        qkv = w["self_attention.linear_qkv.weight"] * w["input_layernorm.weight"]
-        proj, norm = w["self_attention.linear_proj.weight"], w["pre_mlp_layernorm.weight"]
-        hidden_sq += qkv.square().sum(0) + proj.square().sum(1)
-        q = qkv.view(G, per_group + 2, d, h)[:, :per_group].reshape(arch.num_attention_heads, -1)
-        if arch.qkv_bias:
-            q_bias = w["self_attention.linear_qkv.bias"].view(G, per_group + 2, d)[:, :per_group]
-            q = torch.cat([q, q_bias.reshape(arch.num_attention_heads, d)], dim=1)
-        heads.append((q.square().sum(1) + proj.view(h, -1, d).square().sum((0, 2))).sqrt())
-        if arch.is_moe:
+        if kind in ("transformer", "attention"):
+            qkv = w["self_attention.linear_qkv.weight"] * w["input_layernorm.weight"]
+            proj = w["self_attention.linear_proj.weight"]
+            hidden_sq += qkv.square().sum(0) + proj.square().sum(1)
+            q = qkv.view(G, per_group + 2, d, h)[:, :per_group].reshape(arch.num_attention_heads, -1)
+            if arch.qkv_bias:
+                q_bias = w["self_attention.linear_qkv.bias"].view(G, per_group + 2, d)[:, :per_group]
+                q = torch.cat([q, q_bias.reshape(arch.num_attention_heads, d)], dim=1)
+            heads[i] = (q.square().sum(1) + proj.view(h, -1, d).square().sum((0, 2))).sqrt()
+        if kind in ("transformer", "mlp") and arch.is_moe:
+            norm = w["pre_mlp_layernorm.weight"]
             hidden_sq += (w["mlp.router.weight"] * norm).square().sum(0)
             per_expert = [_mlp_magnitudes(w[f"mlp.experts.local_experts.{e}.linear_fc1.weight"] * norm,
                                           w[f"mlp.experts.local_experts.{e}.linear_fc2.weight"], arch.gated)
                           for e in range(arch.num_moe_experts)]
             hidden_sq += sum(hidden for _, hidden in per_expert)
-            neurons.append(torch.stack([n for n, _ in per_expert]))
-            experts.append(torch.stack([n.square().sum().sqrt() for n, _ in per_expert]))
-            if arch.moe_shared_expert_intermediate_size:
-                shared_neurons, shared_hidden = _mlp_magnitudes(
+            neurons[i] = torch.stack([n for n, _ in per_expert])
+            experts[i] = torch.stack([n.square().sum().sqrt() for n, _ in per_expert])
+            if shared is not None:
+                shared[i], shared_hidden = _mlp_magnitudes(
                     w["mlp.shared_experts.linear_fc1.weight"] * norm, w["mlp.shared_experts.linear_fc2.weight"],
                     arch.gated)
                 hidden_sq += shared_hidden + (w["mlp.shared_experts.gate_weight"] * norm).square().sum(0)
-                shared.append(shared_neurons)
-        else:
-            mlp_neurons, mlp_hidden = _mlp_magnitudes(w["mlp.linear_fc1.weight"] * norm, w["mlp.linear_fc2.weight"],
-                                                      arch.gated)
+        elif kind in ("transformer", "mlp"):
+            neurons[i], mlp_hidden = _mlp_magnitudes(w["mlp.linear_fc1.weight"] * w["pre_mlp_layernorm.weight"],
+                                                     w["mlp.linear_fc2.weight"], arch.gated)
             hidden_sq += mlp_hidden
-            neurons.append(mlp_neurons)
-        layers.append(sum(t.square().sum() for t in w.values()).sqrt())
+        if kind == "mamba":
+            squares = {name: t.square() for name, t in w.items()}
+            squares["mixer.in_proj.weight"] = (w["mixer.in_proj.weight"] * w["norm.weight"]).square()
+            squares["mixer.out_proj.weight"] = (w["mixer.out_proj.weight"] * w["mixer.norm.weight"]).square()
+            squares["mixer.norm.weight"] = torch.zeros_like(w["mixer.norm.weight"])  # folded into out_proj
+            mamba_hidden, mamba_heads, mamba_channels = mamba_unit_sums(arch, squares)
+            hidden_sq += mamba_hidden
+            mamba["mamba_heads"][i], mamba["mamba_channels"][i] = mamba_heads.sqrt(), mamba_channels.sqrt()
+        layers[i] = sum(t.square().sum() for t in w.values()).sqrt()
     return ImportanceScores(
-        arch=arch, method="magnitude", hidden=hidden_sq.sqrt(), heads=torch.stack(heads),
-        neurons=torch.stack(neurons), layers={"magnitude": torch.stack(layers)},
-        experts={"magnitude": torch.stack(experts)} if experts else {},
-        shared_neurons=torch.stack(shared) if shared else None,
+        arch=arch, method="magnitude", hidden=hidden_sq.sqrt(), heads=heads, neurons=neurons,
+        layers={"magnitude": layers}, experts={"magnitude": experts} if experts is not None else {},
+        shared_neurons=shared, **mamba,
     )
 
 

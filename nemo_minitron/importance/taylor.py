@@ -14,9 +14,11 @@ linear layers for hidden channels), where W_u is every weight that reads or writ
 - MLP neuron j: its `linear_fc1` row (SwiGLU: its gate row and its up row) and its `linear_fc2` column;
 - attention head: its query rows of `linear_qkv` (and Qwen2's query bias) and its `linear_proj`
   columns (keys and values belong to the query group, which is ranked by its heads' scores);
-- hidden channel c: column c of the embedding, of every `linear_qkv` / `linear_fc1` and of an untied
-  output layer, row c of every `linear_proj` / `linear_fc2`, entry c of every norm weight (and
-  LayerNorm bias), summed over the whole model.
+- a hybrid's Mamba head and head channel: `scores.mamba_unit_sums` (their z, x and dt rows of
+  `in_proj`, conv1d channels, dt_bias, A_log, D, gated-norm weights and `out_proj` columns);
+- hidden channel c: column c of the embedding, of every `linear_qkv` / `linear_fc1` / Mamba
+  `in_proj` and of an untied output layer, row c of every `linear_proj` / `linear_fc2` / Mamba
+  `out_proj`, entry c of every norm weight (and LayerNorm bias), summed over the whole model.
 
 Gradients are summed over data-parallel replicas, and at PP > 1 the first stage's embedding and the
 last stage's tied output-layer copy add their gradients (as megatron's `finalize_model_grads` does),
@@ -33,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.importance.scores import ImportanceScores, mamba_unit_sums
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.models.gpt import arch_of, unwrap_model
@@ -44,50 +46,58 @@ log = logging.getLogger("nemo_minitron")
 SCHEDULE_MICRO_BATCHES = 8  # micro-batches per schedule call, as in eval.perplexity
 
 
-def _unit_sums(arch: ModelArch, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hidden [h], heads [L, heads], neurons [L, ffn]): per unit, the sum of a per-weight value over
-    the weights W_u of the unit (module docstring), from global-layout tensors."""
+def _unit_sums(arch: ModelArch, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per unit, the sum of a per-weight value over the weights W_u of the unit (module docstring),
+    from global-layout tensors: `hidden` [h], `heads` [L, heads], `neurons` [L, ffn], and a hybrid's
+    `mamba_heads` / `mamba_channels` (zeros in the layers without the unit)."""
     G, d, h = arch.num_query_groups, arch.kv_channels, arch.hidden_size
-    H = arch.num_attention_heads
+    H, L = arch.num_attention_heads, arch.num_layers
     hidden = values["embedding.word_embeddings.weight"].sum(0)
     if "output_layer.weight" in values:
         hidden = hidden + values["output_layer.weight"].sum(0)
     for param in arch.norm_params:
-        hidden = hidden + values[f"decoder.final_layernorm.{param}"]
-    heads, neurons = [], []
-    for i in range(arch.num_layers):
+        hidden = hidden + values[f"{bridge.final_norm(arch)}{param}"]
+    sums = {"heads": hidden.new_zeros(L, H), "neurons": hidden.new_zeros(L, arch.ffn_hidden_size)}
+    if arch.is_hybrid:
+        sums |= {"mamba_heads": hidden.new_zeros(L, arch.mamba_num_heads),
+                 "mamba_channels": hidden.new_zeros(L, arch.mamba_head_dim)}
+    for i, kind in enumerate(arch.layer_types):
         prefix = f"decoder.layers.{i}."
         v = {k[len(prefix):]: t for k, t in values.items() if k.startswith(prefix)}
-        qkv, proj = v["self_attention.linear_qkv.weight"], v["self_attention.linear_proj.weight"]
-        fc1, fc2 = v["mlp.linear_fc1.weight"], v["mlp.linear_fc2.weight"]
-        for norm in ("input_layernorm", "pre_mlp_layernorm"):
+        for norm in bridge.layer_norms(arch, i):
             for param in arch.norm_params:
-                hidden = hidden + v[f"{norm}.{param}"]
-        hidden = hidden + qkv.sum(0) + fc1.sum(0) + proj.sum(1) + fc2.sum(1)
-        query = qkv.view(G, H // G + 2, d, h)[:, : H // G].sum((2, 3)).reshape(H)
-        if arch.qkv_bias:
-            query = query + v["self_attention.linear_qkv.bias"].view(G, H // G + 2, d)[:, : H // G].sum(2).reshape(H)
-        heads.append(query + proj.view(h, H, d).sum((0, 2)))
-        rows = sum(part.sum(1) for part in fc1.chunk(2)) if arch.gated else fc1.sum(1)
-        neurons.append(rows + fc2.sum(0))
-    return hidden, torch.stack(heads), torch.stack(neurons)
+                hidden = hidden + v[f"{norm}{param}"]
+        if kind in ("transformer", "attention"):
+            qkv, proj = v["self_attention.linear_qkv.weight"], v["self_attention.linear_proj.weight"]
+            hidden = hidden + qkv.sum(0) + proj.sum(1)
+            query = qkv.view(G, H // G + 2, d, h)[:, : H // G].sum((2, 3)).reshape(H)
+            if arch.qkv_bias:
+                query = query + v["self_attention.linear_qkv.bias"].view(G, H // G + 2, d)[:, : H // G].sum(2).reshape(H)
+            sums["heads"][i] = query + proj.view(h, H, d).sum((0, 2))
+        if kind in ("transformer", "mlp"):
+            fc1, fc2 = v["mlp.linear_fc1.weight"], v["mlp.linear_fc2.weight"]
+            hidden = hidden + fc1.sum(0) + fc2.sum(1)
+            rows = sum(part.sum(1) for part in fc1.chunk(2)) if arch.gated else fc1.sum(1)
+            sums["neurons"][i] = rows + fc2.sum(0)
+        if kind == "mamba":
+            layer_hidden, sums["mamba_heads"][i], sums["mamba_channels"][i] = mamba_unit_sums(arch, v)
+            hidden = hidden + layer_hidden
+    return {"hidden": hidden, **sums}
 
 
-def _require_dense(arch: ModelArch) -> None:
-    if arch.is_moe or arch.is_hybrid:
-        kind = "mixture-of-experts" if arch.is_moe else "Mamba"
-        raise UserError(f"importance=taylor scores dense transformer layers; this model has {kind} layers: "
-                        f"use importance=activation")
+def _require_supported(arch: ModelArch) -> None:
+    if arch.is_moe:
+        raise UserError("importance=taylor scores dense and hybrid (Mamba) layers; this model has mixture-of-experts "
+                        "layers: use importance=activation")
 
 
 @torch.no_grad()
 def taylor_scores(arch: ModelArch, weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> ImportanceScores:
     """Group Taylor scores sum_{w in W_u} |w G_w| of every unit from global weights and their
     gradients (module docstring)."""
-    _require_dense(arch)
+    _require_supported(arch)
     salience = {name: (w.float() * grads[name].float()).abs() for name, w in weights.items()}
-    hidden, heads, neurons = _unit_sums(arch, salience)
-    return ImportanceScores(arch=arch, method="taylor", hidden=hidden, heads=heads, neurons=neurons)
+    return ImportanceScores(arch=arch, method="taylor", **_unit_sums(arch, salience))
 
 
 def _sum_gradients_over_copies(model) -> None:
@@ -140,7 +150,7 @@ def estimate_taylor_importance(model, windows: torch.Tensor, micro_batch_size: i
     the TP x PP x DP layout calls it with the same windows). The model runs in eval mode (no
     dropout); its gradients are freed afterwards."""
     arch = arch_of(model)
-    _require_dense(arch)
+    _require_supported(arch)
     if unwrap_model(model).config.sequence_parallel:
         # megatron all-reduces the norms' partial gradients under sequence parallelism in
         # finalize_model_grads, which this backward does not run
