@@ -25,6 +25,15 @@ def compat_python() -> Path:
     return COMPAT_PYTHON
 
 
+def pytest_configure(config):
+    """In-process tests use this worker's share of the cores (`distributed.core_share`)."""
+    import torch
+
+    from distributed import core_share
+
+    torch.set_num_threads(core_share())
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that use the NeMo venv (the `compat_python` fixture, directly or through another
     fixture) are `nemo` tests; `gpu` tests are skipped, saying why, where CUDA is absent."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import core_share, run_distributed
 
 pytestmark = pytest.mark.slow  # minutes on the embedded teacher
 from tiny import keep_layers
@@ -32,7 +32,7 @@ def recovery(out: str) -> dict[str, float]:
     from nemo_minitron.models.gpt import build_gpt_model
     from nemo_minitron.train import LMLoss, OptimConfig, TokenWindows, TrainConfig, Trainer, TrainingData
 
-    torch.set_num_threads(2)  # one process: use both cores
+    torch.set_num_threads(core_share())  # one process: all the cores this worker has
     arch, hf_state, tokenizer, _ = read_source("smollm2-135m", None, torch.float32)
     teacher_sd = bridge.hf_to_global(arch, hf_state)
     teacher = build_gpt_model(arch)

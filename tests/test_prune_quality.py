@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import core_share, run_distributed
 
 pytestmark = pytest.mark.slow  # minutes on the embedded teacher
 
@@ -29,7 +29,7 @@ def prune_and_evaluate(calib_path, heldout_path):
     from nemo_minitron.pruning import PruneSpec, best_block, lowest_layers, prune_model, select_indices
     from nemo_minitron.pruning.reconstruct import record_statistics
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(core_share())
     arch, hf_state, tokenizer, _ = read_source("smollm2-135m", None, torch.float32)
     model = build_gpt_model(arch)
     bridge.load_global(model, bridge.hf_to_global(arch, hf_state))
