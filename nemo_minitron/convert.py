@@ -30,7 +30,8 @@ class ImportConfig(StageConfig):
     # a built-in model (see `minitron import --help`); ignored when hf_path, megatron_path or nemo_path is set
     model: str | None = "smollm2-135m"
     hf_path: str | None = None   # a local Hugging Face model directory (config.json, *.safetensors, tokenizer)
-    megatron_path: str | None = None  # a Megatron-LM run's --save directory (pretrain_gpt.py, --ckpt-format torch_dist)
+    # a Megatron-LM run's --save directory (pretrain_gpt.py or pretrain_mamba.py, --ckpt-format torch_dist)
+    megatron_path: str | None = None
     # which save of megatron_path to import (iter_NNNNNNN); null: the one latest_checkpointed_iteration.txt names
     iteration: int | None = None
     # a NeMo 2 checkpoint directory (context/ + weights/), e.g. from llm.import_ckpt or a NeMo training run
@@ -74,9 +75,10 @@ class CheckConfig(StageConfig):
 
 
 def _check_nemo_exportable(arch: ModelArch) -> None:
-    """Refuse before any work a family NeMo 2 has no model class for."""
-    if arch.is_hybrid:
-        raise UserError(f"export-nemo: {nemo2.HYBRID_NOT_SUPPORTED}")
+    """Refuse before any work a family NeMo 2 has no model class for, and a model its class cannot
+    hold (a hybrid with tied embeddings)."""
+    if arch.is_hybrid and arch.tie_embeddings:
+        raise UserError(f"export-nemo: {nemo2.TIED_HYBRID}")
     if FAMILIES[arch.family].nemo_classes is None:
         raise UserError(f"NeMo 2 has no {arch.family} model class, so export-nemo cannot write one: export it with "
                         f"export-hf or export-megatron")
@@ -196,8 +198,9 @@ def export_hf(cfg: ExportHFConfig) -> dict:
 
 @releases_output_locks
 def export_megatron(cfg: ExportMegatronConfig) -> dict:
-    """A checkpoint -> a Megatron-LM release save that pretrain_gpt.py loads with `--load`, plus the
-    flags that build its model (`models/megatron_lm.py`; docs/design.md section 17)."""
+    """A checkpoint -> a Megatron-LM release save that pretrain_gpt.py (a hybrid: pretrain_mamba.py)
+    loads with `--load`, plus the flags that build its model (`models/megatron_lm.py`; docs/design.md
+    section 17)."""
     cfg.require("checkpoint", "output_dir")
     settings = settings_of(cfg, inputs=["checkpoint"])
     out = check_output(cfg.output_dir, "export-megatron", [cfg.checkpoint], settings=settings,
@@ -206,7 +209,6 @@ def export_megatron(cfg: ExportMegatronConfig) -> dict:
         log.info("%s already holds this export: nothing to do", out)
         return {"megatron_dir": str(out), "already_complete": True}
     arch = checkpoint.read_arch(cfg.checkpoint)
-    megatron_lm.check_exportable(arch)
     tokenizer = checkpoint.load_tokenizer(cfg.checkpoint)
     seq_length = cfg.seq_length or arch.max_position_embeddings
     arch.check_positions(seq_length, "seq_length")
@@ -222,9 +224,10 @@ def export_megatron(cfg: ExportMegatronConfig) -> dict:
         if parallel.is_main_process():
             write_marker(partial, "export-megatron", settings, megatron_lm.ENTRIES,
                          checkpoint=str(Path(cfg.checkpoint).absolute()))
+    script = megatron_lm.training_script(arch)
     if parallel.is_main_process():
-        log.info("wrote %s: load it with --load %s and the flags in %s", out, out, megatron_lm.FLAGS_FILE)
-    return {"megatron_dir": str(out), "flags": str(out / megatron_lm.FLAGS_FILE),
+        log.info("wrote %s: load it with %s --load %s and the flags in %s", out, script, out, megatron_lm.FLAGS_FILE)
+    return {"megatron_dir": str(out), "flags": str(out / megatron_lm.FLAGS_FILE), "script": script,
             "make_vocab_size_divisible_by": args["make_vocab_size_divisible_by"], **times}
 
 

@@ -1,14 +1,25 @@
 """NeMo 2's own conversions, run by NeMo itself (nemo_toolkit 2.7.3 in the venv scripts/test.sh
-makes), as the independent side of tests/test_nemo2.py. It imports nothing from nemo_minitron.
+makes), as the independent side of tests/test_nemo2.py. From nemo_minitron it takes only what stands
+in for CUDA: the RNG tracker and a hybrid's GPU libraries (the points below).
 
     python tests/nemo_driver.py import-hf HF_DIR NEMO_DIR [HF_DIR NEMO_DIR ...]   # llm.import_ckpt: HF -> NeMo 2
     python tests/nemo_driver.py export-hf NEMO_DIR HF_DIR [NEMO_DIR HF_DIR ...]   # llm.export_ckpt: NeMo 2 -> HF
+    python tests/nemo_driver.py restore NEMO_DIR OUT_DIR [NEMO_DIR OUT_DIR ...]   # NeMo restores, computes, saves
+
+`restore` is the part of `llm.export_ckpt` before any Hugging Face class: the exporter NeMo registers
+for the context's model class restores NEMO_DIR (`nemo_load`: the context, the model NeMo builds
+from it, weights/ loaded by NeMo's strategy); the model's logits for token ids it draws go to
+OUT_DIR/logits.pt, and NeMo saves the model again as `llm.import_ckpt` saves (`nemo_save`) into
+OUT_DIR/nemo. (NeMo's NemotronH exporter and importer take their config from the Hub by model size,
+and transformers 4.57 has no NemotronH: a tiny hybrid goes no further.)
 
 Several pairs convert in one process, which pays NeMo's start-up once.
 
 What NeMo needs on a CPU without Transformer Engine or CUDA, and nothing more:
 - no-op `torch.cuda.synchronize / current_device / Stream` and NeMo's `_fix_tensors_device` (its
-  strategy and checkpoint loader call them unconditionally);
+  strategy and checkpoint loader call them unconditionally); a seeded model-parallel RNG state in
+  megatron's RNG tracker, kept by nemo_minitron's CPU tracker (NeMo seeds megatron's CUDA one only
+  where there are CUDA devices, and megatron's Mamba mixer builds its parameters under it);
 - `apply_rope_fusion=False`, `persist_layer_norm=False` (fused kernels that need TE / apex);
 - synchronous checkpoint saves;
 - the local-spec names of the per-layer norms. NeMo's HF<->NeMo mappings name the norms as
@@ -27,7 +38,13 @@ What NeMo needs on a CPU without Transformer Engine or CUDA, and nothing more:
 - the TE spec's checkpoint key of an MoE layer's pre-MLP norm. TE fuses a dense layer's pre-MLP
   norm into linear_fc1 but keeps an MoE layer's as a module of its own, saved as
   `pre_mlp_layernorm.weight`; the local spec maps it to the fused key. The local spec NeMo builds
-  here is made to save and load the TE key (`_te_moe_norm_key`), as NeMo on a GPU node does.
+  here is made to save and load the TE key (`_te_moe_norm_key`), as NeMo on a GPU node does;
+- a hybrid's layers. NeMo's SSM configs build megatron's Mamba stack on its TE spec, whose mixer
+  runs mamba_ssm's CUDA kernels; neither exists here. The stack gets the same layers on
+  megatron-core's local modules, saving under the TE spec's keys (nemo_minitron's
+  `gpt.hybrid_stack_spec(use_te=False)`), and the mixer the torch kernels
+  (`models/mamba_kernels.py`, checked against transformers' NemotronH in test_hybrid.py). NeMo's
+  context, config, strategy, loading and saving are NeMo's own.
 """
 
 from __future__ import annotations
@@ -39,6 +56,7 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
 LOCAL_NORMS = {  # NeMo's (TE) name -> megatron-core local spec's in-memory name
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
@@ -66,6 +84,17 @@ def _cpu_shims() -> None:
 
     torch.cuda.Stream = Stream
     torch.cuda.stream = lambda *a, **k: Stream()
+    sys.path.insert(0, str(REPO))  # this checkout's nemo_minitron, wherever the venv installed it from
+    from nemo_minitron.models import mamba_kernels
+
+    mamba_kernels.install()  # before megatron's Mamba modules are imported
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    from nemo_minitron.cpu_shims import CpuRNGStatesTracker
+
+    tracker = CpuRNGStatesTracker()
+    tracker.add("model-parallel-rng", 1234)
+    megatron_random._CUDA_RNG_STATE_TRACKER, megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = tracker, True
 
 
 GROUPED_EXPERTS = {  # NeMo's grouped-GEMM expert name pattern -> megatron-core SequentialMLP's
@@ -116,9 +145,11 @@ def _te_moe_norm_key() -> None:
 
 
 def _patch_nemo() -> None:
-    from nemo.collections.llm.gpt.model import llama, mixtral, qwen2, qwen3
+    from nemo.collections.llm.gpt.model import llama, mixtral, qwen2, qwen3, ssm
     from nemo.lightning import MegatronStrategy, io
     from nemo.lightning.io import pl
+
+    from nemo_minitron.models.gpt import hybrid_stack_spec
 
     original = io.apply_transforms
 
@@ -143,6 +174,7 @@ def _patch_nemo() -> None:
                    moe_permute_fusion=False)
     _with_defaults(MegatronStrategy, ckpt_async_save=False)
     _te_moe_norm_key()
+    ssm.default_mamba_stack_spec = hybrid_stack_spec(use_te=False)  # what SSMConfig's mamba_stack_spec defaults to
 
 
 def _with_defaults(cls, **defaults) -> None:
@@ -174,9 +206,29 @@ def export_hf(nemo_dir: str, hf_dir: str) -> None:
     llm.export_ckpt(path=Path(nemo_dir), target="hf", output_path=Path(hf_dir))
 
 
+@torch.no_grad()
+def restore(nemo_dir: str, out_dir: str) -> None:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.mamba import MambaModel
+    from nemo.lightning.io.api import load_connector_from_trainer_ckpt
+
+    exporter = load_connector_from_trainer_ckpt(Path(nemo_dir), "hf")  # what llm.export_ckpt asks first
+    model, trainer = exporter.nemo_load(Path(nemo_dir))
+    module = model.module
+    while not isinstance(module, (GPTModel, MambaModel)):
+        module = module.module
+    tokens = torch.randint(0, module.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    causal = torch.triu(torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool), diagonal=1)[None, None]
+    logits = module.eval()(input_ids=tokens, position_ids=positions, attention_mask=causal)
+    Path(out_dir).mkdir(parents=True)
+    torch.save({"tokens": tokens, "logits": logits}, Path(out_dir) / "logits.pt")
+    exporter.nemo_save(Path(out_dir) / "nemo", trainer)
+
+
 if __name__ == "__main__":
     command, *paths = sys.argv[1:]
     _cpu_shims()
     _patch_nemo()
     for source, output in zip(paths[::2], paths[1::2], strict=True):
-        {"import-hf": import_hf, "export-hf": export_hf}[command](source, output)
+        {"import-hf": import_hf, "export-hf": export_hf, "restore": restore}[command](source, output)

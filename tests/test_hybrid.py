@@ -652,14 +652,3 @@ def test_one_call_prune_keeps_the_best_layers_of_each_kind():
     target = PruneSpec(drop_layers=expected, mamba_num_heads=4).target_arch(teacher)
     reference = prune_global(sd, teacher, target, select_indices(scores, teacher, target, expected))
     assert pruned.keys() == reference.keys() and all(torch.equal(pruned[k], reference[k]) for k in pruned)
-
-
-def test_megatron_lm_and_nemo_exports_refuse_a_hybrid():
-    from nemo_minitron.convert import _check_nemo_exportable
-    from nemo_minitron.models import megatron_lm
-
-    arch = tiny_arch(family="nemotron_h")
-    with pytest.raises(UserError, match=r"export-megatron: hybrid Mamba models \(pretrain_mamba.py\)"):
-        megatron_lm.check_exportable(arch)
-    with pytest.raises(UserError, match="export-nemo: NeMo 2 hybrid Mamba models"):
-        _check_nemo_exportable(arch)

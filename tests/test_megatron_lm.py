@@ -1,8 +1,10 @@
 """Megatron-LM in and out: a save written the way Megatron-LM's pretrain_gpt.py writes one imports to
-the same weights and logits (Llama, Nemotron-4, Qwen2, Qwen3, Mixtral, Qwen3-MoE, Qwen2-MoE);
-import -> prune -> export-megatron (at TP=2) -> import is bit-exact; the exported flags parse back
-(with Megatron-LM's own flag definitions) to the model; what nemo-minitron cannot import is refused
-naming the flag."""
+the same weights and logits (Llama, Nemotron-4, Qwen2, Qwen3, Mixtral, Qwen3-MoE, Qwen2-MoE), and so
+does a hybrid (Nemotron-H) saved at TP=2 as pretrain_mamba.py saves it, whose logits are also
+transformers' NemotronH's; import -> prune -> export-megatron (at TP=2) -> import is bit-exact, and
+import -> export-megatron (at TP=2) -> import of the hybrid; the exported flags parse back (with
+Megatron-LM's own flag definitions) to the model; what nemo-minitron cannot import is refused naming
+the flag."""
 
 from __future__ import annotations
 
@@ -36,11 +38,12 @@ class FutureSetting(enum.Enum):
 
 
 def megatron_parser() -> argparse.ArgumentParser:
-    """The pretrain_gpt.py flags that shape a GPT model, defined as Megatron-LM defines them
-    (megatron/training/arguments.py: _add_network_size_args, _add_training_args for
+    """The pretrain_gpt.py and pretrain_mamba.py flags that shape a model, defined as Megatron-LM
+    defines them (megatron/training/arguments.py: _add_network_size_args, _add_training_args for
     --disable-bias-linear / --add-qkv-bias, _add_distributed_args, _add_checkpointing_args,
-    _add_tokenizer_args, _add_moe_args, and a hybrid model's --is-hybrid-model / --hybrid-override-pattern):
-    names, destinations, types and defaults."""
+    _add_tokenizer_args, _add_moe_args, and _add_experimental_args for a hybrid's --spec,
+    --is-hybrid-model, --hybrid-*-ratio, --hybrid-override-pattern and --mamba-*): names,
+    destinations, types and defaults."""
     p = argparse.ArgumentParser(allow_abbrev=False)
     for flag in ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--kv-channels",
                  "--max-position-embeddings", "--seq-length", "--rotary-seq-len-interpolation-factor",
@@ -60,7 +63,14 @@ def megatron_parser() -> argparse.ArgumentParser:
                  "--untie-embeddings-and-output-weights", "--add-qkv-bias", "--qk-layernorm",
                  "--multi-latent-attention", "--no-save-optim", "--no-save-rng", "--is-hybrid-model"):
         p.add_argument(flag, action="store_true")
-    p.add_argument("--hybrid-override-pattern", default=None)
+    p.add_argument("--spec", type=str, default=None, nargs="*")
+    p.add_argument("--hybrid-attention-ratio", type=float, default=0.0)
+    p.add_argument("--hybrid-mlp-ratio", type=float, default=0.0)
+    p.add_argument("--hybrid-override-pattern", type=str, default=None)
+    p.add_argument("--mamba-state-dim", type=int, default=128)
+    p.add_argument("--mamba-head-dim", type=int, default=64)
+    p.add_argument("--mamba-num-groups", type=int, default=8)
+    p.add_argument("--mamba-num-heads", type=int, default=None)
     p.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
     for flag in ("--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size", "--moe-router-num-groups"):
         p.add_argument(flag, type=int, default=None)
@@ -107,15 +117,16 @@ def llama_flags(tokenizer_dir: Path, tp: int) -> list[str]:
             "--no-save-optim"]
 
 
-def save_like_pretrain_gpt(root: Path, arch, args: argparse.Namespace, global_sd: dict, iteration: int) -> None:
-    """A model holding `global_sd` saved as Megatron-LM's save_checkpoint saves it with --ckpt-format
-    torch_dist --no-save-optim (collective), mirroring megatron/training/checkpointing.py (NVIDIA/Megatron-LM):
+def save_like_megatron_lm(root: Path, arch, args: argparse.Namespace, global_sd: dict, iteration: int) -> None:
+    """A model holding `global_sd` saved as Megatron-LM's save_checkpoint (which pretrain_gpt.py and
+    pretrain_mamba.py share) saves it with --ckpt-format torch_dist --no-save-optim (collective),
+    mirroring megatron/training/checkpointing.py (NVIDIA/Megatron-LM):
     - save_checkpoint: checkpoint_name = get_checkpoint_name(save_dir, iteration, return_base_dir=True),
       i.e. DIR/iter_{iteration:07d}, made by rank 0 (ensure_directory_exists); then
       dist_checkpointing.save(state_dict, checkpoint_name, ..., content_metadata=the cleaned metadata
       of _build_sharded_state_dict_metadata: singleton_local_shards False, chained_optim_avoid_prefix True);
     - generate_state_dict: args, checkpoint_version 3.0, iteration, model = model.sharded_state_dict(metadata)
-      (the GPTModel unwrapped from DDP / Float16Module, so no key prefix), no optimizer or
+      (the GPTModel or MambaModel unwrapped from DDP / Float16Module, so no key prefix), no optimizer or
       opt_param_scheduler under --no-save-optim, rng_state = get_rng_state's ShardedObject 'rng_state'
       over (pp, tp) (torch_dist branch; CUDA states left out on CPU); save_checkpoint adds
       num_floating_point_operations_so_far;
@@ -168,7 +179,7 @@ def run(tmp_path_factory) -> dict:
     global_sd = bridge.hf_to_global(arch, hf_model(arch).state_dict())
     args = launch(llama_flags(root / "tokenizer", tp=2), tokens=300)
     assert args.padded_vocab_size == arch.vocab_size
-    run_distributed(save_like_pretrain_gpt, world_size=2, tp=2, args=(root / "run", arch, args, global_sd, 7))
+    run_distributed(save_like_megatron_lm, world_size=2, tp=2, args=(root / "run", arch, args, global_sd, 7))
     return {"root": root, "dir": root / "run", "tokenizer": root / "tokenizer", "arch": arch, "global_sd": global_sd}
 
 
@@ -306,7 +317,7 @@ def import_zero_centred(root: Path, tokenizer_dir: Path):
              "--rotary-percent", "0.5", "--normalization", "LayerNorm", "--apply-layernorm-1p", "--squared-relu",
              "--disable-bias-linear", "--make-vocab-size-divisible-by", "64", "--tokenizer-type",
              "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer_dir)]
-    save_like_pretrain_gpt(root, arch, launch(flags, tokens=300), stored, 5)
+    save_like_megatron_lm(root, arch, launch(flags, tokens=300), stored, 5)
     ckpt, _ = megatron_lm.read_checkpoint(root, None, None)
     model = build_gpt_model(ckpt.arch)
     megatron_lm.load_weights(model, ckpt)
@@ -325,7 +336,8 @@ def test_zero_centred_norms_are_shifted(run, tmp_path):
     tiny_arch(tie=True), tiny_arch(tie=False, rope_scaling=True), tiny_arch(tie=False, family="nemotron"),
     tiny_arch(tie=True, hidden_size=48, num_attention_heads=2, num_query_groups=1),
     tiny_arch(family="qwen2"), tiny_arch(family="qwen3"), tiny_moe_arch("mixtral"), tiny_moe_arch("qwen3_moe"),
-    tiny_moe_arch("qwen2_moe"),
+    tiny_moe_arch("qwen2_moe"), tiny_arch(tie=False, family="nemotron_h"),
+    tiny_arch(tie=True, family="nemotron_h", hybrid_pattern="MM*-M-"),
 ], ids=lambda arch: arch.family)
 def test_args_and_flags_describe_the_model(arch, tmp_path):
     args = megatron_lm.megatron_args(arch, 300, 128, tmp_path / "tokenizer", tp=1, pp=1)
@@ -362,7 +374,7 @@ def import_and_export(root: Path, tokenizer_dir: Path, family: str):
     arch, extra = FAMILY_FLAGS[family]
     global_sd = bridge.hf_to_global(arch, hf_model(arch).state_dict())
     flags = [*llama_flags(tokenizer_dir, tp=1), "--make-vocab-size-divisible-by", "32", *extra]  # 320 rows at TP=1
-    save_like_pretrain_gpt(root / "run", arch, launch(flags, 300), global_sd, 3)
+    save_like_megatron_lm(root / "run", arch, launch(flags, 300), global_sd, 3)
     ckpt, tokenizer = megatron_lm.read_checkpoint(root / "run", None, None)
     model = build_gpt_model(ckpt.arch)
     megatron_lm.load_weights(model, ckpt)
@@ -395,7 +407,92 @@ def test_qwen_and_moe_runs_import_and_export_exactly(run, tmp_path, family):
     assert megatron_lm.arch_from_args(parsed, arch.vocab_size).differences(arch) == []
 
 
+def mamba_flags(tokenizer_dir: Path, tp: int) -> list[str]:
+    """tiny_arch(tie=False, family="nemotron_h") at TP=`tp` as a pretrain_mamba.py command line: the
+    layers laid out by --hybrid-override-pattern, built by megatron's Mamba stack spec."""
+    return ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
+            "--group-query-attention", "--num-query-groups", "2", "--kv-channels", "24", "--seq-length", "128",
+            "--max-position-embeddings", "256", "--position-embedding-type", "none", "--normalization", "RMSNorm",
+            "--squared-relu", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+            "--spec", "megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec",
+            "--hybrid-override-pattern", "M*-M", "--mamba-num-heads", "8", "--mamba-head-dim", "12",
+            "--mamba-num-groups", "2", "--mamba-state-dim", "16", "--make-vocab-size-divisible-by", "16",
+            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer_dir),
+            "--tensor-model-parallel-size", str(tp), "--no-save-optim"]
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory) -> dict:
+    """A pretrain_mamba.py run directory with one save (iteration 7, at TP=2) of the tiny NemotronH
+    (Mamba, attention, MLP and Mamba layers, untied) and a 300-token tokenizer padded to 320 rows;
+    the logits of transformers' NemotronH holding the same weights."""
+    root = tmp_path_factory.mktemp("megatron_lm_hybrid")
+    arch = tiny_arch(tie=False, family="nemotron_h")
+    hf = hf_model(arch)
+    tiny_tokenizer(300).save_pretrained(str(root / "tokenizer"))
+    global_sd = bridge.hf_to_global(arch, hf.state_dict())
+    args = launch(mamba_flags(root / "tokenizer", tp=2), tokens=300)
+    run_distributed(save_like_megatron_lm, world_size=2, tp=2, args=(root / "run", arch, args, global_sd, 7))
+    with torch.no_grad():
+        hf_logits = hf(TOKENS).logits
+    return {"dir": root / "run", "tokenizer": root / "tokenizer", "arch": arch, "global_sd": global_sd,
+            "hf_logits": hf_logits}
+
+
+@pytest.mark.slow
+def test_hybrid_run_imports_and_round_trips_through_export(hybrid_run, tmp_path):
+    """A pretrain_mamba.py save imports to the saved weights bit for bit, computing transformers'
+    NemotronH logits; export-megatron at TP=2 records pretrain_mamba.py's args and writes its flags,
+    which parse back to the model at TP 1 and 2; the export re-imports bit-exactly to the same logits."""
+    arch, source = hybrid_run["arch"], hybrid_run["global_sd"]
+    teacher, exported, reimported = tmp_path / "teacher", tmp_path / "exported", tmp_path / "reimported"
+    minitron("import", f"megatron_path={hybrid_run['dir']}", f"tokenizer={hybrid_run['tokenizer']}",
+             f"output_dir={teacher}")
+    assert checkpoint.read_arch(teacher) == arch
+    [(weights, logits, expected)] = run_distributed(weights_and_logits, world_size=1, args=(teacher, arch, source))
+    assert weights.keys() == source.keys()
+    for name, tensor in source.items():
+        assert torch.equal(weights[name], tensor), name
+    assert torch.equal(logits, expected)
+    torch.testing.assert_close(logits, hybrid_run["hf_logits"], rtol=1e-5, atol=1e-5)
+
+    result = last_json(minitron("export-megatron", f"checkpoint={teacher}", f"output_dir={exported}", "tp=2", nproc=2))
+    assert result["script"] == "pretrain_mamba.py"
+    with allowed_classes([argparse.Namespace], alone=True):
+        common = torch.load(exported / "release" / "common.pt", weights_only=True)
+    assert common["args"].is_hybrid_model and common["args"].hybrid_override_pattern == "M*-M"
+    parsed = megatron_parser().parse_args((exported / megatron_lm.FLAGS_FILE).read_text().split())
+    assert parsed.spec == ["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"]
+    assert (parsed.position_embedding_type, parsed.mamba_num_heads, parsed.mamba_state_dim) == ("none", 8, 16)
+    for tp in (1, 2):
+        rows = megatron_lm.padded_vocab_size(300, parsed.make_vocab_size_divisible_by, tp)
+        assert megatron_lm.arch_from_args(parsed, rows).differences(arch) == []
+
+    minitron("import", f"megatron_path={exported}", f"output_dir={reimported}")
+    assert checkpoint.read_arch(reimported) == arch
+    [(again, again_logits, _)] = run_distributed(weights_and_logits, world_size=1, args=(reimported, arch, source))
+    assert again.keys() == source.keys()
+    for name, tensor in source.items():
+        assert torch.equal(again[name], tensor), name
+    assert torch.equal(again_logits, logits)
+
+
+def test_hybrid_layers_from_ratios_are_megatrons_allocation():
+    """Without --hybrid-override-pattern the layers are those megatron allocates from the ratios."""
+    from megatron.core.ssm.mamba_hybrid_layer_allocation import allocate_layers
+
+    flags = ["--num-layers", "8", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "96",
+             "--max-position-embeddings", "256", "--position-embedding-type", "none", "--normalization", "RMSNorm",
+             "--squared-relu", "--disable-bias-linear", "--is-hybrid-model", "--hybrid-attention-ratio", "0.25",
+             "--hybrid-mlp-ratio", "0.25", "--mamba-head-dim", "32", "--mamba-num-groups", "2"]
+    arch = megatron_lm.arch_from_args(launch(flags, tokens=300), 384)
+    assert arch.family == "nemotron_h" and arch.hybrid_pattern == "".join(allocate_layers(8, 0.25, 0.25))
+    assert set(arch.hybrid_pattern) == {"M", "*", "-"}
+    assert (arch.mamba_num_heads, arch.mamba_state_dim) == (4, 128)  # hidden x 2 / head_dim; Megatron-LM's default
+
+
 LLAMA = ["--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear"]
+HYBRID = ["--normalization", "RMSNorm", "--squared-relu", "--disable-bias-linear", "--is-hybrid-model"]
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -417,9 +514,16 @@ LLAMA = ["--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear"]
     (["--normalization", "LayerNorm", "--swiglu", "--disable-bias-linear"],
      "--normalization LayerNorm with a swiglu MLP"),
     (["--normalization", "RMSNorm", "--disable-bias-linear"], "a GeLU-family MLP"),
-    (["--normalization", "RMSNorm", "--squared-relu", "--disable-bias-linear", "--is-hybrid-model",
-      "--hybrid-override-pattern", "M*"], "a hybrid model (--is-hybrid-model, --hybrid-override-pattern M*): hybrid "
-                                          "Mamba models (pretrain_mamba.py) are not read or written"),
+    ([*HYBRID, "--position-embedding-type", "none", "--hybrid-override-pattern", "ME"],
+     "hybrid layers ['E'] in the pattern ME (--hybrid-override-pattern; supported:"),
+    (HYBRID, "--position-embedding-type rope in a hybrid model (Nemotron-H's attention has no positional embedding"),
+    ([*HYBRID, "--position-embedding-type", "none", "--apply-layernorm-1p"],
+     "zero-centred norms (--apply-layernorm-1p) in a hybrid model"),
+    ([*LLAMA, "--position-embedding-type", "none", "--spec", "megatron.core.models.mamba.mamba_layer_specs",
+      "mamba_stack_spec"], "--normalization RMSNorm with a swiglu MLP in a hybrid model"),
+    ([*HYBRID, "--position-embedding-type", "none", "--hybrid-override-pattern", "M*-"],
+     "megatron builds no 2-layer hybrid from hybrid_attention_ratio=0.0, hybrid_mlp_ratio=0.0, "
+     "hybrid_override_pattern='M*-': The hybrid override pattern is the wrong length"),
 ])
 def test_unsupported_models_are_refused_naming_the_flag(extra, message):
     flags = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "96",

@@ -3,8 +3,10 @@ NeMo's own `llm.import_ckpt` turns a Hugging Face Llama into a NeMo 2 checkpoint
 `minitron import nemo_path=` of it (at TP=1 and TP=2) holds the HF weights and gives the HF logits;
 a pruned student written by `minitron export-nemo` (at TP=2, in NeMo's environment) is restored by
 NeMo's own `llm.export_ckpt`, whose Hugging Face model gives the logits of our `export-hf` of the
-same student, and re-imports bit-exactly. What cannot be read is refused in one line; NeMo missing
-is said in one line. NeMo's side runs in tests/nemo_driver.py."""
+same student, and re-imports bit-exactly. A hybrid (Nemotron-H) written by `export-nemo` is NeMo's
+own MambaModel: NeMo restores it to transformers' NemotronH logits and saves it again, and both the
+export and NeMo's save re-import bit-exactly. What cannot be read is refused in one line; NeMo
+missing is said in one line. NeMo's side runs in tests/nemo_driver.py."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from nemo_minitron import checkpoint, convert
 from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge, nemo2
 from nemo_minitron.models.hf_io import write_hf_directory
-from tiny import hf_model, tiny_arch, tiny_moe_arch, tiny_tokenizer, write_sentence_docs
+from tiny import hf_model, tiny_arch, tiny_moe_arch, tiny_tokenizer, write_hf_dir, write_sentence_docs
 
 DRIVER = Path(__file__).parent / "nemo_driver.py"
 TOKENS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -36,10 +38,10 @@ def nemo(python: Path, command: str, source: Path, output: Path, *more: Path) ->
     assert proc.returncode == 0, f"NeMo {command} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
-def hf_logits(hf_dir: Path) -> torch.Tensor:
+def hf_logits(hf_dir: Path, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
     model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     with torch.no_grad():
-        return model(TOKENS).logits
+        return model(tokens).logits
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +65,11 @@ def imported(teacher) -> tuple[Path, dict]:
     return out, result
 
 
-def weights_and_logits(path: Path):
+def weights_and_logits(path: Path, tokens: torch.Tensor = TOKENS):
     from nemo_minitron.models.runner import forward_microbatches, gather_vocab_parallel
 
     model = checkpoint.load_checkpoint(path)
-    [logits] = forward_microbatches(model, [{"tokens": TOKENS}], lambda out, _: gather_vocab_parallel(out))
+    [logits] = forward_microbatches(model, [{"tokens": tokens}], lambda out, _: gather_vocab_parallel(out))
     return bridge.gather_global(model), logits
 
 
@@ -194,10 +196,10 @@ def test_export_nemo_without_nemo_says_so_in_one_line(imported, tmp_path):
     assert not (tmp_path / "x" / "context").exists()
 
 
-def edited(teacher: dict, tmp_path: Path, **config) -> Path:
-    """A copy of NeMo's checkpoint whose model.yaml config has `config` set."""
+def edited(source: Path, tmp_path: Path, **config) -> Path:
+    """A copy of the NeMo 2 checkpoint `source` whose model.yaml config has `config` set."""
     copy = tmp_path / "edited"
-    shutil.copytree(teacher["nemo"], copy)
+    shutil.copytree(source, copy)
     file = copy / "context" / "model.yaml"
     model = yaml.safe_load(file.read_text())
     model["config"].update(config)
@@ -214,14 +216,74 @@ def edited(teacher: dict, tmp_path: Path, **config) -> Path:
                              r"checkpoint lacks it"),
     ({"window_size": [64, 0]}, r"sliding-window attention \(window_size=\[64, 0\] is shorter than seq_length=256\)"),
     ({"position_embedding_type": "learned_absolute"}, r"position_embedding_type=learned_absolute \(rotary only\)"),
-    ({"is_hybrid_model": True, "hybrid_override_pattern": "M*"},
-     r"a hybrid model \(hybrid_override_pattern=M\*\): NeMo 2 hybrid Mamba models .* are not read or written yet"),
+    ({"is_hybrid_model": True}, r"a hybrid \(Mamba\) model \(is_hybrid_model=True\)"),  # in a GPT model's config
     ({"hidden_size": 32}, r"context/model.yaml: its model config fields imply embedding.word_embeddings.weight of "
                           r"shape \(320, 32\), but the checkpoint holds \(320, 64\)"),
 ])
 def test_what_cannot_be_read_is_refused_naming_it(teacher, tmp_path, config, message):
     with pytest.raises(UserError, match=message):
-        nemo2.read_checkpoint(edited(teacher, tmp_path, **config))
+        nemo2.read_checkpoint(edited(teacher["nemo"], tmp_path, **config))
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory, compat_python) -> dict:
+    """The tiny NemotronH (untied) imported from its Hugging Face directory, its `export-nemo` at
+    TP=2 in NeMo's environment, and NeMo's restore of that export (tests/nemo_driver.py `restore`:
+    the restored model's logits and NeMo's own save of it)."""
+    root = tmp_path_factory.mktemp("hybrid")
+    arch = tiny_arch(tie=False, family="nemotron_h")
+    model = write_hf_dir(root / "hf", arch)
+    minitron("import", f"hf_path={root / 'hf'}", f"output_dir={root / 'ours'}")
+    result = last_json(minitron("export-nemo", f"checkpoint={root / 'ours'}", f"output_dir={root / 'nemo'}", "tp=2",
+                                nproc=2, python=str(compat_python)))
+    nemo(compat_python, "restore", root / "nemo", root / "restored")
+    return {"arch": arch, "hf": root / "hf", "ours": root / "ours", "nemo": root / "nemo",
+            "restored": root / "restored", "result": result, "global_sd": bridge.hf_to_global(arch, model.state_dict())}
+
+
+def test_export_nemo_of_a_hybrid_is_restored_by_nemo_to_the_same_logits(hybrid):
+    """export-nemo writes NeMo's MambaModel with the NemotronH config base and the model's pattern
+    and Mamba sizes; NeMo restores it (its context, model and weights loaded by NeMo's own code) to a
+    model computing transformers' NemotronH logits and ours."""
+    assert hybrid["result"]["nemo_toolkit"] == "2.7.3"
+    model_yaml = yaml.safe_load((hybrid["nemo"] / "context" / "model.yaml").read_text())
+    config = model_yaml["config"]
+    assert model_yaml["_target_"].endswith("ssm.MambaModel") and config["_target_"].endswith("ssm.NemotronHConfigBase")
+    assert (config["hybrid_override_pattern"], config["mamba_num_heads"], config["mamba_head_dim"],
+            config["mamba_num_groups"], config["mamba_state_dim"]) == ("M*-M", 8, 12, 2, 16)
+    restored = torch.load(hybrid["restored"] / "logits.pt")
+    torch.testing.assert_close(restored["logits"], hf_logits(hybrid["hf"], restored["tokens"]), rtol=0, atol=1e-5)
+    [(_, ours)] = run_distributed(weights_and_logits, world_size=1, args=(hybrid["ours"], restored["tokens"]))
+    torch.testing.assert_close(restored["logits"], ours, rtol=0, atol=1e-5)
+
+
+def test_a_hybrid_reads_back_from_the_export_and_from_nemos_save_bit_exactly(hybrid, tmp_path):
+    """`minitron import nemo_path=` of the export (saved at TP=2) and of NeMo's own save of the model
+    it restored gives the Hugging Face weights bit for bit."""
+    for source, out in ((hybrid["nemo"], tmp_path / "export"), (hybrid["restored"] / "nemo", tmp_path / "nemos")):
+        minitron("import", f"nemo_path={source}", f"output_dir={out}")
+        assert checkpoint.read_arch(out).differences(hybrid["arch"]) == []
+        [(weights, _)] = run_distributed(weights_and_logits, world_size=1, args=(out,))
+        assert weights.keys() == hybrid["global_sd"].keys()
+        for name, tensor in hybrid["global_sd"].items():
+            assert torch.equal(weights[name], tensor), f"{source}: {name}"
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"hybrid_override_pattern": "M*-E"}, r"hybrid layers \['E'\] in hybrid_override_pattern=M\*-E"),
+    ({"position_embedding_type": "rope"}, r"position_embedding_type=rope in a hybrid model \(Nemotron-H's attention"),
+    ({"gated_linear_unit": True}, r"gated_linear_unit=True in a hybrid model \(Nemotron-H's layers are RMSNorm"),
+    ({"hybrid_override_pattern": "M*-"}, r"megatron builds no 4-layer hybrid from .*: The hybrid override pattern is "
+                                         r"the wrong length"),
+])
+def test_what_cannot_be_read_of_a_hybrid_is_refused_naming_it(hybrid, tmp_path, config, message):
+    with pytest.raises(UserError, match=message):
+        nemo2.read_checkpoint(edited(hybrid["nemo"], tmp_path, **config))
+
+
+def test_export_nemo_refuses_a_tied_hybrid():
+    with pytest.raises(UserError, match=r"export-nemo: NeMo 2's MambaModel always builds an output layer of its own"):
+        convert._check_nemo_exportable(tiny_arch(tie=True, family="nemotron_h"))
 
 
 def test_wrong_paths_and_tokenizers_are_refused(teacher, tmp_path):
@@ -235,7 +297,7 @@ def test_wrong_paths_and_tokenizers_are_refused(teacher, tmp_path):
     with pytest.raises(UserError, match="has 330 tokens, but the checkpoint's 320 embedding rows are a vocabulary of "
                                         "257 to 320 tokens padded to a multiple of 64"):
         nemo2.read_checkpoint(teacher["nemo"], str(tmp_path / "long"))
-    sentencepiece = edited(teacher, tmp_path)
+    sentencepiece = edited(teacher["nemo"], tmp_path)
     model = yaml.safe_load((sentencepiece / "context" / "model.yaml").read_text())
     model["tokenizer"] = {"_target_": "nemo.collections.common.tokenizers.SentencePieceTokenizer",
                           "model_path": "/data/tokenizer.model"}

@@ -101,10 +101,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # NeMo's Qwen3Model with the MoE config, which llm does not re-export
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", **_QWEN, qk_norm=True, experts=ROUTED,
            nemo_classes=("Qwen3Model", "gpt.model.qwen3.Qwen3MoEConfig")),
+    # NeMo's MambaModel with the base of its NemotronH configs, which llm does not re-export
     Family("nemotron_h", "NemotronHForCausalLM", "NemotronHConfig", "RMSNorm", "squared_relu", "relu2",
            hf_norm_eps="layer_norm_epsilon", hf_act_key="mlp_hidden_act", hf_window_default=False, hybrid=True,
            hf_ties=False,
-           hf_file_prefix="backbone."),
+           hf_file_prefix="backbone.", nemo_classes=("MambaModel", "gpt.model.ssm.NemotronHConfigBase")),
 )}
 
 

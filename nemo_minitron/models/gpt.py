@@ -387,11 +387,12 @@ UNSUPPORTED_FIELDS = {
 }
 
 
-def config_problems(config) -> list[str]:
+def config_problems(config, hybrid: bool = False) -> list[str]:
     """What in `config` (a `TransformerConfig`, or any object with its field names, as NeMo 2's model
-    config) no supported family has, one phrase each: `UNSUPPORTED_FIELDS` and the MoE settings."""
+    config) no supported family has, one phrase each: `UNSUPPORTED_FIELDS` and the MoE settings.
+    `hybrid`: the config is a Mamba stack's, whose `is_hybrid_model` is no problem."""
     problems = [f"{what} ({name}={getattr(config, name)})" for name, what in UNSUPPORTED_FIELDS.items()
-                if getattr(config, name, None)]
+                if getattr(config, name, None) and not (hybrid and name == "is_hybrid_model")]
     return problems + (moe_problems(config) if getattr(config, "num_moe_experts", None) else [])
 
 
@@ -407,10 +408,7 @@ def arch_fields(config, family: str) -> dict[str, Any]:
                "moe_ffn_hidden_size": getattr(config, "moe_ffn_hidden_size", None) or config.ffn_hidden_size,
                "moe_shared_expert_intermediate_size": getattr(config, "moe_shared_expert_intermediate_size", None),
                "moe_router_pre_softmax": bool(getattr(config, "moe_router_pre_softmax", False))}
-    mamba = {}
-    if FAMILIES[family].hybrid:  # megatron: heads default to hidden x expand 2 / head_dim
-        mamba = {key: getattr(config, key, None) for key in MAMBA_KEYS}
-        mamba["mamba_num_heads"] = mamba["mamba_num_heads"] or 2 * hidden // mamba["mamba_head_dim"]
+    mamba = mamba_fields(config) if FAMILIES[family].hybrid else {}
     return dict(
         num_layers=config.num_layers,
         hidden_size=hidden,
@@ -427,11 +425,20 @@ def arch_fields(config, family: str) -> dict[str, Any]:
     )
 
 
+def mamba_fields(source) -> dict[str, Any]:
+    """The `ModelArch` Mamba fields of anything that names them as megatron-core does (a
+    `TransformerConfig`, Megatron-LM's args, NeMo 2's model config). Unset heads are what megatron's
+    mixer makes: hidden x expand 2 / head_dim."""
+    fields = {key: getattr(source, key, None) for key in MAMBA_KEYS}
+    fields["mamba_num_heads"] = fields["mamba_num_heads"] or 2 * source.hidden_size // fields["mamba_head_dim"]
+    return fields
+
+
 def _check_supported(model) -> None:
     """UserError naming every feature of `model` that nemo-minitron cannot prune or convert."""
     config = model.config
     hybrid = is_hybrid_model(model)
-    problems = [problem for problem in config_problems(config) if not (hybrid and "is_hybrid_model" in problem)]
+    problems = config_problems(config, hybrid)
     qk_norm_problem = _qk_norm_problem(model)
     if qk_norm_problem:
         problems.append(qk_norm_problem)
@@ -450,13 +457,27 @@ def _check_supported(model) -> None:
 
 
 def hybrid_pattern_of(model) -> str:
-    """The layer pattern of a `MambaModel` (all stages): its `hybrid_override_pattern`, or the one
-    megatron allocated from the attention and MLP ratios."""
-    if model.hybrid_override_pattern:
-        return model.hybrid_override_pattern
+    """The layer pattern of a `MambaModel` (all stages): its override pattern, which megatron checked
+    when it built the model, or the one it allocated from the ratios."""
+    return model.hybrid_override_pattern or layer_pattern(model, model.config.num_layers)
+
+
+def layer_pattern(holder, num_layers: int) -> str:
+    """The layer pattern megatron's Mamba stack builds from the `hybrid_override_pattern`,
+    `hybrid_attention_ratio` and `hybrid_mlp_ratio` of `holder` (a `MambaModel`, Megatron-LM's args,
+    NeMo 2's SSM config; megatron's defaults where it lacks one): the override, checked against the
+    ratios, or the pattern megatron allocates from the ratios alone."""
     from megatron.core.ssm.mamba_hybrid_layer_allocation import allocate_layers
 
-    return "".join(allocate_layers(model.config.num_layers, model.hybrid_attention_ratio, model.hybrid_mlp_ratio))
+    settings = {"hybrid_attention_ratio": getattr(holder, "hybrid_attention_ratio", 0.0),
+                "hybrid_mlp_ratio": getattr(holder, "hybrid_mlp_ratio", 0.0),
+                "hybrid_override_pattern": getattr(holder, "hybrid_override_pattern", None)}
+    try:
+        return "".join(allocate_layers(num_layers, *settings.values()))
+    except (AssertionError, ValueError) as err:
+        named = ", ".join(f"{key}={value!r}" for key, value in settings.items())
+        reason = str(err) or "a ratio outside [0, 1], or both summing past 1"
+        raise UserError(f"megatron builds no {num_layers}-layer hybrid from {named}: {reason}") from None
 
 
 def _hybrid_problems(model) -> list[str]:

@@ -30,6 +30,7 @@ attention-like product, across chunks through the carried state.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import sys
 import types
@@ -266,10 +267,13 @@ def install() -> None:
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
             from megatron.core import parallel_state
 
+            # megatron-core 0.16 takes the groups; 0.15 has no such parameters (it reads parallel_state)
+            groups = {"tp_group": parallel_state.get_tensor_model_parallel_group(),
+                      "dp_cp_group": (metadata or {}).get("dp_cp_group")}
+            accepted = inspect.signature(make_sharded_tensors_for_checkpoint).parameters
             return make_sharded_tensors_for_checkpoint(
                 self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
-                tp_group=parallel_state.get_tensor_model_parallel_group(),
-                dp_cp_group=(metadata or {}).get("dp_cp_group"))
+                **{name: group for name, group in groups.items() if name in accepted})
 
     mamba_mixer.mamba_split_conv1d_scan_combined = split_conv1d_scan_combined
     mamba_mixer.mamba_chunk_scan_combined = chunk_scan_combined

@@ -1,5 +1,6 @@
-"""Megatron-LM checkpoints: a model trained with Megatron-LM's `pretrain_gpt.py` as the teacher, and
-a student written so that Megatron-LM trains it on with `--load`.
+"""Megatron-LM checkpoints: a model trained with Megatron-LM's `pretrain_gpt.py` (or, for a hybrid,
+`pretrain_mamba.py`) as the teacher, and a student written so that Megatron-LM trains it on with
+`--load`.
 
 Megatron-LM's `--ckpt-format torch_dist` layout (megatron/training/checkpointing.py):
 
@@ -11,10 +12,10 @@ Megatron-LM's `--ckpt-format torch_dist` layout (megatron/training/checkpointing
         common.pt                           what is not a tensor: `args` (the run's argparse
                                             Namespace), `checkpoint_version` (3.0), `iteration`,
                                             `num_floating_point_operations_so_far`, ...
-        metadata.json, .metadata, *.distcp  the tensors: `model` = GPTModel.sharded_state_dict(),
-                                            under the keys of our own weights/ (no prefix); the
-                                            optimizer and `rng_state` unless --no-save-optim /
-                                            --no-save-rng
+        metadata.json, .metadata, *.distcp  the tensors: `model` = GPTModel.sharded_state_dict()
+                                            (a hybrid's MambaModel's), under the keys of our own
+                                            weights/ (no prefix); the optimizer and `rng_state`
+                                            unless --no-save-optim / --no-save-rng
       release/                            a save without training state (tracker "release"):
                                           Megatron-LM starts it at iteration 0 and loads neither
                                           optimizer nor RNG state from it
@@ -23,10 +24,13 @@ The architecture is recorded only in `args`: `arch_from_args` maps it to a `Mode
 what nemo-minitron cannot prune (biases, positions other than rotary, routing beyond the Hugging Face
 families', ...); the family follows from the layers (`_family`): RMSNorm + SwiGLU is Llama, Qwen2
 with --add-qkv-bias, Qwen3 with --qk-layernorm; with --num-experts Mixtral, Qwen3-MoE (query/key
-norms) or Qwen2-MoE (QKV biases and a gated shared expert). `megatron_args`
-is its inverse, the `args` an export records, and `command_line_flags` the same settings as the
-`pretrain_gpt.py` flags that build the model (FLAGS_FILE). Megatron-LM pads the vocabulary to a
-multiple of `--make-vocab-size-divisible-by` x TP; the padded rows are kept (the model computes
+norms) or Qwen2-MoE (QKV biases and a gated shared expert). A run that built megatron's Mamba stack
+(`_is_hybrid`: --is-hybrid-model, a --hybrid-override-pattern or layer ratios, or the --spec of
+megatron's Mamba stack) is Nemotron-H: its layer pattern and --mamba-* sizes are read as
+pretrain_mamba.py hands them to `MambaModel`. `megatron_args` is its inverse, the `args` an export
+records, and `command_line_flags` the same settings as the flags of the script that builds the model
+(`training_script`; FLAGS_FILE). Megatron-LM pads the vocabulary to a multiple of
+`--make-vocab-size-divisible-by` x TP; the padded rows are kept (the model computes
 exactly as in Megatron-LM), so `vocab_size` is the embedding's row count and the tokenizer may be
 shorter by less than one padding multiple.
 """
@@ -45,8 +49,9 @@ import torch
 
 from nemo_minitron import parallel
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import ModelArch
+from nemo_minitron.models.config import LAYER_SYMBOLS, MAMBA_KEYS, ModelArch
 from nemo_minitron.models.families import FAMILIES, family_attention, family_of, has_layers, no_family_problem
+from nemo_minitron.models.gpt import layer_pattern, mamba_fields
 from nemo_minitron.models.saved_weights import (check_padded_vocab, check_saved_shapes, common_state_readable,
                                                 load_model_weights, saved_shapes, shift_norm_weights,
                                                 te_spec_sharded_state)
@@ -64,10 +69,14 @@ CHECKPOINT_VERSION = 3.0   # what generate_state_dict records; older versions ch
 CONTENT_METADATA = {"singleton_local_shards": False}
 _SAVE = re.compile(r"^(iter_\d{7,}|release)$")
 
-# pretrain_gpt.py flags (megatron/training/arguments.py, _add_network_size_args and friends) that
-# build a model: (args attribute, flag, kind). A "value" flag is written with its value (unless
-# None: a dense model's MoE flags), a "store_true" flag when the attribute is true, a "store_false"
-# flag when it is false.
+# The --spec pretrain_mamba.py builds a hybrid's layers with: megatron-core's Mamba stack (module, name).
+MAMBA_STACK_SPEC = ("megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec")
+
+# pretrain_gpt.py / pretrain_mamba.py flags (megatron/training/arguments.py, _add_network_size_args,
+# _add_experimental_args for the hybrid's, and friends) that build a model: (args attribute, flag,
+# kind). A "value" flag is written with its value (unless None: a dense model's MoE flags, a GPT
+# model's Mamba flags), a "values" flag with its list of values, a "store_true" flag when the
+# attribute is true, a "store_false" flag when it is false.
 FLAGS = (
     ("num_layers", "--num-layers", "value"),
     ("hidden_size", "--hidden-size", "value"),
@@ -98,6 +107,10 @@ FLAGS = (
     ("moe_router_dtype", "--moe-router-dtype", "value"),
     ("moe_shared_expert_intermediate_size", "--moe-shared-expert-intermediate-size", "value"),
     ("moe_shared_expert_gate", "--moe-shared-expert-gate", "store_true"),
+    ("spec", "--spec", "values"),
+    ("is_hybrid_model", "--is-hybrid-model", "store_true"),
+    ("hybrid_override_pattern", "--hybrid-override-pattern", "value"),
+    *((key, "--" + key.replace("_", "-"), "value") for key in MAMBA_KEYS),  # --mamba-num-heads, ...
     ("make_vocab_size_divisible_by", "--make-vocab-size-divisible-by", "value"),
     ("tokenizer_type", "--tokenizer-type", "value"),
     ("tokenizer_model", "--tokenizer-model", "value"),
@@ -176,7 +189,7 @@ def read_args(path: Path) -> argparse.Namespace:
     args = common.get("args") if isinstance(common, dict) else None
     if not isinstance(args, argparse.Namespace):
         raise UserError(f"{file} holds no training arguments (`args`): not a checkpoint of Megatron-LM's "
-                        f"pretrain_gpt.py")
+                        f"pretrain_gpt.py or pretrain_mamba.py")
     return args
 
 
@@ -184,7 +197,8 @@ def read_args(path: Path) -> argparse.Namespace:
 
 def _arg(args: argparse.Namespace, name: str) -> Any:
     if not hasattr(args, name):
-        raise UserError(f"the checkpoint's args lack {name}: not a checkpoint of Megatron-LM's pretrain_gpt.py")
+        raise UserError(f"the checkpoint's args lack {name}: not a checkpoint of Megatron-LM's pretrain_gpt.py or "
+                        f"pretrain_mamba.py")
     return getattr(args, name)
 
 
@@ -194,23 +208,23 @@ def _activation(args: argparse.Namespace) -> str | None:
     return "squared_relu" if getattr(args, "squared_relu", False) else None
 
 
-# What nemo-minitron says of hybrid (Mamba) models and Megatron-LM: they train with pretrain_mamba.py,
-# whose checkpoints it neither reads nor writes yet.
-HYBRID_NOT_SUPPORTED = ("hybrid Mamba models (pretrain_mamba.py) are not read or written as Megatron-LM checkpoints "
-                        "yet: go through Hugging Face (import hf_path=..., export-hf)")
+def _is_hybrid(args: argparse.Namespace) -> bool:
+    """Whether the run built megatron's Mamba stack (pretrain_mamba.py): it says --is-hybrid-model,
+    lays out its layers (--hybrid-override-pattern, --hybrid-attention-ratio, --hybrid-mlp-ratio) or
+    names megatron's Mamba stack spec."""
+    spec = getattr(args, "spec", None) or ()
+    return bool(getattr(args, "is_hybrid_model", False) or getattr(args, "hybrid_override_pattern", None)
+                or getattr(args, "hybrid_attention_ratio", 0.0) or getattr(args, "hybrid_mlp_ratio", 0.0)
+                or tuple(spec) == MAMBA_STACK_SPEC)
 
 
-def check_exportable(arch: ModelArch) -> None:
-    """Refuse before any work what export-megatron cannot write for pretrain_gpt.py."""
-    if arch.is_hybrid:
-        raise UserError(f"export-megatron: {HYBRID_NOT_SUPPORTED}")
+def training_script(arch: ModelArch) -> str:
+    """The Megatron-LM script that trains `arch`: pretrain_mamba.py builds the hybrids."""
+    return "pretrain_mamba.py" if arch.is_hybrid else "pretrain_gpt.py"
 
 
 def _problems(args: argparse.Namespace) -> list[str]:
     """What in `args` nemo-minitron cannot import, one phrase each."""
-    if getattr(args, "is_hybrid_model", False) or getattr(args, "hybrid_override_pattern", None):
-        return [f"a hybrid model (--is-hybrid-model, --hybrid-override-pattern "
-                f"{getattr(args, 'hybrid_override_pattern', None)}): {HYBRID_NOT_SUPPORTED}"]
     problems = [what for name, what in _UNSUPPORTED.items() if getattr(args, name, None)]
     # Biases are on by default. Some older runs record `disable_bias_linear`, which Megatron-LM's
     # load_args_from_checkpoint lets win over add_bias_linear.
@@ -220,6 +234,8 @@ def _problems(args: argparse.Namespace) -> list[str]:
         biases = getattr(args, "add_bias_linear", True)
     if biases:
         problems.append("linear biases (train with --disable-bias-linear)")
+    if _is_hybrid(args):
+        return problems + _hybrid_problems(args)
     rotary = getattr(args, "use_rotary_position_embeddings", False)  # the deprecated spelling of rope
     position = "rope" if rotary else _arg(args, "position_embedding_type")
     if position != "rope":
@@ -237,6 +253,31 @@ def _problems(args: argparse.Namespace) -> list[str]:
         problems.append(no_family_problem(*layers, named, flags[:3]))
     if getattr(args, "num_experts", None):
         problems += _moe_problems(args)
+    return problems
+
+
+def _hybrid_problems(args: argparse.Namespace) -> list[str]:
+    """What in the args of a pretrain_mamba.py run no Nemotron-H computes: positional embeddings,
+    zero-centred norms, layer kinds beyond M, * and - (MoE layers, E), other layers than RMSNorm,
+    squared-ReLU MLPs and plain attention."""
+    problems = []
+    position = _arg(args, "position_embedding_type")
+    if position != "none":
+        problems.append(f"--position-embedding-type {position} in a hybrid model (Nemotron-H's attention has no "
+                        f"positional embedding: none only)")
+    if getattr(args, "apply_layernorm_1p", False):
+        problems.append("zero-centred norms (--apply-layernorm-1p) in a hybrid model")
+    pattern = layer_pattern(args, _arg(args, "num_layers"))
+    others = sorted(set(pattern) - set(LAYER_SYMBOLS))
+    if others:
+        problems.append(f"hybrid layers {others} in the pattern {pattern} (--hybrid-override-pattern; supported: "
+                        f"{LAYER_SYMBOLS})")
+    if _family(args) is None:
+        flags = ("--add-qkv-bias", "--qk-layernorm", "--num-experts")
+        extras = "".join(f", {flag}" for flag, on in zip(flags, _extras(args)) if on)
+        problems.append(f"--normalization {_arg(args, 'normalization')} with a {_activation(args) or 'GeLU-family'} "
+                        f"MLP{extras} in a hybrid model (Nemotron-H's layers are RMSNorm, --squared-relu MLPs and "
+                        f"attention without {', '.join(flags)})")
     return problems
 
 
@@ -264,20 +305,25 @@ def _extras(args: argparse.Namespace) -> tuple[bool, bool, bool, bool]:
 
 
 def _family(args: argparse.Namespace) -> str | None:
-    """The first family (so Llama before Mistral) whose layers, attention extras and MoE layers are the
-    run's; None when no family has them."""
-    return family_of(_arg(args, "normalization"), _activation(args), *_extras(args))
+    """The first family (so Llama before Mistral) whose layers, attention extras, MoE layers and
+    stack (a hybrid's or not) are the run's; None when no family has them."""
+    return family_of(_arg(args, "normalization"), _activation(args), *_extras(args), hybrid=_is_hybrid(args))
 
 
 def arch_from_args(args: argparse.Namespace, vocab_size: int) -> ModelArch:
     """The ModelArch of the GPTModel pretrain_gpt.py builds from `args` (gpt_builders.gpt_builder and
-    arguments.core_transformer_config_from_args), with `vocab_size` embedding rows."""
+    arguments.core_transformer_config_from_args), or of the MambaModel pretrain_mamba.py builds
+    (mamba_builders.mamba_builder), with `vocab_size` embedding rows."""
     problems = _problems(args)
     if problems:
         raise UserError("unsupported Megatron-LM model: " + "; ".join(problems))
     family = _family(args)
     heads, hidden = _arg(args, "num_attention_heads"), _arg(args, "hidden_size")
-    scaling = float(getattr(args, "rope_scaling_factor", 8.0)) if getattr(args, "use_rope_scaling", False) else None
+    rotary = not FAMILIES[family].hybrid  # a hybrid's attention has none: --rotary-percent / --use-rope-scaling unused
+    hybrid = {} if rotary else {"hybrid_pattern": layer_pattern(args, args.num_layers), **mamba_fields(args)}
+    scaling = None
+    if rotary and getattr(args, "use_rope_scaling", False):
+        scaling = float(getattr(args, "rope_scaling_factor", 8.0))
     moe = {}
     if FAMILIES[family].is_moe:  # validate_args: the experts' width defaults to --ffn-hidden-size
         moe = {"num_moe_experts": args.num_experts, "moe_router_topk": getattr(args, "moe_router_topk", 2),
@@ -299,9 +345,10 @@ def arch_from_args(args: argparse.Namespace, vocab_size: int) -> ModelArch:
         norm_eps=float(getattr(args, "norm_epsilon", 1e-5)),
         tie_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
         family=family,
-        rotary_percent=float(getattr(args, "rotary_percent", 1.0)),
+        rotary_percent=float(getattr(args, "rotary_percent", 1.0)) if rotary else 1.0,
         **family_attention(family),
         **moe,
+        **hybrid,
     )
 
 
@@ -320,7 +367,9 @@ def vocab_divisor(vocab_size: int, tokens: int) -> int:
 def megatron_args(arch: ModelArch, tokens: int, seq_length: int, tokenizer_model: Path, tp: int, pp: int) -> dict:
     """The args an export records for `arch` (attribute -> value; `arch_from_args` inverts them): the
     model flags of FLAGS, the tokenizer (a Hugging Face one of `tokens` tokens at `tokenizer_model`),
-    and how the save was made: no optimizer or RNG state, nothing consumed yet."""
+    and how the save was made: no optimizer or RNG state, nothing consumed yet. A hybrid's are those
+    of pretrain_mamba.py: no positional embedding, the Mamba stack spec, its layer pattern (the
+    layer ratios left at 0, so megatron allocates nothing beside it) and Mamba sizes."""
     return {
         "num_layers": arch.num_layers,
         "hidden_size": arch.hidden_size,
@@ -331,7 +380,7 @@ def megatron_args(arch: ModelArch, tokens: int, seq_length: int, tokenizer_model
         "kv_channels": arch.kv_channels,
         "max_position_embeddings": arch.max_position_embeddings,
         "seq_length": seq_length,
-        "position_embedding_type": "rope",
+        "position_embedding_type": "none" if arch.is_hybrid else "rope",
         "add_position_embedding": True,  # Megatron-LM's default, which check_checkpoint_args compares
         "rotary_base": int(arch.rope_theta),  # an int in Megatron-LM and in GPTModel
         "rotary_percent": arch.rotary_percent,
@@ -354,6 +403,13 @@ def megatron_args(arch: ModelArch, tokens: int, seq_length: int, tokenizer_model
         "moe_router_dtype": "fp32" if arch.is_moe else None,
         "moe_shared_expert_intermediate_size": arch.moe_shared_expert_intermediate_size,
         "moe_shared_expert_gate": arch.moe_shared_expert_intermediate_size is not None,
+        # a hybrid's layers (None / False in a GPT model: no flag)
+        "spec": list(MAMBA_STACK_SPEC) if arch.is_hybrid else None,
+        "is_hybrid_model": arch.is_hybrid,
+        "hybrid_override_pattern": arch.hybrid_pattern,
+        "hybrid_attention_ratio": 0.0,
+        "hybrid_mlp_ratio": 0.0,
+        **{key: getattr(arch, key) for key in MAMBA_KEYS},
         "padded_vocab_size": arch.vocab_size,
         "make_vocab_size_divisible_by": vocab_divisor(arch.vocab_size, tokens),
         "tokenizer_type": "HuggingFaceTokenizer",
@@ -371,12 +427,15 @@ def megatron_args(arch: ModelArch, tokens: int, seq_length: int, tokenizer_model
 
 
 def command_line_flags(args: dict) -> list[str]:
-    """The pretrain_gpt.py flags of FLAGS that set `args`, one flag (and its value) per item."""
+    """The flags of FLAGS that set `args` (pretrain_gpt.py's, or a hybrid's pretrain_mamba.py's), one
+    flag (and its values) per item."""
     flags = []
     for name, flag, kind in FLAGS:
         value = args[name]
         if kind == "value" and value is not None and not (name == "rope_scaling_factor" and not args["use_rope_scaling"]):
             flags.append(f"{flag} {value}")
+        elif kind == "values" and value is not None:
+            flags.append(" ".join([flag, *value]))
         elif (kind == "store_true" and value) or (kind == "store_false" and not value):
             flags.append(flag)
     return flags
@@ -415,8 +474,8 @@ def read_checkpoint(root: str | Path, iteration: int | None, tokenizer: str | No
     args = read_args(path)
     saved = saved_shapes(path)
     if "embedding.word_embeddings.weight" not in saved:
-        raise UserError(f"{path} holds no embedding.word_embeddings.weight: not a megatron-core GPTModel "
-                        f"(legacy --use-legacy-models checkpoints are not supported)")
+        raise UserError(f"{path} holds no embedding.word_embeddings.weight: not a megatron-core GPTModel or "
+                        f"MambaModel (legacy --use-legacy-models checkpoints are not supported)")
     rows = saved["embedding.word_embeddings.weight"][0]
     try:
         arch = arch_from_args(args, rows)

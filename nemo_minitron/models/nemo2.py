@@ -11,13 +11,18 @@ The layout NeMo 2 (nemo_toolkit 2.x, `nemo.lightning`) writes for one checkpoint
         artifacts/               e.g. generation_config.json
       weights/                 a megatron-core distributed checkpoint of NeMo's MegatronParallel:
                                the GPTModel's sharded state dict under the key prefix `module.`,
-                               per-layer tensors stacked over the layers; common.pt holds Lightning's
-                               trainer state (epoch, global_step, loops) and the sharding metadata
+                               per-layer tensors stacked over the layers (a hybrid's MambaModel:
+                               per layer, as megatron's Mamba stack saves them); common.pt holds
+                               Lightning's trainer state (epoch, global_step, loops) and the sharding
+                               metadata
 
 Reading needs no NeMo: the architecture is `model.yaml`'s `config` (megatron-core TransformerConfig
 field names), checked against the tensor shapes in `weights/`; the tokenizer is `nemo_tokenizer/`.
 NeMo's Nemotron stores LayerNorm gammas zero-centred (`layernorm_zero_centered_gamma`): +1 on read,
--1 on write, as for Megatron-LM's --apply-layernorm-1p.
+-1 on write, as for Megatron-LM's --apply-layernorm-1p. A hybrid is NeMo's `MambaModel`, whose
+`SSMConfig` (NemotronH configs derive from it) adds the layer pattern (`hybrid_override_pattern`, or
+the layer ratios) to the TransformerConfig's Mamba sizes; NeMo builds it without positional
+embeddings and, whatever the config says, with an output layer of its own (untied).
 
 Writing uses NeMo itself for `context/`: fiddle's io.json is NeMo's own serialisation of its
 classes, so `write_context` builds NeMo's config, model, tokenizer and trainer objects and lets
@@ -43,9 +48,9 @@ import torch
 from nemo_minitron import parallel
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.bridge import local_parameters
-from nemo_minitron.models.config import ModelArch
+from nemo_minitron.models.config import LAYER_SYMBOLS, MAMBA_KEYS, ModelArch
 from nemo_minitron.models.families import FAMILIES, computes_alike, family_of, has_layers, no_family_problem
-from nemo_minitron.models.gpt import arch_fields, config_problems
+from nemo_minitron.models.gpt import arch_fields, config_problems, layer_pattern
 from nemo_minitron.models.hf_config import MEGATRON_LLAMA3_ROPE
 from nemo_minitron.models.hf_io import make_portable
 from nemo_minitron.models.saved_weights import (check_padded_vocab, check_saved_shapes, common_state_readable,
@@ -105,29 +110,37 @@ def _candidates(path: Path) -> str:
     return f"; checkpoints below it: {', '.join(found[:5])}" if found else ""
 
 
+# NeMo's NemotronH configs define their MLP activation as `lambda x: torch.pow(F.relu(x), 2)`, which
+# model.yaml names by its qualified name: squared ReLU.
+NEMOTRON_H_SQUARED_RELU = "nemo.collections.llm.gpt.model.ssm.NemotronHConfigBase.<lambda>"
+# Why export-nemo refuses a hybrid with tied embeddings.
+TIED_HYBRID = ("NeMo 2's MambaModel always builds an output layer of its own (SSMConfig.configure_model shares no "
+               "embedding), so a hybrid with tie_embeddings=true cannot be written as NeMo builds it: export it with "
+               "export-hf or export-megatron")
+
+
 def _activation(config: dict[str, Any]) -> str | None:
-    name = _target_name(config.get("activation_func")).rsplit(".", 1)[-1]
+    target = _target_name(config.get("activation_func"))
+    name = target.rsplit(".", 1)[-1]
     gated = bool(config.get("gated_linear_unit", False))
     if name == "silu" and gated:
         return "swiglu"
-    if name == "squared_relu" and not gated:
+    if (name == "squared_relu" or target == NEMOTRON_H_SQUARED_RELU) and not gated:
         return "squared_relu"
     return None
 
 
-# What nemo-minitron says of hybrid (Mamba) models and NeMo 2: NeMo's MambaModel with an SSMConfig
-# (NemotronHConfig*) holds them, whose checkpoints it neither reads nor writes yet.
-HYBRID_NOT_SUPPORTED = ("NeMo 2 hybrid Mamba models (llm.MambaModel, NemotronH configs) are not read or written yet: "
-                        "go through Hugging Face (NeMo's llm.export_ckpt(..., target='hf'), then import hf_path=...; "
-                        "export-hf, then NeMo's llm.import_ckpt)")
+def _is_hybrid(config: dict[str, Any]) -> bool:
+    """Whether the config is an SSMConfig (NeMo's MambaModel builds megatron's Mamba stack from it):
+    model.yaml then holds its `hybrid_override_pattern` field, set or null."""
+    return "hybrid_override_pattern" in config
 
 
 def _problems(config: dict[str, Any]) -> list[str]:
     """What in a NeMo 2 model config nemo-minitron cannot import, one phrase each."""
-    if config.get("is_hybrid_model") or config.get("hybrid_override_pattern"):
-        return [f"a hybrid model (hybrid_override_pattern={config.get('hybrid_override_pattern')}): "
-                f"{HYBRID_NOT_SUPPORTED}"]
-    problems = config_problems(types.SimpleNamespace(**config))
+    problems = config_problems(types.SimpleNamespace(**config), hybrid=_is_hybrid(config))
+    if _is_hybrid(config):
+        return problems + _hybrid_problems(config)
     if config.get("position_embedding_type", "rope") != "rope":
         problems.append(f"position_embedding_type={config['position_embedding_type']} (rotary only)")
     window = config.get("window_size")
@@ -149,6 +162,30 @@ def _problems(config: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _hybrid_problems(config: dict[str, Any]) -> list[str]:
+    """What in an SSMConfig no Nemotron-H computes: positional embeddings, zero-centred norms, layer
+    kinds beyond M, * and - (MoE layers, E), other layers than RMSNorm, squared-ReLU MLPs and plain
+    attention."""
+    problems = []
+    position = config.get("position_embedding_type", "none")
+    if position != "none":
+        problems.append(f"position_embedding_type={position} in a hybrid model (Nemotron-H's attention has no "
+                        f"positional embedding: none only)")
+    if config.get("layernorm_zero_centered_gamma"):
+        problems.append("zero-centred norms (layernorm_zero_centered_gamma=True) in a hybrid model")
+    pattern = layer_pattern(types.SimpleNamespace(**config), int(config.get("num_layers") or 0))
+    others = sorted(set(pattern) - set(LAYER_SYMBOLS))
+    if others:
+        problems.append(f"hybrid layers {others} in hybrid_override_pattern={pattern} (supported: {LAYER_SYMBOLS})")
+    if _family(config) is None:
+        act = _target_name(config.get("activation_func")) or config.get("activation_func")
+        extras = "".join(f", {key}={config.get(key)}" for key in _EXTRAS[:3] if config.get(key))
+        problems.append(f"normalization={config.get('normalization')} with activation_func={act}, gated_linear_unit="
+                        f"{config.get('gated_linear_unit')}{extras} in a hybrid model (Nemotron-H's layers are "
+                        f"RMSNorm, squared-ReLU MLPs and attention without {', '.join(_EXTRAS[:3])})")
+    return problems
+
+
 # model.yaml config fields that pick among the families of the same layers (`_family`)
 _EXTRAS = ("add_qkv_bias", "qk_layernorm", "num_moe_experts", "moe_shared_expert_intermediate_size")
 
@@ -156,7 +193,7 @@ _EXTRAS = ("add_qkv_bias", "qk_layernorm", "num_moe_experts", "moe_shared_expert
 def _family(config: dict[str, Any]) -> str | None:
     qkv_bias, qk_norm, experts, shared = (config.get(key) for key in _EXTRAS)
     return family_of(config.get("normalization"), _activation(config), bool(qkv_bias), bool(qk_norm), bool(experts),
-                     shared is not None)
+                     shared is not None, _is_hybrid(config))
 
 
 def _family_of_class(model_class: str) -> str | None:
@@ -183,8 +220,8 @@ def _rope_scaling_factor(config: dict[str, Any]) -> float | None:
 
 
 def arch_from_config(model: dict[str, Any], vocab_size: int) -> ModelArch:
-    """The ModelArch of the GPTModel NeMo builds from model.yaml's `model` (its class and `config`),
-    with `vocab_size` embedding rows."""
+    """The ModelArch of the GPTModel (or, from an SSMConfig, the MambaModel) NeMo builds from
+    model.yaml's `model` (its class and `config`), with `vocab_size` embedding rows."""
     config = model["config"]
     problems = _problems(config)
     if problems:
@@ -195,14 +232,19 @@ def arch_from_config(model: dict[str, Any], vocab_size: int) -> ModelArch:
     by_layers = _family(config)
     by_class = _family_of_class(_target_name(model).rsplit(".", 1)[-1])
     family = by_class if by_class and computes_alike(by_class, by_layers) else by_layers
+    namespace = types.SimpleNamespace(**config)
+    if _is_hybrid(config):  # no rotary, and never tied (module docstring)
+        layers = {"hybrid_pattern": layer_pattern(namespace, config["num_layers"]), "tie_embeddings": False}
+    else:
+        layers = {"rope_scaling_factor": _rope_scaling_factor(config),
+                  "rotary_percent": float(config.get("rotary_percent", 1.0)),
+                  "tie_embeddings": bool(config.get("share_embeddings_and_output_weights", False))}
     return ModelArch(
-        **arch_fields(types.SimpleNamespace(**config), family),
+        **arch_fields(namespace, family),
         vocab_size=vocab_size,
         max_position_embeddings=int(config.get("seq_length") or 4096),
         rope_theta=float(config.get("rotary_base", 10000)),
-        rope_scaling_factor=_rope_scaling_factor(config),
-        tie_embeddings=bool(config.get("share_embeddings_and_output_weights", False)),
-        rotary_percent=float(config.get("rotary_percent", 1.0)),
+        **layers,
     )
 
 
@@ -254,7 +296,7 @@ def read_checkpoint(path: str | Path, tokenizer: str | None = None):
         raise UserError(f"{weights} is not a megatron distributed checkpoint (no metadata.json)")
     saved = {key.removeprefix(PREFIX): shape for key, shape in saved_shapes(weights).items()}
     if "embedding.word_embeddings.weight" not in saved:
-        raise UserError(f"{weights} holds no {PREFIX}embedding.word_embeddings.weight: not a NeMo 2 GPT model")
+        raise UserError(f"{weights} holds no {PREFIX}embedding.word_embeddings.weight: not a NeMo 2 GPT or Mamba model")
     rows = saved["embedding.word_embeddings.weight"][0]
     try:
         arch = arch_from_config(model, rows)
@@ -326,6 +368,8 @@ def _nemo_config(arch: ModelArch, dtype: torch.dtype):
     if arch.is_moe:
         fields.update(num_moe_experts=arch.num_moe_experts, moe_router_topk=arch.moe_router_topk,
                       moe_ffn_hidden_size=arch.moe_ffn_hidden_size, moe_router_pre_softmax=arch.moe_router_pre_softmax)
+    if arch.is_hybrid:  # the activation and is_hybrid_model are the NemotronH config's own
+        fields.update(hybrid_override_pattern=arch.hybrid_pattern, **{key: getattr(arch, key) for key in MAMBA_KEYS})
     if not transformer_engine_available():  # NeMo's config refuses its fused kernels without TE
         fields.update(apply_rope_fusion=False, persist_layer_norm=False)
         if arch.is_moe:  # grouped GEMM and fused token permutation need TE too
