@@ -321,7 +321,7 @@ def test_cli_import_prune_export_and_eval_agree_with_transformers(tmp_path):
         "calib.seq_len=32", "loss_samples=4", "scores_cache=false", "reconstruct=true")
     pruned = last_json(prune)
     # the main job's reconstruct=true does not stop an MoE teacher: it prunes without it, saying so
-    assert "reconstruction refits dense transformer layers only" in prune.stderr
+    assert "reconstruction refits dense MLPs, attention and Mamba mixers, not mixtures of experts" in prune.stderr
     assert pruned["parameters"]["total"] == arch.replace(num_moe_experts=3, moe_ffn_hidden_size=16).num_parameters()["total"]
     report = json.loads((tmp_path / "pruned" / "report.json").read_text())
     assert report["experts"]["method"] == "output" and len(report["experts"]["kept"]["0"]) == 3
