@@ -19,7 +19,8 @@ before the end is a checkpoint of the longer run, not a run of that length.
         [--tokens 0 24576 49152 98304 196608] [--reference 196608] [--out FILE] [--plot FILE]
 
 `--arm NAME=OVERRIDES` (space-separated pipeline overrides; the first arm is the recipe the
-others are compared with). `--target width` prunes to 30 layers at FFN 512 instead of the
+others are compared with). An arm that sets `distill.train.global_batch_size` or `seq_length`
+steps by its own tokens per step; `--tokens` must be multiples of every arm's. `--target width` prunes to 30 layers at FFN 512 instead of the
 default 24 layers at FFN 768 (the same parameter count). A finished arm is not rerun.
 """
 
@@ -39,14 +40,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 from main_job import MAX_TOKENS, SEQ_LEN, write_texts  # noqa: E402
 from pruning import write_report  # noqa: E402
 
-TOKENS_PER_STEP = 8 * 256  # the main job's global batch x sequence length
 TARGETS = {"default": [], "width": ["prune.target.num_layers=30", "prune.target.ffn_hidden_size=512"]}
 
 
-def steps_of(tokens: list[int]) -> list[int]:
-    steps = [t // TOKENS_PER_STEP for t in tokens]
-    if any(s * TOKENS_PER_STEP != t for s, t in zip(steps, tokens)):
-        raise SystemExit(f"--tokens must be multiples of {TOKENS_PER_STEP} (the main job's tokens per step)")
+def tokens_per_step(overrides: list[str]) -> int:
+    """An arm's tokens per distillation step: the main job's global batch x sequence length
+    (`PipelineConfig`), or the arm's own `distill.train.global_batch_size=` / `seq_length=`."""
+    from nemo_minitron.pipeline.run import PipelineConfig
+
+    train = PipelineConfig().distill.train
+    sizes = {"global_batch_size": train.global_batch_size, "seq_length": train.seq_length}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.removeprefix("distill.train.") in sizes and key.startswith("distill.train."):
+            sizes[key.removeprefix("distill.train.")] = int(value)
+    return sizes["global_batch_size"] * sizes["seq_length"]
+
+
+def steps_of(tokens: list[int], per_step: int) -> list[int]:
+    steps = [t // per_step for t in tokens]
+    if any(s * per_step != t for s, t in zip(steps, tokens)):
+        raise SystemExit(f"--tokens must be multiples of {per_step} (an arm's tokens per step)")
     return steps
 
 
@@ -60,7 +74,7 @@ def run_arm(work: Path, overrides: list[str], steps: list[int]) -> None:
     subprocess.run(command, check=True)
 
 
-def checkpoints(work: Path, steps: list[int]) -> dict[int, Path]:
+def checkpoints(work: Path, steps: list[int], per_step: int) -> dict[int, Path]:
     """{tokens: checkpoint}: the pruned model at 0, then the step checkpoints (the last is final)."""
     found = {}
     for step in steps:
@@ -68,7 +82,7 @@ def checkpoints(work: Path, steps: list[int]) -> dict[int, Path]:
                 else work / "distill" / "checkpoints" / f"step_{step:07d}" / "model")
         if not path.is_dir():
             raise SystemExit(f"{path} is missing: was {work} run with other --tokens?")
-        found[step * TOKENS_PER_STEP] = path
+        found[step * per_step] = path
     return found
 
 
@@ -80,17 +94,18 @@ def evaluate(path: Path, texts: dict[str, Path], eval_tokens: int) -> dict[str, 
             for name, data in texts.items()}
 
 
-def measure(work: Path, steps: list[int], texts: dict[str, Path], eval_tokens: int) -> dict:
+def measure(work: Path, steps: list[int], per_step: int, texts: dict[str, Path], eval_tokens: int) -> dict:
     """{"teacher": {text: ppl}, "curve": {tokens: {text: ppl}}}, cached in work/recovery.json."""
     cache = work / "recovery.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get("eval_tokens") == eval_tokens and saved.get("texts") == sorted(texts):
             saved["curve"] = {int(k): v for k, v in saved["curve"].items()}
-            if set(saved["curve"]) >= {s * TOKENS_PER_STEP for s in steps}:
+            if set(saved["curve"]) >= {s * per_step for s in steps}:
                 return saved
     result = {"eval_tokens": eval_tokens, "texts": sorted(texts), "teacher": evaluate(work / "teacher", texts, eval_tokens),
-              "curve": {tokens: evaluate(path, texts, eval_tokens) for tokens, path in checkpoints(work, steps).items()}}
+              "curve": {tokens: evaluate(path, texts, eval_tokens)
+                        for tokens, path in checkpoints(work, steps, per_step).items()}}
     cache.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -163,18 +178,21 @@ def main() -> None:
     parser.add_argument("--out", help="also write the Markdown section here")
     parser.add_argument("--plot", help="write the curves here (PNG)")
     args = parser.parse_args()
-    steps = steps_of(sorted(set([0, *args.tokens])))
-    if args.reference // TOKENS_PER_STEP not in steps:
+    tokens = sorted(set([0, *args.tokens]))
+    if args.reference not in tokens:
         raise SystemExit("--reference must be one of --tokens")
     work = Path(args.work)
     texts = write_texts(work / "texts")
     arms = {}
     for item in args.arm:
         name, _, overrides = item.partition("=")
+        overrides = [*TARGETS[args.target], *shlex.split(overrides)]
+        per_step = tokens_per_step(overrides)
+        steps = steps_of(tokens, per_step)
         arm_dir = work / re.sub(r"[^A-Za-z0-9.-]+", "_", f"{args.target}-{name}")  # a Hydra-safe work_dir
         if not (arm_dir / "results.json").is_file():
-            run_arm(arm_dir, [*TARGETS[args.target], *shlex.split(overrides)], steps)
-        arms[name] = measure(arm_dir, steps, {**texts, "heldout": arm_dir / "corpus" / "heldout.jsonl"},
+            run_arm(arm_dir, overrides, steps)
+        arms[name] = measure(arm_dir, steps, per_step, {**texts, "heldout": arm_dir / "corpus" / "heldout.jsonl"},
                              args.eval_tokens)
     write_report(report(arms, args.reference), args.out)
     if args.plot:
