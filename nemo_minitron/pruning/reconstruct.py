@@ -188,7 +188,7 @@ class ReconstructionRecorder:
         h = arch.hidden_size
         self.stats: dict[tuple[int, str], Statistics] = {}
         for layer in indices.layers:
-            for consumer in set(consumers) & set(LAYER_CONSUMERS[arch.layer_types[layer]]):
+            for consumer in [c for c in LAYER_CONSUMERS[arch.layer_types[layer]] if c in consumers]:
                 k = len(kept_columns(indices, layer, consumer, arch))
                 if k == widths[consumer] and not (consumer == "mlp" and layer in self.bridges):
                     continue  # nothing of its input was pruned: the refit would return it unchanged
