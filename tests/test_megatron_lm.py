@@ -206,15 +206,20 @@ def weights_and_logits(path: Path, arch, global_sd: dict):
     return bridge.gather_global(loaded), megatron_logits(loaded), megatron_logits(source)
 
 
+def assert_equal_weights(got: dict, expected: dict) -> None:
+    """The same tensor names, each equal bit for bit."""
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
 @pytest.mark.slow
 def test_import_gives_the_source_model(run, teacher):
     assert checkpoint.read_arch(teacher) == run["arch"]  # vocab 320 from the padded embedding, eos from the tokenizer
     assert checkpoint.read_metadata(teacher)["source"]["save"] == "iter_0000007"
     [(weights, logits, expected)] = run_distributed(weights_and_logits, world_size=1,
                                                     args=(teacher, run["arch"], run["global_sd"]))
-    assert weights.keys() == run["global_sd"].keys()
-    for name, tensor in run["global_sd"].items():
-        assert torch.equal(weights[name], tensor), name
+    assert_equal_weights(weights, run["global_sd"])
     assert torch.equal(logits, expected)
 
 
@@ -292,9 +297,7 @@ def test_prune_export_import_round_trip(run, teacher, tmp_path):
     assert checkpoint.read_arch(reimported) == arch
     [(expected, weights, loads)] = run_distributed(load_export, world_size=1,
                                                    args=(pruned, exported, reimported))
-    assert weights.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(weights[name], tensor), name
+    assert_equal_weights(weights, expected)
     assert loads == {"assume_ok_unexpected": False, "log_unexpected": True}
 
     from nemo_minitron.convert import ExportMegatronConfig, export_megatron
@@ -399,9 +402,8 @@ def test_qwen_and_moe_runs_import_and_export_exactly(run, tmp_path, family):
     assert keys == set()  # the export holds the tensors under Megatron-LM's own keys
     assert arch.differences(FAMILY_FLAGS[family][0]) == [] and arch.family == family
     assert reread_arch == arch
-    assert source.keys() == imported.keys() == reread.keys()
-    for name, tensor in source.items():
-        assert torch.equal(imported[name], tensor) and torch.equal(reread[name], tensor), name
+    assert_equal_weights(imported, source)
+    assert_equal_weights(reread, source)
     assert torch.equal(logits, expected)
     parsed = megatron_parser().parse_args(flags.split())
     assert megatron_lm.arch_from_args(parsed, arch.vocab_size).differences(arch) == []
@@ -450,9 +452,7 @@ def test_hybrid_run_imports_and_round_trips_through_export(hybrid_run, tmp_path)
              f"output_dir={teacher}")
     assert checkpoint.read_arch(teacher) == arch
     [(weights, logits, expected)] = run_distributed(weights_and_logits, world_size=1, args=(teacher, arch, source))
-    assert weights.keys() == source.keys()
-    for name, tensor in source.items():
-        assert torch.equal(weights[name], tensor), name
+    assert_equal_weights(weights, source)
     assert torch.equal(logits, expected)
     torch.testing.assert_close(logits, hybrid_run["hf_logits"], rtol=1e-5, atol=1e-5)
 
@@ -471,9 +471,7 @@ def test_hybrid_run_imports_and_round_trips_through_export(hybrid_run, tmp_path)
     minitron("import", f"megatron_path={exported}", f"output_dir={reimported}")
     assert checkpoint.read_arch(reimported) == arch
     [(again, again_logits, _)] = run_distributed(weights_and_logits, world_size=1, args=(reimported, arch, source))
-    assert again.keys() == source.keys()
-    for name, tensor in source.items():
-        assert torch.equal(again[name], tensor), name
+    assert_equal_weights(again, source)
     assert torch.equal(again_logits, logits)
 
 
