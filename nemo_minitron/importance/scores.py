@@ -32,7 +32,7 @@ import torch
 from nemo_minitron.atomic import atomic_file
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.bridge import final_norm
-from nemo_minitron.models.config import ModelArch
+from nemo_minitron.models.config import LAYER_PARTS, ModelArch
 
 METHODS = ("activation", "taylor", "magnitude", "random")
 EXPERT_METHODS = ("output", "frequency", "router_mass", "magnitude", "random")
@@ -169,7 +169,7 @@ def magnitude_scores(arch: ModelArch, global_sd: dict[str, torch.Tensor]) -> Imp
              "mamba_channels": torch.zeros(L, arch.mamba_head_dim)} if arch.is_hybrid else {}
     for i, kind in enumerate(arch.layer_types):
         w = {k: v.float() for k, v in _layer_tensors(global_sd, i).items()}
-        if kind in ("transformer", "attention"):
+        if "attention" in LAYER_PARTS[kind]:
             qkv = w["self_attention.linear_qkv.weight"] * w["input_layernorm.weight"]
             proj = w["self_attention.linear_proj.weight"]
             hidden_sq += qkv.square().sum(0) + proj.square().sum(1)
@@ -178,7 +178,7 @@ def magnitude_scores(arch: ModelArch, global_sd: dict[str, torch.Tensor]) -> Imp
                 q_bias = w["self_attention.linear_qkv.bias"].view(G, per_group + 2, d)[:, :per_group]
                 q = torch.cat([q, q_bias.reshape(arch.num_attention_heads, d)], dim=1)
             heads[i] = (q.square().sum(1) + proj.view(h, -1, d).square().sum((0, 2))).sqrt()
-        if kind in ("transformer", "mlp") and arch.is_moe:
+        if "mlp" in LAYER_PARTS[kind] and arch.is_moe:
             norm = w["pre_mlp_layernorm.weight"]
             hidden_sq += (w["mlp.router.weight"] * norm).square().sum(0)
             per_expert = [_mlp_magnitudes(w[f"mlp.experts.local_experts.{e}.linear_fc1.weight"] * norm,
@@ -192,11 +192,11 @@ def magnitude_scores(arch: ModelArch, global_sd: dict[str, torch.Tensor]) -> Imp
                     w["mlp.shared_experts.linear_fc1.weight"] * norm, w["mlp.shared_experts.linear_fc2.weight"],
                     arch.gated)
                 hidden_sq += shared_hidden + (w["mlp.shared_experts.gate_weight"] * norm).square().sum(0)
-        elif kind in ("transformer", "mlp"):
+        elif "mlp" in LAYER_PARTS[kind]:
             neurons[i], mlp_hidden = _mlp_magnitudes(w["mlp.linear_fc1.weight"] * w["pre_mlp_layernorm.weight"],
                                                      w["mlp.linear_fc2.weight"], arch.gated)
             hidden_sq += mlp_hidden
-        if kind == "mamba":
+        if "mamba" in LAYER_PARTS[kind]:
             squares = {name: t.square() for name, t in w.items()}
             squares["mixer.in_proj.weight"] = (w["mixer.in_proj.weight"] * w["norm.weight"]).square()
             squares["mixer.out_proj.weight"] = (w["mixer.out_proj.weight"] * w["mixer.norm.weight"]).square()

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from nemo_minitron.errors import UserError
 from nemo_minitron.importance.scores import ImportanceScores, mamba_unit_sums
 from nemo_minitron.models import bridge
-from nemo_minitron.models.config import ModelArch
+from nemo_minitron.models.config import LAYER_PARTS, ModelArch
 from nemo_minitron.models.gpt import arch_of, unwrap_model
 from nemo_minitron.models.runner import broadcast_from_last_stage, forward_microbatches, vocab_parallel_token_nll
 
@@ -67,19 +67,19 @@ def _unit_sums(arch: ModelArch, values: dict[str, torch.Tensor]) -> dict[str, to
         for norm in bridge.layer_norms(arch, i):
             for param in arch.norm_params:
                 hidden = hidden + v[f"{norm}{param}"]
-        if kind in ("transformer", "attention"):
+        if "attention" in LAYER_PARTS[kind]:
             qkv, proj = v["self_attention.linear_qkv.weight"], v["self_attention.linear_proj.weight"]
             hidden = hidden + qkv.sum(0) + proj.sum(1)
             query = qkv.view(G, H // G + 2, d, h)[:, : H // G].sum((2, 3)).reshape(H)
             if arch.qkv_bias:
                 query = query + v["self_attention.linear_qkv.bias"].view(G, H // G + 2, d)[:, : H // G].sum(2).reshape(H)
             sums["heads"][i] = query + proj.view(h, H, d).sum((0, 2))
-        if kind in ("transformer", "mlp"):
+        if "mlp" in LAYER_PARTS[kind]:
             fc1, fc2 = v["mlp.linear_fc1.weight"], v["mlp.linear_fc2.weight"]
             hidden = hidden + fc1.sum(0) + fc2.sum(1)
             rows = sum(part.sum(1) for part in fc1.chunk(2)) if arch.gated else fc1.sum(1)
             sums["neurons"][i] = rows + fc2.sum(0)
-        if kind == "mamba":
+        if "mamba" in LAYER_PARTS[kind]:
             layer_hidden, sums["mamba_heads"][i], sums["mamba_channels"][i] = mamba_unit_sums(arch, v)
             hidden = hidden + layer_hidden
     return {"hidden": hidden, **sums}

@@ -100,11 +100,6 @@ def _attention_hf(arch: ModelArch, layer: int) -> str:
     return f"model.layers.{layer}." + ("mixer." if arch.is_hybrid else "self_attn.")
 
 
-def attention_layers(arch: ModelArch) -> list[int]:
-    """The layers with attention: every layer of a transformer, the "*" layers of a hybrid."""
-    return [i for i, kind in enumerate(arch.layer_types) if kind in ("transformer", "attention")]
-
-
 def final_norm(arch: ModelArch) -> str:
     """The module prefix of the final norm: megatron's Mamba stack calls it `final_norm`."""
     return "decoder.final_norm." if arch.is_hybrid else "decoder.final_layernorm."
@@ -130,7 +125,7 @@ def _linear_pairs(arch: ModelArch) -> list[tuple[str, str]]:
     MLP's down projection (and a non-gated MLP's up projection), an MoE layer's router and shared
     expert gate."""
     pairs = [(f"decoder.layers.{i}.self_attention.linear_proj.weight", _attention_hf(arch, i) + "o_proj.weight")
-             for i in attention_layers(arch)]
+             for i in arch.layers_with("attention")]
     pairs += [(f"decoder.layers.{i}.mixer.{p}", f"model.layers.{i}.mixer.{p}")
               for i, kind in enumerate(arch.layer_types) if kind == "mamba" for p in MAMBA_PARAMS]
     for i in range(arch.num_layers):
@@ -221,7 +216,7 @@ def hf_to_global(arch: ModelArch, hf: dict[str, torch.Tensor]) -> dict[str, torc
         out[mg] = _shift(_require(hf, hf_name, arch), offset if mg.endswith("weight") else 0.0)
     for mg, hf_name in _linear_pairs(arch) + qk_norm_pairs(arch):
         out[mg] = _require(hf, hf_name, arch)
-    for i in attention_layers(arch):
+    for i in arch.layers_with("attention"):
         for param in qkv_params(arch):
             out[f"decoder.layers.{i}.self_attention.linear_qkv.{param}"] = qkv_fuse(
                 *(_require(hf, f"{_attention_hf(arch, i)}{p}_proj.{param}", arch) for p in "qkv"), arch
@@ -250,7 +245,7 @@ def global_to_hf(arch: ModelArch, mg: dict[str, torch.Tensor]) -> dict[str, torc
         out[hf_name] = _shift(mg[mg_name], -offset if mg_name.endswith("weight") else 0.0)
     for mg_name, hf_name in _linear_pairs(arch) + qk_norm_pairs(arch):
         out[hf_name] = mg[mg_name]
-    for i in attention_layers(arch):
+    for i in arch.layers_with("attention"):
         h = _attention_hf(arch, i)
         for param in qkv_params(arch):
             q, k, vv = qkv_split(mg[f"decoder.layers.{i}.self_attention.linear_qkv.{param}"], arch)
@@ -278,7 +273,7 @@ def expected_global_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (arch.vocab_size, h)}
     shapes.update({name: (h,) for name, _ in _norm_pairs(arch)})
     shapes.update({name: (d,) for name, _ in qk_norm_pairs(arch)})
-    for i in attention_layers(arch):
+    for i in arch.layers_with("attention"):
         p = f"decoder.layers.{i}."
         if arch.qkv_bias:
             shapes[p + "self_attention.linear_qkv.bias"] = (arch.qkv_rows,)

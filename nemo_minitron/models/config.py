@@ -33,6 +33,9 @@ MAMBA_SHAPE_KEYS = ("mamba_num_heads", "mamba_head_dim")
 MAMBA_KEYS = (*MAMBA_SHAPE_KEYS, "mamba_num_groups", "mamba_state_dim")
 # A hybrid model's layer symbols (megatron's `hybrid_override_pattern`) and the layer each makes.
 LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp"}
+# What a layer of each kind (`ModelArch.layer_types`) holds: a transformer layer attention and an
+# MLP, a hybrid's layer its one mixer.
+LAYER_PARTS = {"transformer": ("attention", "mlp"), "attention": ("attention",), "mlp": ("mlp",), "mamba": ("mamba",)}
 # The width of every Mamba mixer's causal convolution (megatron-core's MambaLayer builds it so).
 MAMBA_CONV_KERNEL = 4
 # The epsilon of megatron-core's gated norm inside every Mamba mixer (fixed there, not configurable).
@@ -146,6 +149,10 @@ class ModelArch:
         if not self.is_hybrid:
             return ["transformer"] * self.num_layers
         return [LAYER_SYMBOLS[symbol] for symbol in self.hybrid_pattern]
+
+    def layers_with(self, part: str) -> list[int]:
+        """The layers that hold `part`: "attention", "mlp" or "mamba" (`LAYER_PARTS`)."""
+        return [i for i, kind in enumerate(self.layer_types) if part in LAYER_PARTS[kind]]
 
     @property
     def mamba_inner(self) -> int:

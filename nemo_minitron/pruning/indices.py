@@ -93,17 +93,17 @@ def select_indices(
     if len(drop_layers) != teacher.num_layers - target.num_layers:
         raise ValueError(f"dropping {len(drop_layers)} layers does not give target.num_layers={target.num_layers}")
     layers = [i for i in range(teacher.num_layers) if i not in set(drop_layers)]
-    kinds = teacher.layer_types
+    kept = set(layers)
     indices = PruneIndices(
         hidden=top_k(scores.hidden, target.hidden_size),
         layers=layers,
-        heads={i: select_heads(scores.heads[i], teacher, target) for i in layers
-               if kinds[i] in ("transformer", "attention")},
+        heads={i: select_heads(scores.heads[i], teacher, target) for i in teacher.layers_with("attention") if i in kept},
         neurons={},
     )
     if teacher.is_hybrid:
-        indices.neurons = {i: top_k(scores.neurons[i], target.ffn_hidden_size) for i in layers if kinds[i] == "mlp"}
-        mamba = [i for i in layers if kinds[i] == "mamba"]
+        indices.neurons = {i: top_k(scores.neurons[i], target.ffn_hidden_size) for i in teacher.layers_with("mlp")
+                           if i in kept}
+        mamba = [i for i in teacher.layers_with("mamba") if i in kept]
         indices.mamba_heads = {i: select_mamba_heads(scores.mamba_heads[i], teacher, target) for i in mamba}
         indices.mamba_channels = {i: top_k(scores.mamba_channels[i], target.mamba_head_dim) for i in mamba}
         return indices
@@ -139,10 +139,9 @@ def choose_dropped_layers(scores: ImportanceScores, teacher: ModelArch, num_drop
                         f"compute them or choose another depth method")
     if per_kind is None:
         return lowest_layers(scores.layers[method], num_drop)
-    kinds = teacher.layer_types
     dropped = []
     for kind, n in per_kind.items():
-        of_kind = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
+        of_kind = torch.tensor(teacher.layers_with(kind))
         dropped += of_kind[lowest_layers(scores.layers[method][of_kind], n)].tolist()
     return sorted(dropped)
 

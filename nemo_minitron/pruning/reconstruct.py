@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.models.config import MAMBA_NORM_EPS, ModelArch
+from nemo_minitron.models.config import LAYER_PARTS, MAMBA_NORM_EPS, ModelArch
 from nemo_minitron.models.gpt import arch_of, unwrap_model
 from nemo_minitron.models.mamba_kernels import gated_rms_norm
 from nemo_minitron.parallel import sum_over_ranks
@@ -55,9 +55,6 @@ log = logging.getLogger("nemo_minitron")
 # consumer -> the weight it refits (megatron names inside decoder.layers.N.)
 CONSUMERS = {"mlp": "mlp.linear_fc2.weight", "attention": "self_attention.linear_proj.weight",
              "mamba": "mixer.out_proj.weight"}
-# The consumers in a layer of each kind (ModelArch.layer_types).
-LAYER_CONSUMERS = {"transformer": ("mlp", "attention"), "mlp": ("mlp",), "attention": ("attention",),
-                   "mamba": ("mamba",)}
 
 
 def kept_columns(indices: PruneIndices, layer: int, consumer: str, arch: ModelArch) -> torch.Tensor:
@@ -138,7 +135,7 @@ def dropped_runs(indices: PruneIndices, arch: ModelArch) -> dict[int, int]:
     kept, num_layers, kinds = set(indices.layers), arch.num_layers, arch.layer_types
     runs = {}
     for layer in range(1, num_layers):
-        if layer not in kept and layer - 1 in kept and "mlp" in LAYER_CONSUMERS[kinds[layer - 1]]:
+        if layer not in kept and layer - 1 in kept and "mlp" in LAYER_PARTS[kinds[layer - 1]]:
             end = layer
             while end + 1 < num_layers and end + 1 not in kept:
                 end += 1
@@ -188,7 +185,7 @@ class ReconstructionRecorder:
         h = arch.hidden_size
         self.stats: dict[tuple[int, str], Statistics] = {}
         for layer in indices.layers:
-            for consumer in [c for c in LAYER_CONSUMERS[arch.layer_types[layer]] if c in consumers]:
+            for consumer in [c for c in LAYER_PARTS[arch.layer_types[layer]] if c in consumers]:
                 k = len(kept_columns(indices, layer, consumer, arch))
                 if k == widths[consumer] and not (consumer == "mlp" and layer in self.bridges):
                     continue  # nothing of its input was pruned: the refit would return it unchanged

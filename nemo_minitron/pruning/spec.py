@@ -21,8 +21,7 @@ def _divisors(n: int) -> list[int]:
 
 def _last_of_each_kind(teacher: ModelArch, per_kind: dict[str, int]) -> list[int]:
     """The last `per_kind[kind]` layers of every kind: a provisional choice with the right counts."""
-    kinds = teacher.layer_types
-    return [i for kind, n in per_kind.items() if n for i in [j for j, k in enumerate(kinds) if k == kind][-n:]]
+    return [i for kind, n in per_kind.items() if n for i in teacher.layers_with(kind)[-n:]]
 
 
 @dataclass

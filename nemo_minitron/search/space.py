@@ -78,15 +78,13 @@ class Budget:
     def memory(self, arch: ModelArch) -> float:
         """Inference memory of `arch` in bytes (see the class docstring)."""
         width = _DTYPE_BYTES[self.memory_dtype]
-        kinds = arch.layer_types
-        attention_layers = sum(kind in ("transformer", "attention") for kind in kinds)
-        kv = 2 * attention_layers * arch.num_query_groups * arch.kv_channels
+        kv = 2 * len(arch.layers_with("attention")) * arch.num_query_groups * arch.kv_channels
         weights_and_kv = width * (arch.num_parameters()["total"] + kv * self.memory_batch_size * self.memory_seq_length)
         if not arch.is_hybrid:
             return weights_and_kv
         ssm = 4 * arch.mamba_inner * arch.mamba_state_dim
         conv = width * sum(arch.mamba_conv_blocks.values()) * (MAMBA_CONV_KERNEL - 1)
-        return weights_and_kv + kinds.count("mamba") * (ssm + conv) * self.memory_batch_size
+        return weights_and_kv + len(arch.layers_with("mamba")) * (ssm + conv) * self.memory_batch_size
 
     def cost(self, arch: ModelArch) -> float:
         if self.kind == "memory_bytes":
