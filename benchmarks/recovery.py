@@ -5,7 +5,9 @@ with the main job's settings plus the arm's overrides, distilling for the larges
 asked, a step checkpoint kept at every other count. Each checkpoint (and the pruned model, at 0
 tokens) is evaluated as the main job evaluates: fp32, windows of 512, the first `--eval-tokens`
 tokens of the corpus's held-out split and of the two out-of-corpus texts of
-`benchmarks/main_job.py` (the Jargon File, the Debian constitution).
+`benchmarks/main_job.py` (the Jargon File, the Debian constitution); with `--by-source` also the
+first tokens of each other source of the held-out split, which is written grouped by source, so that
+`heldout` alone measures its first source (Austen).
 
 Reported per arm and text: perplexity at each token count, the fraction of the lost
 log-perplexity recovered, (ln pruned - ln p) / (ln pruned - ln teacher) with the recipe arm's
@@ -94,20 +96,41 @@ def evaluate(path: Path, texts: dict[str, Path], eval_tokens: int) -> dict[str, 
             for name, data in texts.items()}
 
 
+def heldout_by_source(corpus: Path, out: Path) -> dict[str, Path]:
+    """{"heldout:SOURCE": file} for each source of the arm's held-out split but its first.
+
+    The split is written grouped by source, so `heldout` (its first tokens) measures the first
+    source alone (Austen's chapters for the built-in corpus); these show the others.
+    """
+    by_source: dict[str, list[str]] = {}
+    for line in (corpus / "heldout.jsonl").read_text().splitlines():
+        by_source.setdefault(json.loads(line)["source"], []).append(line)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for source, lines in list(by_source.items())[1:]:
+        files[f"heldout:{source}"] = out / f"heldout-{source}.jsonl"
+        files[f"heldout:{source}"].write_text("\n".join(lines) + "\n")
+    return files
+
+
 def measure(work: Path, steps: list[int], per_step: int, texts: dict[str, Path], eval_tokens: int) -> dict:
-    """{"teacher": {text: ppl}, "curve": {tokens: {text: ppl}}}, cached in work/recovery.json."""
+    """{"teacher": {text: ppl}, "curve": {tokens: {text: ppl}}}, cached in work/recovery.json; a text
+    added later is evaluated alone."""
     cache = work / "recovery.json"
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("eval_tokens") == eval_tokens and saved.get("texts") == sorted(texts):
-            saved["curve"] = {int(k): v for k, v in saved["curve"].items()}
-            if set(saved["curve"]) >= {s * per_step for s in steps}:
-                return saved
-    result = {"eval_tokens": eval_tokens, "texts": sorted(texts), "teacher": evaluate(work / "teacher", texts, eval_tokens),
-              "curve": {tokens: evaluate(path, texts, eval_tokens)
-                        for tokens, path in checkpoints(work, steps, per_step).items()}}
-    cache.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    if saved.get("eval_tokens") != eval_tokens:
+        saved = {}
+    points = {"teacher": work / "teacher", **{str(t): p for t, p in checkpoints(work, steps, per_step).items()}}
+    table = {"teacher": saved.get("teacher", {}), **saved.get("curve", {})}
+    for point, path in points.items():
+        missing = {name: data for name, data in texts.items() if name not in table.setdefault(point, {})}
+        if missing:
+            table[point].update(evaluate(path, missing, eval_tokens))
+            result = {"eval_tokens": eval_tokens, "teacher": table["teacher"],
+                      "curve": {k: v for k, v in table.items() if k != "teacher"}}
+            cache.write_text(json.dumps(result, indent=1) + "\n")
+    return {"texts": sorted(texts), "teacher": {n: table["teacher"][n] for n in texts},
+            "curve": {int(p): {n: table[p][n] for n in texts} for p in points if p != "teacher"}}
 
 
 def recovered(pruned: float, teacher: float, value: float) -> float:
@@ -127,8 +150,12 @@ def tokens_to_reach(curve: dict[int, float], goal: float) -> float | None:
     return points[0][0] if points[0][1] <= goal else None
 
 
+def common_texts(arms: dict[str, dict]) -> list[str]:
+    return sorted(set.intersection(*(set(result["texts"]) for result in arms.values())))
+
+
 def report(arms: dict[str, dict], reference: int) -> list[str]:
-    names = next(iter(arms.values()))["texts"]
+    names = common_texts(arms)
     recipe = next(iter(arms.values()))
     tokens = sorted(recipe["curve"])
     lines = []
@@ -154,7 +181,7 @@ def plot(arms: dict[str, dict], out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = next(iter(arms.values()))["texts"]
+    names = common_texts(arms)
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
     for ax, text in zip(axes, names):
         for arm, result in arms.items():
@@ -175,6 +202,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[0, 24576, 49152, 98304, 196608, 393216])
     parser.add_argument("--reference", type=int, default=196608, help="the recipe's token count to reach")
     parser.add_argument("--eval-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--by-source", action="store_true",
+                        help="also each other source of the held-out split (heldout: its first source only)")
     parser.add_argument("--out", help="also write the Markdown section here")
     parser.add_argument("--plot", help="write the curves here (PNG)")
     args = parser.parse_args()
@@ -192,8 +221,10 @@ def main() -> None:
         arm_dir = work / re.sub(r"[^A-Za-z0-9.-]+", "_", f"{args.target}-{name}")  # a Hydra-safe work_dir
         if not (arm_dir / "results.json").is_file():
             run_arm(arm_dir, overrides, steps)
-        arms[name] = measure(arm_dir, steps, per_step, {**texts, "heldout": arm_dir / "corpus" / "heldout.jsonl"},
-                             args.eval_tokens)
+        arm_texts = {**texts, "heldout": arm_dir / "corpus" / "heldout.jsonl"}
+        if args.by_source:
+            arm_texts.update(heldout_by_source(arm_dir / "corpus", arm_dir / "texts"))
+        arms[name] = measure(arm_dir, steps, per_step, arm_texts, args.eval_tokens)
     write_report(report(arms, args.reference), args.out)
     if args.plot:
         plot(arms, args.plot)
