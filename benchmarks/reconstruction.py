@@ -10,7 +10,8 @@ scores are computed once and reused by every arm (the scores cache).
     .venv/bin/python benchmarks/reconstruction.py [--work runs/reconstruction] [--eval-tokens 8192] \
         [--out FILE] [ARM ...]
 
-ARM is NAME or NAME=JSON (PruneConfig fields; "target" a PruneSpec dict); with none, the sweep
+ARM is NAME or NAME=JSON (PruneConfig fields; "target" a PruneSpec dict, "calib" CalibConfig fields
+over the 64 windows); with none, the sweep
 in docs/benchmarks.md runs (`ARMS`). A finished arm's numbers are kept in WORK/results.json.
 """
 
@@ -58,7 +59,8 @@ def run_arm(work: Path, name: str, settings: dict, texts: dict[str, Path], eval_
     settings = dict(settings)
     output = work / "arms" / name.replace(" ", "_").replace(",", "").replace("/", "-")
     cfg = PruneConfig(checkpoint=str(work / "teacher"), output_dir=str(output),
-                      target=PruneSpec(**settings.pop("target", DEFAULT)), calib=CalibConfig(num_samples=64),
+                      target=PruneSpec(**settings.pop("target", DEFAULT)),
+                      calib=CalibConfig(**{"num_samples": 64, **settings.pop("calib", {})}),
                       loss_samples=4, corpus=CorpusConfig(output_dir=str(work / "corpus")), overwrite=True, **settings)
     start = time.perf_counter()
     result = prune_checkpoint(cfg)

@@ -18,7 +18,7 @@ before the end is a checkpoint of the longer run, not a run of that length.
 
     .venv/bin/python benchmarks/recovery.py --work runs/recovery \
         --arm recipe= --arm "reconstruct=prune.reconstruct=true" \
-        [--tokens 0 24576 49152 98304 196608] [--reference 196608] [--out FILE] [--plot FILE]
+        [--tokens 0 24576 49152 98304 196608] [--reference 196608] [--by-source] [--out FILE] [--plot FILE]
 
 `--arm NAME=OVERRIDES` (space-separated pipeline overrides; the first arm is the recipe the
 others are compared with). An arm that sets `distill.train.global_batch_size` or `seq_length`
