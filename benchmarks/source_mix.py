@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nemo_minitron.atomic import write_text
+
 SHARED = ("teacher", "pruned", "corpus")
 
 
@@ -45,7 +47,7 @@ def equal_shares(train: Path, out: Path, seed: int = 0) -> dict[str, int]:
             kept.append(line)
             characters[source] += n
     rng.shuffle(kept)
-    out.write_text("\n".join(kept) + "\n")
+    write_text(out, "\n".join(kept) + "\n")  # whole or absent: main() takes a present file as the arm's
     return characters
 
 
@@ -65,15 +67,16 @@ def distill_overrides(arm: Path, train: Path, output_dir: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("arm", type=Path, help="a finished recovery arm (pipeline work_dir)")
-    parser.add_argument("out", type=Path, help="the new arm's directory (must not exist)")
+    parser.add_argument("out", type=Path, help="the new arm's directory (new, or an interrupted run of this script)")
     args = parser.parse_args()
-    if args.out.exists():
-        raise SystemExit(f"{args.out} exists: give a new directory")
-    args.out.mkdir(parents=True)
-    for name in SHARED:
-        (args.out / name).symlink_to((args.arm / name).resolve())
     train = args.out / "train_equal_shares.jsonl"
-    print("characters per source:", equal_shares(args.arm / "corpus" / "train.jsonl", train), flush=True)
+    if not train.is_file():  # a new arm; an existing one resumes its distillation with the same file
+        if args.out.exists():
+            raise SystemExit(f"{args.out} exists and is not an arm of this script: give a new directory")
+        args.out.mkdir(parents=True)
+        for name in SHARED:
+            (args.out / name).symlink_to((args.arm / name).resolve())
+        print("characters per source:", equal_shares(args.arm / "corpus" / "train.jsonl", train), flush=True)
     command = [sys.executable, "-m", "nemo_minitron.cli.main", "distill",
                *distill_overrides(args.arm, train, args.out / "distill")]
     print("$", shlex.join(command), flush=True)
