@@ -31,12 +31,17 @@ def minitron(*args: str, nproc: int = 1) -> dict:
     return result
 
 
+def lines_by_source(split: Path) -> dict[str, list[str]]:
+    """A corpus split's jsonl lines grouped by their "source", in file order."""
+    lines: dict[str, list[str]] = {}
+    for line in split.read_text().splitlines():
+        lines.setdefault(json.loads(line)["source"], []).append(line)
+    return lines
+
+
 def split_by_source(heldout: Path, out_dir: Path) -> dict[str, Path]:
-    files: dict[str, list[str]] = {}
-    for line in heldout.read_text().splitlines():
-        files.setdefault(json.loads(line)["source"], []).append(line)
     paths = {}
-    for source, lines in files.items():
+    for source, lines in lines_by_source(heldout).items():
         paths[source] = out_dir / f"heldout_{source}.jsonl"
         paths[source].write_text("\n".join(lines) + "\n")
     return paths

@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from foundation import split_by_source  # noqa: E402
 from main_job import MAX_TOKENS, SEQ_LEN, write_texts  # noqa: E402
 from pruning import write_report  # noqa: E402
 
@@ -102,15 +103,9 @@ def heldout_by_source(corpus: Path, out: Path) -> dict[str, Path]:
     The split is written grouped by source, so `heldout` (its first tokens) measures the first
     source alone (Austen's chapters for the built-in corpus); these show the others.
     """
-    by_source: dict[str, list[str]] = {}
-    for line in (corpus / "heldout.jsonl").read_text().splitlines():
-        by_source.setdefault(json.loads(line)["source"], []).append(line)
     out.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for source, lines in list(by_source.items())[1:]:
-        files[f"heldout:{source}"] = out / f"heldout-{source}.jsonl"
-        files[f"heldout:{source}"].write_text("\n".join(lines) + "\n")
-    return files
+    files = split_by_source(corpus / "heldout.jsonl", out)
+    return {f"heldout:{source}": path for source, path in list(files.items())[1:]}
 
 
 def measure(work: Path, steps: list[int], per_step: int, texts: dict[str, Path], eval_tokens: int) -> dict:

@@ -24,17 +24,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nemo_minitron.atomic import write_text
+sys.path.insert(0, str(Path(__file__).parent))
+
+from foundation import lines_by_source  # noqa: E402
+
+from nemo_minitron.atomic import write_text  # noqa: E402
 
 SHARED = ("teacher", "pruned", "corpus")
 
 
 def equal_shares(train: Path, out: Path, seed: int = 0) -> dict[str, int]:
     """Write `out` with equal characters of each source of `train` (documents whole, shuffled)."""
-    by_source: dict[str, list[tuple[int, str]]] = {}
-    for line in train.read_text().splitlines():
-        document = json.loads(line)
-        by_source.setdefault(document["source"], []).append((len(document["text"]), line))
+    by_source = {source: [(len(json.loads(line)["text"]), line) for line in lines]
+                 for source, lines in lines_by_source(train).items()}
     share = min(sum(n for n, _ in docs) for docs in by_source.values())
     rng = random.Random(seed)
     kept, characters = [], {}
