@@ -11,8 +11,8 @@ distilled student, and the student / teacher ratio:
 
 The corpus's four sources (Austen, fortunes, the Python docs, the GCIDE dictionary) hold neither
 kind, so these two show whether what distillation recovered is English or the corpus. Both are
-measured as the pipeline measures: `evaluate_checkpoint` in fp32, windows of 512 tokens, the first
-8,192 tokens.
+measured as the pipeline measures: `evaluate_checkpoint` in fp32, 8,192 tokens in windows of 512
+spread evenly over the text (`EVAL_PROTOCOL`).
 
     .venv/bin/python benchmarks/main_job.py runs/before=before runs/smollm2-135m=default [--out FILE]
 
@@ -36,6 +36,8 @@ from nemo_minitron.data.corpus.debian import fetch_package  # noqa: E402
 from nemo_minitron.eval.stage import EvalConfig, evaluate_checkpoint  # noqa: E402
 
 SEQ_LEN, MAX_TOKENS = 512, 8192
+# What a cached perplexity was measured under; a cache holding another is evaluated again.
+EVAL_PROTOCOL = f"fp32, {MAX_TOKENS} tokens in windows of {SEQ_LEN} spread evenly over the text"
 MODELS = ("teacher", "pruned", "student")
 _JARGON_CHAPTER = re.compile(r"^Chapter\s\d+\.\s", re.M)  # \s: the file uses no-break spaces there
 

@@ -3,7 +3,7 @@
 Each arm is one `prune_checkpoint` of the embedded teacher (imported once into WORK/teacher) with
 the main job's prune settings (64 x 256 calibration tokens of the corpus calib split, the
 contiguous 6-layer block search on 4 windows) plus the arm's settings, then held-out perplexity
-as the main job measures it (fp32, windows of 512, the first `--eval-tokens` tokens) on the
+as the main job measures it (fp32, `--eval-tokens` tokens in windows of 512 spread over the text) on the
 corpus's held-out split and the two out-of-corpus texts of `benchmarks/main_job.py`. The teacher's
 scores are computed once and reused by every arm (the scores cache).
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from main_job import MAX_TOKENS, SEQ_LEN, write_texts  # noqa: E402
+from main_job import EVAL_PROTOCOL, MAX_TOKENS, SEQ_LEN, write_texts  # noqa: E402
 from pruning import write_report  # noqa: E402
 
 DEFAULT = {"ffn_hidden_size": 768, "num_layers": 24}   # the main job's target
@@ -89,8 +89,9 @@ def main() -> None:
         arms[name] = json.loads(settings) if settings else ARMS[name]
     saved_file = work / "results.json"
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
-    if saved.get("eval_tokens") != args.eval_tokens:
-        saved = {"eval_tokens": args.eval_tokens, "teacher": perplexities(work / "teacher", texts, args.eval_tokens)}
+    if (saved.get("eval_tokens"), saved.get("protocol")) != (args.eval_tokens, EVAL_PROTOCOL):
+        saved = {"eval_tokens": args.eval_tokens, "protocol": EVAL_PROTOCOL,
+                 "teacher": perplexities(work / "teacher", texts, args.eval_tokens)}
     teacher = saved["teacher"]
     for name, settings in arms.items():
         if saved.get(name, {}).get("settings") != settings:

@@ -3,11 +3,10 @@
 Every arm is one `minitron pipeline` run on the embedded default (SmolLM2-135M, the Debian corpus)
 with the main job's settings plus the arm's overrides, distilling for the largest token count
 asked, a step checkpoint kept at every other count. Each checkpoint (and the pruned model, at 0
-tokens) is evaluated as the main job evaluates: fp32, windows of 512, the first `--eval-tokens`
-tokens of the corpus's held-out split and of the two out-of-corpus texts of
-`benchmarks/main_job.py` (the Jargon File, the Debian constitution); with `--by-source` also the
-first tokens of each other source of the held-out split, which is written grouped by source, so that
-`heldout` alone measures its first source (Austen).
+tokens) is evaluated as the main job evaluates: fp32, `--eval-tokens` tokens in windows of 512
+spread evenly over the text, on the recipe arm's held-out split (every arm on the same text) and on
+the two out-of-corpus texts of `benchmarks/main_job.py` (the Jargon File, the Debian constitution);
+with `--by-source` also on each source's share of that held-out split (`heldout:SOURCE`).
 
 Reported per arm and text: perplexity at each token count, the fraction of the lost
 log-perplexity recovered, (ln pruned - ln p) / (ln pruned - ln teacher) with the recipe arm's
@@ -40,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from foundation import split_by_source  # noqa: E402
-from main_job import MAX_TOKENS, SEQ_LEN, write_texts  # noqa: E402
+from main_job import EVAL_PROTOCOL, MAX_TOKENS, SEQ_LEN, write_texts  # noqa: E402
 from pruning import write_report  # noqa: E402
 
 TARGETS = {"default": [], "width": ["prune.target.num_layers=30", "prune.target.ffn_hidden_size=512"]}
@@ -97,23 +96,12 @@ def evaluate(path: Path, texts: dict[str, Path], eval_tokens: int) -> dict[str, 
             for name, data in texts.items()}
 
 
-def heldout_by_source(corpus: Path, out: Path) -> dict[str, Path]:
-    """{"heldout:SOURCE": file} for each source of the arm's held-out split but its first.
-
-    The split is written grouped by source, so `heldout` (its first tokens) measures the first
-    source alone (Austen's chapters for the built-in corpus); these show the others.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    files = split_by_source(corpus / "heldout.jsonl", out)
-    return {f"heldout:{source}": path for source, path in list(files.items())[1:]}
-
-
 def measure(work: Path, steps: list[int], per_step: int, texts: dict[str, Path], eval_tokens: int) -> dict:
-    """{"teacher": {text: ppl}, "curve": {tokens: {text: ppl}}}, cached in work/recovery.json; a text
-    added later is evaluated alone."""
+    """{"teacher": {text: ppl}, "curve": {tokens: {text: ppl}}}, cached in work/recovery.json with
+    the protocol it was measured under; a text added later is evaluated alone."""
     cache = work / "recovery.json"
     saved = json.loads(cache.read_text()) if cache.is_file() else {}
-    if saved.get("eval_tokens") != eval_tokens:
+    if (saved.get("eval_tokens"), saved.get("protocol")) != (eval_tokens, EVAL_PROTOCOL):
         saved = {}
     points = {"teacher": work / "teacher", **{str(t): p for t, p in checkpoints(work, steps, per_step).items()}}
     table = {"teacher": saved.get("teacher", {}), **saved.get("curve", {})}
@@ -121,7 +109,7 @@ def measure(work: Path, steps: list[int], per_step: int, texts: dict[str, Path],
         missing = {name: data for name, data in texts.items() if name not in table.setdefault(point, {})}
         if missing:
             table[point].update(evaluate(path, missing, eval_tokens))
-            result = {"eval_tokens": eval_tokens, "teacher": table["teacher"],
+            result = {"eval_tokens": eval_tokens, "protocol": EVAL_PROTOCOL, "teacher": table["teacher"],
                       "curve": {k: v for k, v in table.items() if k != "teacher"}}
             cache.write_text(json.dumps(result, indent=1) + "\n")
     return {"texts": sorted(texts), "teacher": {n: table["teacher"][n] for n in texts},
@@ -198,7 +186,7 @@ def main() -> None:
     parser.add_argument("--reference", type=int, default=196608, help="the recipe's token count to reach")
     parser.add_argument("--eval-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--by-source", action="store_true",
-                        help="also each other source of the held-out split (heldout: its first source only)")
+                        help="also each source's share of the held-out split")
     parser.add_argument("--out", help="also write the Markdown section here")
     parser.add_argument("--plot", help="write the curves here (PNG)")
     args = parser.parse_args()
@@ -216,10 +204,12 @@ def main() -> None:
         arm_dir = work / re.sub(r"[^A-Za-z0-9.-]+", "_", f"{args.target}-{name}")  # a Hydra-safe work_dir
         if not (arm_dir / "results.json").is_file():
             run_arm(arm_dir, overrides, steps)
-        arm_texts = {**texts, "heldout": arm_dir / "corpus" / "heldout.jsonl"}
-        if args.by_source:
-            arm_texts.update(heldout_by_source(arm_dir / "corpus", arm_dir / "texts"))
-        arms[name] = measure(arm_dir, steps, per_step, arm_texts, args.eval_tokens)
+        if not arms:  # the recipe's held-out split is every arm's, whatever corpus an arm trains on
+            texts["heldout"] = arm_dir / "corpus" / "heldout.jsonl"
+            if args.by_source:
+                texts.update({f"heldout:{source}": path
+                              for source, path in split_by_source(texts["heldout"], work / "texts").items()})
+        arms[name] = measure(arm_dir, steps, per_step, texts, args.eval_tokens)
     write_report(report(arms, args.reference), args.out)
     if args.plot:
         plot(arms, args.plot)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -55,6 +56,18 @@ def test_export_loads_in_transformers_and_reimports_exactly(hf_dir, imported, tm
     minitron("export-hf", f"checkpoint={again}", f"output_dir={tmp_path / 'export2'}")
     third = load_file(str(tmp_path / "export2" / "model.safetensors"))
     assert all(torch.equal(first[k], third[k]) for k in first)
+
+
+def test_a_token_cap_spreads_the_windows_over_the_whole_text():
+    from nemo_minitron.eval.perplexity import windows_from_stream
+
+    stream = np.arange(1001)  # 10 windows of 100: window i predicts tokens 100 i + 1 .. 100 i + 100
+    assert windows_from_stream(stream, 100).shape == (10, 101)
+    assert torch.equal(windows_from_stream(stream, 100, max_tokens=10_000), windows_from_stream(stream, 100))
+    capped = windows_from_stream(stream, 100, max_tokens=400)
+    assert capped[:, 0].tolist() == [0, 200, 500, 700]  # floor(i * 10 / 4) windows in, not the first 4
+    assert torch.equal(capped[:, 1:] - capped[:, :-1], torch.ones(4, 100, dtype=torch.int64))
+    assert windows_from_stream(stream, 100, max_tokens=1)[:, 0].tolist() == [0]
 
 
 @pytest.mark.slow

@@ -107,17 +107,20 @@ def keep_layers(global_sd: dict[str, torch.Tensor], keep: list[int]) -> dict[str
 
 
 def reference_perplexity(hf_dir: Path, text_file: Path, seq_len: int, max_windows: int | None = None) -> float:
-    """Independent reference: transformers' model, tokenizer and loss on the same windows."""
+    """Independent reference: transformers' model, tokenizer and loss on the same windows (with
+    `max_windows`, that many of the N windows, the i-th starting at window floor(i N / n))."""
     tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
     stream = []
     for line in text_file.read_text().splitlines():
         stream += tok(json.loads(line)["text"], add_special_tokens=False).input_ids + [tok.eos_token_id]
-    n = min((len(stream) - 1) // seq_len, max_windows or len(stream))
+    available = (len(stream) - 1) // seq_len
+    n = min(available, max_windows or available)
     total = 0.0
     with torch.no_grad():
         for i in range(n):
-            window = torch.tensor([stream[i * seq_len : i * seq_len + seq_len + 1]])
+            start = (i * available // n) * seq_len
+            window = torch.tensor([stream[start : start + seq_len + 1]])
             logits = model(window[:, :-1]).logits
             total += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
     return math.exp(total / (n * seq_len))

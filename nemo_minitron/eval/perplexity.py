@@ -3,7 +3,9 @@
 Protocol (docs/design.md section 12): documents are joined with EOS and tokenized once; the stream is
 cut into non-overlapping windows of `seq_len` predicted tokens (each window's inputs start at the
 previous window's last label, so every token after the first is predicted exactly once); the
-incomplete tail is dropped. Perplexity = exp(mean token NLL) over all predicted tokens.
+incomplete tail is dropped. A token cap keeps windows spread evenly over the whole stream, not its
+head: a file written source by source or in time order is sampled across all of it.
+Perplexity = exp(mean token NLL) over all predicted tokens.
 """
 
 from __future__ import annotations
@@ -36,16 +38,25 @@ class PerplexityResult:
         return asdict(self)
 
 
+def spread_windows(available: int, wanted: int) -> np.ndarray:
+    """Indices of `wanted` of `available` consecutive windows, evenly spaced: floor(i N / n) for
+    i < n, so window 0 is always in and all N are taken when n >= N."""
+    n = min(available, wanted)
+    return np.arange(n) * available // n
+
+
 def windows_from_stream(stream: np.ndarray, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
-    """[n, seq_len + 1] windows: inputs are [:, :-1], labels [:, 1:]."""
+    """[n, seq_len + 1] windows: inputs are [:, :-1], labels [:, 1:].
+
+    The stream holds N = floor((len - 1) / seq_len) windows; `max_tokens` keeps
+    n = max(1, max_tokens // seq_len) of them spread evenly over it (`spread_windows`)."""
     if seq_len < 2:
         raise UserError(f"seq_len={seq_len} must be at least 2")
-    n = (len(stream) - 1) // seq_len
-    if max_tokens is not None:
-        n = min(n, max(1, max_tokens // seq_len))
-    if n < 1:
+    available = (len(stream) - 1) // seq_len
+    if available < 1:
         raise UserError(f"the evaluation text has {len(stream)} tokens, fewer than seq_len={seq_len} + 1")
-    index = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+    chosen = spread_windows(available, available if max_tokens is None else max(1, max_tokens // seq_len))
+    index = chosen[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     return torch.from_numpy(np.asarray(stream)[index].astype(np.int64))
 
 

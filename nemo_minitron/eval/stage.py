@@ -39,7 +39,7 @@ class EvalConfig(StageConfig):
     text_key: str = "text"   # field holding the text in .jsonl files
     seq_len: int = 512   # predicted tokens per window (windows do not overlap)
     micro_batch_size: int = 4   # perplexity windows per forward pass
-    max_tokens: int | None = None   # evaluate at most this many tokens (null: the whole file)
+    max_tokens: int | None = None   # evaluate at most this many tokens, in windows spread evenly over the file (null: the whole file)
     # float32: one perplexity per checkpoint, the one transformers computes; auto | bfloat16 evaluate in bf16 (faster)
     dtype: str = "float32"
     # lm-evaluation-harness (pip install -e ".[eval]"), in process
