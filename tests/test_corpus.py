@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from nemo_minitron.data.corpus import (
+    DEFAULT_SOURCES,
     SOURCES,
     SPLITS,
     CorpusError,
@@ -192,7 +193,7 @@ def test_fetch_is_idempotent_and_leaves_no_temp_dirs(cache_dir: Path) -> None:
     assert not list(cache_dir.glob(".r-cran-janeaustenr.*"))
 
 
-@pytest.mark.parametrize("name", ["fortunes", "python_docs", "gcide"])
+@pytest.mark.parametrize("name", ["fortunes", "python_docs", "gcide", "perl_docs"])
 def test_other_sources_load(name: str, cache_dir: Path) -> None:
     docs = load_documents(name, cache_dir)
     assert len(docs) > 200
@@ -205,6 +206,11 @@ def test_other_sources_load(name: str, cache_dir: Path) -> None:
         assert "[1913 Webster]" not in text and "{" not in text
     if name == "fortunes":
         assert "\b" not in text and "\n%\n" not in text
+    if name == "perl_docs":  # pages cut at headings into chunks; release notes and listings left out
+        pages = {doc.doc_id.split("/")[1] for doc in docs}
+        assert "perlstyle" in pages and "perlfunc" in pages
+        assert not any(page.endswith("delta") or page in ("perltoc", "perluniprops") for page in pages)
+        assert sum(doc.doc_id.startswith("perl_docs/perlfunc/") for doc in docs) > 10
 
 
 def test_clean_gcide_entry_strips_markup() -> None:
@@ -233,7 +239,8 @@ def test_unavailable_package_raises_corpus_error(tmp_path: Path) -> None:
 def test_unknown_source_raises_corpus_error(tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match="unknown corpus source 'nope'"):
         fetch_source("nope", tmp_path)
-    assert set(SOURCES) == {"austen", "fortunes", "python_docs", "gcide"}
+    assert set(SOURCES) == {"austen", "fortunes", "python_docs", "gcide", "perl_docs"}
+    assert DEFAULT_SOURCES == ("austen", "fortunes", "python_docs", "gcide")
 
 
 # --- user data ---------------------------------------------------------------------------

@@ -117,6 +117,39 @@ def _read_python_docs(root: Path) -> Iterator[Document]:
             yield Document("python_docs", f"python_docs/{page}", text)
 
 
+# Release notes (perl5NNNdelta: change lists) and generated listings (the table of contents, the
+# Unicode property tables) are not written prose.
+_PERL_PAGES_SKIPPED = re.compile(r"perl\d*delta|perltoc|perluniprops")
+_PERL_SECTION_RE = re.compile(r"^(?==head\d |=item )", re.MULTILINE)
+_PERL_CHUNK_CHARS = 4000
+
+
+def _perl_page_chunks(text: str) -> list[str]:
+    """A POD page cut before its headings and list items, consecutive pieces joined until a chunk
+    holds _PERL_CHUNK_CHARS: a few large pages (perlapi, perlfunc) would otherwise put a fifth of
+    the source into whichever split their one hash falls in."""
+    chunks, current = [], ""
+    for section in _PERL_SECTION_RE.split(text):
+        current += section
+        if len(current) >= _PERL_CHUNK_CHARS:
+            chunks.append(current)
+            current = ""
+    if current.strip():
+        chunks.append(current)
+    return [_tidy(chunk) for chunk in chunks]
+
+
+def _read_perl_docs(root: Path) -> Iterator[Document]:
+    pods = sorted(root.glob("usr/share/perl/5.*/pod"))
+    if len(pods) != 1:
+        raise CorpusError(f"perl_docs: expected one usr/share/perl/5.*/pod in {root}, found {len(pods)}")
+    for path in sorted(pods[0].glob("*.pod")):
+        if _PERL_PAGES_SKIPPED.fullmatch(path.stem):
+            continue
+        for number, chunk in enumerate(_perl_page_chunks(path.read_text(encoding="utf-8", errors="replace"))):
+            yield Document("perl_docs", f"perl_docs/{path.stem}/{number:03d}", chunk)
+
+
 _GCIDE_CHUNK_CHARS = 4000
 _DICTD_B64 = {
     c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
@@ -243,9 +276,16 @@ SOURCES: dict[str, SourceSpec] = {
             "GCIDE dictionary (Webster 1913), ~4k-char documents",
             _read_gcide,
         ),
+        SourceSpec(
+            "perl_docs",
+            "perl-doc",
+            "Perl 5 documentation sources (POD), one document per page, release notes excluded",
+            _read_perl_docs,
+        ),
     )
 }
-DEFAULT_SOURCES = tuple(SOURCES)
+# The built-in corpus: every source but perl_docs, which a caller adds (corpus.sources=[...]).
+DEFAULT_SOURCES = ("austen", "fortunes", "python_docs", "gcide")
 
 
 def _spec(name: str) -> SourceSpec:
