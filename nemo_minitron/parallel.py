@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -158,10 +159,11 @@ def layout() -> ParallelLayout:
 
 
 def destroy() -> None:
-    """Tear down megatron's groups and the process group (tests and CLI exit)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
+    """Tear down megatron's groups and the process group (tests and CLI exit). Groups exist only
+    once megatron is imported; a command that failed on its input never imported it (nor should
+    its exit, which would cost seconds)."""
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -5,6 +5,9 @@
 :func:`build_gpt_datasets` wraps one in megatron's ``GPTDataset`` for training. The
 prebuilt ``helpers_cpp`` extension shipped in the megatron-core wheel provides the sample
 index builder, so ``GPTDataset`` runs on CPU without compiling anything.
+
+megatron-core is imported by the functions that use it: every stage's config module imports this
+one, and a command with a bad key should fail before paying megatron's seconds of imports.
 """
 
 from __future__ import annotations
@@ -14,16 +17,16 @@ import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder, _IndexReader
 from tqdm.auto import tqdm
 
 from nemo_minitron.data.corpus import iter_file_texts, user_files
 from nemo_minitron.errors import UserError
+
+if TYPE_CHECKING:
+    from megatron.core.datasets.gpt_dataset import GPTDataset
 
 PathLike = str | os.PathLike[str]
 Encoder = Callable[[list[str]], list[list[int]]]
@@ -126,6 +129,8 @@ def tokenize_to_indexed(
     and renamed into place, ``.idx`` last: an interrupted run never leaves a pair that
     megatron would load.
     """
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
     prefix = str(output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     dtype = DType.optimal_dtype(_vocab_size(tokenizer))
@@ -173,6 +178,8 @@ def _indexed_prefix(path: PathLike) -> str | None:
 def indexed_token_count(prefix: str, key: str) -> int:
     """The number of tokens the indexed dataset `prefix` holds, read from its .idx and checked
     against the .bin's size; a damaged pair is a UserError naming `key`, the file and the fix."""
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
     try:
         index = _IndexReader(prefix + ".idx", multimodal=False)
         tokens = int(np.asarray(index.sequence_lengths, dtype=np.int64).sum())
@@ -216,6 +223,8 @@ def load_token_stream(
 
 def _indexed_documents(prefix: str) -> Iterator[np.ndarray]:
     """Each document's tokens; a document may span several sequences in general."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     dataset = IndexedDataset(prefix)
     bounds = dataset.document_indices
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
@@ -267,6 +276,9 @@ def build_gpt_datasets(
     when ``create_attention_mask``). The shuffle/sample indices are cached as .npy files in
     ``cache_dir`` (default: ``gpt_dataset_cache`` beside the dataset).
     """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
     dataset_prefix = _indexed_prefix(prefix)
     if dataset_prefix is None:
         raise FileNotFoundError(f"no indexed dataset (.bin + .idx) at {prefix}")
