@@ -96,14 +96,18 @@ def evaluate(path: Path, texts: dict[str, Path], eval_tokens: int) -> dict[str, 
             for name, data in texts.items()}
 
 
-def measure(work: Path, steps: list[int], per_step: int, texts: dict[str, Path], eval_tokens: int) -> dict:
-    """{"teacher": {text: ppl}, "curve": {tokens: {text: ppl}}}, cached in work/recovery.json with
-    the protocol it was measured under; a text added later is evaluated alone."""
+def measure(work: Path, steps: list[int], per_step: int, texts: dict[str, Path], eval_tokens: int,
+            teacher: bool) -> dict:
+    """{"curve": {tokens: {text: ppl}}} and with `teacher` (the recipe arm: every arm distils the
+    same embedded teacher) {"teacher": {text: ppl}}, cached in work/recovery.json with the protocol
+    it was measured under; a text added later is evaluated alone."""
     cache = work / "recovery.json"
     saved = json.loads(cache.read_text()) if cache.is_file() else {}
     if (saved.get("eval_tokens"), saved.get("protocol")) != (eval_tokens, EVAL_PROTOCOL):
         saved = {}
-    points = {"teacher": work / "teacher", **{str(t): p for t, p in checkpoints(work, steps, per_step).items()}}
+    points = {str(t): p for t, p in checkpoints(work, steps, per_step).items()}
+    if teacher:
+        points = {"teacher": work / "teacher", **points}
     table = {"teacher": saved.get("teacher", {}), **saved.get("curve", {})}
     for point, path in points.items():
         missing = {name: data for name, data in texts.items() if name not in table.setdefault(point, {})}
@@ -112,8 +116,10 @@ def measure(work: Path, steps: list[int], per_step: int, texts: dict[str, Path],
             result = {"eval_tokens": eval_tokens, "protocol": EVAL_PROTOCOL, "teacher": table["teacher"],
                       "curve": {k: v for k, v in table.items() if k != "teacher"}}
             cache.write_text(json.dumps(result, indent=1) + "\n")
-    return {"texts": sorted(texts), "teacher": {n: table["teacher"][n] for n in texts},
-            "curve": {int(p): {n: table[p][n] for n in texts} for p in points if p != "teacher"}}
+    result = {"texts": sorted(texts), "curve": {int(p): {n: table[p][n] for n in texts} for p in points if p != "teacher"}}
+    if teacher:
+        result["teacher"] = {n: table["teacher"][n] for n in texts}
+    return result
 
 
 def recovered(pruned: float, teacher: float, value: float) -> float:
@@ -209,7 +215,7 @@ def main() -> None:
             if args.by_source:
                 texts.update({f"heldout:{source}": path
                               for source, path in split_by_source(texts["heldout"], work / "texts").items()})
-        arms[name] = measure(arm_dir, steps, per_step, texts, args.eval_tokens)
+        arms[name] = measure(arm_dir, steps, per_step, texts, args.eval_tokens, teacher=not arms)
     write_report(report(arms, args.reference), args.out)
     if args.plot:
         plot(arms, args.plot)
