@@ -12,7 +12,8 @@ Reported per arm and text: perplexity at each token count, the fraction of the l
 log-perplexity recovered, (ln pruned - ln p) / (ln pruned - ln teacher) with the recipe arm's
 pruned model as the common start, and tokens-to-reach: the tokens the arm needs to reach the
 recipe arm's perplexity at the reference count (log-perplexity interpolated linearly in tokens
-between checkpoints). The learning rate follows one schedule over the whole run, so a point
+between checkpoints); then one row per arm of every text's perplexity after the last count and
+its ratio to the teacher's. The learning rate follows one schedule over the whole run, so a point
 before the end is a checkpoint of the longer run, not a run of that length.
 
     .venv/bin/python benchmarks/recovery.py --work runs/recovery \
@@ -161,7 +162,19 @@ def report(arms: dict[str, dict], reference: int) -> list[str]:
             reach = tokens_to_reach(curve, goal)
             lines.append(f"| {arm} | " + " | ".join(cells) + f" | {'-' if reach is None else f'{reach:,.0f}'} |")
         lines.append("")
-    return lines
+    return lines + summary(arms, names, tokens[-1])
+
+
+def summary(arms: dict[str, dict], names: list[str], end: int) -> list[str]:
+    """One row per arm: each text's perplexity after `end` tokens and its ratio to the teacher's."""
+    teacher = next(iter(arms.values()))["teacher"]
+    lines = [f"**After {end:,} tokens**, student (student / teacher):", "",
+             "| arm | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
+             "| teacher | " + " | ".join(f"{teacher[text]:.2f}" for text in names) + " |"]
+    for arm, result in arms.items():
+        final = result["curve"][end]
+        lines.append(f"| {arm} | " + " | ".join(f"{final[t]:.1f} ({final[t] / teacher[t]:.2f})" for t in names) + " |")
+    return lines + [""]
 
 
 def plot(arms: dict[str, dict], out: str) -> None:

@@ -279,7 +279,7 @@ SOURCES: dict[str, SourceSpec] = {
         SourceSpec(
             "perl_docs",
             "perl-doc",
-            "Perl 5 documentation sources (POD), one document per page, release notes excluded",
+            "Perl 5 documentation (POD), pages cut into ~4k-char documents, release notes excluded",
             _read_perl_docs,
         ),
     )
