@@ -184,14 +184,18 @@ def plot(arms: dict[str, dict], out: str) -> None:
     import matplotlib.pyplot as plt
 
     names = common_texts(arms)
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
-    for ax, text in zip(axes, names):
+    columns = min(4, len(names))
+    rows = math.ceil(len(names) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.6 * rows), squeeze=False)
+    for ax, text in zip(axes.flat, names):
         for arm, result in arms.items():
             points = sorted(result["curve"].items())
-            ax.plot([t for t, _ in points], [v[text] for _, v in points], marker="o", label=arm)
+            ax.plot([t / 1000 for t, _ in points], [v[text] for _, v in points], marker="o", label=arm)
         ax.axhline(next(iter(arms.values()))["teacher"][text], color="gray", linestyle="--", label="teacher")
-        ax.set(title=text, xlabel="distillation tokens", ylabel="perplexity", yscale="log")
-    axes[0].legend()
+        ax.set(title=text, xlabel="distillation tokens (thousands)", ylabel="perplexity", yscale="log")
+    for ax in axes.flat[len(names):]:
+        ax.set_axis_off()
+    axes.flat[0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
 
