@@ -6,7 +6,7 @@ import gzip
 import os
 import re
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,19 +124,28 @@ _PERL_SECTION_RE = re.compile(r"^(?==head\d |=item )", re.MULTILINE)
 _PERL_CHUNK_CHARS = 4000
 
 
+def _joined_chunks(pieces: Iterable[str], min_chars: int, separator: str) -> Iterator[str]:
+    """Consecutive pieces joined by `separator` into chunks of at least `min_chars` characters
+    (the last may be shorter): documents of a size the splits can spread, from text whose natural
+    units are far smaller (dictionary entries) or far larger (a whole manual page)."""
+    chunk: list[str] = []
+    size = 0
+    for piece in pieces:
+        chunk.append(piece)
+        size += len(piece) + len(separator)
+        if size >= min_chars:
+            yield separator.join(chunk)
+            chunk, size = [], 0
+    if chunk:
+        yield separator.join(chunk)
+
+
 def _perl_page_chunks(text: str) -> list[str]:
-    """A POD page cut before its headings and list items, consecutive pieces joined until a chunk
-    holds _PERL_CHUNK_CHARS: a few large pages (perlapi, perlfunc) would otherwise put a fifth of
-    the source into whichever split their one hash falls in."""
-    chunks, current = [], ""
-    for section in _PERL_SECTION_RE.split(text):
-        current += section
-        if len(current) >= _PERL_CHUNK_CHARS:
-            chunks.append(current)
-            current = ""
-    if current.strip():
-        chunks.append(current)
-    return [_tidy(chunk) for chunk in chunks]
+    """A POD page cut before its headings and list items into chunks of _PERL_CHUNK_CHARS: a few
+    large pages (perlapi, perlfunc) would otherwise put a fifth of the source into whichever split
+    their one hash falls in."""
+    tidied = (_tidy(chunk) for chunk in _joined_chunks(_PERL_SECTION_RE.split(text), _PERL_CHUNK_CHARS, ""))
+    return [chunk for chunk in tidied if chunk]
 
 
 def _read_perl_docs(root: Path) -> Iterator[Document]:
@@ -227,19 +236,9 @@ def _read_gcide(root: Path) -> Iterator[Document]:
     entries = _gcide_entries(
         _require(dictd / "gcide.index", "gcide"), _require(dictd / "gcide.dict.dz", "gcide")
     )
-    chunk: list[str] = []
-    size = number = 0
-    for raw in tqdm(entries, desc="gcide entries", unit="entry", mininterval=2.0):
-        entry = clean_gcide_entry(raw)
-        if not entry:
-            continue
-        chunk.append(entry)
-        size += len(entry) + 2
-        if size >= _GCIDE_CHUNK_CHARS:
-            yield Document("gcide", f"gcide/{number:05d}", "\n\n".join(chunk))
-            chunk, size, number = [], 0, number + 1
-    if chunk:
-        yield Document("gcide", f"gcide/{number:05d}", "\n\n".join(chunk))
+    cleaned = (clean_gcide_entry(raw) for raw in tqdm(entries, desc="gcide entries", unit="entry", mininterval=2.0))
+    for number, chunk in enumerate(_joined_chunks((entry for entry in cleaned if entry), _GCIDE_CHUNK_CHARS, "\n\n")):
+        yield Document("gcide", f"gcide/{number:05d}", chunk)
 
 
 @dataclass(frozen=True)
