@@ -38,6 +38,10 @@ ARMS = {
     "refit, ridge 1": {"reconstruct": True, "reconstruct_ridge": 1.0},
     "refit + depth, ridge 1e-3": {"reconstruct": True, "reconstruct_depth": True, "reconstruct_ridge": 1e-3},
     "refit + depth, ridge 1e-2 (main job)": {"reconstruct": True, "reconstruct_depth": True},
+    # importance and refit on calibration windows of their own (reconstruct_samples)
+    "importance 256, refit 64": {"reconstruct": True, "reconstruct_depth": True, "calib": {"num_samples": 256},
+                                 "reconstruct_samples": 64},
+    "importance 64, refit 256": {"reconstruct": True, "reconstruct_depth": True, "reconstruct_samples": 256},
     "width-only: plain": {"target": WIDTH},
     "width-only: refit, ridge 1e-2": {"target": WIDTH, "reconstruct": True},
 }

@@ -145,8 +145,8 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
 
     work = tmp_path / "run"
     args = ("pipeline", f"work_dir={work}", "eval.seq_len=128", "eval.max_tokens=512", "prune.calib.num_samples=8",
-            "prune.calib.seq_len=128", "prune.loss_samples=2", "distill.train.steps=2", "distill.train.seq_length=64",
-            "distill.optim.warmup_steps=1", "distill.train.save_interval=0")
+            "prune.calib.seq_len=128", "prune.reconstruct_samples=8", "prune.loss_samples=2", "distill.train.steps=2",
+            "distill.train.seq_length=64", "distill.optim.warmup_steps=1", "distill.train.save_interval=0")
     first = minitron(*args)
     summary = last_json(first)
     assert list(summary["stage_seconds"]) == ["import", "corpus", "prune", "distill", "export_hf", "eval_teacher",
@@ -213,7 +213,7 @@ def test_pipeline_searches_instead_of_pruning(hf_dir, tmp_path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["distill.optim.warmup_steps=200"], "the distill block (distill.* keys): optim.warmup_steps=200 must be below "
-                                         "train.steps=96"),
+                                         "train.steps=64"),
     (["teacher_correct.enabled=true", "teacher_correct.optim.warmup_steps=50"],
      "the teacher_correct block (teacher_correct.* keys): optim.warmup_steps=50 must be below train.steps=20"),
     (["search.enabled=true", "search.search.retrain_steps=1", "search.distill.optim.warmup_steps=5"],

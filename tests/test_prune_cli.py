@@ -125,6 +125,49 @@ def test_prune_at_tp2_pp2_equals_tp1(teacher, calib, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+def prune_in_process(teacher: Path, calib: Path, out: Path, changes: dict) -> tuple[dict, dict]:
+    """`prune_checkpoint` with the CLI tests' calibration settings and `changes`: its global weights
+    and report."""
+    from nemo_minitron.models import bridge
+    from nemo_minitron.pruning.stage import PruneConfig, prune_checkpoint
+    from nemo_minitron.stage_config import updated
+
+    base = {"checkpoint": str(teacher), "output_dir": str(out), "loss_samples": 4, "report_loss": False,
+            "scores_cache": False, "target": {"num_layers": 2, "ffn_hidden_size": 64},
+            "calib": {"data": str(calib), "seq_len": 16, "micro_batch_size": 2},
+            "reconstruct": True, "reconstruct_depth": True}
+    prune_checkpoint(updated(updated(PruneConfig(), base), changes))
+    weights = bridge.gather_global(checkpoint.load_checkpoint(out))
+    return weights, json.loads((out / "report.json").read_text())
+
+
+def test_the_refit_draws_its_own_calibration_windows(teacher, calib, tmp_path):
+    """reconstruct_samples=n refits on the draw of n windows that calib.num_samples=n would take:
+    with the same kept neurons and layers (importance_from), a prune whose importance saw 16 windows
+    and whose refit saw 8 equals, bit for bit, the prune that used 8 for both; null is the
+    importance's own windows; another count refits to other weights."""
+    runs = {"8": {"calib": {"num_samples": 8}},
+            "16, refit 8": {"calib": {"num_samples": 16}, "reconstruct_samples": 8},
+            "16, refit null": {"calib": {"num_samples": 16}},
+            "16, refit 16": {"calib": {"num_samples": 16}, "reconstruct_samples": 16}}
+    results = {}
+    for name, changes in runs.items():
+        reuse = {} if name == "8" else {"importance_from": str(tmp_path / "8")}
+        [results[name]] = run_distributed(prune_in_process, world_size=1,
+                                          args=(teacher, calib, tmp_path / name, {**changes, **reuse}))
+    windows = {name: report["reconstruction"]["windows"] for name, (_, report) in results.items()}
+    assert windows == {"8": 8, "16, refit 8": 8, "16, refit null": 16, "16, refit 16": 16}
+    assert {report["depth"]["dropped_layers"] == results["8"][1]["depth"]["dropped_layers"]
+            for _, report in results.values()} == {True}
+    weights = {name: w for name, (w, _) in results.items()}
+    for a, b in (("8", "16, refit 8"), ("16, refit null", "16, refit 16")):
+        assert weights[a].keys() == weights[b].keys()
+        for key in weights[a]:
+            assert torch.equal(weights[a][key], weights[b][key]), (a, b, key)
+    refit = [key for key in weights["8"] if key.endswith("linear_fc2.weight")]
+    assert refit and all(not torch.equal(weights["8"][key], weights["16, refit 16"][key]) for key in refit)
+
+
 @pytest.mark.parametrize("extra,message", [
     (["target.num_attention_heads=3"], "target.num_attention_heads=3 is not a multiple of target.num_query_groups=2"),
     (["target.num_layers=2", "importance=random", "depth.method=block_importance"],

@@ -99,6 +99,9 @@ class PruneConfig(StageConfig):
     reconstruct_ridge: float = 1.0e-2
     # with reconstruct: the MLP before each dropped block also learns what the block added to the residual stream
     reconstruct_depth: bool = False
+    # with reconstruct: calibration windows of the refit's statistics, a draw of their own (null: the importance's
+    # calib windows; the refit's forward costs about as much as the importance's)
+    reconstruct_samples: int | None = None
     depth: DepthConfig = nested(DepthConfig)
     experts: ExpertsConfig = nested(ExpertsConfig)  # MoE teachers: which routed experts each layer keeps
     calib: CalibConfig = nested(CalibConfig)
@@ -109,7 +112,7 @@ class PruneConfig(StageConfig):
     report_loss: bool = True   # calibration loss of the teacher and the pruned model in the report
     corpus: CorpusConfig = nested(CorpusConfig)   # used when calib.data is null
     plan_only: bool = False   # print architectures and parameter counts, touch no weights
-    POSITIVE: ClassVar[tuple[str, ...]] = (*StageConfig.POSITIVE, "loss_samples")
+    POSITIVE: ClassVar[tuple[str, ...]] = (*StageConfig.POSITIVE, "loss_samples", "reconstruct_samples")
 
     def validate(self) -> None:
         if self.importance not in METHODS:
@@ -148,6 +151,12 @@ class _Calibration:
     def windows(self) -> torch.Tensor:
         c = self.cfg.calib
         return sample_windows(self.stream(), c.seq_len, c.num_samples, c.seed)
+
+    def reconstruction_windows(self) -> torch.Tensor:
+        # The importance's draw unless another count is asked for: then a draw of that many (seeded
+        # like the importance's, so a count equal to calib.num_samples gives the same windows).
+        c = self.cfg.calib
+        return sample_windows(self.stream(), c.seq_len, self.cfg.reconstruct_samples or c.num_samples, c.seed)
 
     @cache
     def loss_windows(self) -> torch.Tensor:
@@ -298,7 +307,8 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     reconstruction = None
     if reconstruct:
         with timed(times, "reconstruct_s"):
-            forward_loop = perplexity_loop(calibration.windows(), cfg.calib.micro_batch_size, purpose="reconstruction")
+            forward_loop = perplexity_loop(calibration.reconstruction_windows(), cfg.calib.micro_batch_size,
+                                           purpose="reconstruction")
             reconstruction = record_statistics(model, indices, forward_loop, cfg.reconstruct_ridge,
                                                bridge=cfg.reconstruct_depth)
     with timed(times, "prune_s"):
@@ -332,7 +342,7 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     if loss is not None:
         report["loss"] = loss
     if reconstruction is not None:
-        report["reconstruction"] = {"ridge": cfg.reconstruct_ridge, "windows": len(calibration.windows()),
+        report["reconstruction"] = {"ridge": cfg.reconstruct_ridge, "windows": len(calibration.reconstruction_windows()),
                                     "errors": reconstruction.errors}
     files = {}
     if parallel.is_main_process():
