@@ -152,6 +152,7 @@ class _Calibration:
         c = self.cfg.calib
         return sample_windows(self.stream(), c.seq_len, c.num_samples, c.seed)
 
+    @cache
     def reconstruction_windows(self) -> torch.Tensor:
         # The importance's draw unless another count is asked for: then a draw of that many (seeded
         # like the importance's, so a count equal to calib.num_samples gives the same windows).
