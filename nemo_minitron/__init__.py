@@ -37,7 +37,7 @@ _EXPORTS: dict[str, str] = {
     "UserError": "nemo_minitron.errors",
     "evaluate_perplexity": "nemo_minitron.eval.perplexity",
     **dict.fromkeys(["EvalConfig", "evaluate_checkpoint"], "nemo_minitron.eval.stage"),
-    **dict.fromkeys(["Aggregation", "ImportanceScores", "contiguous_block_scores", "estimate_importance",
+    **dict.fromkeys(["Aggregation", "ImportanceScores", "activation_loop", "contiguous_block_scores", "estimate_importance",
                      "layer_loss_scores", "loss_metric", "perplexity_loop"], "nemo_minitron.importance"),
     "ModelArch": "nemo_minitron.models.config",
     **dict.fromkeys(["arch_of", "build_gpt_model"], "nemo_minitron.models.gpt"),

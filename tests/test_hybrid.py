@@ -293,13 +293,13 @@ def test_masked_mamba_units_equal_pruned_ones(axis):
 def _scores_and_pruned(arch, global_sd, windows):
     """Activation scores, and the weights of the model pruned by them (every width axis, and the
     attention layer dropped)."""
-    from nemo_minitron.importance import estimate_importance, perplexity_loop
+    from nemo_minitron.importance import activation_loop, estimate_importance
     from nemo_minitron.models.gpt import build_gpt_model
     from nemo_minitron.pruning import prune_model, select_indices
 
     model = build_gpt_model(arch)
     bridge.load_global(model, global_sd)
-    scores = estimate_importance(model, perplexity_loop(windows, micro_batch_size=2, progress=False))
+    scores = estimate_importance(model, activation_loop(windows, micro_batch_size=2, progress=False))
     spec = PruneSpec(drop_layers=[1], hidden_size=48, ffn_hidden_size=64, mamba_num_heads=4, mamba_head_dim=8)
     target = spec.target_arch(arch)
     pruned = prune_model(model, target, select_indices(scores, arch, target, spec.drop_layers))

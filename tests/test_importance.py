@@ -107,13 +107,17 @@ def hf_reference_scores(hf, arch, tokens, agg: Aggregation) -> dict[str, torch.T
 
 
 def megatron_scores(arch, global_sd):
-    from nemo_minitron.importance import estimate_importance, layer_loss_scores, loss_metric, perplexity_loop
+    from nemo_minitron.importance import (activation_loop, estimate_importance, layer_loss_scores, loss_metric,
+                                          perplexity_loop)
     from nemo_minitron.importance.hooks import _fused_norm
     from nemo_minitron.models.gpt import build_gpt_model
+    from nemo_minitron.models.runner import forward_microbatches
 
     model = build_gpt_model(arch)
     bridge.load_global(model, global_sd)
     scores = [estimate_importance(model, perplexity_loop(WINDOWS, 2, progress=False), agg) for agg in AGGREGATIONS]
+    decoder_only = estimate_importance(model, activation_loop(WINDOWS, 2, progress=False), AGGREGATIONS[0])
+    [logits] = forward_microbatches(model, [{"tokens": WINDOWS[:2, :-1]}], lambda logits, mb: logits)
     layer_loss, base = layer_loss_scores(model, loss_metric(WINDOWS, micro_batch_size=3))
     # The TE spec fuses the norm into linear_qkv; the hook recomputes it from the module's
     # `layer_norm_weight` (and `layer_norm_bias`) and config. Same maths as the local norm module:
@@ -122,7 +126,7 @@ def megatron_scores(arch, global_sd):
     fused_like = types.SimpleNamespace(config=model.config, layer_norm_weight=norm.weight,
                                        layer_norm_bias=getattr(norm, "bias", None))
     with torch.no_grad():
-        return scores, layer_loss, base, (_fused_norm(fused_like, x), norm(x))
+        return scores, layer_loss, base, (_fused_norm(fused_like, x), norm(x)), (decoder_only, logits)
 
 
 @pytest.fixture(scope="module", params=["llama", "nemotron"])
@@ -134,7 +138,7 @@ def tiny_run(request):
 
 
 def test_hook_scores_equal_transformers_reference(tiny_run):
-    arch, hf, (all_scores, _, _, _) = tiny_run
+    arch, hf, (all_scores, _, _, _, _) = tiny_run
     for agg, scores in zip(AGGREGATIONS, all_scores):
         expected = hf_reference_scores(hf, arch, WINDOWS[:, :-1], agg)
         assert scores.info["samples"] == len(WINDOWS) and scores.info["aggregation"] == agg.as_dict()
@@ -145,13 +149,26 @@ def test_hook_scores_equal_transformers_reference(tiny_run):
         assert scores.hidden_per_layer.shape == (arch.num_layers, 2, arch.hidden_size)
 
 
+def test_decoder_only_loop_scores_as_the_perplexity_loop_and_keeps_the_output_layer(tiny_run):
+    """`activation_loop` (the prune stage's) stops before the output layer: the same scores bit for bit, and the
+    model gives logits again afterwards."""
+    arch, hf, (all_scores, _, _, _, (decoder_only, logits)) = tiny_run
+    for name in ("hidden", "heads", "neurons", "hidden_per_layer"):
+        assert torch.equal(getattr(decoder_only, name), getattr(all_scores[0], name)), name
+    assert torch.equal(decoder_only.layers["block_importance"], all_scores[0].layers["block_importance"])
+    assert "calibration_loss" not in decoder_only.info and decoder_only.info["tokens"] == WINDOWS[:, 1:].numel()
+    with torch.no_grad():
+        expected = hf(WINDOWS[:2, :-1]).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_norm_recomputation_equals_local_norm(tiny_run):
     fused, local = tiny_run[2][3]
     torch.testing.assert_close(fused, local, rtol=1e-6, atol=1e-6)
 
 
 def test_layer_loss_scores_equal_transformers_without_the_layer(tiny_run):
-    arch, hf, (_, layer_loss, base, _) = tiny_run
+    arch, hf, (_, layer_loss, base, _, _) = tiny_run
     tokens, labels = WINDOWS[:, :-1], WINDOWS[:, 1:]
 
     def loss(model) -> float:

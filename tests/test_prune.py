@@ -212,13 +212,13 @@ AGGREGATIONS = [Aggregation(), Aggregation(seq="l2", batch="var", heads="input")
 
 
 def scores_and_pruned(teacher, global_sd, target):
-    from nemo_minitron.importance import contiguous_block_scores, estimate_importance, layer_loss_scores, loss_metric, perplexity_loop
+    from nemo_minitron.importance import activation_loop, contiguous_block_scores, estimate_importance, layer_loss_scores, loss_metric
     from nemo_minitron.models.gpt import build_gpt_model
     from nemo_minitron.pruning import lowest_layers, prune_model, select_indices
 
     model = build_gpt_model(teacher)
     bridge.load_global(model, global_sd)
-    all_scores = [estimate_importance(model, perplexity_loop(WINDOWS, 2, progress=False), agg) for agg in AGGREGATIONS]
+    all_scores = [estimate_importance(model, activation_loop(WINDOWS, 2, progress=False), agg) for agg in AGGREGATIONS]
     metric = loss_metric(WINDOWS[:4], micro_batch_size=2)
     layer_loss, _ = layer_loss_scores(model, metric)
     blocks = contiguous_block_scores(model, 2, metric)

@@ -41,14 +41,14 @@ def _teacher():
 
 def pruned_with_reconstruction(teacher, sd, target, indices, ridge=RIDGE, depth=False, use_te=False):
     """Megatron: record the statistics on WINDOWS at this rank's layout, prune, gather."""
-    from nemo_minitron.importance import perplexity_loop
+    from nemo_minitron.importance import activation_loop
     from nemo_minitron.models.gpt import build_gpt_model
     from nemo_minitron.pruning import prune_model
     from nemo_minitron.pruning.reconstruct import record_statistics
 
     model = build_gpt_model(teacher, use_te=use_te)
     bridge.load_global(model, sd)
-    reconstruction = record_statistics(model, indices, perplexity_loop(WINDOWS, 4, progress=False), ridge,
+    reconstruction = record_statistics(model, indices, activation_loop(WINDOWS, 4, progress=False), ridge,
                                        bridge=depth)
     pruned = prune_model(model, target, indices, reconstruction=reconstruction)
     return bridge.gather_global(pruned), reconstruction.errors

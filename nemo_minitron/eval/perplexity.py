@@ -60,41 +60,48 @@ def windows_from_stream(stream: np.ndarray, seq_len: int, max_tokens: int | None
     return torch.from_numpy(np.asarray(stream)[index].astype(np.int64))
 
 
-def evaluate_perplexity(model, windows: torch.Tensor, micro_batch_size: int = 4, progress: bool = True) -> PerplexityResult:
-    """Perplexity over `windows` ([n, seq_len + 1]); windows are split over data-parallel ranks."""
+def forward_windows(model, windows: torch.Tensor, micro_batch_size: int, per_microbatch, progress: bool = True,
+                    desc: str = "perplexity") -> tuple[list, float]:
+    """This data-parallel rank's share of `windows` ([n, seq_len + 1]; rank r takes windows r, r + dp, ...) through
+    megatron's schedule in micro-batches of inputs [:, :-1] and labels [:, 1:], with a progress bar in tokens.
+    Returns `per_microbatch(output, micro_batch)` of every micro-batch (on the last pipeline stage; empty elsewhere)
+    and the seconds taken."""
     from megatron.core import parallel_state as ps
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = windows[dp_rank::dp]
-    seq_len = windows.shape[1] - 1
-    micro_batches = [
-        {"tokens": w[:, :-1], "labels": w[:, 1:]} for w in mine.split(micro_batch_size)
-    ]
-    nll_sum = torch.zeros((), dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
+    micro_batches = [{"tokens": w[:, :-1], "labels": w[:, 1:]} for w in mine.split(micro_batch_size)]
+    results: list = []
     start = time.perf_counter()
-    bar = tqdm(total=len(mine) * seq_len, unit="tok", desc="perplexity", leave=False,
+    bar = tqdm(total=len(mine) * (windows.shape[1] - 1), unit="tok", desc=desc, leave=False,
                disable=not (progress and parallel.is_main_process()))
     # One schedule call per group of micro-batches keeps the pipeline full; the ragged tail
     # (fewer windows than micro_batch_size) goes alone because shapes must match in a call.
     full = [mb for mb in micro_batches if len(mb["tokens"]) == micro_batch_size]
     ragged = [mb for mb in micro_batches if len(mb["tokens"]) != micro_batch_size]
     for group in [full[i : i + 8] for i in range(0, len(full), 8)] + [[mb] for mb in ragged]:
-        for nll in forward_microbatches(model, group, lambda logits, mb: vocab_parallel_token_nll(logits, mb["labels"])):
-            nll_sum += nll.double().sum()
-            count += nll.numel()
+        results += forward_microbatches(model, group, per_microbatch)
         bar.update(sum(mb["labels"].numel() for mb in group))
     bar.close()
-    totals = torch.stack([nll_sum, count])
+    return results, time.perf_counter() - start
+
+
+def evaluate_perplexity(model, windows: torch.Tensor, micro_batch_size: int = 4, progress: bool = True) -> PerplexityResult:
+    """Perplexity over `windows` ([n, seq_len + 1]); windows are split over data-parallel ranks."""
+    from megatron.core import parallel_state as ps
+
+    nlls, seconds = forward_windows(model, windows, micro_batch_size,
+                                    lambda logits, mb: vocab_parallel_token_nll(logits, mb["labels"]), progress)
+    totals = torch.tensor([sum(nll.double().sum().item() for nll in nlls), sum(nll.numel() for nll in nlls)],
+                          dtype=torch.float64)
     if dist.is_initialized():
         # Sum over DP replicas; PP stages other than the last contributed zeros, so sum over all
         # ranks and divide out the TP copies of the same numbers.
         dist.all_reduce(totals)
         totals /= ps.get_tensor_model_parallel_world_size()
-    seconds = time.perf_counter() - start
     mean_nll = (totals[0] / totals[1]).item()
     tokens = int(totals[1].item())
     return PerplexityResult(
-        perplexity=math.exp(mean_nll), nll=mean_nll, tokens=tokens, windows=len(windows), seq_len=seq_len,
+        perplexity=math.exp(mean_nll), nll=mean_nll, tokens=tokens, windows=len(windows), seq_len=windows.shape[1] - 1,
         seconds=seconds, tokens_per_s=tokens / seconds,
     )

@@ -1,11 +1,13 @@
 """Calibration: forward passes with the importance hooks on, at any TP x PP x DP.
 
 `estimate_importance(model, forward_loop)` registers the hooks, calls `forward_loop(model)` (any
-code that runs forward passes: the caller's own data loop, or `perplexity_loop(windows)`) and
-reduces the statistics over all ranks. `perplexity_loop` is the held-out perplexity loop
-(`eval.perplexity.evaluate_perplexity`), which runs megatron's schedule at any PP, splits windows
-over data-parallel replicas and shows a progress bar with tokens/s; its loss is the calibration
-loss of the unpruned model.
+code that runs forward passes: the caller's own data loop, `activation_loop(windows)` or
+`perplexity_loop(windows)`) and reduces the statistics over all ranks. Both ready loops run
+the held-out perplexity's windows through megatron's schedule at any PP
+(`eval.perplexity.forward_windows`), split over data-parallel replicas, with a progress bar in
+tokens/s. `activation_loop` stops after the decoder: the hooks read the layers' activations, not
+the logits, so it skips the output layer and the loss (what the prune stage runs).
+`perplexity_loop` also reports the calibration loss of the unpruned model, at their cost.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import numpy as np
 import torch
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.eval.perplexity import evaluate_perplexity
+from nemo_minitron.eval.perplexity import evaluate_perplexity, forward_windows
 from nemo_minitron.importance.aggregation import Aggregation
 from nemo_minitron.importance.hooks import ImportanceRecorder
 from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.models.runner import without_output_layer
 
 log = logging.getLogger("nemo_minitron")
 
@@ -61,6 +64,24 @@ def perplexity_loop(windows: torch.Tensor, micro_batch_size: int = 4, progress: 
                  purpose, result.tokens, result.seconds, result.tokens_per_s, result.nll)
         return {"windows": len(windows), "seq_len": windows.shape[1] - 1, "tokens": result.tokens,
                 "tokens_per_s": round(result.tokens_per_s, 1), "calibration_loss": result.nll}
+
+    return forward_loop
+
+
+def activation_loop(windows: torch.Tensor, micro_batch_size: int = 4, progress: bool = True,
+                    purpose: str = "importance") -> ForwardLoop:
+    """A forward loop over token windows ([n, s + 1]) that runs the decoder alone (`without_output_layer`)
+    and reports tokens and speed (its log lines start with `purpose`)."""
+
+    def forward_loop(model) -> dict:
+        log.info("%s: calibration forward over %d windows of %d tokens", purpose, len(windows), windows.shape[1] - 1)
+        with without_output_layer(model):
+            _, seconds = forward_windows(model, windows, micro_batch_size, lambda hidden, mb: None, progress,
+                                         desc=purpose)
+        tokens = windows[:, 1:].numel()
+        log.info("%s: %d tokens in %.1f s (%.0f tokens/s)", purpose, tokens, seconds, tokens / seconds)
+        return {"windows": len(windows), "seq_len": windows.shape[1] - 1, "tokens": tokens,
+                "tokens_per_s": round(tokens / seconds, 1)}
 
     return forward_loop
 

@@ -9,13 +9,14 @@ True where attention is blocked; default causal), and whatever else `per_microba
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from nemo_minitron.models.gpt import causal_attention_mask, position_ids_for
+from nemo_minitron.models.gpt import causal_attention_mask, position_ids_for, unwrap_model
 
 
 def vocab_parallel_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -36,6 +37,22 @@ def gather_vocab_parallel(logits: torch.Tensor) -> torch.Tensor:
     shards = [torch.empty_like(logits) for _ in range(tp)]
     dist.all_gather(shards, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
     return torch.cat(shards, dim=-1)
+
+
+@contextmanager
+def without_output_layer(model) -> Iterator[None]:
+    """Forward passes that stop after the decoder (its final norm included): the last pipeline stage returns the
+    hidden states [s, b, h] instead of logits. This is megatron's own switch for a stage that holds no output layer
+    (`post_process`), turned off for the duration. For passes that only read activations, as the importance and
+    reconstruction hooks do: the output layer and the loss are a quarter of SmolLM2-135M's calibration forward (a
+    49k vocabulary on a 576-wide model), ~1/16 of Llama-3.1-8B's."""
+    inner = unwrap_model(model)
+    post_process = inner.post_process
+    inner.post_process = False
+    try:
+        yield
+    finally:
+        inner.post_process = post_process
 
 
 def forward_microbatches(

@@ -31,7 +31,7 @@ from nemo_minitron.importance import (
     layer_loss_scores,
     loss_metric,
     magnitude_scores,
-    perplexity_loop,
+    activation_loop,
     random_scores,
     sample_windows,
 )
@@ -221,7 +221,7 @@ def _importance(cfg: PruneConfig, model, teacher: ModelArch, calibration: _Calib
         log.info("importance: reusing saved %s scores", scores.method)
         return scores, True
     if cfg.importance == "activation":
-        forward_loop = perplexity_loop(calibration.windows(), cfg.calib.micro_batch_size)
+        forward_loop = activation_loop(calibration.windows(), cfg.calib.micro_batch_size)
         scores = estimate_importance(model, forward_loop, cfg.aggregation)
     elif cfg.importance == "taylor":
         scores = estimate_taylor_importance(model, calibration.windows(), cfg.calib.micro_batch_size)
@@ -308,7 +308,7 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     reconstruction = None
     if reconstruct:
         with timed(times, "reconstruct_s"):
-            forward_loop = perplexity_loop(calibration.reconstruction_windows(), cfg.calib.micro_batch_size,
+            forward_loop = activation_loop(calibration.reconstruction_windows(), cfg.calib.micro_batch_size,
                                            purpose="reconstruction")
             reconstruction = record_statistics(model, indices, forward_loop, cfg.reconstruct_ridge,
                                                bridge=cfg.reconstruct_depth)
