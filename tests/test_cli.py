@@ -213,7 +213,7 @@ def test_pipeline_searches_instead_of_pruning(hf_dir, tmp_path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["distill.optim.warmup_steps=200"], "the distill block (distill.* keys): optim.warmup_steps=200 must be below "
-                                         "train.steps=64"),
+                                         "train.steps=72"),
     (["teacher_correct.enabled=true", "teacher_correct.optim.warmup_steps=50"],
      "the teacher_correct block (teacher_correct.* keys): optim.warmup_steps=50 must be below train.steps=20"),
     (["search.enabled=true", "search.search.retrain_steps=1", "search.distill.optim.warmup_steps=5"],

@@ -48,7 +48,7 @@ def test_the_pipeline_defaults_are_the_main_job_and_reach_every_block():
     from nemo_minitron.pipeline import PipelineConfig
 
     cfg = PipelineConfig(tp=2, seed=7, dtype="float16", overwrite=True)
-    assert (cfg.prune.target.ffn_hidden_size, cfg.prune.target.num_layers, cfg.distill.train.steps) == (768, 24, 64)
+    assert (cfg.prune.target.ffn_hidden_size, cfg.prune.target.num_layers, cfg.distill.train.steps) == (768, 24, 72)
     for block in PipelineConfig.STAGE_BLOCKS:
         assert {k: getattr(getattr(cfg, block), k) for k in ("tp", "seed", "dtype", "overwrite")} == {
             "tp": 2, "seed": 7, "dtype": "float16", "overwrite": True}, block

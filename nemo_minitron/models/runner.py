@@ -45,7 +45,7 @@ def without_output_layer(model) -> Iterator[None]:
     hidden states [s, b, h] instead of logits. This is megatron's own switch for a stage that holds no output layer
     (`post_process`), turned off for the duration. For passes that only read activations, as the importance and
     reconstruction hooks do: the output layer and the loss are a quarter of SmolLM2-135M's calibration forward (a
-    49k vocabulary on a 576-wide model), ~1/16 of Llama-3.1-8B's."""
+    49k vocabulary on a 576-wide model), ~1/15 of Llama-3.1-8B's."""
     inner = unwrap_model(model)
     post_process = inner.post_process
     inner.post_process = False
