@@ -22,7 +22,7 @@ def prune_and_evaluate(calib_path, heldout_path):
     from nemo_minitron.data.indexed import load_token_stream
     from nemo_minitron.eval.perplexity import evaluate_perplexity
     from nemo_minitron.importance import (
-        contiguous_block_scores, estimate_importance, loss_metric, perplexity_loop, magnitude_scores, random_scores, sample_windows,
+        activation_loop, contiguous_block_scores, estimate_importance, loss_metric, magnitude_scores, random_scores, sample_windows,
     )
     from nemo_minitron.models import bridge
     from nemo_minitron.models.gpt import build_gpt_model
@@ -38,7 +38,7 @@ def prune_and_evaluate(calib_path, heldout_path):
     heldout = sample_windows(load_token_stream(heldout_path, tokenizer), 256, 12, seed=0)
 
     scores = {
-        "activation": estimate_importance(model, perplexity_loop(calib, progress=False)),
+        "activation": estimate_importance(model, activation_loop(calib, progress=False)),
         "magnitude": magnitude_scores(arch, bridge.gather_global(model)),
         "random": random_scores(arch, seed=0),
     }
@@ -55,7 +55,7 @@ def prune_and_evaluate(calib_path, heldout_path):
     activation = scores["activation"].layers["block_importance"]
     main_job = PruneSpec(num_layers=arch.num_layers - DROP, ffn_hidden_size=768).target_arch(arch)
     indices = select_indices(scores["activation"], arch, main_job, best_block(blocks, DROP))
-    reconstruction = record_statistics(model, indices, perplexity_loop(calib, progress=False), 1e-2, bridge=True)
+    reconstruction = record_statistics(model, indices, activation_loop(calib, progress=False), 1e-2, bridge=True)
     return {
         "reconstruct": {"plain": evaluate(prune_model(model, main_job, indices)),
                         "refit": evaluate(prune_model(model, main_job, indices, reconstruction=reconstruction))},
