@@ -25,13 +25,13 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.importance import (
     Aggregation,
     ImportanceScores,
+    activation_loop,
     contiguous_block_scores,
     estimate_importance,
     estimate_taylor_importance,
     layer_loss_scores,
     loss_metric,
     magnitude_scores,
-    activation_loop,
     random_scores,
     sample_windows,
 )
@@ -148,16 +148,18 @@ class _Calibration:
 
         return load_token_stream(_calibration_path(self.cfg), self.tokenizer, self.cfg.calib.text_key)
 
-    def windows(self) -> torch.Tensor:
-        c = self.cfg.calib
-        return sample_windows(self.stream(), c.seq_len, c.num_samples, c.seed)
-
     @cache
-    def reconstruction_windows(self) -> torch.Tensor:
-        # The importance's draw unless another count is asked for: then a draw of that many (seeded
-        # like the importance's, so a count equal to calib.num_samples gives the same windows).
+    def draw(self, count: int) -> torch.Tensor:
+        """`count` calibration windows, seeded alike for every count: the importance's and the refit's
+        draws are one draw when their counts are equal."""
         c = self.cfg.calib
-        return sample_windows(self.stream(), c.seq_len, self.cfg.reconstruct_samples or c.num_samples, c.seed)
+        return sample_windows(self.stream(), c.seq_len, count, c.seed)
+
+    def windows(self) -> torch.Tensor:
+        return self.draw(self.cfg.calib.num_samples)
+
+    def reconstruction_windows(self) -> torch.Tensor:
+        return self.draw(self.cfg.reconstruct_samples or self.cfg.calib.num_samples)
 
     @cache
     def loss_windows(self) -> torch.Tensor:
