@@ -22,7 +22,9 @@ before the end is a checkpoint of the longer run, not a run of that length.
 
 `--arm NAME=OVERRIDES` (space-separated pipeline overrides; the first arm is the recipe the
 others are compared with). An arm that sets `distill.train.global_batch_size` or `seq_length`
-steps by its own tokens per step; `--tokens` must be multiples of every arm's. `--target width` prunes to 30 layers at FFN 512 instead of the
+steps by its own tokens per step; `--tokens` must be multiples of every arm's. An arm that sets
+`distill.train.steps` ends there (its schedule), at the counts of `--tokens` up to its own, which
+must be one of them: a shorter arm beside a longer recipe. `--target width` prunes to 30 layers at FFN 512 instead of the
 default 24 layers at FFN 768 (the same parameter count). A finished arm is not rerun.
 """
 
@@ -46,33 +48,47 @@ from pruning import write_report  # noqa: E402
 TARGETS = {"default": [], "width": ["prune.target.num_layers=30", "prune.target.ffn_hidden_size=512"]}
 
 
+def train_settings(overrides: list[str]) -> dict[str, int]:
+    """The arm's `distill.train.` overrides among global_batch_size, seq_length and steps."""
+    keys = {f"distill.train.{name}": name for name in ("global_batch_size", "seq_length", "steps")}
+    found = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key in keys:
+            found[keys[key]] = int(value)
+    return found
+
+
 def tokens_per_step(overrides: list[str]) -> int:
     """An arm's tokens per distillation step: the main job's global batch x sequence length
     (`PipelineConfig`), or the arm's own `distill.train.global_batch_size=` / `seq_length=`."""
     from nemo_minitron.pipeline.run import PipelineConfig
 
     train = PipelineConfig().distill.train
-    sizes = {"global_batch_size": train.global_batch_size, "seq_length": train.seq_length}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.removeprefix("distill.train.") in sizes and key.startswith("distill.train."):
-            sizes[key.removeprefix("distill.train.")] = int(value)
+    sizes = {"global_batch_size": train.global_batch_size, "seq_length": train.seq_length,
+             **train_settings(overrides)}
     return sizes["global_batch_size"] * sizes["seq_length"]
 
 
-def steps_of(tokens: list[int], per_step: int) -> list[int]:
+def steps_of(tokens: list[int], overrides: list[str]) -> list[int]:
+    """The arm's step counts: `tokens` by its tokens per step, up to its own `distill.train.steps`."""
+    per_step = tokens_per_step(overrides)
     steps = [t // per_step for t in tokens]
     if any(s * per_step != t for s, t in zip(steps, tokens)):
         raise SystemExit(f"--tokens must be multiples of {per_step} (an arm's tokens per step)")
-    return steps
+    last = train_settings(overrides).get("steps")
+    if last is not None and last not in steps:
+        raise SystemExit(f"an arm's distill.train.steps={last} ({last * per_step:,} tokens) must be one of --tokens")
+    return [s for s in steps if last is None or s <= last]
 
 
 def run_arm(work: Path, overrides: list[str], steps: list[int]) -> None:
     """The pipeline with a step checkpoint at every count (their gcd as the save interval)."""
     interval = math.gcd(*[s for s in steps if s])
+    own = [item for item in overrides if not item.startswith("distill.train.steps=")]
     command = [sys.executable, "-m", "nemo_minitron.cli.main", "pipeline", f"work_dir={work}",
                f"distill.train.steps={max(steps)}", f"distill.train.save_interval={interval}",
-               f"distill.train.keep_checkpoints={max(steps) // interval + 1}", *overrides]
+               f"distill.train.keep_checkpoints={max(steps) // interval + 1}", *own]
     print("$", shlex.join(command), flush=True)
     subprocess.run(command, check=True)
 
@@ -157,23 +173,26 @@ def report(arms: dict[str, dict], reference: int) -> list[str]:
                   "| arm | " + " | ".join(f"{t:,}" for t in tokens) + " | reach |",
                   "| --- |" + " ---: |" * (len(tokens) + 1)]
         for arm, result in arms.items():
-            curve = {t: result["curve"][t][text] for t in tokens}
-            cells = [f"{curve[t]:.1f} ({recovered(start, teacher, curve[t]):.0%})" for t in tokens]
+            curve = {t: point[text] for t, point in result["curve"].items()}
+            cells = [f"{curve[t]:.1f} ({recovered(start, teacher, curve[t]):.0%})" if t in curve else "-"
+                     for t in tokens]
             reach = tokens_to_reach(curve, goal)
             lines.append(f"| {arm} | " + " | ".join(cells) + f" | {'-' if reach is None else f'{reach:,.0f}'} |")
         lines.append("")
-    return lines + summary(arms, names, tokens[-1])
+    return lines + summary(arms, names)
 
 
-def summary(arms: dict[str, dict], names: list[str], end: int) -> list[str]:
-    """One row per arm: each text's perplexity after `end` tokens and its ratio to the teacher's."""
+def summary(arms: dict[str, dict], names: list[str]) -> list[str]:
+    """One row per arm: each text's perplexity at the arm's last count and its ratio to the teacher's."""
     teacher = next(iter(arms.values()))["teacher"]
-    lines = [f"**After {end:,} tokens**, student (student / teacher):", "",
-             "| arm | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
-             "| teacher | " + " | ".join(f"{teacher[text]:.2f}" for text in names) + " |"]
+    lines = ["**At each arm's end**, student (student / teacher):", "",
+             "| arm | tokens | " + " | ".join(names) + " |", "| --- | ---: |" + " ---: |" * len(names),
+             "| teacher | | " + " | ".join(f"{teacher[text]:.2f}" for text in names) + " |"]
     for arm, result in arms.items():
+        end = max(result["curve"])
         final = result["curve"][end]
-        lines.append(f"| {arm} | " + " | ".join(f"{final[t]:.1f} ({final[t] / teacher[t]:.2f})" for t in names) + " |")
+        lines.append(f"| {arm} | {end:,} | "
+                     + " | ".join(f"{final[t]:.1f} ({final[t] / teacher[t]:.2f})" for t in names) + " |")
     return lines + [""]
 
 
@@ -223,7 +242,7 @@ def main() -> None:
         name, _, overrides = item.partition("=")
         overrides = [*TARGETS[args.target], *shlex.split(overrides)]
         per_step = tokens_per_step(overrides)
-        steps = steps_of(tokens, per_step)
+        steps = steps_of(tokens, overrides)
         arm_dir = work / re.sub(r"[^A-Za-z0-9.-]+", "_", f"{args.target}-{name}")  # a Hydra-safe work_dir
         if not (arm_dir / "results.json").is_file():
             run_arm(arm_dir, overrides, steps)

@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -6,8 +8,11 @@ from pathlib import Path
 # No test may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Prunes keep their teachers' scores in a cache; the tests' own, fresh each session.
-os.environ.setdefault("NEMO_MINITRON_SCORES_CACHE", tempfile.mkdtemp(prefix="minitron-scores-"))
+# Prunes keep their teachers' scores in a cache; the tests' own, fresh each session and removed by
+# the process that made it (xdist's workers inherit the controller's).
+if "NEMO_MINITRON_SCORES_CACHE" not in os.environ:
+    os.environ["NEMO_MINITRON_SCORES_CACHE"] = tempfile.mkdtemp(prefix="minitron-scores-")
+    atexit.register(shutil.rmtree, os.environ["NEMO_MINITRON_SCORES_CACHE"], ignore_errors=True)
 sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers: tiny.py, distributed.py, cli.py
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))  # config_reference.py, the docs generator
 
