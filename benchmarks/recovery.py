@@ -70,13 +70,12 @@ def tokens_per_step(overrides: list[str]) -> int:
     return sizes["global_batch_size"] * sizes["seq_length"]
 
 
-def steps_of(tokens: list[int], overrides: list[str]) -> list[int]:
-    """The arm's step counts: `tokens` by its tokens per step, up to its own `distill.train.steps`."""
-    per_step = tokens_per_step(overrides)
+def steps_of(tokens: list[int], per_step: int, last: int | None) -> list[int]:
+    """The arm's step counts: `tokens` by its tokens per step, up to its own `distill.train.steps`
+    (`last`; None: all of them)."""
     steps = [t // per_step for t in tokens]
     if any(s * per_step != t for s, t in zip(steps, tokens)):
         raise SystemExit(f"--tokens must be multiples of {per_step} (an arm's tokens per step)")
-    last = train_settings(overrides).get("steps")
     if last is not None and last not in steps:
         raise SystemExit(f"an arm's distill.train.steps={last} ({last * per_step:,} tokens) must be one of --tokens")
     return [s for s in steps if last is None or s <= last]
@@ -242,7 +241,7 @@ def main() -> None:
         name, _, overrides = item.partition("=")
         overrides = [*TARGETS[args.target], *shlex.split(overrides)]
         per_step = tokens_per_step(overrides)
-        steps = steps_of(tokens, overrides)
+        steps = steps_of(tokens, per_step, train_settings(overrides).get("steps"))
         arm_dir = work / re.sub(r"[^A-Za-z0-9.-]+", "_", f"{args.target}-{name}")  # a Hydra-safe work_dir
         if not (arm_dir / "results.json").is_file():
             run_arm(arm_dir, overrides, steps)
