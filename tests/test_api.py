@@ -107,23 +107,28 @@ def reconstructed_in_place(teacher: Path, calib: Path, target: dict) -> dict[str
     from nemo_minitron.models import bridge
 
     model = checkpoint.load_checkpoint(teacher)
-    windows = sample_windows(load_token_stream(calib, checkpoint.load_tokenizer(teacher)), 64, 16, seed=0)
+    stream = load_token_stream(calib, checkpoint.load_tokenizer(teacher))
+    windows = sample_windows(stream, 64, 16, seed=0)
     scores = mt.estimate_importance(model, mt.perplexity_loop(windows, 4, progress=False))
+    # the CLI checks each depth bridge on loss_samples=32 windows of its own draw (seed + 1)
     mt.prune(model, scores, **target, depth_method="block_importance",
-             reconstruct_loop=mt.perplexity_loop(windows, 4, progress=False), reconstruct_depth=True)
+             reconstruct_loop=mt.perplexity_loop(windows, 4, progress=False), reconstruct_depth=True,
+             bridge_loss=mt.loss_metric(sample_windows(stream, 64, 32, seed=1), 4))
     return bridge.gather_global(model)
 
 
 def test_prune_in_place_with_reconstruction_equals_the_cli(tmp_path, tiny_teacher, calib):
-    target = {"ffn_hidden_size": 48, "hidden_size": 48, "num_layers": 2, "num_attention_heads": 2}
+    # layers 1-2 dropped: layer 0's MLP bridges them, and the CLI checks that bridge
+    target = {"ffn_hidden_size": 48, "hidden_size": 48, "drop_layers": [1, 2], "num_attention_heads": 2}
     [ours] = run_distributed(reconstructed_in_place, world_size=1, args=(tiny_teacher, calib, target))
     minitron("prune", f"checkpoint={tiny_teacher}", f"output_dir={tmp_path / 'cli'}", f"calib.data={calib}",
              "calib.num_samples=16", "calib.seq_len=64", "depth.method=block_importance", "report_loss=false",
              "reconstruct=true", "reconstruct_depth=true", *[f"target.{k}={v}" for k, v in target.items()])
     cli = global_weights(tmp_path / "cli")
     assert ours.keys() == cli.keys() and all(torch.equal(ours[k], cli[k]) for k in ours)
-    errors = json.loads((tmp_path / "cli" / "report.json").read_text())["reconstruction"]["errors"]
-    assert set(errors) == {"mlp", "attention"}
+    reconstruction = json.loads((tmp_path / "cli" / "report.json").read_text())["reconstruction"]
+    assert set(reconstruction["errors"]) == {"mlp", "attention"}
+    assert reconstruction["bridges"]["windows"] == 32 and len(reconstruction["bridges"]["checks"]) == 1
 
 
 # --- arch_of, wrappers, errors (in process) -------------------------------------------------------

@@ -168,6 +168,21 @@ def test_the_refit_draws_its_own_calibration_windows(teacher, calib, tmp_path):
     assert refit and all(not torch.equal(weights["8"][key], weights["16, refit 16"][key]) for key in refit)
 
 
+def test_the_report_shows_each_depth_bridges_check(teacher, calib, tmp_path):
+    """reconstruct_depth: report.json holds each bridge's calibration losses with and without it,
+    and report.md the same table."""
+    [(_, report)] = run_distributed(prune_in_process, world_size=1,
+                                    args=(teacher, calib, tmp_path / "out", {"target": {"drop_layers": [1, 2]}}))
+    bridges = report["reconstruction"]["bridges"]
+    [check] = bridges["checks"]
+    assert bridges["windows"] == 4 and check["layer"] == 0 and check["dropped"] == [1, 2]
+    assert check["kept"] == (check["loss_without"] >= check["loss_with"])
+    row = (f"| 0 | 1-2 | {check['loss_with']:.4f} | {check['loss_without']:.4f} | "
+           f"{'yes' if check['kept'] else 'no'} |")
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## Depth bridges (LM loss on 4 calibration windows)" in markdown and row in markdown
+
+
 @pytest.mark.parametrize("extra,message", [
     (["target.num_attention_heads=3"], "target.num_attention_heads=3 is not a multiple of target.num_query_groups=2"),
     (["target.num_layers=2", "importance=random", "depth.method=block_importance"],

@@ -141,6 +141,102 @@ def test_depth_bridge_refits_the_mlp_before_each_dropped_block():
         assert errors["mlp"]["after"][new] < errors["mlp"]["before"][new]
 
 
+def test_check_bridges_leaves_a_bridge_out_only_where_that_lowers_the_loss():
+    """The greedy policy on a table of losses per set of kept bridges: each bridge in layer order is
+    left out once and stays out if the loss falls; the winner is what stays loaded."""
+    from nemo_minitron.pruning.surgery import check_bridges
+
+    def run(table: dict[frozenset, float]) -> tuple[list[dict], frozenset, int]:
+        state = {"kept": frozenset({0, 2}), "loads": 0}
+
+        def load(kept):
+            state["kept"], state["loads"] = frozenset(kept), state["loads"] + 1
+
+        return check_bridges({0: 1, 2: 3}, load, lambda: table[state["kept"]]), state["kept"], state["loads"]
+
+    both, first, second, neither = frozenset({0, 2}), frozenset({0}), frozenset({2}), frozenset()
+    checks, kept, loads = run({both: 3.0, second: 2.5, neither: 2.7, first: 9.0})
+    assert [(c["layer"], c["dropped"], c["loss_with"], c["loss_without"], c["kept"]) for c in checks] == [
+        (0, [1, 1], 3.0, 2.5, False), (2, [3, 3], 2.5, 2.7, True)]
+    assert kept == second and loads == 3  # two trials, then the winner again
+    checks, kept, loads = run({both: 3.0, second: 3.0, neither: 2.9, first: 2.0})
+    assert [c["kept"] for c in checks] == [True, False]  # a tie keeps the bridge
+    assert kept == first and loads == 2  # the last trial is the winner: not loaded twice
+
+
+def _recorded_with_bridges(teacher, sd, indices):
+    from nemo_minitron.importance import activation_loop
+    from nemo_minitron.models.gpt import build_gpt_model
+    from nemo_minitron.pruning.reconstruct import record_statistics
+
+    model = build_gpt_model(teacher)
+    bridge.load_global(model, sd)
+    return model, record_statistics(model, indices, activation_loop(WINDOWS, 4, progress=False), RIDGE, bridge=True)
+
+
+def guarded_prune(teacher, sd, target, indices):
+    """The prune with each depth bridge checked on the LM loss over WINDOWS: weights, loss, checks."""
+    from nemo_minitron.importance import loss_metric
+    from nemo_minitron.pruning import prune_model
+
+    model, recorded = _recorded_with_bridges(teacher, sd, indices)
+    pruned = prune_model(model, target, indices, reconstruction=recorded, bridge_loss=loss_metric(WINDOWS, 4))
+    return bridge.gather_global(pruned), loss_metric(WINDOWS, 4)(pruned), recorded.bridge_checks
+
+
+def every_bridge_set(teacher, sd, target, indices):
+    """Independently of the check: the prune with every set of bridges (a reconstruction holding
+    that set's statistics and no bridge to check) and its loss; and the refit recorded without bridges."""
+    from nemo_minitron.importance import activation_loop, loss_metric
+    from nemo_minitron.pruning import prune_model
+    from nemo_minitron.pruning.reconstruct import record_statistics
+
+    model, recorded = _recorded_with_bridges(teacher, sd, indices)
+    sets = {}
+    for kept in (frozenset(), frozenset({0}), frozenset({2}), frozenset({0, 2})):
+        pruned = prune_model(model, target, indices, reconstruction=Reconstruction(recorded.with_bridges(kept), RIDGE))
+        sets[kept] = (bridge.gather_global(pruned), loss_metric(WINDOWS, 4)(pruned))
+    unbridged = record_statistics(model, indices, activation_loop(WINDOWS, 4, progress=False), RIDGE)
+    return sets, bridge.gather_global(prune_model(model, target, indices, reconstruction=unbridged))
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    teacher, _, sd, target, indices = _teacher()
+    [result] = run_distributed(guarded_prune, world_size=1, args=(teacher, sd, target, indices))
+    return (teacher, sd, target, indices), result
+
+
+def test_the_bridge_check_keeps_the_bridge_set_of_lowest_loss_it_tried(guarded):
+    """Each check's losses are those of the independently pruned bridge sets; the prune ends on
+    the set of lowest loss among those tried, weights bit for bit; without its bridge an MLP is
+    refit exactly as by a reconstruction recorded without bridges."""
+    args, (weights, loss, checks) = guarded
+    [(sets, plain_refit)] = run_distributed(every_bridge_set, world_size=1, args=args)
+    kept = frozenset({0, 2})
+    for check, layer, last in zip(checks, (0, 2), (1, 3)):
+        assert (check["layer"], check["dropped"]) == (layer, [layer + 1, last])
+        assert check["loss_with"] == sets[kept][1] and check["loss_without"] == sets[kept - {layer}][1]
+        if not check["kept"]:
+            kept = kept - {layer}
+    assert loss == sets[kept][1] == min([checks[0]["loss_with"]] + [c["loss_without"] for c in checks])
+    assert all(torch.equal(weights[name], sets[kept][0][name]) for name in weights)
+    assert all(torch.equal(plain_refit[name], sets[frozenset()][0][name]) for name in plain_refit)
+    fc2 = "decoder.layers.0.mlp.linear_fc2.weight"
+    assert not torch.equal(sets[frozenset({0})][0][fc2], sets[frozenset()][0][fc2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (1, 2, 2)])
+def test_the_bridge_check_at_tp_and_pp_equals_tp1(guarded, tp, pp, world):
+    args, (ref_weights, ref_loss, ref_checks) = guarded
+    for weights, loss, checks in run_distributed(guarded_prune, world, tp, pp, args):
+        assert [c["kept"] for c in checks] == [c["kept"] for c in ref_checks]
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for name, tensor in ref_weights.items():
+            torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=5e-6, msg=name)
+
+
 @pytest.mark.slow
 def test_a_bridge_split_over_pipeline_stages_is_left_out():
     """At pp=2, layers 1..2 dropped after layer 0 end on the other stage: layer 0 is refit without

@@ -53,6 +53,7 @@ def prune(
     reconstruct_loop=None,
     reconstruct_ridge: float = 1.0e-2,
     reconstruct_depth: bool = False,
+    bridge_loss=None,
 ):
     """Prune `model` in place to the given sizes (None keeps a size) and return its new
     `TransformerConfig`. Collective: every rank of the TP x PP layout calls it with the same scores.
@@ -72,7 +73,9 @@ def prune(
     unpruned model runs it once more with recording hooks, and the kept columns of every kept
     layer's `linear_fc2`, `linear_proj` and Mamba `out_proj` are refit to reproduce the unpruned outputs on those
     tokens (ridge least squares towards the plain prune, `reconstruct_ridge`; pruning/reconstruct.py);
-    `reconstruct_depth` also fits the MLP before each dropped block to what the block added.
+    `reconstruct_depth` also fits the MLP before each dropped block to what the block added; with
+    `bridge_loss` (model -> loss, e.g. `loss_metric(windows)`) each such bridge is kept only where
+    the pruned model's loss is lower with it (`prune_model`).
     """
     from megatron.core import parallel_state as ps
 
@@ -104,7 +107,7 @@ def prune(
     if reconstruct_loop is not None:
         reconstruction = record_statistics(model, indices, reconstruct_loop, reconstruct_ridge,
                                            bridge=reconstruct_depth)
-    pruned = prune_model(model, target, indices, head_residual, reconstruction)
+    pruned = prune_model(model, target, indices, head_residual, reconstruction, bridge_loss)
     inner = unwrap_model(model)
     inner.__dict__.clear()
     inner.__dict__.update(pruned.__dict__)

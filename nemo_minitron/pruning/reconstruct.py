@@ -19,6 +19,13 @@ calibration error |Y - W' A_K|^2 never exceeds the plain prune's (it falls by at
 |W' - W_K|^2). Only the kept rows of W' survive a hidden-channel cut; the hidden axis itself and
 dropped layers are not refit (their consumers sit behind a norm or a whole block).
 
+A depth bridge (`bridge=True`) refits the MLP of the kept layer just before a run of dropped layers
+to y + (h_after_run - h_before_run): its own output plus what the run added to the residual
+stream. Its statistics share C with the plain refit, so the recorder also keeps S and sum |y|^2
+of the plain target (`unbridged`), and `prune_model` can try the pruned model with and without
+each bridge: a lower calibration error of the refit weight does not mean a better model, since a
+block's change may be no function of the MLP's kept neurons.
+
 A Mamba layer's `out_proj` reads the gated group RMSNorm of the scan output y and gate z,
 RMSNorm_g(y * silu(z)) * w, over every channel of an SSM group. The pruned layer normalises each
 group over its kept channels only, so its input is not the teacher's input restricted to K: the
@@ -38,7 +45,7 @@ Mixture-of-experts layers are refused (each routed expert would need its own sta
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -179,7 +186,7 @@ class ReconstructionRecorder:
         self.tp = ps.get_tensor_model_parallel_world_size()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.layers = {layer.layer_number - 1: layer for layer in model.decoder.layers}
-        self.bridges = self._within_stages(dropped_runs(indices, arch)) if bridge else {}
+        self.bridges = self._within_stages(dropped_runs(indices, arch)) if bridge and "mlp" in consumers else {}
         widths = {"mlp": arch.ffn_hidden_size, "attention": arch.num_attention_heads * arch.kv_channels,
                   "mamba": arch.mamba_inner if arch.is_hybrid else 0}
         h = arch.hidden_size
@@ -192,6 +199,14 @@ class ReconstructionRecorder:
                 self.stats[layer, consumer] = Statistics(
                     torch.zeros(k, k, dtype=torch.float64), torch.zeros(h, k, dtype=torch.float64),
                     torch.zeros((), dtype=torch.float64))
+        # a bridged MLP's statistics without its bridge (the same input, so the same gram), where its
+        # neurons were pruned: without the bridge a full-width MLP keeps its weights
+        self.unbridged: dict[int, Statistics] = {}
+        for layer in self.bridges:
+            gram = self.stats[layer, "mlp"].gram
+            if len(gram) < widths["mlp"]:
+                self.unbridged[layer] = Statistics(gram, torch.zeros(h, len(gram), dtype=torch.float64),
+                                                   torch.zeros((), dtype=torch.float64))
         self._pending: dict = {}
         self._handles: list = []
         self._mixers_fused: dict = {}  # Mamba mixer -> its use_mem_eff_path, restored on exit
@@ -235,9 +250,9 @@ class ReconstructionRecorder:
             self._pending[key] = kept
             self.stats[key].gram += (kept.T @ kept).double().cpu()
 
-    def _accumulate(self, key: tuple[int, str], target: torch.Tensor) -> None:
-        stats = self.stats[key]
-        stats.cross += (target.T @ self._pending.pop(key)).double().cpu()
+    @staticmethod
+    def _accumulate(stats: Statistics, target: torch.Tensor, kept: torch.Tensor) -> None:
+        stats.cross += (target.T @ kept).double().cpu()
         stats.output_sq += target.double().square().sum().cpu()
 
     def _output_hook(self, key: tuple[int, str]):
@@ -248,7 +263,7 @@ class ReconstructionRecorder:
             if key[0] in self.bridges and key[1] == "mlp":
                 self._pending[key[0], "output"] = y  # its target also needs the dropped block's change
             else:
-                self._accumulate(key, y)
+                self._accumulate(self.stats[key], y, self._pending.pop(key))
 
         return hook
 
@@ -261,11 +276,14 @@ class ReconstructionRecorder:
 
     def _bridge_end_hook(self, layer: int):
         """After the dropped block's last layer: the bridge's target is its MLP output plus what
-        the block added to the residual stream."""
+        the block added to the residual stream (and the target without the bridge, the output alone)."""
         def hook(module, args, output):
             if self.tp_rank == 0:
                 change = _tokens(output) - self._pending.pop((layer, "residual"))
-                self._accumulate((layer, "mlp"), self._pending.pop((layer, "output")) + change)
+                y, kept = self._pending.pop((layer, "output")), self._pending.pop((layer, "mlp"))
+                self._accumulate(self.stats[layer, "mlp"], y + change, kept)
+                if layer in self.unbridged:
+                    self._accumulate(self.unbridged[layer], y, kept)
 
         return hook
 
@@ -314,9 +332,13 @@ class ReconstructionRecorder:
         self._mixers_fused.clear()
 
     def statistics(self) -> dict[tuple[int, str], Statistics]:
-        """Summed over all ranks (every rank calls it; PP stages contribute their own layers)."""
+        """Summed over all ranks, the bridged MLPs' `unbridged` statistics too (every rank calls it; PP
+        stages contribute their own layers)."""
         for key in sorted(self.stats):
             for tensor in self.stats[key].tensors():
+                sum_over_ranks(tensor)
+        for layer in sorted(self.unbridged):
+            for tensor in (self.unbridged[layer].cross, self.unbridged[layer].output_sq):  # the gram is summed above
                 sum_over_ranks(tensor)
         empty = [key for key, stats in self.stats.items() if stats.output_sq == 0]
         if empty:
@@ -327,15 +349,36 @@ class ReconstructionRecorder:
 
 @dataclass
 class Reconstruction:
-    """What `prune_model` refits with: the teacher's statistics and the ridge; `errors` holds the
-    calibration errors before and after once it has been applied."""
+    """What `prune_model` refits with: the teacher's statistics and the ridge, the depth `bridges`
+    recorded ({kept layer: the last layer of the dropped run after it}; `statistics` holds their
+    bridged targets) and `unbridged`, a bridged MLP's statistics without its bridge where its
+    neurons were pruned. `apply` refits with a chosen set of bridges; `errors` holds the calibration
+    errors before and after of the last `apply`, `bridge_checks` what `prune_model` decided."""
 
     statistics: dict[tuple[int, str], Statistics]
     ridge: float
+    bridges: dict[int, int] = field(default_factory=dict)
+    unbridged: dict[int, Statistics] = field(default_factory=dict)
     errors: dict | None = None
+    bridge_checks: list[dict] | None = None
 
-    def apply(self, sd: dict[str, torch.Tensor], indices: PruneIndices, arch: ModelArch) -> dict[str, torch.Tensor]:
-        refit_sd, self.errors = refit_global(sd, indices, self.statistics, arch, self.ridge)
+    def with_bridges(self, kept: set[int]) -> dict[tuple[int, str], Statistics]:
+        """The statistics to refit with when only the bridges from the layers in `kept` stay: a
+        left-out bridge's MLP is refit to its own output, or, with all its neurons kept, not at all."""
+        chosen = dict(self.statistics)
+        for layer in self.bridges.keys() - kept:
+            if layer in self.unbridged:
+                chosen[layer, "mlp"] = self.unbridged[layer]
+            else:
+                del chosen[layer, "mlp"]
+        return chosen
+
+    def apply(self, sd: dict[str, torch.Tensor], indices: PruneIndices, arch: ModelArch,
+              bridges: set[int] | None = None) -> dict[str, torch.Tensor]:
+        """`sd` with the kept consumer columns refit, with the bridges from the layers in `bridges`
+        (None: every recorded bridge)."""
+        kept = set(self.bridges) if bridges is None else bridges
+        refit_sd, self.errors = refit_global(sd, indices, self.with_bridges(kept), arch, self.ridge)
         return refit_sd
 
 
@@ -344,7 +387,7 @@ def record_statistics(model, indices: PruneIndices, forward_loop, ridge: float,
     """Run `forward_loop(model)` on the unpruned model with the recorder on (collective)."""
     with ReconstructionRecorder(model, indices, consumers, bridge) as recorder:
         forward_loop(model)
-    return Reconstruction(recorder.statistics(), ridge)
+    return Reconstruction(recorder.statistics(), ridge, dict(recorder.bridges), recorder.unbridged)
 
 
 def bytes_per_layer(hidden_size: int, kept: int) -> int:

@@ -90,6 +90,12 @@ def _markdown(report: dict[str, Any]) -> str:
         best = min(range(len(values)), key=values.__getitem__)
         lines += ["", f"Contiguous blocks of {k} layers: the lowest loss {values[best]:.4f} drops layers "
                   f"{best}-{best + int(k) - 1}."]
+    bridges = report.get("reconstruction", {}).get("bridges")
+    if bridges:
+        lines += ["", f"## Depth bridges (LM loss on {bridges['windows']} calibration windows)", "",
+                  "| MLP of layer | bridges layers | loss with | loss without | kept |", "| ---: | --- | ---: | ---: | :---: |"]
+        lines += [f"| {b['layer']} | {b['dropped'][0]}-{b['dropped'][1]} | {b['loss_with']:.4f} | {b['loss_without']:.4f} "
+                  f"| {'yes' if b['kept'] else 'no'} |" for b in bridges["checks"]]
     lines += ["", "![layer importance](layer_importance.png)", "", "![head importance](head_importance.png)", ""]
     return "\n".join(lines)
 

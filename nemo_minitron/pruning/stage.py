@@ -97,7 +97,8 @@ class PruneConfig(StageConfig):
     reconstruct: bool = False
     # ridge towards the plain prune, relative to the mean activation energy (larger: closer to no refit)
     reconstruct_ridge: float = 1.0e-2
-    # with reconstruct: the MLP before each dropped block also learns what the block added to the residual stream
+    # with reconstruct: the MLP before each dropped block also learns what the block added to the residual stream,
+    # where that lowers the pruned model's LM loss on the loss_samples windows (each bridge checked)
     reconstruct_depth: bool = False
     # with reconstruct: calibration windows of the refit's statistics, a draw of their own (null: the importance's
     # calib windows; the refit's forward costs about as much as the importance's)
@@ -108,7 +109,7 @@ class PruneConfig(StageConfig):
     # reuse this teacher's scores from an earlier prune with the same importance and calib settings (kept in
     # ~/.cache/nemo_minitron/importance, env NEMO_MINITRON_SCORES_CACHE)
     scores_cache: bool = True
-    loss_samples: int = 32   # calibration windows for LM-loss scoring (depth.method=loss/contiguous, report)
+    loss_samples: int = 32   # calibration windows for LM-loss scoring (depth.method=loss/contiguous, depth bridges, report)
     report_loss: bool = True   # calibration loss of the teacher and the pruned model in the report
     corpus: CorpusConfig = nested(CorpusConfig)   # used when calib.data is null
     plan_only: bool = False   # print architectures and parameter counts, touch no weights
@@ -315,7 +316,8 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
             reconstruction = record_statistics(model, indices, forward_loop, cfg.reconstruct_ridge,
                                                bridge=cfg.reconstruct_depth)
     with timed(times, "prune_s"):
-        pruned = prune_model(model, target, indices, cfg.head_residual, reconstruction)
+        pruned = prune_model(model, target, indices, cfg.head_residual, reconstruction,
+                             bridge_loss=calibration.metric() if cfg.reconstruct_depth else None)
     del model
     if loss is not None:
         loss["pruned"] = calibration.metric()(pruned)
@@ -347,6 +349,9 @@ def prune_checkpoint(cfg: PruneConfig) -> dict:
     if reconstruction is not None:
         report["reconstruction"] = {"ridge": cfg.reconstruct_ridge, "windows": len(calibration.reconstruction_windows()),
                                     "errors": reconstruction.errors}
+        if reconstruction.bridge_checks is not None:
+            report["reconstruction"]["bridges"] = {"windows": len(calibration.loss_windows()),
+                                                   "checks": reconstruction.bridge_checks}
     files = {}
     if parallel.is_main_process():
         scores.save(output / FILE_NAME)

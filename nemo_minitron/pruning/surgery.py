@@ -31,12 +31,16 @@ would be needed for models that do not fit in host memory twice).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from nemo_minitron.models import bridge
 from nemo_minitron.models.config import ModelArch
 from nemo_minitron.pruning.indices import PruneIndices
 from nemo_minitron.pruning.reconstruct import Reconstruction, check_options
+
+log = logging.getLogger("nemo_minitron")
 
 
 def keep_qkv_heads(qkv: torch.Tensor, heads: torch.Tensor, teacher: ModelArch) -> torch.Tensor:
@@ -176,17 +180,48 @@ def prune_global(
 
 
 def prune_model(model, target: ModelArch, indices: PruneIndices, head_residual: bool = False,
-                reconstruction: Reconstruction | None = None):
+                reconstruction: Reconstruction | None = None, bridge_loss=None):
     """The pruned model for the current TP x PP layout (collective: every rank calls it), its kept
-    consumer columns refit first when a `reconstruction` is given."""
+    consumer columns refit first when a `reconstruction` is given.
+
+    With `bridge_loss` (model -> loss, lower is better, the same on every rank, e.g. `loss_metric`)
+    the reconstruction's depth bridges are checked on the pruned model, since a bridge can do harm
+    that the refit's calibration error does not show: starting from every bridge, each in layer
+    order is left out once and stays out if that lowers the loss. n bridges cost n + 1 loads and
+    evaluations of the pruned model; `reconstruction.bridge_checks` records them."""
     from nemo_minitron.models.gpt import arch_of, rebuild_gpt_model
 
     teacher = arch_of(model)
     sd = bridge.gather_global(model)
     if reconstruction is not None:
         check_options(reconstruction.ridge, head_residual)
-        sd = reconstruction.apply(sd, indices, teacher)
-    pruned_sd = prune_global(sd, teacher, target, indices, head_residual)
     pruned = rebuild_gpt_model(model, target)
-    bridge.load_global(pruned, pruned_sd)
+
+    def load(bridges: set[int] | None = None) -> None:
+        refit_sd = sd if reconstruction is None else reconstruction.apply(sd, indices, teacher, bridges)
+        bridge.load_global(pruned, prune_global(refit_sd, teacher, target, indices, head_residual))
+
+    load()
+    if reconstruction is not None and reconstruction.bridges and bridge_loss is not None:
+        reconstruction.bridge_checks = check_bridges(reconstruction.bridges, load, lambda: bridge_loss(pruned))
     return pruned
+
+
+def check_bridges(bridges: dict[int, int], load, loss) -> list[dict]:
+    """Greedy, in layer order: with the bridges `kept` loaded (all at first), `load(kept - {layer})`
+    and keep that if `loss()` falls; the winner is loaded at the end. One record per bridge."""
+    kept, best, checks = set(bridges), loss(), []
+    for layer in sorted(bridges):
+        load(kept - {layer})
+        without = loss()
+        checks.append({"layer": layer, "dropped": [layer + 1, bridges[layer]], "loss_with": best,
+                       "loss_without": without, "kept": without >= best})
+        log.info("reconstruct_depth: the bridge from layer %d over layers %d-%d: calibration loss %.4f with it, "
+                 "%.4f without: %s", layer, layer + 1, bridges[layer], best, without,
+                 "kept" if without >= best else "left out")
+        if without < best:
+            kept, best = kept - {layer}, without
+    if not checks[-1]["kept"]:
+        return checks  # the last trial is the winner, loaded
+    load(kept)
+    return checks
