@@ -1,8 +1,8 @@
 """On the embedded teacher (SmolLM2-135M), activation importance prunes better than weight
 magnitude and than random choices: lower held-out perplexity right after pruning (no retraining),
 for a width target and for a depth target; reconstruction (with the depth bridge) lowers the main
-job's pruned perplexity by far. Small on purpose (64 x 256 calibration tokens, 3k
-held-out tokens): a few minutes on 2 CPU cores. docs/pruning.md has the full-size numbers."""
+job's pruned perplexity by far. Small on purpose (64 x 256 calibration tokens, the refit on 32 of
+them, 2k held-out tokens): a few minutes on 2 CPU cores. docs/pruning.md has the full-size numbers."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def prune_and_evaluate(calib_path, heldout_path):
     bridge.load_global(model, bridge.hf_to_global(arch, hf_state))
     calib_stream = load_token_stream(calib_path, tokenizer)
     calib = sample_windows(calib_stream, 256, 64, seed=0)
-    heldout = sample_windows(load_token_stream(heldout_path, tokenizer), 256, 12, seed=0)
+    heldout = sample_windows(load_token_stream(heldout_path, tokenizer), 256, 8, seed=0)
 
     scores = {
         "activation": estimate_importance(model, activation_loop(calib, progress=False)),
@@ -55,7 +55,7 @@ def prune_and_evaluate(calib_path, heldout_path):
     activation = scores["activation"].layers["block_importance"]
     main_job = PruneSpec(num_layers=arch.num_layers - DROP, ffn_hidden_size=768).target_arch(arch)
     indices = select_indices(scores["activation"], arch, main_job, best_block(blocks, DROP))
-    reconstruction = record_statistics(model, indices, activation_loop(calib, progress=False), 1e-2, bridge=True)
+    reconstruction = record_statistics(model, indices, activation_loop(calib[:32], progress=False), 1e-2, bridge=True)
     return {
         "reconstruct": {"plain": evaluate(prune_model(model, main_job, indices)),
                         "refit": evaluate(prune_model(model, main_job, indices, reconstruction=reconstruction))},
