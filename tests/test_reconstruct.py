@@ -214,7 +214,7 @@ def test_the_bridge_check_keeps_the_bridge_set_of_lowest_loss_it_tried(guarded):
     args, (weights, loss, checks) = guarded
     [(sets, plain_refit)] = run_distributed(every_bridge_set, world_size=1, args=args)
     kept = frozenset({0, 2})
-    for check, layer, last in zip(checks, (0, 2), (1, 3)):
+    for check, layer, last in zip(checks, (0, 2), (1, 3), strict=True):
         assert (check["layer"], check["dropped"]) == (layer, [layer + 1, last])
         assert check["loss_with"] == sets[kept][1] and check["loss_without"] == sets[kept - {layer}][1]
         if not check["kept"]:
