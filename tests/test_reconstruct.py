@@ -39,17 +39,22 @@ def _teacher():
     return teacher, hf, bridge.hf_to_global(teacher, hf.state_dict()), target, _indices(teacher, target)
 
 
-def pruned_with_reconstruction(teacher, sd, target, indices, ridge=RIDGE, depth=False, use_te=False):
-    """Megatron: record the statistics on WINDOWS at this rank's layout, prune, gather."""
+def _recorded(teacher, sd, indices, ridge=RIDGE, depth=False, use_te=False):
+    """Megatron at this rank's layout: the teacher model and its statistics recorded on WINDOWS."""
     from nemo_minitron.importance import activation_loop
     from nemo_minitron.models.gpt import build_gpt_model
-    from nemo_minitron.pruning import prune_model
     from nemo_minitron.pruning.reconstruct import record_statistics
 
     model = build_gpt_model(teacher, use_te=use_te)
     bridge.load_global(model, sd)
-    reconstruction = record_statistics(model, indices, activation_loop(WINDOWS, 4, progress=False), ridge,
-                                       bridge=depth)
+    return model, record_statistics(model, indices, activation_loop(WINDOWS, 4, progress=False), ridge, bridge=depth)
+
+
+def pruned_with_reconstruction(teacher, sd, target, indices, ridge=RIDGE, depth=False, use_te=False):
+    """Megatron: record the statistics on WINDOWS at this rank's layout, prune, gather."""
+    from nemo_minitron.pruning import prune_model
+
+    model, reconstruction = _recorded(teacher, sd, indices, ridge, depth, use_te)
     pruned = prune_model(model, target, indices, reconstruction=reconstruction)
     return bridge.gather_global(pruned), reconstruction.errors
 
@@ -164,22 +169,12 @@ def test_check_bridges_leaves_a_bridge_out_only_where_that_lowers_the_loss():
     assert kept == first and loads == 2  # the last trial is the winner: not loaded twice
 
 
-def _recorded_with_bridges(teacher, sd, indices):
-    from nemo_minitron.importance import activation_loop
-    from nemo_minitron.models.gpt import build_gpt_model
-    from nemo_minitron.pruning.reconstruct import record_statistics
-
-    model = build_gpt_model(teacher)
-    bridge.load_global(model, sd)
-    return model, record_statistics(model, indices, activation_loop(WINDOWS, 4, progress=False), RIDGE, bridge=True)
-
-
 def guarded_prune(teacher, sd, target, indices):
     """The prune with each depth bridge checked on the LM loss over WINDOWS: weights, loss, checks."""
     from nemo_minitron.importance import loss_metric
     from nemo_minitron.pruning import prune_model
 
-    model, recorded = _recorded_with_bridges(teacher, sd, indices)
+    model, recorded = _recorded(teacher, sd, indices, depth=True)
     pruned = prune_model(model, target, indices, reconstruction=recorded, bridge_loss=loss_metric(WINDOWS, 4))
     return bridge.gather_global(pruned), loss_metric(WINDOWS, 4)(pruned), recorded.bridge_checks
 
@@ -187,16 +182,15 @@ def guarded_prune(teacher, sd, target, indices):
 def every_bridge_set(teacher, sd, target, indices):
     """Independently of the check: the prune with every set of bridges (a reconstruction holding
     that set's statistics and no bridge to check) and its loss; and the refit recorded without bridges."""
-    from nemo_minitron.importance import activation_loop, loss_metric
+    from nemo_minitron.importance import loss_metric
     from nemo_minitron.pruning import prune_model
-    from nemo_minitron.pruning.reconstruct import record_statistics
 
-    model, recorded = _recorded_with_bridges(teacher, sd, indices)
+    model, recorded = _recorded(teacher, sd, indices, depth=True)
     sets = {}
     for kept in (frozenset(), frozenset({0}), frozenset({2}), frozenset({0, 2})):
         pruned = prune_model(model, target, indices, reconstruction=Reconstruction(recorded.with_bridges(kept), RIDGE))
         sets[kept] = (bridge.gather_global(pruned), loss_metric(WINDOWS, 4)(pruned))
-    unbridged = record_statistics(model, indices, activation_loop(WINDOWS, 4, progress=False), RIDGE)
+    model, unbridged = _recorded(teacher, sd, indices)
     return sets, bridge.gather_global(prune_model(model, target, indices, reconstruction=unbridged))
 
 
