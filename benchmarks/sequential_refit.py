@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 from main_job import MAX_TOKENS, SEQ_LEN, write_texts  # noqa: E402
 
@@ -222,7 +221,7 @@ def experiment(work: Path, refit_windows: int, modes: list[str], starts: list[st
 
 
 def main():
-    from distributed import run_distributed
+    from nemo_minitron import parallel
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="runs/reconstruction", help="the corpus and texts (benchmarks/reconstruction.py's)")
@@ -231,7 +230,8 @@ def main():
     parser.add_argument("--starts", nargs="+", choices=["plain", "one pass"], default=["plain", "one pass"],
                         help="the weights each sequential refit starts from (and its ridge pulls towards)")
     args = parser.parse_args()
-    [results] = run_distributed(experiment, world_size=1, args=(Path(args.work), args.refit_windows, args.modes, args.starts), timeout=7200)
+    parallel.initialize(1, 1, 0)
+    results = experiment(Path(args.work), args.refit_windows, args.modes, args.starts)
     print(json.dumps(results, indent=1))
 
 
