@@ -13,7 +13,8 @@ the pruned model as refit so far (GPTQ's layer-wise walk). Two targets for a con
   y = h_teacher(after the consumer's residual add, after the dropped run for a bridge) - h_pruned(before it).
 
 Each fit is the prune's proximal ridge solve towards the weights it starts from
-(`reconstruct.refit`). Held-out perplexity as the main job evaluates it (fp32, 8,192 tokens in
+(`reconstruct.refit`). The main job's prune settings (windows, seed, target, ridge) are read from
+`PipelineConfig`; `--refit-windows` replaces its `reconstruct_samples`. Held-out perplexity as the main job evaluates it (fp32, 8,192 tokens in
 windows of 512 spread over each text). Single process (TP = PP = 1); a prototype measurement, not
 the library's prune.
 
@@ -34,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from main_job import MAX_TOKENS, SEQ_LEN, write_texts  # noqa: E402
 
-RIDGE = 1e-2  # the main job's reconstruct_ridge
 MICRO = 4
 
 
@@ -64,13 +64,13 @@ class Capture:
             handle.remove()
 
 
-def solve(weight, gram, cross, ridge=RIDGE):
+def solve(weight, gram, cross, ridge):
     from nemo_minitron.pruning.reconstruct import Statistics, refit
 
     return refit(weight.detach(), Statistics(gram, cross, torch.ones((), dtype=torch.float64)), ridge)
 
 
-def sequential(teacher, pruned, indices, bridges, runs, windows, mode):
+def sequential(teacher, pruned, indices, bridges, runs, windows, mode, ridge):
     """Refit `pruned`'s linear_proj and linear_fc2, kept layer by kept layer, on its own stream
     (`runs`: {kept layer: the last of the dropped layers after it}; `bridges`: those bridged)."""
     from nemo_minitron.models.gpt import causal_attention_mask, position_ids_for
@@ -134,7 +134,7 @@ def sequential(teacher, pruned, indices, bridges, runs, windows, mode):
                 gram += (a.T @ a).double()
                 cross += (y.T @ a).double()
             with torch.no_grad():
-                p_module.weight.copy_(solve(p_module.weight, gram, cross))
+                p_module.weight.copy_(solve(p_module.weight, gram, cross, ridge))
         with torch.no_grad():
             for i in range(len(batches)):
                 h = layer_forward(t_layer, T[i], mask, rope)
@@ -171,7 +171,8 @@ def experiment(work: Path, refit_windows: int, modes: list[str], starts: list[st
     from nemo_minitron.importance import activation_loop, contiguous_block_scores, estimate_importance, loss_metric, sample_windows
     from nemo_minitron.models import bridge
     from nemo_minitron.models.gpt import build_gpt_model
-    from nemo_minitron.pruning import PruneSpec, best_block, prune_model, select_indices
+    from nemo_minitron.pipeline.run import PipelineConfig
+    from nemo_minitron.pruning import best_block, prune_model, select_indices
     from nemo_minitron.pruning.reconstruct import dropped_runs, record_statistics
     from nemo_minitron.stage_config import CorpusConfig
 
@@ -182,10 +183,12 @@ def experiment(work: Path, refit_windows: int, modes: list[str], starts: list[st
     teacher.eval()
     splits = CorpusConfig(output_dir=str(work / "corpus")).splits()
     paths = {"heldout": splits["heldout"], **write_texts(work / "texts")}
+    main_job = PipelineConfig().prune
+    calib, ridge = main_job.calib, main_job.reconstruct_ridge
     stream = load_token_stream(splits["calib"], tokenizer)
-    importance_windows = sample_windows(stream, 256, 64, 0)
-    refit = sample_windows(stream, 256, refit_windows, 0)
-    loss = loss_metric(sample_windows(stream, 256, 4, 1))
+    importance_windows = sample_windows(stream, calib.seq_len, calib.num_samples, calib.seed)
+    refit = sample_windows(stream, calib.seq_len, refit_windows, calib.seed)
+    loss = loss_metric(sample_windows(stream, calib.seq_len, main_job.loss_samples, calib.seed + 1))
     texts = {name: windows_from_stream(load_token_stream(path, tokenizer), SEQ_LEN, MAX_TOKENS)
              for name, path in paths.items()}
 
@@ -194,12 +197,12 @@ def experiment(work: Path, refit_windows: int, modes: list[str], starts: list[st
                 for name, w in texts.items()}
 
     scores = estimate_importance(teacher, activation_loop(importance_windows, progress=False))
-    blocks = contiguous_block_scores(teacher, 6, loss)
-    target = PruneSpec(num_layers=24, ffn_hidden_size=768).target_arch(arch)
-    indices = select_indices(scores, arch, target, best_block(blocks, 6))
+    target = main_job.target.target_arch(arch)
+    drop = arch.num_layers - target.num_layers
+    indices = select_indices(scores, arch, target, best_block(contiguous_block_scores(teacher, drop, loss), drop))
     results = {}
     start = time.perf_counter()
-    reconstruction = record_statistics(teacher, indices, activation_loop(refit, progress=False), RIDGE, bridge=True)
+    reconstruction = record_statistics(teacher, indices, activation_loop(refit, progress=False), ridge, bridge=True)
     one_pass = prune_model(teacher, target, indices, reconstruction=reconstruction, bridge_loss=loss)
     results["one pass (the prune's)"] = {**evaluate(one_pass), "s": round(time.perf_counter() - start, 1),
                                          "loss": round(loss(one_pass), 4)}
@@ -213,7 +216,7 @@ def experiment(work: Path, refit_windows: int, modes: list[str], starts: list[st
                 prune_model(teacher, target, indices, reconstruction=reconstruction, bridge_loss=loss)
             model.eval()
             start = time.perf_counter()
-            sequential(teacher, model, indices, bridges, runs, refit, mode)
+            sequential(teacher, model, indices, bridges, runs, refit, mode, ridge)
             name = f"sequential {mode}, from {start_from}"
             results[name] = {**evaluate(model), "s": round(time.perf_counter() - start, 1), "loss": round(loss(model), 4)}
             print(name, results[name], flush=True)
