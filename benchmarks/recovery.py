@@ -82,12 +82,13 @@ def steps_of(tokens: list[int], per_step: int, last: int | None) -> list[int]:
 
 
 def run_arm(work: Path, overrides: list[str], steps: list[int]) -> None:
-    """The pipeline with a step checkpoint at every count (their gcd as the save interval)."""
+    """The pipeline with a step checkpoint at every count (their gcd as the save interval), the
+    older ones as their model alone."""
     interval = math.gcd(*[s for s in steps if s])
     own = [item for item in overrides if not item.startswith("distill.train.steps=")]
     command = [sys.executable, "-m", "nemo_minitron.cli.main", "pipeline", f"work_dir={work}",
                f"distill.train.steps={max(steps)}", f"distill.train.save_interval={interval}",
-               f"distill.train.keep_checkpoints={max(steps) // interval + 1}", *own]
+               "distill.train.keep_models=true", *own]
     print("$", shlex.join(command), flush=True)
     subprocess.run(command, check=True)
 

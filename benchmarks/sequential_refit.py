@@ -1,4 +1,4 @@
-"""Sequential refit (issue 25): each kept layer refit on the pruned model's own inputs, layer by layer.
+"""Refit on the pruned model's own inputs (issue 25): each kept layer on its own stream, layer by layer.
 
 The prune's reconstruction (docs/pruning.md) fits every consumer on the teacher's activations in
 one pass: the inputs a_K are the teacher's, while the pruned model, once its earlier layers are
@@ -12,13 +12,23 @@ the pruned model as refit so far (GPTQ's layer-wise walk). Two targets for a con
 - `corrective`: whatever brings the pruned residual stream back to the teacher's at that point,
   y = h_teacher(after the consumer's residual add, after the dropped run for a bridge) - h_pruned(before it).
 
+Two schedules: `sequential` refits each layer before the next one's statistics are taken;
+`parallel` takes every layer's statistics on the stream of the model as it starts, then refits
+them all (one pass over the model: the form a recorder on a pipeline-parallel model could take).
+
 Each fit is the prune's proximal ridge solve towards the weights it starts from
 (`reconstruct.refit`). The main job's prune settings (windows, seed, target, ridge) are read from
-`PipelineConfig`; `--refit-windows` replaces its `reconstruct_samples`. Held-out perplexity as the main job evaluates it (fp32, 8,192 tokens in
-windows of 512 spread over each text). Single process (TP = PP = 1); a prototype measurement, not
-the library's prune.
+`PipelineConfig`; `--refit-windows` replaces its `reconstruct_samples`. Held-out perplexity as the
+main job evaluates it (fp32, 8,192 tokens in windows of 512 spread over each text). Single process
+(TP = PP = 1); a prototype measurement, not the library's prune.
+
+`--distill DIR` (one mode, one start, one schedule) saves the walked model to DIR/pruned and distils it as the
+main job does (`PipelineConfig().distill`: the same teacher, corpus, steps, schedule and seed, so
+the student's start is the only difference) into DIR/distill, then evaluates DIR/distill/final
+on the same texts: what the walk is worth after distillation.
 
     PYTHONPATH=. .venv/bin/python benchmarks/sequential_refit.py [--work runs/reconstruction] [--refit-windows 64] [--modes local corrective] [--starts plain "one pass"]
+        [--schedules sequential parallel] [--keep-bridged] [--distill DIR]
 """
 
 from __future__ import annotations
@@ -70,9 +80,13 @@ def solve(weight, gram, cross, ridge):
     return refit(weight.detach(), Statistics(gram, cross, torch.ones((), dtype=torch.float64)), ridge)
 
 
-def sequential(teacher, pruned, indices, bridges, runs, windows, mode, ridge):
+def walk(teacher, pruned, indices, bridges, runs, windows, mode, ridge, deferred=False, keep_bridged=False):
     """Refit `pruned`'s linear_proj and linear_fc2, kept layer by kept layer, on its own stream
-    (`runs`: {kept layer: the last of the dropped layers after it}; `bridges`: those bridged)."""
+    (`runs`: {kept layer: the last of the dropped layers after it}; `bridges`: those bridged).
+    `deferred`: every consumer's statistics on the stream of `pruned` as it is, all refit at the
+    end (one pass over the model, as a recorder on a pipeline-parallel model could take them).
+    `keep_bridged`: a bridged MLP keeps the weights it starts from (its target needs the dropped
+    layers, which a model of the pruned depth does not hold)."""
     from nemo_minitron.models.gpt import causal_attention_mask, position_ids_for
 
     s = windows.shape[1] - 1
@@ -83,6 +97,7 @@ def sequential(teacher, pruned, indices, bridges, runs, windows, mode, ridge):
         P = [pruned.embedding(input_ids=b, position_ids=position_ids_for(b)) for b in batches]
     kept = indices.layers
     t_layers, p_layers = teacher.decoder.layers, pruned.decoder.layers
+    solved = []
     with torch.no_grad():
         for j in range(kept[0]):
             T = [layer_forward(t_layers[j], t, mask, rope) for t in T]
@@ -91,6 +106,8 @@ def sequential(teacher, pruned, indices, bridges, runs, windows, mode, ridge):
         run = range(m + 1, runs[m] + 1) if m in runs else range(0)
         bridged = run if m in bridges else range(0)
         for consumer in ("attention", "mlp"):
+            if consumer == "mlp" and bridged and keep_bridged:
+                continue
             p_module = p_layer.self_attention.linear_proj if consumer == "attention" else p_layer.mlp.linear_fc2
             t_module = t_layer.self_attention.linear_proj if consumer == "attention" else t_layer.mlp.linear_fc2
             width = p_module.weight.shape[1]
@@ -133,8 +150,10 @@ def sequential(teacher, pruned, indices, bridges, runs, windows, mode, ridge):
                             y = y + (h - start).reshape(-1, x.shape[-1]).float()
                 gram += (a.T @ a).double()
                 cross += (y.T @ a).double()
-            with torch.no_grad():
-                p_module.weight.copy_(solve(p_module.weight, gram, cross, ridge))
+            solved.append((p_module, gram, cross))
+            if not deferred:
+                with torch.no_grad():
+                    p_module.weight.copy_(solve(p_module.weight, gram, cross, ridge))
         with torch.no_grad():
             for i in range(len(batches)):
                 h = layer_forward(t_layer, T[i], mask, rope)
@@ -142,7 +161,11 @@ def sequential(teacher, pruned, indices, bridges, runs, windows, mode, ridge):
                     h = layer_forward(t_layers[j], h, mask, rope)
                 T[i] = h
                 P[i] = layer_forward(p_layer, P[i], mask, rope)
-        print(f"layer {m} -> {k} refit ({mode})", flush=True)
+        print(f"layer {m} -> {k} {'recorded' if deferred else 'refit'} ({mode})", flush=True)
+    if deferred:
+        with torch.no_grad():
+            for p_module, gram, cross in solved:
+                p_module.weight.copy_(solve(p_module.weight, gram, cross, ridge))
 
 
 def check_layerwise(model, windows):
@@ -164,7 +187,35 @@ def check_layerwise(model, windows):
     assert difference < 1e-4, difference
 
 
-def experiment(work: Path, refit_windows: int, modes: list[str], starts: list[str]):
+def distill_walked(model, work: Path, out: Path, splits: dict[str, Path], paths: dict[str, Path]) -> dict:
+    """Save `model` to out/pruned, distil it with the main job's distillation settings into
+    out/distill, and return out/distill/final's perplexity on each of `paths`."""
+    import dataclasses
+
+    from nemo_minitron import checkpoint
+    from nemo_minitron.convert import ImportConfig, import_checkpoint
+    from nemo_minitron.distill.stage import distill_checkpoint
+    from nemo_minitron.eval.stage import EvalConfig, evaluate_checkpoint
+    from nemo_minitron.pipeline.run import PipelineConfig
+    from nemo_minitron.train.config import DataConfig
+
+    main_job = PipelineConfig()
+    teacher = work / "teacher"
+    import_checkpoint(ImportConfig(**dataclasses.asdict(main_job.teacher), output_dir=str(teacher),
+                                   **main_job.stage_settings()))
+    if not checkpoint.is_complete(out / "pruned"):
+        checkpoint.save_checkpoint(model, out / "pruned", checkpoint.load_tokenizer(teacher),
+                                   metadata={"stage": "prune", "note": "benchmarks/sequential_refit.py walk"})
+    distill_checkpoint(dataclasses.replace(main_job.distill, teacher=str(teacher), student=str(out / "pruned"),
+                                           output_dir=str(out / "distill"),
+                                           data=DataConfig(train=str(splits["train"]), valid=str(splits["heldout"]))))
+    return {name: round(evaluate_checkpoint(EvalConfig(checkpoint=str(out / "distill" / "final"), data=str(path),
+                                                       seq_len=SEQ_LEN, max_tokens=MAX_TOKENS))["perplexity"], 2)
+            for name, path in paths.items()}
+
+
+def experiment(work: Path, refit_windows: int, modes: list[str], starts: list[str], schedules: list[str],
+               distill: Path | None = None, keep_bridged: bool = False):
     from nemo_minitron.convert import read_source
     from nemo_minitron.data.indexed import load_token_stream
     from nemo_minitron.eval.perplexity import evaluate_perplexity, windows_from_stream
@@ -210,16 +261,18 @@ def experiment(work: Path, refit_windows: int, modes: list[str], starts: list[st
     bridges = {c["layer"]: c["dropped"][1] for c in reconstruction.bridge_checks if c["kept"]}
     runs = dropped_runs(indices, arch)
     check_layerwise(teacher, refit[:MICRO])
-    for mode in modes:
-        for start_from in starts:
-            model = prune_model(teacher, target, indices) if start_from == "plain" else \
-                prune_model(teacher, target, indices, reconstruction=reconstruction, bridge_loss=loss)
-            model.eval()
-            start = time.perf_counter()
-            sequential(teacher, model, indices, bridges, runs, refit, mode, ridge)
-            name = f"sequential {mode}, from {start_from}"
-            results[name] = {**evaluate(model), "s": round(time.perf_counter() - start, 1), "loss": round(loss(model), 4)}
-            print(name, results[name], flush=True)
+    for schedule, mode, start_from in [(a, b, c) for a in schedules for b in modes for c in starts]:
+        model = prune_model(teacher, target, indices) if start_from == "plain" else \
+            prune_model(teacher, target, indices, reconstruction=reconstruction, bridge_loss=loss)
+        model.eval()
+        start = time.perf_counter()
+        walk(teacher, model, indices, bridges, runs, refit, mode, ridge, schedule == "parallel", keep_bridged)
+        name = f"{schedule} {mode}, from {start_from}{', bridged MLPs kept' if keep_bridged else ''}"
+        results[name] = {**evaluate(model), "s": round(time.perf_counter() - start, 1), "loss": round(loss(model), 4)}
+        print(name, results[name], flush=True)
+        if distill is not None:
+            results[f"{name}, distilled"] = distill_walked(model, work, distill, splits, paths)
+            print(f"{name}, distilled", results[f"{name}, distilled"], flush=True)
     return results
 
 
@@ -232,9 +285,17 @@ def main():
     parser.add_argument("--modes", nargs="+", choices=["local", "corrective"], default=["local", "corrective"])
     parser.add_argument("--starts", nargs="+", choices=["plain", "one pass"], default=["plain", "one pass"],
                         help="the weights each sequential refit starts from (and its ridge pulls towards)")
+    parser.add_argument("--schedules", nargs="+", choices=["sequential", "parallel"], default=["sequential"],
+                        help="sequential: each layer refit before the next is recorded; parallel: every layer "
+                             "recorded on the unchanged model, all refit at the end")
+    parser.add_argument("--keep-bridged", action="store_true", help="bridged MLPs keep the weights they start from")
+    parser.add_argument("--distill", type=Path, help="distil the walked model as the main job does, here (one of each)")
     args = parser.parse_args()
+    if args.distill and len(args.modes) * len(args.starts) * len(args.schedules) != 1:
+        parser.error("--distill takes one --modes, one --starts and one --schedules")
     parallel.initialize(1, 1, 0)
-    results = experiment(Path(args.work), args.refit_windows, args.modes, args.starts)
+    results = experiment(Path(args.work), args.refit_windows, args.modes, args.starts, args.schedules, args.distill,
+                         args.keep_bridged)
     print(json.dumps(results, indent=1))
 
 

@@ -63,7 +63,7 @@ def distill_overrides(arm: Path, train: Path, output_dir: Path) -> list[str]:
     saved = sorted(int(p.name.removeprefix("step_")) for p in (arm / "distill" / "checkpoints").iterdir())
     interval = saved[0] if saved else steps
     return [*overrides, f"data.train={train}", f"output_dir={output_dir}", f"train.save_interval={interval}",
-            f"train.keep_checkpoints={steps // interval + 1}", "train.progress_bar=false"]
+            "train.keep_models=true", "train.progress_bar=false"]
 
 
 def main() -> None:

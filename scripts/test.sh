@@ -13,7 +13,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TIER=(-m "")
-if [ "${1:-}" = --fast ]; then TIER=(); shift; fi
+NEED_GIB=10  # the two venvs (~5 GiB with pip's scratch) and the tests' checkpoints under the temp dir (~2 GiB)
+if [ "${1:-}" = --fast ]; then TIER=(); NEED_GIB=4; shift; fi
+# A full disk fails tests all over the suite, slowly: refuse at once, saying where.
+for dir in . "${TMPDIR:-/tmp}"; do
+  free_gib=$(( $(df -Pk "$dir" | awk 'NR == 2 {print $4}') / 1048576 ))
+  if [ "$free_gib" -lt "$NEED_GIB" ]; then
+    echo "error: $free_gib GiB free on $(df -P "$dir" | awk 'NR == 2 {print $6}') (holding $(cd "$dir" && pwd));" \
+         "the tests need about $NEED_GIB GiB there: free some space first" >&2
+    exit 1
+  fi
+done
 bash scripts/install.sh --test
 if [ ${#TIER[@]} -gt 0 ]; then bash scripts/compat.sh 0.15.3 --no-tests; fi
 exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "${TIER[@]}" "$@"

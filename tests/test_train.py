@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def _stream() -> torch.Tensor:
 
 
 def lm_trainer(arch, global_sd, micro_batch_size: int, tmp: str, dtype: torch.dtype = torch.float32,
-               steps: int = STEPS):
+               steps: int = STEPS, **cadence):
     from nemo_minitron.models.gpt import build_gpt_model
     from nemo_minitron.train import LMLoss, TokenWindows, Trainer, TrainingData
 
@@ -37,7 +38,8 @@ def lm_trainer(arch, global_sd, micro_batch_size: int, tmp: str, dtype: torch.dt
     bridge.load_global(model, global_sd)
     data = TrainingData(TokenWindows(_stream(), 16, seed=0), None)
     return Trainer(model, LMLoss(), data,
-                   TrainConfig(steps=steps, global_batch_size=4, seq_length=16, micro_batch_size=micro_batch_size),
+                   TrainConfig(steps=steps, global_batch_size=4, seq_length=16, micro_batch_size=micro_batch_size,
+                               **cadence),
                    OptimConfig(lr=LR, min_lr=MIN_LR, warmup_steps=WARMUP, clip_grad=1.0), tmp)
 
 
@@ -105,6 +107,34 @@ def test_a_trainer_refuses_to_resume_other_settings_as_a_stage_does(tmp_path):
     assert str(err.value) == (f"output_dir={tmp_path / 'run'} holds a training run made with other settings "
                               f"(loss.kind: '<unset>' -> 'fwd_kl'; optim.lr: 0.001 -> 0.0003): repeat those settings, "
                               f"or choose another output_dir")
+
+
+def fit_keeping_models(arch, global_sd, tmp: str):
+    """A checkpoint after every step, the two newest whole and the older ones as their model; then
+    the step-1 model loaded, and the weights of a fresh run after one step."""
+    from nemo_minitron import checkpoint
+    from nemo_minitron.train import state
+
+    lm_trainer(arch, global_sd, 4, f"{tmp}/run", save_interval=1, keep_checkpoints=2, keep_models=True).fit()
+    contents = {p.name: sorted(q.name for q in p.iterdir()) for p in (Path(tmp) / "run" / "checkpoints").iterdir()}
+    complete = [p.name for p in state.complete_checkpoints(Path(tmp) / "run")]
+    saved = bridge.gather_global(checkpoint.load_checkpoint(Path(tmp) / "run" / "checkpoints" / "step_0000001" / "model"))
+    one_step = lm_trainer(arch, global_sd, 4, f"{tmp}/one")
+    one_step.train_step()
+    return contents, complete, saved, bridge.gather_global(one_step.module)
+
+
+def test_keep_models_keeps_the_older_checkpoints_weights_and_resumes_from_the_newest_whole_one(tiny, tmp_path):
+    [(contents, complete, saved, one_step)] = run_distributed(fit_keeping_models, world_size=1,
+                                                              args=(*tiny, str(tmp_path)))
+    whole = ["model", "train_state", "trainer.json"]
+    # steps 1..4 saved (the last step writes final/ instead); two whole, the older two their model alone
+    assert contents == {"step_0000001": ["model"], "step_0000002": ["model"], "step_0000003": whole,
+                        "step_0000004": whole}
+    assert complete == ["step_0000003", "step_0000004"]  # what a resumed run may start from
+    assert saved.keys() == one_step.keys()
+    for name in saved:
+        torch.testing.assert_close(saved[name], one_step[name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("world,micro_batch_size", [(1, 4), pytest.param(2, 1, marks=pytest.mark.slow)],

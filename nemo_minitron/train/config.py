@@ -42,6 +42,7 @@ class TrainConfig:
     eval_batches: int = 2       # global batches of held-out data per validation
     save_interval: int = 50     # step checkpoint every N steps (and always on SIGTERM / SIGUSR1)
     keep_checkpoints: int = 2   # newest step checkpoints kept on disk
+    keep_models: bool = False   # older step checkpoints keep their model/ (for eval and export), not what resuming needs
     progress_bar: bool = True   # on a terminal
     # loss-spike guard: loss > factor x median of the last `window` steps
     spike: SpikeConfig = nested(SpikeConfig)

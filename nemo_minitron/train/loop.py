@@ -41,7 +41,8 @@ TENSORBOARD_DIR = "tensorboard"
 # Everything a run writes into its output directory.
 RUN_ENTRIES = (FINAL_DIR, state.CHECKPOINTS_DIR, METRICS_FILE, TENSORBOARD_DIR)
 # Settings that change how often a run reports or saves, not what it trains: a run may resume with others.
-CADENCE_KEYS = ("log_interval", "eval_interval", "eval_batches", "save_interval", "keep_checkpoints", "progress_bar")
+CADENCE_KEYS = ("log_interval", "eval_interval", "eval_batches", "save_interval", "keep_checkpoints", "keep_models",
+                "progress_bar")
 
 
 class SpikeGuard:
@@ -186,7 +187,7 @@ class Trainer:
             metadata={**self.metadata, "step": self.step}, optimizer=self.optimizer, scheduler=self.scheduler,
             extra=self.extra, info=self._info(),
         )
-        state.keep_newest(self.output_dir, self.train_cfg.keep_checkpoints)
+        state.keep_newest(self.output_dir, self.train_cfg.keep_checkpoints, self.train_cfg.keep_models)
         log.info("saved %s", path)
         return path
 
