@@ -124,7 +124,7 @@ def fit_keeping_models(arch, global_sd, tmp: str):
     return contents, complete, saved, bridge.gather_global(one_step.module)
 
 
-def test_keep_models_keeps_the_older_checkpoints_weights_and_resumes_from_the_newest_whole_one(tiny, tmp_path):
+def test_keep_models_keeps_each_older_checkpoints_model_and_the_newest_two_whole(tiny, tmp_path):
     [(contents, complete, saved, one_step)] = run_distributed(fit_keeping_models, world_size=1,
                                                               args=(*tiny, str(tmp_path)))
     whole = ["model", "train_state", "trainer.json"]
