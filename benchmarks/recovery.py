@@ -3,11 +3,12 @@
 Every arm is one `minitron pipeline` run on the embedded default (SmolLM2-135M, the Debian corpus)
 with the main job's settings plus the arm's overrides, distilling for the largest token count
 asked, a step checkpoint kept at every other count (as its model alone, `train.keep_models`: a
-192-step arm takes ~4.4 GB, not the 17 GB of whole checkpoints with their optimizer state). Each checkpoint (and the pruned model, at 0
-tokens) is evaluated as the main job evaluates: fp32, `--eval-tokens` tokens in windows of 512
-spread evenly over the text, on the recipe arm's held-out split (every arm on the same text) and on
-the two out-of-corpus texts of `benchmarks/main_job.py` (the Jargon File, the Debian constitution);
-with `--by-source` also on each source's share of that held-out split (`heldout:SOURCE`).
+192-step arm takes ~4.4 GB, not the 17 GB of whole checkpoints with their optimizer state). Each
+checkpoint (and the pruned model, at 0 tokens) is evaluated as the main job evaluates: fp32,
+`--eval-tokens` tokens in windows of 512 spread evenly over the text, on the recipe arm's held-out
+split (every arm on the same text) and on the two out-of-corpus texts of `benchmarks/main_job.py`
+(the Jargon File, the Debian constitution); with `--by-source` also on each source's share of that
+held-out split (`heldout:SOURCE`).
 
 Reported per arm and text: perplexity at each token count, the fraction of the lost
 log-perplexity recovered, (ln pruned - ln p) / (ln pruned - ln teacher) with the recipe arm's
