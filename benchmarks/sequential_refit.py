@@ -22,10 +22,11 @@ Each fit is the prune's proximal ridge solve towards the weights it starts from
 main job evaluates it (fp32, 8,192 tokens in windows of 512 spread over each text). Single process
 (TP = PP = 1); a prototype measurement, not the library's prune.
 
-`--distill DIR` (one mode, one start, one schedule) saves the walked model to DIR/pruned and distils it as the
-main job does (`PipelineConfig().distill`: the same teacher, corpus, steps, schedule and seed, so
-the student's start is the only difference) into DIR/distill, then evaluates DIR/distill/final
-on the same texts: what the walk is worth after distillation.
+`--distill DIR` (one mode, one start, one schedule) saves the walked model to DIR/pruned and
+distils it as the main job does (`PipelineConfig().distill`: the same teacher, corpus, steps,
+schedule and seed, so the student's start is the only difference) into DIR/distill, then
+evaluates DIR/distill/final on the same texts as recovery.py evaluates a checkpoint: what the walk
+is worth after distillation.
 
     PYTHONPATH=. .venv/bin/python benchmarks/sequential_refit.py [--work runs/reconstruction] [--refit-windows 64] [--modes local corrective] [--starts plain "one pass"]
         [--schedules sequential parallel] [--keep-bridged] [--distill DIR]
@@ -34,6 +35,7 @@ on the same texts: what the walk is worth after distillation.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -44,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from main_job import MAX_TOKENS, SEQ_LEN, write_texts  # noqa: E402
+from recovery import evaluate as evaluate_checkpoint_on  # noqa: E402
 
 MICRO = 4
 
@@ -150,8 +153,9 @@ def walk(teacher, pruned, indices, bridges, runs, windows, mode, ridge, deferred
                             y = y + (h - start).reshape(-1, x.shape[-1]).float()
                 gram += (a.T @ a).double()
                 cross += (y.T @ a).double()
-            solved.append((p_module, gram, cross))
-            if not deferred:
+            if deferred:
+                solved.append((p_module, gram, cross))
+            else:
                 with torch.no_grad():
                     p_module.weight.copy_(solve(p_module.weight, gram, cross, ridge))
         with torch.no_grad():
@@ -195,7 +199,6 @@ def distill_walked(model, work: Path, out: Path, splits: dict[str, Path], paths:
     from nemo_minitron import checkpoint
     from nemo_minitron.convert import ImportConfig, import_checkpoint
     from nemo_minitron.distill.stage import distill_checkpoint
-    from nemo_minitron.eval.stage import EvalConfig, evaluate_checkpoint
     from nemo_minitron.pipeline.run import PipelineConfig
     from nemo_minitron.train.config import DataConfig
 
@@ -209,9 +212,8 @@ def distill_walked(model, work: Path, out: Path, splits: dict[str, Path], paths:
     distill_checkpoint(dataclasses.replace(main_job.distill, teacher=str(teacher), student=str(out / "pruned"),
                                            output_dir=str(out / "distill"),
                                            data=DataConfig(train=str(splits["train"]), valid=str(splits["heldout"]))))
-    return {name: round(evaluate_checkpoint(EvalConfig(checkpoint=str(out / "distill" / "final"), data=str(path),
-                                                       seq_len=SEQ_LEN, max_tokens=MAX_TOKENS))["perplexity"], 2)
-            for name, path in paths.items()}
+    return {name: round(ppl, 2) for name, ppl in evaluate_checkpoint_on(out / "distill" / "final", paths,
+                                                                         MAX_TOKENS).items()}
 
 
 def experiment(work: Path, refit_windows: int, modes: list[str], starts: list[str], schedules: list[str],
@@ -261,7 +263,7 @@ def experiment(work: Path, refit_windows: int, modes: list[str], starts: list[st
     bridges = {c["layer"]: c["dropped"][1] for c in reconstruction.bridge_checks if c["kept"]}
     runs = dropped_runs(indices, arch)
     check_layerwise(teacher, refit[:MICRO])
-    for schedule, mode, start_from in [(a, b, c) for a in schedules for b in modes for c in starts]:
+    for schedule, mode, start_from in itertools.product(schedules, modes, starts):
         model = prune_model(teacher, target, indices) if start_from == "plain" else \
             prune_model(teacher, target, indices, reconstruction=reconstruction, bridge_loss=loss)
         model.eval()

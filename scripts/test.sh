@@ -17,9 +17,10 @@ NEED_GIB=10  # the two venvs (~5 GiB with pip's scratch) and the tests' checkpoi
 if [ "${1:-}" = --fast ]; then TIER=(); NEED_GIB=4; shift; fi
 # A full disk fails tests all over the suite, slowly: refuse at once, saying where.
 for dir in . "${TMPDIR:-/tmp}"; do
-  free_gib=$(( $(df -Pk "$dir" | awk 'NR == 2 {print $4}') / 1048576 ))
+  read -r free_kib mount < <(df -Pk "$dir" | awk 'NR == 2 {print $4, $6}')
+  free_gib=$(( free_kib / 1048576 ))
   if [ "$free_gib" -lt "$NEED_GIB" ]; then
-    echo "error: $free_gib GiB free on $(df -P "$dir" | awk 'NR == 2 {print $6}') (holding $(cd "$dir" && pwd));" \
+    echo "error: $free_gib GiB free on $mount (holding $(cd "$dir" && pwd));" \
          "the tests need about $NEED_GIB GiB there: free some space first" >&2
     exit 1
   fi

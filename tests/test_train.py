@@ -115,10 +115,11 @@ def fit_keeping_models(arch, global_sd, tmp: str):
     from nemo_minitron import checkpoint
     from nemo_minitron.train import state
 
-    lm_trainer(arch, global_sd, 4, f"{tmp}/run", save_interval=1, keep_checkpoints=2, keep_models=True).fit()
-    contents = {p.name: sorted(q.name for q in p.iterdir()) for p in (Path(tmp) / "run" / "checkpoints").iterdir()}
-    complete = [p.name for p in state.complete_checkpoints(Path(tmp) / "run")]
-    saved = bridge.gather_global(checkpoint.load_checkpoint(Path(tmp) / "run" / "checkpoints" / "step_0000001" / "model"))
+    run = Path(tmp) / "run"
+    lm_trainer(arch, global_sd, 4, str(run), save_interval=1, keep_checkpoints=2, keep_models=True).fit()
+    contents = {p.name: sorted(q.name for q in p.iterdir()) for p in (run / state.CHECKPOINTS_DIR).iterdir()}
+    complete = [p.name for p in state.complete_checkpoints(run)]
+    saved = bridge.gather_global(checkpoint.load_checkpoint(state.step_dir(run, 1) / state.MODEL_DIR))
     one_step = lm_trainer(arch, global_sd, 4, f"{tmp}/one")
     one_step.train_step()
     return contents, complete, saved, bridge.gather_global(one_step.module)
