@@ -211,6 +211,36 @@ def test_pipeline_searches_instead_of_pruning(hf_dir, tmp_path):
     assert "search/loss_vs_params.png" in (work / "report.md").read_text()
 
 
+@pytest.mark.slow
+def test_pipeline_distils_from_the_corrected_teacher_and_reports_both(hf_dir, tmp_path):
+    """teacher_correct.enabled=true: the corrected teacher is pruned and distilled from, and the
+    report shows it beside the teacher as imported, whose perplexity equals transformers' on the
+    user's HF model (the tiny teacher on a corpus of the user's file alone)."""
+    docs = write_sentence_docs(tmp_path / "docs.jsonl", 120)
+    work = tmp_path / "corrected"
+    result = last_json(minitron(
+        "pipeline", f"work_dir={work}", f"teacher.hf_path={hf_dir}", "corpus.sources=[]",
+        f"corpus.user_paths=[{docs}]", "corpus.heldout_fraction=0.2", "corpus.calib_fraction=0.2",
+        "teacher_correct.enabled=true", "teacher_correct.train.steps=4", "teacher_correct.train.seq_length=16",
+        "teacher_correct.optim.lr=1e-2", "teacher_correct.optim.warmup_steps=0",
+        "prune.target.num_layers=2", "prune.target.ffn_hidden_size=64", "prune.calib.num_samples=8",
+        "prune.calib.seq_len=16", "prune.reconstruct_samples=8", "prune.loss_samples=2",
+        "distill.train.steps=1", "distill.train.seq_length=16", "distill.optim.warmup_steps=0",
+        "distill.train.save_interval=0", "eval.seq_len=16", "eval.max_tokens=256"))
+    assert list(result["stage_seconds"]) == ["import", "corpus", "teacher_correct", "prune", "distill", "export_hf",
+                                             "eval_teacher_uncorrected", "eval_teacher", "eval_pruned", "eval_student"]
+    corrected, uncorrected = result["teacher"], result["teacher"]["uncorrected"]
+    assert corrected["checkpoint"] == str(work / "teacher_corrected" / "final")
+    pruned_from = json.loads((work / "pruned" / "metadata.json").read_text())["teacher"]
+    assert Path(pruned_from).resolve() == (work / "teacher_corrected" / "final").resolve()
+    assert uncorrected["checkpoint"] == str(work / "teacher")
+    expected = reference_perplexity(hf_dir, work / "corpus" / "heldout.jsonl", 16, max_windows=16)
+    assert uncorrected["heldout_perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert corrected["heldout_perplexity"] < uncorrected["heldout_perplexity"]  # fine-tuned on the same sentences
+    row = next(line for line in (work / "report.md").read_text().splitlines() if "before correction" in line)
+    assert row.split() == ["teacher", "before", "correction", f"{uncorrected['heldout_perplexity']:.2f}"]
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["distill.optim.warmup_steps=200"], "the distill block (distill.* keys): optim.warmup_steps=200 must be below "
                                          "train.steps=72"),

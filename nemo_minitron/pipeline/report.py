@@ -14,6 +14,8 @@ def table(summary: dict) -> str:
         ("parameters (total)", f"{t['parameters']['total']:,}", f"{s['parameters']['total']:,}"),
         ("parameters (non-embedding)", f"{t['parameters']['non_embedding']:,}", f"{s['parameters']['non_embedding']:,}"),
         ("held-out perplexity", f"{t['heldout_perplexity']:.2f}", f"{s['heldout_perplexity']:.2f}"),
+        *([("  teacher before correction", f"{t['uncorrected']['heldout_perplexity']:.2f}", "")]
+          if "uncorrected" in t else []),
         ("  pruned, before distillation", "", f"{p['heldout_perplexity']:.2f}"),
         ("distillation tokens", "", f"{summary['distillation_tokens']:,}"),
         ("dtype, distillation / evaluation", "", "{distill} / {eval}".format(**summary["dtype"])),
@@ -54,10 +56,16 @@ def write_report(work: Path, summary: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = ["teacher", "pruned", "student"]
-    values = [summary[k]["heldout_perplexity"] for k in labels]
+    bars = {"teacher": summary["teacher"], "pruned": summary["pruned"], "student": summary["student"]}
+    colors = ["#4c72b0", "#c44e52", "#55a868"]
+    if "uncorrected" in summary["teacher"]:
+        bars = {"teacher\n(uncorrected)": summary["teacher"]["uncorrected"], "teacher\n(corrected)": bars.pop("teacher"),
+                **bars}
+        colors.insert(0, "#8172b2")
+    labels = list(bars)
+    values = [bar["heldout_perplexity"] for bar in bars.values()]
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(labels, values, color=["#4c72b0", "#c44e52", "#55a868"])
+    ax.bar(labels, values, color=colors)
     ax.set_ylabel(f"held-out perplexity (window {summary['eval']['seq_len']})")
     ax.set_yscale("log")
     for i, v in enumerate(values):

@@ -217,9 +217,9 @@ def _run_stages(cfg: PipelineConfig) -> dict:
     common = cfg.stage_settings()  # for the stages without a block
     stages = Stages(work)
 
-    teacher = work / "teacher"
+    imported = teacher = work / "teacher"
     stages.run("import", lambda: import_checkpoint(ImportConfig(
-        **dataclasses.asdict(cfg.teacher), output_dir=str(teacher), **common)))
+        **dataclasses.asdict(cfg.teacher), output_dir=str(imported), **common)))
 
     splits: dict[str, Path] = {}
     corpus = cfg.corpus if cfg.corpus.output_dir else dataclasses.replace(cfg.corpus, output_dir=str(work / "corpus"))
@@ -270,13 +270,15 @@ def _run_stages(cfg: PipelineConfig) -> dict:
             checkpoint=str(student), output_dir=str(work / "student_nemo"), **common)))
 
     perplexity: dict[str, dict] = {}
-    for label, ckpt in (("teacher", teacher), ("pruned", pruned), ("student", student)):
+    # after a correction the report shows the teacher the user brought as well as the one distilled from
+    evaluated = [("teacher_uncorrected", imported)] if teacher != imported else []
+    for label, ckpt in (*evaluated, ("teacher", teacher), ("pruned", pruned), ("student", student)):
         evaluation = dataclasses.replace(cfg.eval, checkpoint=str(ckpt), data=str(splits["heldout"]),
                                          harness=HarnessConfig())
         stages.run(f"eval_{label}", lambda evaluation=evaluation, label=label: perplexity.__setitem__(
             label, evaluate_checkpoint(evaluation)))
 
-    summary = _summary(work, teacher, pruned, student, perplexity, stages, splits)
+    summary = _summary(work, imported, teacher, pruned, student, perplexity, stages, splits)
     summary["dtype"] = {"distill": distill.dtype, "eval": perplexity["student"]["dtype"]}
     if parallel.is_main_process():
         (work / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -290,14 +292,17 @@ def _tokens_used(path: Path) -> int:
     return int(meta.get("result", {}).get("tokens", 0))
 
 
-def _summary(work: Path, teacher: Path, pruned: Path, student: Path, perplexity: dict, stages: Stages,
-             splits: dict[str, Path]) -> dict:
+def _summary(work: Path, imported: Path, teacher: Path, pruned: Path, student: Path, perplexity: dict,
+             stages: Stages, splits: dict[str, Path]) -> dict:
     teacher_arch, student_arch = checkpoint.read_arch(teacher), checkpoint.read_arch(student)
     return {
         "work_dir": str(work),
         "corpus": {name: str(path) for name, path in splits.items()},
         "teacher": {"checkpoint": str(teacher), "parameters": teacher_arch.num_parameters(),
-                    "heldout_perplexity": perplexity["teacher"]["perplexity"]},
+                    "heldout_perplexity": perplexity["teacher"]["perplexity"],
+                    **({"uncorrected": {"checkpoint": str(imported),
+                                        "heldout_perplexity": perplexity["teacher_uncorrected"]["perplexity"]}}
+                       if "teacher_uncorrected" in perplexity else {})},
         "pruned": {"checkpoint": str(pruned), "heldout_perplexity": perplexity["pruned"]["perplexity"]},
         "student": {"checkpoint": str(student), "hf_dir": str(work / "student_hf"),
                     **{f"{kind}_dir": str(work / f"student_{kind}") for kind in ("megatron", "nemo")
