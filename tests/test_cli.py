@@ -14,7 +14,7 @@ import transformers
 from safetensors.torch import load_file
 
 from commands import last_json, minitron
-from tiny import reference_perplexity, tiny_arch, write_hf_dir, write_sentence_docs
+from tiny import reference_perplexity, tiny_arch, user_corpus, write_hf_dir, write_sentence_docs
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
@@ -190,12 +190,10 @@ def test_pipeline_searches_instead_of_pruning(hf_dir, tmp_path):
     exports and evaluates (the tiny teacher on a corpus of the user's file alone)."""
     from nemo_minitron import checkpoint
 
-    docs = write_sentence_docs(tmp_path / "docs.jsonl", 120)
     work = tmp_path / "searched"
     budget = 6.5e4  # ~60% of the tiny teacher's non-embedding parameters
     result = last_json(minitron(
-        "pipeline", f"work_dir={work}", f"teacher.hf_path={hf_dir}", "corpus.sources=[]",
-        f"corpus.user_paths=[{docs}]", "corpus.heldout_fraction=0.2", "corpus.calib_fraction=0.2",
+        "pipeline", f"work_dir={work}", f"teacher.hf_path={hf_dir}", *user_corpus(tmp_path / "docs.jsonl"),
         "search.enabled=true", f"search.budget.non_embedding_params={budget}", "++search.budget.tolerance=0.15",
         "++search.search.space.hidden_multiple=16", "++search.search.space.ffn_multiple=32",
         "++search.search.space.choices.num_query_groups=[2]", "search.search.max_candidates=2", "search.search.top_k=1",
@@ -216,11 +214,9 @@ def test_pipeline_distils_from_the_corrected_teacher_and_reports_both(hf_dir, tm
     """teacher_correct.enabled=true: the corrected teacher is pruned and distilled from, and the
     report shows it beside the teacher as imported, whose perplexity equals transformers' on the
     user's HF model (the tiny teacher on a corpus of the user's file alone)."""
-    docs = write_sentence_docs(tmp_path / "docs.jsonl", 120)
     work = tmp_path / "corrected"
     result = last_json(minitron(
-        "pipeline", f"work_dir={work}", f"teacher.hf_path={hf_dir}", "corpus.sources=[]",
-        f"corpus.user_paths=[{docs}]", "corpus.heldout_fraction=0.2", "corpus.calib_fraction=0.2",
+        "pipeline", f"work_dir={work}", f"teacher.hf_path={hf_dir}", *user_corpus(tmp_path / "docs.jsonl"),
         "teacher_correct.enabled=true", "teacher_correct.train.steps=4", "teacher_correct.train.seq_length=16",
         "teacher_correct.optim.lr=1e-2", "teacher_correct.optim.warmup_steps=0",
         "prune.target.num_layers=2", "prune.target.ffn_hidden_size=64", "prune.calib.num_samples=8",

@@ -24,7 +24,7 @@ import torch
 from commands import last_json, minitron
 from distributed import run_distributed
 from nemo_minitron.models import bridge
-from tiny import hf_model, tiny_arch, tiny_moe_arch, write_hf_dir, write_sentence_docs
+from tiny import hf_model, tiny_arch, tiny_moe_arch, user_corpus, write_hf_dir
 
 pytestmark = pytest.mark.gpu
 
@@ -166,10 +166,9 @@ def test_pipeline_on_the_gpu(tmp_path):
     """The main job on a tiny teacher and a corpus of the user's own file (a GPU node reaches no
     Debian mirror): import, prune, distill in bf16, export, evaluate."""
     write_hf_dir(tmp_path / "hf", tiny_arch(tie=True))
-    docs = write_sentence_docs(tmp_path / "docs.jsonl", 120)
     result = last_json(minitron(
-        "pipeline", f"work_dir={tmp_path / 'run'}", f"teacher.hf_path={tmp_path / 'hf'}", "corpus.sources=[]",
-        f"corpus.user_paths=[{docs}]", "corpus.heldout_fraction=0.2", "corpus.calib_fraction=0.2",
+        "pipeline", f"work_dir={tmp_path / 'run'}", f"teacher.hf_path={tmp_path / 'hf'}",
+        *user_corpus(tmp_path / "docs.jsonl"),
         "prune.target.ffn_hidden_size=48", "prune.target.num_layers=3", "prune.calib.num_samples=8",
         "prune.calib.seq_len=16", "prune.loss_samples=2", "distill.train.steps=4", "distill.train.seq_length=16",
         "distill.optim.warmup_steps=1", "distill.train.save_interval=0", "eval.seq_len=16", "eval.max_tokens=256"))

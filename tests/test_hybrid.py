@@ -453,14 +453,13 @@ def test_pipeline_prunes_distils_and_exports_a_hybrid(tmp_path):
     kept Mamba layer's out_proj and the MLP), distil, export, evaluate; the exported student
     computes the distilled checkpoint's logits in transformers."""
     from commands import last_json, minitron
-    from tiny import write_hf_dir, write_sentence_docs
+    from tiny import user_corpus, write_hf_dir
 
     write_hf_dir(tmp_path / "hf", tiny_arch(tie=False, family="nemotron_h"))
-    docs = write_sentence_docs(tmp_path / "docs.jsonl", 120)
     work = tmp_path / "work"
     proc = minitron(
-        "pipeline", f"work_dir={work}", f"teacher.hf_path={tmp_path / 'hf'}", "corpus.sources=[]",
-        f"corpus.user_paths=[{docs}]", "corpus.heldout_fraction=0.2", "corpus.calib_fraction=0.2",
+        "pipeline", f"work_dir={work}", f"teacher.hf_path={tmp_path / 'hf'}",
+        *user_corpus(tmp_path / "docs.jsonl"),
         "prune.target.num_layers=null", "prune.target.num_mamba_layers=1", "prune.depth.method=block_importance",
         "prune.target.hidden_size=48", "prune.target.ffn_hidden_size=64",
         "prune.target.mamba_num_heads=4", "prune.target.mamba_head_dim=8", "prune.calib.num_samples=8",

@@ -25,7 +25,7 @@ from nemo_minitron import checkpoint, convert
 from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge, nemo2
 from nemo_minitron.models.hf_io import write_hf_directory
-from tiny import hf_model, tiny_arch, tiny_moe_arch, tiny_tokenizer, write_hf_dir, write_sentence_docs
+from tiny import hf_model, tiny_arch, tiny_moe_arch, tiny_tokenizer, user_corpus, write_hf_dir, write_sentence_docs
 
 DRIVER = Path(__file__).parent / "nemo_driver.py"
 TOKENS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -364,11 +364,10 @@ def test_a_checkpoint_whose_norms_are_all_ones_is_warned_about():
 def test_pipeline_from_nemo_to_nemo_and_megatron_lm_beside_nemo(teacher, compat_python, tmp_path):
     """The main job in NeMo's environment (megatron-core 0.15.3, transformers 4.57, NeMo 2.7.3):
     NeMo's checkpoint in, the student out as Hugging Face, Megatron-LM and NeMo 2."""
-    docs = write_sentence_docs(tmp_path / "docs.jsonl", 60)
     work = tmp_path / "run"
     summary = last_json(minitron(
-        "pipeline", f"work_dir={work}", f"teacher.nemo_path={teacher['nemo']}", "corpus.sources=[]",
-        f"corpus.user_paths=[{docs}]", "corpus.heldout_fraction=0.2", "corpus.calib_fraction=0.2",
+        "pipeline", f"work_dir={work}", f"teacher.nemo_path={teacher['nemo']}",
+        *user_corpus(tmp_path / "docs.jsonl", 60),
         "prune.target={ffn_hidden_size: 64, num_layers: 2}", "prune.calib.num_samples=4", "prune.calib.seq_len=32",
         "prune.loss_samples=2", "distill.train.steps=2", "distill.train.seq_length=32", "distill.optim.warmup_steps=1",
         "distill.train.save_interval=0", "eval.seq_len=32", "eval.max_tokens=256", "export.megatron=true",

@@ -401,13 +401,11 @@ def submit(cluster: SlurmCluster, script: str, log: Path, *args: str, tasks: int
 def test_pipeline_job_takes_the_tiny_teacher_to_results(slurm_cluster, tiny_teacher_source, tmp_path):
     """`pipeline.sh` on one task: import, corpus (the user's file alone), prune, distill, export,
     evaluate, as tests/test_cli.py runs the pipeline on a tiny Hugging Face teacher."""
-    from tiny import write_sentence_docs
+    from tiny import user_corpus
 
-    docs = write_sentence_docs(tmp_path / "docs.jsonl", 120)
     work, log = tmp_path / "work", tmp_path / "pipeline.out"
     job = submit(slurm_cluster, "pipeline.sh", log, f"work_dir={work}", f"teacher.hf_path={tiny_teacher_source / 'hf'}",
-                 "corpus.sources=[]", f"corpus.user_paths=[{docs}]", "corpus.heldout_fraction=0.2",
-                 "corpus.calib_fraction=0.2", "prune.calib.num_samples=8", "prune.calib.seq_len=16",
+                 *user_corpus(tmp_path / "docs.jsonl"), "prune.calib.num_samples=8", "prune.calib.seq_len=16",
                  "prune.loss_samples=2", "prune.target.num_layers=3", "prune.target.ffn_hidden_size=64",
                  "distill.train.steps=2", "distill.train.seq_length=16",
                  "distill.optim.warmup_steps=1", "distill.train.save_interval=0", "eval.seq_len=16",

@@ -93,6 +93,14 @@ def write_sentence_docs(path: Path, count: int) -> Path:
     return path
 
 
+def user_corpus(path: Path, count: int = 120) -> list[str]:
+    """Pipeline overrides for a corpus of the user's file alone: `count` sentence documents written
+    to `path`, a fifth of them held out and a fifth for calibration."""
+    docs = write_sentence_docs(path, count)
+    return ["corpus.sources=[]", f"corpus.user_paths=[{docs}]", "corpus.heldout_fraction=0.2",
+            "corpus.calib_fraction=0.2"]
+
+
 def keep_layers(global_sd: dict[str, torch.Tensor], keep: list[int]) -> dict[str, torch.Tensor]:
     """A depth prune in the global layout: the layers in `keep`, renumbered 0..len(keep)-1."""
     kept = {}
