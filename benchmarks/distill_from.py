@@ -28,23 +28,30 @@ from main_job import MAX_TOKENS, write_texts  # noqa: E402
 from recovery import evaluate  # noqa: E402
 
 
-def main() -> None:
+def distill_and_evaluate(student: Path, teacher: Path, out: Path, train: Path, heldout: Path,
+                         texts: dict[str, Path]) -> dict[str, float]:
+    """Distil `student` from `teacher` with the main job's distillation settings on `train`
+    (validated on `heldout`) into out/distill; out/distill/final's perplexity on each of `texts`."""
     from nemo_minitron.distill.stage import distill_checkpoint
     from nemo_minitron.pipeline.run import PipelineConfig
     from nemo_minitron.train.config import DataConfig
 
+    distill_checkpoint(dataclasses.replace(PipelineConfig().distill, teacher=str(teacher), student=str(student),
+                                           output_dir=str(out / "distill"),
+                                           data=DataConfig(train=str(train), valid=str(heldout))))
+    return evaluate(out / "distill" / "final", texts, MAX_TOKENS)
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", type=Path, required=True, help="the pruned checkpoint to distil")
     parser.add_argument("--teacher", type=Path, required=True, help="the teacher checkpoint")
     parser.add_argument("--corpus", type=Path, required=True, help="a pipeline run's corpus/ (train and held-out)")
     parser.add_argument("--out", type=Path, required=True, help="OUT/distill, OUT/texts and OUT/result.json")
     args = parser.parse_args()
-    distill_checkpoint(dataclasses.replace(
-        PipelineConfig().distill, teacher=str(args.teacher), student=str(args.student),
-        output_dir=str(args.out / "distill"),
-        data=DataConfig(train=str(args.corpus / "train.jsonl"), valid=str(args.corpus / "heldout.jsonl"))))
-    texts = {"heldout": args.corpus / "heldout.jsonl", **write_texts(args.out / "texts")}
-    result = evaluate(args.out / "distill" / "final", texts, MAX_TOKENS)
+    heldout = args.corpus / "heldout.jsonl"
+    texts = {"heldout": heldout, **write_texts(args.out / "texts")}
+    result = distill_and_evaluate(args.student, args.teacher, args.out, args.corpus / "train.jsonl", heldout, texts)
     (args.out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
 

@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from main_job import MAX_TOKENS, SEQ_LEN, write_texts  # noqa: E402
-from recovery import evaluate as evaluate_checkpoint_on  # noqa: E402
+from distill_from import distill_and_evaluate  # noqa: E402
 
 MICRO = 4
 
@@ -198,9 +198,7 @@ def distill_walked(model, work: Path, out: Path, splits: dict[str, Path], paths:
 
     from nemo_minitron import checkpoint
     from nemo_minitron.convert import ImportConfig, import_checkpoint
-    from nemo_minitron.distill.stage import distill_checkpoint
     from nemo_minitron.pipeline.run import PipelineConfig
-    from nemo_minitron.train.config import DataConfig
 
     main_job = PipelineConfig()
     teacher = work / "teacher"
@@ -209,11 +207,8 @@ def distill_walked(model, work: Path, out: Path, splits: dict[str, Path], paths:
     if not checkpoint.is_complete(out / "pruned"):
         checkpoint.save_checkpoint(model, out / "pruned", checkpoint.load_tokenizer(teacher),
                                    metadata={"stage": "prune", "note": "benchmarks/sequential_refit.py walk"})
-    distill_checkpoint(dataclasses.replace(main_job.distill, teacher=str(teacher), student=str(out / "pruned"),
-                                           output_dir=str(out / "distill"),
-                                           data=DataConfig(train=str(splits["train"]), valid=str(splits["heldout"]))))
-    return {name: round(ppl, 2) for name, ppl in evaluate_checkpoint_on(out / "distill" / "final", paths,
-                                                                         MAX_TOKENS).items()}
+    distilled = distill_and_evaluate(out / "pruned", teacher, out, splits["train"], splits["heldout"], paths)
+    return {name: round(ppl, 2) for name, ppl in distilled.items()}
 
 
 def experiment(work: Path, refit_windows: int, modes: list[str], starts: list[str], schedules: list[str],

@@ -56,14 +56,12 @@ def write_report(work: Path, summary: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = {"teacher": summary["teacher"], "pruned": summary["pruned"], "student": summary["student"]}
-    colors = ["#4c72b0", "#c44e52", "#55a868"]
-    if "uncorrected" in summary["teacher"]:
-        bars = {"teacher\n(uncorrected)": summary["teacher"]["uncorrected"], "teacher\n(corrected)": bars.pop("teacher"),
-                **bars}
-        colors.insert(0, "#8172b2")
-    labels = list(bars)
-    values = [bar["heldout_perplexity"] for bar in bars.values()]
+    t = summary["teacher"]
+    teachers = ([("teacher\n(uncorrected)", t["uncorrected"], "#8172b2"), ("teacher\n(corrected)", t, "#4c72b0")]
+                if "uncorrected" in t else [("teacher", t, "#4c72b0")])
+    bars = [*teachers, ("pruned", summary["pruned"], "#c44e52"), ("student", summary["student"], "#55a868")]
+    labels, colors = [label for label, _, _ in bars], [color for _, _, color in bars]
+    values = [model["heldout_perplexity"] for _, model, _ in bars]
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar(labels, values, color=colors)
     ax.set_ylabel(f"held-out perplexity (window {summary['eval']['seq_len']})")
