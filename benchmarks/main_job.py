@@ -73,11 +73,15 @@ def write_texts(out: Path) -> dict[str, Path]:
 
 
 def measure(work: Path, texts: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """{text: {model: perplexity}}; the corpus's numbers come from the run's results.json."""
+    """{text: {model: perplexity}}; the corpus's numbers come from the run's results.json. After a
+    teacher correction the teacher is the one as imported: the student is set against the model the
+    user brought."""
     results = json.loads((work / "results.json").read_text())
-    table = {"corpus": {m: results[m]["heldout_perplexity"] for m in MODELS}}
+    models = {m: results[m] for m in MODELS}
+    models["teacher"] = results["teacher"].get("uncorrected", results["teacher"])
+    table = {"corpus": {m: models[m]["heldout_perplexity"] for m in MODELS}}
     for name, data in texts.items():
-        table[name] = {m: evaluate_checkpoint(EvalConfig(checkpoint=results[m]["checkpoint"], data=str(data),
+        table[name] = {m: evaluate_checkpoint(EvalConfig(checkpoint=models[m]["checkpoint"], data=str(data),
                                                          seq_len=SEQ_LEN, max_tokens=MAX_TOKENS))["perplexity"]
                        for m in MODELS}
     return table

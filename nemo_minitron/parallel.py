@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from nemo_minitron.cpu_shims import apply_cpu_shims
 from nemo_minitron.errors import UserError
+from nemo_minitron.writer_processes import check_not_importing_main
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int 
     """
     from megatron.core import parallel_state, tensor_parallel
 
+    check_not_importing_main()
     apply_cpu_shims()
     _slurm_to_torch_env()
     launched = "RANK" in os.environ

@@ -13,6 +13,12 @@ The manager also ignores SIGTERM, SIGUSR1 and SIGINT. Slurm delivers a pre-empti
 signal to every process of a job step; a manager killed by it would leave the saving process a
 broken pipe, so the pre-emption checkpoint that signal asks for would fail after the run's first
 save. It still dies with its parent.
+
+A spawned process imports the `__main__` of its parent: a script run with `python script.py` runs
+its top level again there unless that sits under `if __name__ == "__main__":`. Unguarded, the
+script's job would start a second time inside the manager; `check_not_importing_main` (called by
+`parallel.initialize`, which every stage calls first) stops it there, and the saving process says
+what to change instead of failing on a closed pipe.
 """
 
 from __future__ import annotations
@@ -26,7 +32,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 
+from nemo_minitron.errors import UserError
+
 _PR_SET_PDEATHSIG = 1
+_GUARD_ADVICE = ("megatron's checkpoint writer starts a helper process that imports the script you ran: put the "
+                 "script's top level under `if __name__ == \"__main__\":`")
 _saving = False  # true inside the block: only children forked then are tied to this process
 
 
@@ -61,9 +71,19 @@ def _prepare() -> None:
     if getattr(filesystem_async, "_results_queue", "absent") is None:
         # megatron starts this manager lazily on its first save; start it here, dying with us.
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_manager_init)
+        try:
+            manager.start(initializer=_manager_init)
+        except EOFError:  # the helper died before it answered: its own error is printed above
+            raise UserError(f"the checkpoint writer's helper process ended as it started; {_GUARD_ADVICE}") from None
         filesystem_async._results_queue = manager.Queue()
         _prepare.manager = manager  # referenced for the life of the process, as megatron's would be
+
+
+def check_not_importing_main() -> None:
+    """UserError in a spawned process that is still importing its parent's `__main__` (see the
+    module docstring): the top level of an unguarded script, about to run its job again."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # set by spawn until main is imported
+        raise UserError(f"this is a helper process importing the script, not the script's run; {_GUARD_ADVICE}")
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from commands import ENV, last_json, minitron
 from distributed import run_distributed
 from nemo_minitron import checkpoint
 from shared import copy_tiny_teacher
-from tiny import tiny_arch, write_sentence_docs
+from tiny import global_weights, tiny_arch, write_sentence_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_MARK = "<!-- example: prune_example.py"
@@ -47,12 +47,11 @@ def run_example(tmp_path: Path, source: str, nproc: int = 1, **env: str) -> str:
     return proc.stdout
 
 
-def global_weights(path: Path) -> dict[str, torch.Tensor]:
+def weights_in_process(path: Path) -> dict[str, torch.Tensor]:
     from nemo_minitron import parallel
-    from nemo_minitron.models import bridge
 
     parallel.initialize()
-    return bridge.gather_global(checkpoint.load_checkpoint(path))
+    return global_weights(path)[0]
 
 
 def assert_same_as_cli(api_out: Path, teacher: Path, calib: Path, cli_out: Path, target: dict, eval_seq: int):
@@ -60,7 +59,7 @@ def assert_same_as_cli(api_out: Path, teacher: Path, calib: Path, cli_out: Path,
              "calib.seq_len=64", "depth.method=block_importance", "report_loss=false",
              *[f"target.{k}={v}" for k, v in target.items()])
     assert checkpoint.read_arch(api_out) == checkpoint.read_arch(cli_out)
-    ours, cli = global_weights(api_out), global_weights(cli_out)
+    ours, cli = weights_in_process(api_out), weights_in_process(cli_out)
     assert ours.keys() == cli.keys()
     assert all(torch.equal(ours[k], cli[k]) for k in ours)
     perplexity = [last_json(minitron("eval", f"checkpoint={path}", f"data={calib}", f"seq_len={eval_seq}"))["perplexity"]
@@ -124,7 +123,7 @@ def test_prune_in_place_with_reconstruction_equals_the_cli(tmp_path, tiny_teache
     minitron("prune", f"checkpoint={tiny_teacher}", f"output_dir={tmp_path / 'cli'}", f"calib.data={calib}",
              "calib.num_samples=16", "calib.seq_len=64", "depth.method=block_importance", "report_loss=false",
              "reconstruct=true", "reconstruct_depth=true", *[f"target.{k}={v}" for k, v in target.items()])
-    cli = global_weights(tmp_path / "cli")
+    cli = weights_in_process(tmp_path / "cli")
     assert ours.keys() == cli.keys() and all(torch.equal(ours[k], cli[k]) for k in ours)
     reconstruction = json.loads((tmp_path / "cli" / "report.json").read_text())["reconstruction"]
     assert set(reconstruction["errors"]) == {"mlp", "attention"}
@@ -218,6 +217,26 @@ def test_load_weights_checks_the_architecture(tiny_teacher, tmp_path):
         mt.load_weights(wrong, tiny_teacher)
     with pytest.raises(mt.UserError, match="neither a nemo-minitron checkpoint nor a Hugging Face model directory"):
         mt.load_weights(wrong, tmp_path)
+
+
+def test_a_script_without_the_main_guard_is_told_to_add_it(tiny_teacher, tmp_path):
+    """megatron's checkpoint writer spawns a helper that imports the script: an unguarded script
+    would start its job again there. The helper stops at `parallel.initialize`, and the script's
+    save fails saying what to change, its output left unpublished."""
+    out = tmp_path / "saved"
+    script = tmp_path / "unguarded.py"
+    script.write_text("from nemo_minitron import checkpoint, parallel\n\nparallel.initialize()\n"
+                      f"checkpoint.save_checkpoint(checkpoint.load_checkpoint({str(tiny_teacher)!r}), {str(out)!r})\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, timeout=600,
+                          cwd=tmp_path)
+    advice = "put the script's top level under `if __name__ == \"__main__\":`"
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "this is a helper process importing the script, not the script's run" in proc.stderr  # the helper's
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.endswith("nemo_minitron.errors.UserError: the checkpoint writer's helper process ended as it "
+                         f"started; megatron's checkpoint writer starts a helper process that imports the script "
+                         f"you ran: {advice}"), last
+    assert not out.exists()
 
 
 @pytest.mark.slow

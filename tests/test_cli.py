@@ -14,7 +14,9 @@ import transformers
 from safetensors.torch import load_file
 
 from commands import last_json, minitron
-from tiny import reference_perplexity, tiny_arch, user_corpus, write_hf_dir, write_sentence_docs
+from distributed import run_distributed
+from tiny import (global_weights, reference_perplexity, short_correction, tiny_arch, user_corpus, write_hf_dir,
+                  write_sentence_docs)
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
@@ -146,11 +148,13 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     work = tmp_path / "run"
     args = ("pipeline", f"work_dir={work}", "eval.seq_len=128", "eval.max_tokens=512", "prune.calib.num_samples=8",
             "prune.calib.seq_len=128", "prune.reconstruct_samples=8", "prune.loss_samples=2", "distill.train.steps=2",
-            "distill.train.seq_length=64", "distill.optim.warmup_steps=1", "distill.train.save_interval=0")
+            "distill.train.seq_length=64", "distill.optim.warmup_steps=1", "distill.train.save_interval=0",
+            *short_correction(64))
     first = minitron(*args)
     summary = last_json(first)
-    assert list(summary["stage_seconds"]) == ["import", "corpus", "prune", "distill", "export_hf", "eval_teacher",
-                                              "eval_pruned", "eval_student"]
+    assert list(summary["stage_seconds"]) == ["import", "corpus", "teacher_correct", "prune", "distill", "export_hf",
+                                              "eval_teacher_uncorrected", "eval_teacher", "eval_pruned",
+                                              "eval_student"]
     assert summary["teacher"]["parameters"]["total"] == 134_515_008
     # the default target is ~50% of the teacher's non-embedding parameters
     ratio = summary["student"]["parameters"]["non_embedding"] / summary["teacher"]["parameters"]["non_embedding"]
@@ -164,7 +168,7 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
         assert (work / plot).stat().st_size > 1000, plot
         assert f"]({plot})" in (work / "report.md").read_text()
     assert json.loads((work / "results.json").read_text()) == summary
-    for ckpt in ("teacher", "pruned", "distill/final"):
+    for ckpt in ("teacher", "teacher_corrected/final", "pruned", "distill/final"):
         assert checkpoint.is_complete(work / ckpt), ckpt
     assert (work / "pruned" / "report.json").is_file()
     transformers.AutoModelForCausalLM.from_pretrained(str(work / "student_hf"))
@@ -172,9 +176,10 @@ def test_pipeline_on_the_embedded_default_resumes(tmp_path):
     gguf = load_gguf_llama(embedded_gguf_path())
     hf_dir = write_hf_directory(arch_from_hf(gguf.config), gguf.state_dict, gguf.tokenizer, tmp_path / "hf")
     expected = reference_perplexity(hf_dir, work / "corpus" / "heldout.jsonl", 128, max_windows=4)
-    assert summary["teacher"]["heldout_perplexity"] == pytest.approx(expected, rel=1e-4)
+    imported = summary["teacher"]["uncorrected"]["heldout_perplexity"]
+    assert imported == pytest.approx(expected, rel=1e-4)
     assert 5 < expected < 200  # a real language model on real English text
-    assert summary["pruned"]["heldout_perplexity"] > summary["teacher"]["heldout_perplexity"]
+    assert summary["pruned"]["heldout_perplexity"] > max(imported, summary["teacher"]["heldout_perplexity"])
     # the main job refits after pruning: every refit consumer's calibration error fell
     errors = json.loads((work / "pruned" / "report.json").read_text())["reconstruction"]["errors"]
     assert all(after < before for record in errors.values() for before, after in zip(record["before"], record["after"]))
@@ -194,7 +199,8 @@ def test_pipeline_searches_instead_of_pruning(hf_dir, tmp_path):
     budget = 6.5e4  # ~60% of the tiny teacher's non-embedding parameters
     result = last_json(minitron(
         "pipeline", f"work_dir={work}", f"teacher.hf_path={hf_dir}", *user_corpus(tmp_path / "docs.jsonl"),
-        "search.enabled=true", f"search.budget.non_embedding_params={budget}", "++search.budget.tolerance=0.15",
+        "teacher_correct.enabled=false", "search.enabled=true", f"search.budget.non_embedding_params={budget}",
+        "++search.budget.tolerance=0.15",
         "++search.search.space.hidden_multiple=16", "++search.search.space.ffn_multiple=32",
         "++search.search.space.choices.num_query_groups=[2]", "search.search.max_candidates=2", "search.search.top_k=1",
         "search.search.retrain_steps=1", "search.prune.calib.num_samples=8", "search.prune.calib.seq_len=16",
@@ -211,41 +217,61 @@ def test_pipeline_searches_instead_of_pruning(hf_dir, tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_distils_from_the_corrected_teacher_and_reports_both(hf_dir, tmp_path):
-    """teacher_correct.enabled=true: the corrected teacher is pruned and distilled from, and the
-    report shows it beside the teacher as imported, whose perplexity equals transformers' on the
-    user's HF model (the tiny teacher on a corpus of the user's file alone)."""
+    """teacher_correct.enabled=true: the student is distilled from the corrected teacher, pruned
+    from the teacher as imported (prune_from=corrected: from the corrected one, the run resumed
+    with overwrite=true), and the report shows both teachers; the imported one's perplexity
+    equals transformers' on the user's HF model (the tiny teacher on a corpus of the user's file
+    alone)."""
     work = tmp_path / "corrected"
-    result = last_json(minitron(
-        "pipeline", f"work_dir={work}", f"teacher.hf_path={hf_dir}", *user_corpus(tmp_path / "docs.jsonl"),
-        "teacher_correct.enabled=true", "teacher_correct.train.steps=4", "teacher_correct.train.seq_length=16",
-        "teacher_correct.optim.lr=1e-2", "teacher_correct.optim.warmup_steps=0",
-        "prune.target.num_layers=2", "prune.target.ffn_hidden_size=64", "prune.calib.num_samples=8",
-        "prune.calib.seq_len=16", "prune.reconstruct_samples=8", "prune.loss_samples=2",
-        "distill.train.steps=1", "distill.train.seq_length=16", "distill.optim.warmup_steps=0",
-        "distill.train.save_interval=0", "eval.seq_len=16", "eval.max_tokens=256"))
+    pipeline = ["pipeline", f"work_dir={work}", f"teacher.hf_path={hf_dir}", *user_corpus(tmp_path / "docs.jsonl"),
+                "teacher_correct.enabled=true", "teacher_correct.train.steps=4", "teacher_correct.train.seq_length=16",
+                "teacher_correct.optim.lr=1e-2", "teacher_correct.optim.warmup_steps=0",
+                "prune.target.num_layers=2", "prune.target.ffn_hidden_size=64", "prune.calib.num_samples=8",
+                "prune.calib.seq_len=16", "prune.reconstruct_samples=8", "prune.loss_samples=2",
+                "distill.train.steps=1", "distill.train.seq_length=16", "distill.optim.warmup_steps=0",
+                "distill.train.save_interval=0", "eval.seq_len=16", "eval.max_tokens=256"]
+    result = last_json(minitron(*pipeline))
     assert list(result["stage_seconds"]) == ["import", "corpus", "teacher_correct", "prune", "distill", "export_hf",
                                              "eval_teacher_uncorrected", "eval_teacher", "eval_pruned", "eval_student"]
-    corrected, uncorrected = result["teacher"], result["teacher"]["uncorrected"]
-    assert corrected["checkpoint"] == str(work / "teacher_corrected" / "final")
-    pruned_from = json.loads((work / "pruned" / "metadata.json").read_text())["teacher"]
-    assert Path(pruned_from).resolve() == (work / "teacher_corrected" / "final").resolve()
-    assert uncorrected["checkpoint"] == str(work / "teacher")
+    imported, corrected = work / "teacher", work / "teacher_corrected" / "final"
+    assert result["teacher"]["checkpoint"] == str(corrected)
+    assert result["teacher"]["uncorrected"]["checkpoint"] == str(imported)
+
+    def sources() -> tuple[Path, Path]:
+        """What the pruned model was pruned from and the student distilled from, as recorded."""
+        return tuple(Path(json.loads((work / stage / "metadata.json").read_text())["teacher"]).resolve()
+                     for stage in ("pruned", "distill/final"))
+
+    def embeddings_of(*paths: Path) -> list[torch.Tensor]:  # kept whole by a prune that keeps the hidden size
+        return [w["embedding.word_embeddings.weight"] for w in run_distributed(global_weights, world_size=1,
+                                                                                  args=paths)[0]]
+
+    assert sources() == (imported.resolve(), corrected.resolve())
+    pruned, before, after = embeddings_of(work / "pruned", imported, corrected)
+    assert torch.equal(pruned, before) and not torch.equal(pruned, after)
     expected = reference_perplexity(hf_dir, work / "corpus" / "heldout.jsonl", 16, max_windows=16)
-    assert uncorrected["heldout_perplexity"] == pytest.approx(expected, rel=1e-4)
-    assert corrected["heldout_perplexity"] < uncorrected["heldout_perplexity"]  # fine-tuned on the same sentences
+    uncorrected = result["teacher"]["uncorrected"]["heldout_perplexity"]
+    assert uncorrected == pytest.approx(expected, rel=1e-4)
+    assert result["teacher"]["heldout_perplexity"] < uncorrected  # fine-tuned on the same sentences
     row = next(line for line in (work / "report.md").read_text().splitlines() if "before correction" in line)
-    assert row.split() == ["teacher", "before", "correction", f"{uncorrected['heldout_perplexity']:.2f}"]
+    assert row.split() == ["teacher", "before", "correction", f"{uncorrected:.2f}"]
+
+    minitron(*pipeline, "prune_from=corrected", "overwrite=true")
+    assert sources() == (corrected.resolve(), corrected.resolve())
+    pruned, after = embeddings_of(work / "pruned", corrected)
+    assert torch.equal(pruned, after)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["distill.optim.warmup_steps=200"], "the distill block (distill.* keys): optim.warmup_steps=200 must be below "
-                                         "train.steps=72"),
-    (["teacher_correct.enabled=true", "teacher_correct.optim.warmup_steps=50"],
-     "the teacher_correct block (teacher_correct.* keys): optim.warmup_steps=50 must be below train.steps=20"),
+                                         "train.steps=64"),
+    (["teacher_correct.optim.warmup_steps=50"],
+     "the teacher_correct block (teacher_correct.* keys): optim.warmup_steps=50 must be below train.steps=12"),
     (["search.enabled=true", "search.search.retrain_steps=1", "search.distill.optim.warmup_steps=5"],
      "the search block (search.* keys): the retraining (distill.* keys, train.steps = search.retrain_steps=1): "
      "optim.warmup_steps=5 must be below train.steps=1"),
-], ids=["distill", "teacher-correct", "search-retraining"])
+    (["prune_from=teacher"], "prune_from=teacher is not one of imported, corrected"),
+], ids=["distill", "teacher-correct", "search-retraining", "prune-from"])
 def test_a_late_stage_mistake_stops_the_pipeline_before_its_first_stage(overrides, message, tmp_path):
     proc = minitron("pipeline", f"work_dir={tmp_path / 'run'}", *overrides, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: {message}", proc.stderr[-2000:]
@@ -298,6 +324,7 @@ def test_pipeline_stops_at_a_stage_interrupted_by_preemption(imported, text_file
     monkeypatch.setattr(pipeline_run, "export_hf", lambda cfg: called.append("export_hf") or {})
     monkeypatch.setattr(pipeline_run, "evaluate_checkpoint", lambda cfg: called.append("eval") or {})
     result = run_pipeline(PipelineConfig(work_dir=str(work), corpus=CorpusConfig(sources=[], user_paths=[str(text_file)]),
+                                         enabled=pipeline_run.OptionalStages(teacher_correct=False),
                                          distill=DistillConfig(train=TrainConfig(steps=40))))
     assert result == {"status": "interrupted", "interrupted": True, "stage": "distill", "work_dir": str(work)}
     assert called == ["distill"] and not (work / "results.json").exists()

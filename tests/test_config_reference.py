@@ -48,7 +48,10 @@ def test_the_pipeline_defaults_are_the_main_job_and_reach_every_block():
     from nemo_minitron.pipeline import PipelineConfig
 
     cfg = PipelineConfig(tp=2, seed=7, dtype="float16", overwrite=True)
-    assert (cfg.prune.target.ffn_hidden_size, cfg.prune.target.num_layers, cfg.distill.train.steps) == (768, 24, 72)
+    assert (cfg.prune.target.ffn_hidden_size, cfg.prune.target.num_layers, cfg.distill.train.steps) == (768, 24, 64)
+    corrected = cfg.teacher_correct.with_schedule()
+    assert (cfg.enabled.teacher_correct, cfg.prune_from, corrected.train.steps, corrected.optim.lr,
+            corrected.optim.min_lr) == (True, "imported", 12, 2.0e-4, pytest.approx(2.0e-5))
     for block in PipelineConfig.STAGE_BLOCKS:
         assert {k: getattr(getattr(cfg, block), k) for k in ("tp", "seed", "dtype", "overwrite")} == {
             "tp": 2, "seed": 7, "dtype": "float16", "overwrite": True}, block
@@ -93,7 +96,8 @@ def test_reference_covers_stages_keys_and_recipes(tree):
         assert f"## minitron {stage}\n" in markdown
     assert "| `train.steps` | `0` | optimizer steps (required: at least 1) |" in markdown
     assert "| `tp` | `1` | tensor-parallel size" in markdown    # StageConfig's keys in every stage
-    assert "| `teacher_correct.enabled` | `false` | run teacher correction before pruning |" in markdown
+    assert ("| `teacher_correct.enabled` | `true` | fine-tune the teacher on the training split first, to distil "
+            "from it |") in markdown
     for recipe in tree.recipes:
         assert f"### {recipe}\n" in markdown
     assert "| `prune.target.num_layers` | `16` | `24` |" in markdown  # a recipe override and its default

@@ -20,7 +20,7 @@ from distributed import run_distributed
 from nemo_minitron.distill.model import LayerPair, _check_pair, check_same_tokenizer
 from nemo_minitron.models import bridge
 from shared import copy_tiny_teacher
-from tiny import SENTENCES, hf_model, keep_layers, tiny_arch, tiny_tokenizer
+from tiny import SENTENCES, global_weights, hf_model, keep_layers, tiny_arch, tiny_tokenizer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 STEPS = 4
@@ -184,12 +184,6 @@ def test_sigterm_checkpoint_and_resume_are_bitwise_exact_at_pp2(tmp_path):
 
 # --- the command: kill, re-run, compare ------------------------------------------------------------
 
-def _final_weights(*paths: str):
-    from nemo_minitron import checkpoint
-
-    return [bridge.gather_global(checkpoint.load_checkpoint(path)) for path in paths]
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_teacher_source) -> Path:
     return distill_inputs_in(tmp_path_factory.mktemp("distill_cli"), tiny_teacher_source)
@@ -254,7 +248,7 @@ def test_stopped_distill_command_resumes_to_identical_weights(checkpoints, tmp_p
         assert f"(step {stopped['step']})" in resumed.stderr
         finished = json.loads(resumed.stdout.strip().splitlines()[-1])
         assert finished["step"] == expected["step"] == 30 and finished["valid"] == expected["valid"]
-        [(ours, ref)] = run_distributed(_final_weights, world_size=1,
+        [(ours, ref)] = run_distributed(global_weights, world_size=1,
                                         args=(str(tmp_path / sig.name / "final"), str(tmp_path / "whole" / "final")))
         assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours), sig.name
 

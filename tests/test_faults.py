@@ -22,7 +22,7 @@ import torch
 
 from commands import ENV, last_json, minitron
 from distributed import run_distributed
-from tiny import tiny_arch, write_hf_dir, write_sentence_docs
+from tiny import global_weights, tiny_arch, write_hf_dir, write_sentence_docs
 
 MAX_POSITIONS = tiny_arch().max_position_embeddings
 
@@ -368,13 +368,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _final_weights(*paths: str):
-    from nemo_minitron import checkpoint
-    from nemo_minitron.models import bridge
-
-    return [bridge.gather_global(checkpoint.load_checkpoint(path)) for path in paths]
-
-
 @pytest.mark.slow
 def test_sigkill_at_random_points_leaves_no_process_and_resumes_exactly(inputs, tmp_path):
     # steps 3, 6, 9 save a checkpoint right after their log line: a kill there lands inside a save
@@ -399,7 +392,7 @@ def test_sigkill_at_random_points_leaves_no_process_and_resumes_exactly(inputs, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     whole = subprocess.run(_distill(inputs, tmp_path / "whole"), capture_output=True, text=True, env=ENV, timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    [(ours, ref)] = run_distributed(_final_weights, world_size=1, args=(str(out / "final"), str(tmp_path / "whole" /
+    [(ours, ref)] = run_distributed(global_weights, world_size=1, args=(str(out / "final"), str(tmp_path / "whole" /
                                                                                                 "final")))
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -24,7 +24,7 @@ import torch
 from commands import last_json, minitron
 from distributed import run_distributed
 from nemo_minitron.models import bridge
-from tiny import hf_model, tiny_arch, tiny_moe_arch, user_corpus, write_hf_dir
+from tiny import hf_model, short_correction, tiny_arch, tiny_moe_arch, user_corpus, write_hf_dir
 
 pytestmark = pytest.mark.gpu
 
@@ -171,6 +171,7 @@ def test_pipeline_on_the_gpu(tmp_path):
         *user_corpus(tmp_path / "docs.jsonl"),
         "prune.target.ffn_hidden_size=48", "prune.target.num_layers=3", "prune.calib.num_samples=8",
         "prune.calib.seq_len=16", "prune.loss_samples=2", "distill.train.steps=4", "distill.train.seq_length=16",
-        "distill.optim.warmup_steps=1", "distill.train.save_interval=0", "eval.seq_len=16", "eval.max_tokens=256"))
+        "distill.optim.warmup_steps=1", "distill.train.save_interval=0", "eval.seq_len=16", "eval.max_tokens=256",
+        *short_correction(16)))
     assert result["dtype"] == {"distill": "bfloat16", "eval": "float32"}
     assert result["student"]["heldout_perplexity"] < result["pruned"]["heldout_perplexity"]

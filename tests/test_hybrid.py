@@ -19,7 +19,7 @@ from nemo_minitron.models.hf_config import arch_from_hf, to_hf
 from nemo_minitron.models.mamba_kernels import chunk_scan_combined, ssd_scan
 from nemo_minitron.pruning import PruneSpec
 from test_qwen import TOKENS, assert_logits_match_transformers
-from tiny import hf_model, tiny_arch, tiny_tokenizer
+from tiny import global_weights, hf_model, tiny_arch, tiny_tokenizer
 
 
 
@@ -139,12 +139,6 @@ def _save(arch, global_sd, path):
     return verify_checkpoint(path)
 
 
-def _load(path):
-    from nemo_minitron.checkpoint import load_checkpoint
-
-    return bridge.gather_global(load_checkpoint(path))
-
-
 @pytest.mark.slow
 def test_checkpoint_saved_at_tp2_loads_at_pp2(tmp_path):
     """megatron's Mamba stack saves each layer on its own and in_proj / conv1d block by block: the
@@ -153,7 +147,7 @@ def test_checkpoint_saved_at_tp2_loads_at_pp2(tmp_path):
     global_sd = bridge.hf_to_global(arch, hf.state_dict())
     summary = run_distributed(_save, world_size=2, tp=2, args=(arch, global_sd, tmp_path / "ckpt"))[0]
     assert summary["tensors"] == len(bridge.checkpoint_shapes(arch)) and summary["mamba_num_heads"] == 8
-    loaded = run_distributed(_load, world_size=2, pp=2, args=(tmp_path / "ckpt",))[0]
+    [loaded] = run_distributed(global_weights, world_size=2, pp=2, args=(tmp_path / "ckpt",))[0]
     assert loaded.keys() == global_sd.keys()
     for name, tensor in global_sd.items():
         assert torch.equal(loaded[name], tensor), name
@@ -453,7 +447,7 @@ def test_pipeline_prunes_distils_and_exports_a_hybrid(tmp_path):
     kept Mamba layer's out_proj and the MLP), distil, export, evaluate; the exported student
     computes the distilled checkpoint's logits in transformers."""
     from commands import last_json, minitron
-    from tiny import user_corpus, write_hf_dir
+    from tiny import short_correction, user_corpus, write_hf_dir
 
     write_hf_dir(tmp_path / "hf", tiny_arch(tie=False, family="nemotron_h"))
     work = tmp_path / "work"
@@ -464,7 +458,8 @@ def test_pipeline_prunes_distils_and_exports_a_hybrid(tmp_path):
         "prune.target.hidden_size=48", "prune.target.ffn_hidden_size=64",
         "prune.target.mamba_num_heads=4", "prune.target.mamba_head_dim=8", "prune.calib.num_samples=8",
         "prune.calib.seq_len=16", "distill.train.steps=2", "distill.train.seq_length=16",
-        "distill.optim.warmup_steps=1", "distill.train.save_interval=0", "eval.seq_len=16", "eval.max_tokens=256")
+        "distill.optim.warmup_steps=1", "distill.train.save_interval=0", "eval.seq_len=16", "eval.max_tokens=256",
+        *short_correction(16))
     result = last_json(proc)
     assert result["student"]["architecture"] == {
         "num_layers": 3, "hidden_size": 48, "ffn_hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,

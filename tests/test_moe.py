@@ -21,7 +21,7 @@ from nemo_minitron.models.hf_io import read_hf_directory, write_hf_directory
 from nemo_minitron.pruning import PruneIndices, PruneSpec, count_from_shapes, prune_global
 from test_prune import logits_of, random_indices, random_subset, reference_prune_hf
 from test_qwen import TOKENS, logits_and_weights
-from tiny import hf_model, tiny_moe_arch, tiny_tokenizer
+from tiny import global_weights, hf_model, tiny_moe_arch, tiny_tokenizer
 
 FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 
@@ -116,19 +116,13 @@ def _save_at(arch, global_sd, path):
     checkpoint.save_checkpoint(model, path)
 
 
-def _load_at(path):
-    from nemo_minitron import checkpoint
-
-    return bridge.gather_global(checkpoint.load_checkpoint(path))
-
-
 @pytest.mark.slow
 def test_checkpoint_saved_at_ep2_loads_at_tp2_and_tp1(tmp_path):
     arch, hf = teachers()[2]  # Qwen2-MoE: routed and shared experts
     global_sd = bridge.hf_to_global(arch, hf.state_dict())
     run_distributed(_save_at, world_size=2, ep=2, args=(arch, global_sd, tmp_path / "ck"))
     for tp in (2, 1):
-        loaded = run_distributed(_load_at, world_size=tp, tp=tp, args=(tmp_path / "ck",))[0]
+        [loaded] = run_distributed(global_weights, world_size=tp, tp=tp, args=(tmp_path / "ck",))[0]
         assert loaded.keys() == global_sd.keys()
         assert all(torch.equal(loaded[k], global_sd[k]) for k in global_sd), tp
 

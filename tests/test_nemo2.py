@@ -25,7 +25,8 @@ from nemo_minitron import checkpoint, convert
 from nemo_minitron.errors import UserError
 from nemo_minitron.models import bridge, nemo2
 from nemo_minitron.models.hf_io import write_hf_directory
-from tiny import hf_model, tiny_arch, tiny_moe_arch, tiny_tokenizer, user_corpus, write_hf_dir, write_sentence_docs
+from tiny import (hf_model, short_correction, tiny_arch, tiny_moe_arch, tiny_tokenizer, user_corpus, write_hf_dir,
+                  write_sentence_docs)
 
 DRIVER = Path(__file__).parent / "nemo_driver.py"
 TOKENS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -371,7 +372,7 @@ def test_pipeline_from_nemo_to_nemo_and_megatron_lm_beside_nemo(teacher, compat_
         "prune.target={ffn_hidden_size: 64, num_layers: 2}", "prune.calib.num_samples=4", "prune.calib.seq_len=32",
         "prune.loss_samples=2", "distill.train.steps=2", "distill.train.seq_length=32", "distill.optim.warmup_steps=1",
         "distill.train.save_interval=0", "eval.seq_len=32", "eval.max_tokens=256", "export.megatron=true",
-        "export.nemo=true", python=str(compat_python)))
+        "export.nemo=true", *short_correction(32), python=str(compat_python)))
     assert [s for s in summary["stage_seconds"] if s.startswith("export")] == ["export_hf", "export_megatron",
                                                                                "export_nemo"]
     student = checkpoint.read_arch(work / "distill" / "final")

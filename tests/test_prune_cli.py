@@ -16,7 +16,7 @@ from nemo_minitron import checkpoint
 from nemo_minitron.importance import ImportanceScores
 from commands import last_json, minitron
 from shared import copy_tiny_teacher
-from tiny import tiny_arch, write_hf_dir, write_sentence_docs
+from tiny import global_weights, tiny_arch, write_hf_dir, write_sentence_docs
 
 TARGET = ["target.num_layers=2", "target.hidden_size=48", "target.ffn_hidden_size=64", "target.num_attention_heads=2"]
 
@@ -103,13 +103,6 @@ def test_scores_are_reused_across_output_dirs_from_the_cache(teacher, calib, tmp
     assert not last_json(damaged)["importance"]["reused"] and "is unreadable (" in damaged.stderr
 
 
-def load_both(first, second):
-    """Global weights of two checkpoints, loaded at TP=1 x PP=1."""
-    from nemo_minitron.models import bridge
-
-    return tuple(bridge.gather_global(checkpoint.load_checkpoint(path)) for path in (first, second))
-
-
 @pytest.mark.slow
 def test_prune_at_tp2_pp2_equals_tp1(teacher, calib, tmp_path):
     args = [*TARGET, "depth.method=loss"]
@@ -119,7 +112,7 @@ def test_prune_at_tp2_pp2_equals_tp1(teacher, calib, tmp_path):
     for name in ("hidden", "heads", "neurons"):
         torch.testing.assert_close(getattr(tp2pp2, name), getattr(tp1, name), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tp2pp2.layers["loss"], tp1.layers["loss"], rtol=1e-4, atol=1e-5)
-    [(a, b)] = run_distributed(load_both, world_size=1, args=(tmp_path / "tp1", tmp_path / "tp2pp2"))
+    [(a, b)] = run_distributed(global_weights, world_size=1, args=(tmp_path / "tp1", tmp_path / "tp2pp2"))
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name

@@ -60,8 +60,9 @@ def test_recipe_reproduces_the_published_model(name):
     assert d.train.steps * batch * seq / 1e9 == pytest.approx(tokens_b, rel=0.001)
     tc = cfg.teacher_correct
     assert tc.enabled == corrected
-    if corrected:  # ~100B tokens at 1/5 of the original peak LR, 120 warmup steps
-        assert tc.optim.warmup_steps == 120
+    if corrected:  # the corrected teacher pruned, ~100B tokens at 1/5 of the original peak LR, 120 warmup steps
+        assert cfg.prune_from == "corrected"
+        assert tc.optim.lr is None and tc.original_peak_lr == 3.0e-4 and tc.optim.warmup_steps == 120
         assert tc.train.steps * tc.train.global_batch_size * tc.train.seq_length / 1e9 == pytest.approx(100, rel=0.01)
 
 

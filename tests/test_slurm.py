@@ -29,6 +29,7 @@ from distributed import run_distributed
 from filelock import FileLock
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 from test_launchers import stubs  # noqa: F401  (the fixture: recording srun / scontrol)
+from tiny import global_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -228,13 +229,6 @@ def _last_json(text: str) -> dict:
     return _records(text)[-1]
 
 
-def _final_weights(*paths: str):
-    from nemo_minitron import checkpoint
-    from nemo_minitron.models import bridge
-
-    return [bridge.gather_global(checkpoint.load_checkpoint(path)) for path in paths]
-
-
 def assert_equals_reference(text: str, final: Path, torchrun_reference) -> None:
     """The job's log `text` ends with the result of the uninterrupted torchrun run, and its `final`
     checkpoint holds the same weights."""
@@ -247,7 +241,7 @@ def assert_equals_reference(text: str, final: Path, torchrun_reference) -> None:
 def assert_same_weights(ours: Path, ref: Path) -> None:
     """Bitwise equal: the same ranks run the same ops in the same order under srun as under torchrun
     (stricter than the TP=2-versus-TP=1 tests' atol=1e-4, which compare different layouts)."""
-    [(a, b)] = run_distributed(_final_weights, world_size=1, args=(str(ours), str(ref)))
+    [(a, b)] = run_distributed(global_weights, world_size=1, args=(str(ours), str(ref)))
     assert a.keys() == b.keys()
     for name, tensor in b.items():
         torch.testing.assert_close(a[name], tensor, rtol=0, atol=0, msg=name)
@@ -401,7 +395,7 @@ def submit(cluster: SlurmCluster, script: str, log: Path, *args: str, tasks: int
 def test_pipeline_job_takes_the_tiny_teacher_to_results(slurm_cluster, tiny_teacher_source, tmp_path):
     """`pipeline.sh` on one task: import, corpus (the user's file alone), prune, distill, export,
     evaluate, as tests/test_cli.py runs the pipeline on a tiny Hugging Face teacher."""
-    from tiny import user_corpus
+    from tiny import short_correction, user_corpus
 
     work, log = tmp_path / "work", tmp_path / "pipeline.out"
     job = submit(slurm_cluster, "pipeline.sh", log, f"work_dir={work}", f"teacher.hf_path={tiny_teacher_source / 'hf'}",
@@ -409,14 +403,14 @@ def test_pipeline_job_takes_the_tiny_teacher_to_results(slurm_cluster, tiny_teac
                  "prune.loss_samples=2", "prune.target.num_layers=3", "prune.target.ffn_hidden_size=64",
                  "distill.train.steps=2", "distill.train.seq_length=16",
                  "distill.optim.warmup_steps=1", "distill.train.save_interval=0", "eval.seq_len=16",
-                 "eval.max_tokens=256")
+                 "eval.max_tokens=256", *short_correction(16))
     state = slurm_cluster.wait_job(job, timeout=900)
     text = log.read_text()
     assert state == "COMPLETED", text[-4000:]
     assert "[launcher] stage=pipeline nodes=1 gpus/node=1 world=1 tp=1 pp=1 dp=1 container=none" in text
     results = json.loads((work / "results.json").read_text())
     assert _last_json(text) == results
-    assert list(results["stage_seconds"])[:4] == ["import", "corpus", "prune", "distill"]
+    assert list(results["stage_seconds"])[:5] == ["import", "corpus", "teacher_correct", "prune", "distill"]
     assert 1 < results["student"]["heldout_perplexity"] < 1e4, results["student"]
     assert (work / "report.md").is_file() and "[launcher] requeueing" not in text
 

@@ -101,6 +101,23 @@ def user_corpus(path: Path, count: int = 120) -> list[str]:
             "corpus.calib_fraction=0.2"]
 
 
+def short_correction(seq_length: int) -> list[str]:
+    """Pipeline overrides for a teacher correction (a default stage) of one step of `seq_length`
+    tokens, so a pipeline test on a tiny model and corpus runs every default stage."""
+    return ["teacher_correct.train.steps=1", f"teacher_correct.train.seq_length={seq_length}",
+            "teacher_correct.optim.warmup_steps=0"]
+
+
+def global_weights(*paths: str | Path) -> list[dict[str, torch.Tensor]]:
+    """The weights of our checkpoints at `paths` in the global (TP=1 x PP=1) layout, gathered over
+    this process's model-parallel group: call it where megatron's parallel state is up (inside
+    `run_distributed`, or after `parallel.initialize()`)."""
+    from nemo_minitron import checkpoint
+    from nemo_minitron.models import bridge
+
+    return [bridge.gather_global(checkpoint.load_checkpoint(path)) for path in paths]
+
+
 def keep_layers(global_sd: dict[str, torch.Tensor], keep: list[int]) -> dict[str, torch.Tensor]:
     """A depth prune in the global layout: the layers in `keep`, renumbered 0..len(keep)-1."""
     kept = {}
