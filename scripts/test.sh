@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the tests need (idempotent) and run them; CI runs `bash scripts/test.sh`.
 #
-#   bash scripts/test.sh            # the full suite: every tier, two pytest-xdist workers
+#   bash scripts/test.sh            # the full suite: every tier but `measure`, two pytest-xdist workers
+#   bash scripts/test.sh -m measure # the quality measurements on the embedded teacher (~30 CPU-minutes)
 #   bash scripts/test.sh --fast     # the default tier only (what plain `pytest` runs), no NeMo venv
 #   bash scripts/test.sh ... ARGS   # ARGS go to pytest (a file, -k EXPR, --durations=20, ...)
 #
@@ -12,7 +13,7 @@
 # fixtures are built once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TIER=(-m "")
+TIER=(-m "not measure")  # the `measure` tier runs on request: bash scripts/test.sh -m measure
 NEED_GIB=10  # the two venvs (~5 GiB with pip's scratch) and the tests' checkpoints under the temp dir (~2 GiB)
 if [ "${1:-}" = --fast ]; then TIER=(); NEED_GIB=4; shift; fi
 # A full disk fails tests all over the suite, slowly: refuse at once, saying where.

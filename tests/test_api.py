@@ -73,6 +73,7 @@ def calib(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.measure
 def test_api_example_on_smollm2_equals_the_cli(tmp_path, calib, embedded_teacher):
     teacher = embedded_teacher
     target = {"ffn_hidden_size": 768, "num_layers": 24}
