@@ -2,7 +2,7 @@
 # Install what the tests need (idempotent) and run them; CI runs `bash scripts/test.sh`.
 #
 #   bash scripts/test.sh            # the full suite: every tier but `measure`, two pytest-xdist workers
-#   bash scripts/test.sh -m measure # the quality measurements on the embedded teacher (~30 CPU-minutes)
+#   bash scripts/test.sh -m measure # the quality measurements on the embedded teacher (~34 CPU-minutes)
 #   bash scripts/test.sh --fast     # the default tier only (what plain `pytest` runs), no NeMo venv
 #   bash scripts/test.sh ... ARGS   # ARGS go to pytest (a file, -k EXPR, --durations=20, ...)
 #

@@ -283,6 +283,7 @@ ALIGN_ARGS = ("dtype=float32", "train.seq_length=176", "train.global_batch_size=
 
 
 @pytest.mark.slow
+@pytest.mark.measure
 def test_sft_lowers_heldout_response_loss(embedded):
     from commands import last_json, minitron
 
@@ -293,6 +294,7 @@ def test_sft_lowers_heldout_response_loss(embedded):
 
 
 @pytest.mark.slow
+@pytest.mark.measure
 def test_dpo_raises_heldout_preference_accuracy(embedded):
     from commands import last_json, minitron
 
